@@ -1,0 +1,40 @@
+"""Shared fixtures: devices (CUDA cases are marked and skip without a GPU), fresh random seeds."""
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+# Fresh inputs every run unless pinned; the seed is printed so a failure can be replayed.
+SEED = int(os.environ.get("VITFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
+]
+
+
+def pytest_report_header(config):
+    return f"vitfast test seed: VITFAST_TEST_SEED={SEED}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running (torch.compile etc.)")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Distinct but reproducible stream per test.
+    torch.manual_seed(SEED + hash(request.node.nodeid) % 100003)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

@@ -1,0 +1,92 @@
+"""Command line: `vitfast info`, `vitfast demo` (also `python -m vitfast ...`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from . import _ext
+
+
+def _gpu_lines() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["GPU: none visible"]
+    lines = []
+    compiled = _ext.build_info().get("cuda_archs", "")
+    archs = [a.strip() for a in compiled.replace(",", ";").split(";") if a.strip()]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        cc = float(f"{p.major}.{p.minor}")
+        sass = any(a.split("+")[0] == f"{p.major}.{p.minor}" for a in archs)
+        ptx = any(a.endswith("+PTX") and float(a.split("+")[0]) <= cc for a in archs)
+        note = "native code" if sass else ("PTX, JIT-compiled at first use" if ptx else "NOT COVERED by this build")
+        lines.append(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB ({note})")
+    return lines
+
+
+def cmd_info(args) -> int:
+    from . import __version__
+    from .ops import OPS
+
+    info = _ext.build_info()
+    report = {
+        "vitfast": __version__,
+        "build": info,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "ops": {name: {dev: ("native" if _ext.native(torch.device(dev)) else "reference fallback")
+                       for dev in ("cpu", "cuda")} for name in OPS},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"vitfast {__version__}")
+    if info["loaded"]:
+        cuda = (f"yes (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']})"
+                if info["cuda"] else "no (CPU-only build)")
+        print(f"extension: vitfast._C loaded, built against torch {info['torch_version']} with {info['compiler']}")
+        print(f"CUDA kernels: {cuda}")
+    else:
+        print(f"extension: NOT loaded ({info['error']}); every op runs its PyTorch reference")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    for line in _gpu_lines():
+        print(line)
+    print("ops:")
+    for name, where in report["ops"].items():
+        print(f"  {name:<36} cpu: {where['cpu']:<20} cuda: {where['cuda']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="build, torch, GPU and which ops run native kernels")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("demo", help="TinyViT-style logit compression + sparse distillation loss, checked and timed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--classes", type=int, default=21841, help="21841 = ImageNet-21k")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
