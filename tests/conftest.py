@@ -19,11 +19,6 @@ def pytest_report_header(config):
     return f"vitfast test seed: VITFAST_TEST_SEED={SEED}"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow: long-running (torch.compile etc.)")
-
-
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Distinct but reproducible stream per test.

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One call on a fresh GPU machine: build for the local GPU with all cores, run the CUDA tests,
+# compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over small cases of every kernel,
+# the pytest-benchmark suite and the same-run baseline benchmarks. Logs and JSON go to the folder
+# given as $1 (default: $OUT, else ./gpu_out); it ends with a short summary table.
+#   bash scripts/gpu_check.sh "$OUT"                 # on the device machine
+#   SKIP_COMPILE_BASELINES=1 bash scripts/gpu_check.sh out   # faster: no torch.compile baselines
+# Needs: python with torch (CUDA), ninja, pytest, pytest-benchmark; nvcc; compute-sanitizer.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-gpu_out}}"
+mkdir -p "$OUTDIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export VITFAST_BUILD=cuda MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Build for the GPU that is here (sm_90 on the H100/H200) unless told otherwise.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo 9.0)"
+  export TORCH_CUDA_ARCH_LIST
+fi
+declare -A STATUS
+step() {  # step NAME LOGFILE CMD...: run, log, remember pass/fail
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$OUTDIR/$log"
+  "$@" >>"$OUTDIR/$log" 2>&1
+  local rc=$?
+  STATUS[$name]="$([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $((SECONDS - t0))s"
+  tail -n 5 "$OUTDIR/$log"
+  return $rc
+}
+
+step build build.log $PY setup.py build_ext --inplace || { echo "build failed"; tail -n 60 "$OUTDIR/build.log"; exit 1; }
+$PY -m vitfast info | tee -a "$OUTDIR/build.log"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$OUTDIR/build.log"
+
+step tests tests.log $PY -m pytest -q -rs tests
+SAN=(compute-sanitizer --error-exitcode 1 --kernel-name kns=vitfast)
+step memcheck sanitizer.log "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
+step racecheck sanitizer.log "${SAN[@]}" --tool racecheck --racecheck-report all $PY scripts/sanitize_cases.py
+step synccheck sanitizer.log "${SAN[@]}" --tool synccheck $PY scripts/sanitize_cases.py
+step initcheck sanitizer.log "${SAN[@]}" --tool initcheck $PY scripts/sanitize_cases.py
+
+step pytest-benchmark bench.log $PY -m pytest -q benchmarks/bench_ops.py --benchmark-json="$OUTDIR/pytest_benchmark.json" \
+  --benchmark-columns=median,iqr,rounds
+COMPILE_FLAG=()
+[ "${SKIP_COMPILE_BASELINES:-0}" = 1 ] && COMPILE_FLAG=(--no-compile)
+step baselines bench.log $PY benchmarks/run_gpu.py "${COMPILE_FLAG[@]}" --json "$OUTDIR/results.json" \
+  --markdown "$OUTDIR/RESULTS.md"
+cp "$OUTDIR/RESULTS.md" benchmarks/RESULTS.md 2>/dev/null
+
+{
+  echo
+  echo "| step | result |"
+  echo "|---|---|"
+  for s in build tests memcheck racecheck synccheck initcheck pytest-benchmark baselines; do
+    echo "| $s | ${STATUS[$s]:-not run} |"
+  done
+  [ -f "$OUTDIR/RESULTS.md" ] && sed -n '/^## Bars/,/^## Timings/p' "$OUTDIR/RESULTS.md" | grep '^|'
+} | tee "$OUTDIR/summary.md"
+for s in "${!STATUS[@]}"; do [[ ${STATUS[$s]} == PASS* ]] || exit 1; done
