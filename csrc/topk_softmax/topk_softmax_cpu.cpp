@@ -1,92 +1,104 @@
-// CPU top-k softmax: one row at a time, the same rules as the CUDA kernel.
+// CPU top-k softmax: one row at a time, with the same radix selection as the CUDA kernel
+// (radix_select.h), so the CPU tests exercise the selection logic the GPU runs.
 #include <algorithm>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
+#include "radix_select.h"
 #include "topk_softmax.h"
 
 namespace vitfast {
 namespace {
 
-float load_logit(const void* row, DType dt, int64_t j) {
-  switch (dt) {
-    case DType::kFloat16:
-      return half_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-    case DType::kBFloat16:
-      return bf16_bits_to_float(static_cast<const uint16_t*>(row)[j]);
-    default:
-      return static_cast<const float*>(row)[j];
-  }
-}
-
-void store_value(void* out, DType dt, int64_t j, float v) {
-  if (dt == DType::kFloat16) {
-    static_cast<uint16_t*>(out)[j] = float_to_half_bits(v);
-  } else {
-    static_cast<float*>(out)[j] = v;
-  }
-}
-
-void store_index(void* out, DType dt, int64_t j, int64_t idx) {
-  if (dt == DType::kInt16) {
-    static_cast<int16_t*>(out)[j] = static_cast<int16_t>(idx);
-  } else {
-    static_cast<int32_t*>(out)[j] = static_cast<int32_t>(idx);
-  }
-}
-
 size_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+// Row j -> (float value, order key). Returns the key width in bits.
+int load_row(const void* row, DType dt, int64_t C, std::vector<float>& x, std::vector<uint32_t>& key) {
+  if (dt == DType::kFloat32) {
+    const float* r = static_cast<const float*>(row);
+    for (int64_t j = 0; j < C; ++j) {
+      x[j] = r[j];
+      key[j] = float_order_key(r[j]);
+    }
+    return 32;
+  }
+  const uint16_t* r = static_cast<const uint16_t*>(row);
+  const bool half = dt == DType::kFloat16;
+  for (int64_t j = 0; j < C; ++j) {
+    x[j] = half ? half_bits_to_float(r[j]) : bf16_bits_to_float(r[j]);
+    key[j] = half ? half_order_key(r[j]) : bf16_order_key(r[j]);
+  }
+  return 16;
+}
+
+void store(const TopkSoftmaxParams& p, int64_t at, float v, int64_t idx) {
+  if (p.values_dtype == DType::kFloat16) {
+    static_cast<uint16_t*>(p.values)[at] = float_to_half_bits(v);
+  } else {
+    static_cast<float*>(p.values)[at] = v;
+  }
+  if (p.indices_dtype == DType::kInt16) {
+    static_cast<int16_t*>(p.indices)[at] = static_cast<int16_t>(idx);
+  } else {
+    static_cast<int32_t*>(p.indices)[at] = static_cast<int32_t>(idx);
+  }
+}
 
 }  // namespace
 
 void topk_softmax_cpu_rows(const TopkSoftmaxParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t C = p.cols;
   const int k = p.k;
+  const uint32_t cmax = static_cast<uint32_t>(C - 1);
+  const int idx_bits = radix::index_bits(cmax);
   std::vector<float> x(static_cast<size_t>(C));
-  std::vector<int32_t> order(static_cast<size_t>(k));
-  std::vector<float> vals;
+  std::vector<uint32_t> key(static_cast<size_t>(C));
+  std::vector<uint64_t> cand(static_cast<size_t>(k));
+  uint32_t hist[radix::kBins];
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const void* row = static_cast<const char*>(p.logits) +
-                      r * p.row_stride * static_cast<int64_t>(elem_size(p.logits_dtype));
+    const void* row = static_cast<const char*>(p.logits) + r * p.row_stride * static_cast<int64_t>(elem_size(p.logits_dtype));
+    const int key_bits = load_row(row, p.logits_dtype, C, x, key);
     float m = -std::numeric_limits<float>::infinity();
     bool bad = false;
     for (int64_t j = 0; j < C; ++j) {
-      const float v = load_logit(row, p.logits_dtype, j);
-      x[j] = v;
-      if (std::isnan(v) || v == std::numeric_limits<float>::infinity()) bad = true;
-      m = std::max(m, v);
+      if (std::isnan(x[j]) || x[j] == std::numeric_limits<float>::infinity()) bad = true;
+      m = std::max(m, x[j]);
     }
     if (m == -std::numeric_limits<float>::infinity()) bad = true;  // all -inf
     const int64_t out = r * k;
     if (bad) {
-      for (int i = 0; i < k; ++i) {
-        store_value(p.values, p.values_dtype, out + i, std::numeric_limits<float>::quiet_NaN());
-        store_index(p.indices, p.indices_dtype, out + i, i);
-      }
+      for (int i = 0; i < k; ++i) store(p, out + i, std::numeric_limits<float>::quiet_NaN(), i);
       continue;
     }
     double sum = 0.0;  // double: a serial float sum over ~20k classes drifts visibly
     for (int64_t j = 0; j < C; ++j) sum += std::exp((x[j] - m) * p.inv_temperature);
-    // Threshold = the k-th largest logit (nth_element on a plain copy), then every logit above it
-    // plus the lowest-index ones equal to it: exactly the tie rule, in O(C).
-    vals.assign(x.begin(), x.end());
-    std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), std::greater<float>());
-    const float thr = vals[k - 1];
-    int64_t n_above = 0;
-    for (int64_t j = 0; j < C; ++j) n_above += x[j] > thr;
-    int64_t ties_left = k - n_above, n = 0;
-    for (int64_t j = 0; j < C && n < k; ++j) {
-      if (x[j] > thr || (x[j] == thr && ties_left-- > 0)) order[n++] = static_cast<int32_t>(j);
+
+    radix::State st;
+    st.need = k;
+    for (int shift = radix::first_shift(key_bits); shift >= 0; shift = radix::next_shift(shift, idx_bits)) {
+      std::fill(hist, hist + radix::kBins, 0u);
+      for (int64_t j = 0; j < C; ++j) {
+        const uint64_t c = radix::composite(key[j], static_cast<uint32_t>(j), cmax);
+        if (radix::matches(st, c)) ++hist[(c >> shift) & 0xFF];
+      }
+      int bucket;
+      uint32_t above;
+      radix::find_bucket(hist, st.need, &bucket, &above);
+      radix::advance(st, shift, bucket, above, hist[bucket]);
+      if (st.done) break;
     }
-    std::sort(order.begin(), order.begin() + k,
-              [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+    int n = 0;
+    for (int64_t j = 0; j < C && n < k; ++j) {
+      const uint64_t c = radix::composite(key[j], static_cast<uint32_t>(j), cmax);
+      if (radix::selected(st, c)) cand[n++] = c;
+    }
+    std::sort(cand.begin(), cand.begin() + n, std::greater<uint64_t>());
     const float inv_sum = static_cast<float>(1.0 / sum);
-    for (int i = 0; i < k; ++i) {
-      const int32_t j = order[i];
-      store_value(p.values, p.values_dtype, out + i, std::exp((x[j] - m) * p.inv_temperature) * inv_sum);
-      store_index(p.indices, p.indices_dtype, out + i, j);
+    for (int i = 0; i < n; ++i) {
+      const uint32_t j = radix::index_of(cand[i], cmax);
+      store(p, out + i, std::exp((x[j] - m) * p.inv_temperature) * inv_sum, j);
     }
   }
 }

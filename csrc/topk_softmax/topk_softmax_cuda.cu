@@ -3,9 +3,8 @@
 // Each row is read from global memory once (16-byte loads) and staged in shared memory when it
 // fits. That first pass also computes the row's max and exp-sum (online softmax) and the
 // histogram of the first radix digit. The k-th largest element is then found by radix select
-// over a 64-bit composite key (order key of the logit << 32 | (C-1-index)): composites are
-// unique, so exactly k elements pass the final threshold and ties resolve to the lower index
-// without a separate pass. Passes stop as soon as the boundary bucket is fully selected.
+// over unique 64-bit composite keys (radix_select.h, shared with the CPU path): exactly k
+// elements pass the final threshold and ties resolve to the lower index without a separate pass.
 // The k survivors are bitonic-sorted in shared memory and converted to probabilities.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,12 +13,13 @@
 #include <cstdint>
 
 #include "../common/cuda_rows.cuh"
+#include "radix_select.h"
 #include "topk_softmax.h"
 
 namespace vitfast {
 namespace {
 
-constexpr int kBins = 256;
+using radix::kBins;
 
 struct HalfTraits {
   using Bits = uint16_t;
@@ -93,13 +93,9 @@ __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
   if (tid == 0) misc[3] = 0;  // candidate counter
   __syncthreads();
 
-  // Composite-key digits: value digits at shifts 32+kKeyBits-8 .. 32, then index digits.
-  constexpr int kFirstShift = 32 + Traits::kKeyBits - 8;
   const uint32_t cmax = static_cast<uint32_t>(C - 1);
-  const int index_bits = C > 1 ? 32 - __clz(cmax) : 0;
-  auto composite = [&](int j, Bits b) -> uint64_t {
-    return (static_cast<uint64_t>(Traits::key(b)) << 32) | (cmax - static_cast<uint32_t>(j));
-  };
+  const int index_bits = radix::index_bits(cmax);
+  auto composite = [&](int j, Bits b) { return radix::composite(Traits::key(b), static_cast<uint32_t>(j), cmax); };
 
   // Pass 0: stage, online softmax, first-digit histogram.
   float tm = -INFINITY, ts = 0.0f;
@@ -170,14 +166,14 @@ __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
     return;
   }
 
-  // Radix select over the composite key.
-  uint64_t desired = 0, mask = 0;
-  int need = k;
-  int shift = kFirstShift;
+  // Radix select over the composite key (decisions in radix_select.h, shared with the CPU).
+  radix::State st;
+  st.need = k;
+  int shift = radix::first_shift(Traits::kKeyBits);
   while (true) {
     __syncthreads();  // histogram complete
     if (warp == 0) {
-      // Lane l owns bins 255-8l ... 248-8l (descending), so lane order is key order.
+      // Warp-parallel find_bucket: lane l owns bins 255-8l ... 248-8l, so lane order is key order.
       uint32_t c[8];
       uint32_t tot = 0;
 #pragma unroll
@@ -192,40 +188,28 @@ __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
         if (lane >= off) incl += o;
       }
       uint32_t above = incl - tot;
-      if (above < static_cast<uint32_t>(need) && static_cast<uint32_t>(need) <= incl) {
+      const uint32_t need = static_cast<uint32_t>(st.need);
+      if (above < need && need <= incl) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          if (above < static_cast<uint32_t>(need) && static_cast<uint32_t>(need) <= above + c[i]) {
+          if (above < need && need <= above + c[i]) {
             misc[0] = 255 - 8 * lane - i;
             misc[1] = static_cast<int>(above);
             misc[2] = static_cast<int>(c[i]);
-            above = 0xFFFFFFFFu;  // found: stop matching
-            break;
           }
           above += c[i];
         }
       }
     }
     __syncthreads();
-    const int bucket = misc[0];
-    need -= misc[1];
-    const bool done = misc[2] == need;
-    desired |= static_cast<uint64_t>(bucket) << shift;
-    mask |= static_cast<uint64_t>(0xFF) << shift;
-    if (done) break;
-    // Next digit: value digits down to 32, then the index digits from the top one.
-    if (shift > 32) {
-      shift -= 8;
-    } else if (shift == 32) {
-      shift = ((index_bits - 1) / 8) * 8;  // index_bits >= 1 here: composites are unique
-    } else {
-      shift -= 8;
-    }
+    radix::advance(st, shift, misc[0], static_cast<uint32_t>(misc[1]), static_cast<uint32_t>(misc[2]));
+    if (st.done) break;
+    shift = radix::next_shift(shift, index_bits);  // >= 0 here: composites are unique
     for (int i = tid; i < kBins; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     auto visit = [&](int j, Bits b) {
       const uint64_t c = composite(j, b);
-      if ((c & mask) == desired) atomicAdd(&hist[(c >> shift) & 0xFF], 1u);
+      if (radix::matches(st, c)) atomicAdd(&hist[(c >> shift) & 0xFF], 1u);
     };
     if (kStaged) {
       for_each_staged<Bits>(srow, C, pad, visit);
@@ -238,7 +222,10 @@ __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
   for (int i = k + tid; i < L.kpad; i += blockDim.x) cand[i] = 0;  // pads sort last
   auto collect = [&](int j, Bits b) {
     const uint64_t c = composite(j, b);
-    if ((c & mask) >= desired) cand[atomicAdd(&misc[3], 1)] = c;
+    if (radix::selected(st, c)) {
+      const int slot = atomicAdd(&misc[3], 1);
+      if (slot < k) cand[slot] = c;  // exactly k pass by construction; never write past them
+    }
   };
   if (kStaged) {
     for_each_staged<Bits>(srow, C, pad, collect);
@@ -266,7 +253,7 @@ __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
   const float m = red_m[0];
   const float inv_sum = 1.0f / red_s[0];
   for (int i = tid; i < k; i += blockDim.x) {
-    const int j = static_cast<int>(cmax - static_cast<uint32_t>(cand[i] & 0xFFFFFFFFu));
+    const int j = static_cast<int>(radix::index_of(cand[i], cmax));
     const Bits b = kStaged ? srow[j + pad] : x[j];
     store(i, expf((Traits::to_float(b) - m) * inv_t) * inv_sum, j);
   }
@@ -278,7 +265,7 @@ cudaError_t launch(const TopkSoftmaxParams& p, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(Bits);
   SmemLayout L{};
   L.kpad = round_up_pow2(p.k);
-  L.cand = static_cast<size_t>(L.kpad) * 8;
+  L.cand = (static_cast<size_t>(L.kpad) * 8 + 15) / 16 * 16;  // the staged row needs 16-byte alignment
   L.hist = kBins * 4;
   L.scratch = 64 * 4 + 16 * 4;
   const size_t row_bytes = ((static_cast<size_t>(p.cols) + 2 * V - 1) / V) * 16;
