@@ -115,11 +115,50 @@ def bench_ce(device, b, c, k, dtype, reps, use_compile, bw_gbs):
             "floor_ms": bytes_moved / (bw_gbs * 1e9) * 1e3 if bw_gbs else None, "bytes": bytes_moved}
 
 
+def bench_covariance(device, n, m, dtype, reps):
+    from vitfast.ops import CovarianceAccumulator
+
+    nxt = rotating(lambda: (torch.randn(n, m, device=device) + 100).to(dtype), n=2)
+    acc = CovarianceAccumulator(m, device)
+    out = torch.empty(m, m, device=device, dtype=torch.float32 if dtype == torch.float32 else dtype)
+
+    def ours():
+        acc.update(nxt())
+
+    def addmm_fp32():  # E[yy^T] by fp32 addmm with TF32 off (23 ms on the H100 for 65536x3072)
+        y = nxt()
+        torch.addmm(out, y.T, y, beta=0.0, out=out)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        t = {"vitfast": time_ms(ours, device, 2, reps)}
+        t["addmm fp32 (TF32 off)" if dtype == torch.float32 else "cuBLAS Gram (same dtype)"] = \
+            time_ms(addmm_fp32, device, 2, reps)
+        if dtype == torch.float32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            t["addmm TF32"] = time_ms(addmm_fp32, device, 2, reps)
+    finally:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    y = nxt()
+    accu = CovarianceAccumulator(m, device)
+    accu.update(y)
+    yd = y.double()
+    ref = (yd - yd.mean(0)).T @ (yd - yd.mean(0)) / n
+    err = ((accu.covariance() - ref).norm() / ref.norm()).item()
+    return {"op": "covariance_update", "shape": f"n{n} m{m}", "dtype": str(dtype).replace("torch.", ""),
+            "times_ms": t, "rel_err_vs_fp64": err, "floor_ms": None, "bytes": n * m * y.element_size()}
+
+
 # The issue's bars: (op, shape, dtype, baseline, minimum speed-up).
 BARS = [
     ("topk_softmax", "B1024 C21841 k100", "float16", "softmax(float)+topk", 10.0),
     ("topk_softmax", "B1024 C1000 k10", "float16", "softmax(float)+topk", 5.0),
     ("sparse_soft_target_ce fwd+bwd", "B1024 C21841 k100", "bfloat16", "dense target + log_softmax", 5.0),
+    ("covariance_update", "n65536 m3072", "float32", "addmm fp32 (TF32 off)", 2.0),
+    ("covariance_update", "n65536 m3072", "bfloat16", "cuBLAS Gram (same dtype)", 1.5),
 ]
 
 
@@ -137,6 +176,10 @@ def check_bars(cases):
                 out.append({"what": f"{op} {shape} {dtype}: peak memory beyond the gradient (MB)",
                             "need": f"< {c['fp32_bxc_mb']:.1f} (one fp32 BxC)", "got": extra,
                             "pass": extra < c["fp32_bxc_mb"]})
+    for c in cases:
+        if c["op"] == "covariance_update" and c["dtype"] == "float32" and c["shape"] == "n65536 m3072":
+            out.append({"what": "covariance_update fp32 n65536 m3072 (means 100x spread): rel err vs fp64",
+                        "need": "<= 1e-5", "got": c["rel_err_vs_fp64"], "pass": c["rel_err_vs_fp64"] <= 1e-5})
     return out
 
 
@@ -172,8 +215,8 @@ def markdown(report) -> str:
         "|---|---|---|---|",
     ]
     for b in report["bars"]:
-        got = f"{b['got']:.2f}x" if isinstance(b["need"], float) else f"{b['got']:.1f}"
-        need = f"{b['need']:.0f}x" if isinstance(b["need"], float) else b["need"]
+        got = f"{b['got']:.2f}x" if isinstance(b["need"], float) else f"{b['got']:.3g}"
+        need = f"{b['need']:g}x" if isinstance(b["need"], float) else b["need"]
         lines.append(f"| {b['what']} | {need} | {got} | {'PASS' if b['pass'] else 'FAIL'} |")
     lines += ["", "## Timings (ms)", "", "| op | shape | dtype | impl | ms | speed-up of vitfast | floor ms |",
               "|---|---|---|---|---|---|---|"]
@@ -219,9 +262,14 @@ def main(argv=None) -> int:
         for dtype in ((torch.bfloat16, torch.float16, torch.float32) if c == 21841 else (torch.bfloat16,)):
             cases.append(bench_ce(device, 1024 // scale, c, k, dtype, reps, use_compile, bw))
             print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"], flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        n, m = (65536, 3072) if not args.quick else (4096, 256)
+        cases.append(bench_covariance(device, n, m, dtype, max(3, reps // 5)))
+        print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"],
+              "rel err", cases[-1]["rel_err_vs_fp64"], flush=True)
     if args.quick:  # quick shapes are not the bars' shapes: relabel so the check still runs
         for case in cases:
-            case["shape"] = case["shape"].replace(f"B{1024 // scale} ", "B1024 ")
+            case["shape"] = case["shape"].replace(f"B{1024 // scale} ", "B1024 ").replace("n4096 m256", "n65536 m3072")
     report = {"env": environment(device), "bandwidth_gbs": bw, "cases": cases, "bars": check_bars(cases),
               "quick": args.quick}
     text = markdown(report)

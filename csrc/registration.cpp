@@ -20,6 +20,7 @@ TORCH_LIBRARY(vitfast, m) {
         " -> (Tensor loss, Tensor lse)");
   m.def("sparse_soft_target_ce_backward(Tensor grad_loss, Tensor logits, Tensor values, Tensor indices,"
         " Tensor lse) -> Tensor");
+  m.def("covariance_update_(Tensor(a!) count, Tensor(b!) mean, Tensor(c!) m2, Tensor y) -> ()");
 }
 
 namespace py = pybind11;
@@ -41,7 +42,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["compiler"] = VITFAST_COMPILER;
     py::list ops;
-    for (const char* name : {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward"}) {
+    for (const char* name : {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward",
+                             "covariance_update_"}) {
       ops.append(name);
     }
     d["ops"] = ops;

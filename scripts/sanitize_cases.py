@@ -32,6 +32,16 @@ def check_ce(x, k):
     assert err < tol, f"CE grad rel err {err} for {tuple(x.shape)} {x.dtype}"
 
 
+def check_cov(y, chunks_of):
+    acc = vitfast.ops.CovarianceAccumulator(y.shape[1], y.device)
+    for part in y.split(chunks_of):
+        acc.update(part)
+    yd = y.double().cpu()
+    ref = (yd - yd.mean(0)).T @ (yd - yd.mean(0)) / yd.shape[0]
+    err = ((acc.covariance().cpu() - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, f"covariance rel err {err} for {tuple(y.shape)} {y.dtype}"
+
+
 def main() -> int:
     torch.manual_seed(0)
     dev = "cuda"
@@ -49,6 +59,9 @@ def main() -> int:
         check_ce(torch.randn(3, 1000, device=dev).to(dtype), 10)
         check_ce(torch.randn(2, 2003, device=dev).to(dtype)[:, 3:], 50)           # misaligned input rows
     check_ce(torch.randn(2, 5, device=dev), 5)                                      # k = C
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        check_cov((torch.randn(1500, 70, device=dev) + 50).to(dtype), 700)         # partial tiles, chunks
+    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000)                      # strided rows
     torch.cuda.synchronize()
     print("sanitize cases: all results match the references")
     return 0

@@ -14,7 +14,8 @@ def test_extension_loaded():
     info = vitfast.build_info()
     assert info["loaded"], info
     assert info["version"] == vitfast.__version__
-    assert set(info["ops"]) == {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward"}
+    assert set(info["ops"]) == {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward",
+                                "covariance_update_"}
     for op in info["ops"]:
         assert hasattr(torch.ops.vitfast, op)
 

@@ -1,5 +1,6 @@
 """vitfast ops: fused kernels with pure-PyTorch references (vitfast.ops.reference)."""
 from . import reference
+from .covariance import CovarianceAccumulator, covariance_update_
 from .soft_target_ce import sparse_soft_target_cross_entropy
 from .topk_softmax import topk_softmax
 
@@ -7,6 +8,8 @@ from .topk_softmax import topk_softmax
 OPS = {
     "topk_softmax": ("topk_softmax",),
     "sparse_soft_target_cross_entropy": ("sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward"),
+    "covariance_update": ("covariance_update_",),
 }
 
-__all__ = ["topk_softmax", "sparse_soft_target_cross_entropy", "reference", "OPS"]
+__all__ = ["topk_softmax", "sparse_soft_target_cross_entropy", "covariance_update_", "CovarianceAccumulator",
+           "reference", "OPS"]

@@ -1,0 +1,62 @@
+// vitfast::covariance_update_: argument checks and the CPU implementation (float64, ATen BLAS).
+#include "covariance_op.h"
+
+#include <torch/library.h>
+
+#include "../common/torch_glue.h"
+
+namespace vitfast {
+
+at::Tensor check_covariance_args(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                                 const at::Tensor& y, bool cuda) {
+  constexpr const char* op = "covariance_update";
+  VF_CHECK_VALUE(y.dim() == 2, op, "y", "must be 2-D (rows, features), got shape ", y.sizes());
+  if (cuda) {
+    check_dtype_in(y, {at::kHalf, at::kBFloat16, at::kFloat}, op, "y");
+  } else {
+    check_dtype_in(y, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}, op, "y");
+  }
+  const int64_t m = y.size(1);
+  VF_CHECK_VALUE(m >= 1, op, "y", "must have at least one feature column, got shape ", y.sizes());
+  VF_CHECK_TYPE(count.scalar_type() == at::kDouble && count.dim() == 0, op, "count",
+                "must be a 0-d float64 tensor, got ", dtype_name(count.scalar_type()), " of shape ", count.sizes());
+  VF_CHECK_TYPE(mean.scalar_type() == at::kDouble, op, "mean", "must be float64, got ", dtype_name(mean.scalar_type()));
+  VF_CHECK_TYPE(m2.scalar_type() == at::kDouble, op, "m2", "must be float64, got ", dtype_name(m2.scalar_type()));
+  VF_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == m && mean.is_contiguous(), op, "mean",
+                 "must be a contiguous vector of y.shape[1] = ", m, " features, got shape ", mean.sizes());
+  VF_CHECK_VALUE(m2.dim() == 2 && m2.size(0) == m && m2.size(1) == m && m2.is_contiguous(), op, "m2",
+                 "must be a contiguous (", m, ", ", m, ") matrix, got shape ", m2.sizes());
+  check_same_device(y, count, op, "y", "count");
+  check_same_device(y, mean, op, "y", "mean");
+  check_same_device(y, m2, op, "y", "m2");
+  return rows_unit_stride(y);
+}
+
+namespace {
+
+// Row blocks bound the float64 copy of y.
+constexpr int64_t kCpuBlockRows = 4096;
+
+void covariance_update_cpu(at::Tensor count, at::Tensor mean, at::Tensor m2, const at::Tensor& y_in) {
+  const at::Tensor y = check_covariance_args(count, mean, m2, y_in, /*cuda=*/false);
+  double n = count.item<double>();
+  for (int64_t r0 = 0; r0 < y.size(0); r0 += kCpuBlockRows) {
+    const at::Tensor yb = y.narrow(0, r0, std::min(kCpuBlockRows, y.size(0) - r0)).to(at::kDouble);
+    const double nb = static_cast<double>(yb.size(0));
+    const at::Tensor mu_b = yb.mean(0);
+    const at::Tensor yc = yb - mu_b;
+    const at::Tensor delta = mu_b - mean;
+    const double total = n + nb;
+    // Chan: M2 += G_b + delta delta^T * n nb / (n + nb); mean += delta nb / (n + nb)
+    m2.add_(at::mm(yc.t(), yc)).addr_(delta, delta, 1.0, n * nb / total);
+    mean.add_(delta, nb / total);
+    n = total;
+  }
+  count.fill_(n);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitfast, CPU, m) { m.impl("covariance_update_", &covariance_update_cpu); }
+
+}  // namespace vitfast
