@@ -66,6 +66,15 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_train_teacher(args) -> int:
+    from .models.train_teacher import train_teacher
+
+    result = train_teacher(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out)
+    print(f"saved {result['out']}: held-out accuracy {result['held_out_accuracy']:.4f}, "
+          f"train accuracy {result['train_accuracy']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+    from .models.digits_vit import ASSET
+
+    p = sub.add_parser("train-teacher", help="train the embedded digits ViT teacher (reproducible, CPU, minutes)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=ASSET)
+    p.set_defaults(func=cmd_train_teacher)
+    from .lowrank.cli import add_parser as add_lowrank
+
+    add_lowrank(sub)
     return parser
 
 

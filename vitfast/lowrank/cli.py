@@ -1,0 +1,83 @@
+"""`vitfast lowrank`: AAFM + GFM on a timm model and an ImageFolder proxy set; with no model or
+data given, on the embedded digits teacher and data set."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="timm model name (default: the embedded digits ViT)")
+    p.add_argument("--checkpoint", help="weights for --model (.safetensors, or a torch state_dict file)")
+    p.add_argument("--num-classes", type=int, help="classes of --model's head, if not its default")
+    p.add_argument("--data", help="ImageFolder directory of unlabeled proxy images")
+    p.add_argument("--eval-data", help="ImageFolder directory for accuracy (class folders in the model's order)")
+    p.add_argument("--proxy-size", type=int, default=2000, help="proxy images drawn from --data")
+    p.add_argument("--target-params", type=float, default=0.67, help="fraction of parameters to keep (or a count)")
+    p.add_argument("--rank-step", type=int, default=32, help="ranks are multiples of this")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gfm-epochs", type=int, default=30)
+    p.add_argument("--gfm-lr", type=float, default=5e-4)
+    p.add_argument("--memory-budget-mb", type=float, help="cap on the statistics held at once (more passes if needed)")
+    p.add_argument("--no-svd-baseline", action="store_true", help="skip the weight-SVD comparison")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="lowrank_out")
+    p.set_defaults(func=run)
+
+
+def _load_model(args):
+    import timm
+
+    from .. import models  # noqa: F401  (registers vitfast's timm models)
+
+    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    model = timm.create_model(args.model, pretrained=False, **kwargs)
+    if args.checkpoint:
+        if args.checkpoint.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(args.checkpoint)
+        else:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        model.load_state_dict(state)
+    return model, kwargs
+
+
+def run(args) -> int:
+    from .pipeline import LowRankConfig, run_lowrank
+
+    cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
+                        gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
+                        compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed)
+    if args.model is None and args.data is None:
+        from ..data.digits import digits_splits
+        from ..models.digits_vit import load_digits_teacher
+
+        model, name, kwargs = load_digits_teacher(), "vitfast_digits_vit", {}
+        proxy, _, eval_x, eval_y = digits_splits(seed=0)
+        print(f"embedded default: the digits ViT teacher, {len(proxy)} unlabeled proxy images, "
+              f"{len(eval_x)} held-out labeled images")
+    else:
+        if args.model is None or args.data is None:
+            raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
+        from ..data.folders import image_folder_tensors
+
+        model, kwargs = _load_model(args)
+        name = args.model
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
+        proxy, _ = image_folder_tensors(args.data, size[-1], size[0], mean, std, limit=args.proxy_size, seed=args.seed)
+        eval_x = eval_y = None
+        if args.eval_data:
+            eval_x, eval_y = image_folder_tensors(args.eval_data, size[-1], size[0], mean, std)
+    report = run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
+    with open(os.path.join(args.out, "report.md")) as f:
+        print(f.read().split("\n\n![")[0])
+    print(f"\nwrote {args.out}/compressed (vitfast.load_compressed), report.json, report.md, energy_and_ranks.png")
+    return 0

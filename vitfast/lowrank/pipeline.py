@@ -1,0 +1,176 @@
+"""The AAFM + GFM pipeline: collect -> PCA -> sensitivity search -> greedy ranks -> AFM ->
+GFM -> save + report, with the weight-SVD baseline at the same structure for comparison."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .aafm import LayerChoice, LogitRunner, apply_structure, greedy_allocation, sensitivities
+from .checkpoint import save_compressed
+from .gfm import gfm_finetune
+from .layers import linear_layers
+from .report import count_macs, count_params, evaluate, logits_of, plot_energy_and_ranks, throughput
+from .stats import collect_linear_stats, dims_for_energy, pca, take
+
+
+@dataclass
+class LowRankConfig:
+    target_params: float = 0.67      # fraction of the model's parameters to keep (or a count if > 1)
+    rank_step: int = 32
+    batch_size: int = 64
+    gfm_epochs: int = 30
+    gfm_lr: float = 5e-4
+    gfm_weight_decay: float = 0.01
+    damping: float = 1e-8
+    memory_budget_mb: float | None = None
+    compare_svd: bool = True
+    device: str = "cpu"
+    amp: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+def _target_count(total: int, target: float) -> int:
+    if target <= 0:
+        raise ValueError(f"lowrank: argument 'target_params' must be > 0, got {target}")
+    count = int(target * total) if target <= 1 else int(target)
+    if count >= total:
+        raise ValueError(f"lowrank: argument 'target_params' asks for {count:,} parameters, not fewer than the model's "
+                         f"{total:,}")
+    return count
+
+
+def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_model: str, model_kwargs=None,
+                eval_inputs=None, eval_labels=None, log=print) -> dict:
+    """Compress `model` (left untouched) using the unlabeled `proxy` inputs; write the compressed
+    checkpoint, structure, report and plots to out_dir; return the report."""
+    os.makedirs(out_dir, exist_ok=True)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    original = model.to(device).eval()
+    times = {}
+    t0 = time.time()
+    layers = linear_layers(original)
+    if not layers:
+        raise ValueError("lowrank: the model has no nn.Linear layers to compress")
+    total = count_params(original)
+    target = _target_count(total, cfg.target_params)
+    log(f"model {base_model}: {total:,} parameters, {len(layers)} linear layers; target {target:,} "
+        f"({target / total:.0%})")
+
+    # 1. statistics of every layer's outputs (and inputs, for the energy plot) in one pass
+    outs, ins = collect_linear_stats(original, proxy, layers, cfg.batch_size, device, with_inputs=True,
+                                     memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp, progress=cfg.progress)
+    times["collect_s"] = time.time() - t0
+    bases, means, energy_rows = {}, {}, []
+    for name, lin in layers.items():
+        vals, vecs = pca(outs[name], cfg.damping)
+        bases[name], means[name] = vecs, outs[name].mean
+        in_vals, _ = pca(ins[name], cfg.damping)
+        sv = torch.linalg.svdvals(lin.weight.detach().double())
+        energy_rows.append({"name": name, "full_out": lin.out_features, "full_in": lin.in_features,
+                            "full_min": min(lin.in_features, lin.out_features),
+                            "out_dims90": dims_for_energy(vals), "in_dims90": dims_for_energy(in_vals),
+                            "weight_dims90": dims_for_energy(sv.pow(2))})
+    del ins
+
+    # 2. sensitivity of each layer at each rank, then greedy ranks under the budget
+    search_path = os.path.join(out_dir, "search.json")
+    key = {"base_model": base_model, "rank_step": cfg.rank_step, "proxy": int(_n(proxy)), "seed": cfg.seed}
+    t1 = time.time()
+    choices = _load_search(search_path, key)
+    if choices is None:
+        runner = LogitRunner(original, proxy, cfg.batch_size, device, cfg.amp)
+        choices = sensitivities(original, runner, layers, bases, means, cfg.rank_step, cfg.progress)
+        del runner
+        with open(search_path, "w") as f:
+            json.dump({"key": key, "layers": [asdict(c) for c in choices]}, f, indent=2)
+    else:
+        log("AAFM: reusing the sensitivity search in search.json")
+    times["search_s"] = time.time() - t1
+    ranks = greedy_allocation(choices, total - sum(c.full_params for c in choices), target)
+
+    # 3. build AFM and (same structure) SVD models, fine-tune both with GFM
+    variants = {"aafm": apply_structure(copy.deepcopy(original), ranks, "afm", bases, means)}
+    if cfg.compare_svd:
+        variants["svd"] = apply_structure(copy.deepcopy(original), ranks, "svd")
+    eval_x = eval_inputs if eval_inputs is not None else proxy
+    ref_logits = logits_of(original, eval_x, cfg.batch_size, device, cfg.amp)
+    example = take(eval_x, slice(0, min(cfg.batch_size, _n(eval_x))))
+    results = {"original": _measure(original, eval_x, eval_labels, ref_logits, example, cfg, device)}
+    for vname, vmodel in variants.items():
+        results[f"{vname}"] = _measure(vmodel, eval_x, eval_labels, ref_logits, example, cfg, device)
+    t2 = time.time()
+    for vname, vmodel in variants.items():
+        log(f"GFM ({vname}): {cfg.gfm_epochs} epochs on {_n(proxy)} unlabeled inputs")
+        hist = gfm_finetune(vmodel, original, proxy, cfg.gfm_epochs, cfg.gfm_lr, cfg.batch_size, cfg.gfm_weight_decay,
+                            device=device, amp=cfg.amp, checkpoint_dir=os.path.join(out_dir, f"gfm_{vname}"),
+                            seed=cfg.seed, progress=cfg.progress, log=log)
+        results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, ref_logits, example, cfg, device)
+        results[f"{vname}+gfm"]["gfm_final_mse"] = hist[-1] if hist else None
+    times["gfm_s"] = time.time() - t2
+
+    # 4. outputs
+    chosen = {c.name: {"rank": ranks.get(c.name), "full_out": c.out_features, "in": c.in_features,
+                       "sensitivity": c.sensitivity} for c in choices}
+    save_compressed(variants["aafm"], os.path.join(out_dir, "compressed"), base_model, ranks, model_kwargs,
+                    extra={"target_params": target, "params": count_params(variants["aafm"]), "layer_search": chosen})
+    for row in energy_rows:
+        row["rank"] = ranks.get(row["name"])
+    plot = plot_energy_and_ranks(energy_rows, os.path.join(out_dir, "energy_and_ranks.png"))
+    report = {"base_model": base_model, "target_params": target, "original_params": total, "ranks": ranks,
+              "results": results, "energy": energy_rows, "times": times, "plot": plot, "config": asdict(cfg)}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown_table(report))
+    return report
+
+
+def _n(inputs) -> int:
+    from .stats import num_samples
+
+    return num_samples(inputs)
+
+
+def _load_search(path, key) -> list[LayerChoice] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("key") != key:
+        return None
+    out = []
+    for c in data["layers"]:
+        c["sensitivity"] = {int(k): v for k, v in c["sensitivity"].items()}
+        out.append(LayerChoice(**c))
+    return out
+
+
+def _measure(model, eval_x, eval_labels, ref_logits, example, cfg, device) -> dict:
+    res = evaluate(model, eval_x, eval_labels, ref_logits, cfg.batch_size, device, cfg.amp)
+    res["params"] = count_params(model)
+    res["macs"] = count_macs(model, example[:1]) if torch.is_tensor(example) else None
+    res["images_per_s"] = throughput(model, example, device, cfg.amp) if torch.is_tensor(example) else None
+    return res
+
+
+def markdown_table(report: dict) -> str:
+    rows = ["| model | params | MACs / image | images/s | KL to original | accuracy |", "|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        acc = f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "n/a"
+        macs = f"{r['macs'] / 1e6:.2f} M" if r.get("macs") else "n/a"
+        ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "n/a"
+        rows.append(f"| {name} | {r['params']:,} ({r['params'] / report['original_params']:.1%}) | {macs} | {ips} | "
+                    f"{r['kl_to_original']:.4f} | {acc} |")
+    ranks = ", ".join(f"{k}: {v}" for k, v in report["ranks"].items())
+    return (f"# Low-rank compression of {report['base_model']}\n\nTarget: {report['target_params']:,} parameters "
+            f"of {report['original_params']:,}.\n\n" + "\n".join(rows) +
+            f"\n\nRanks chosen by AAFM: {ranks}\n\nTimes: " +
+            ", ".join(f"{k} {v:.1f}" for k, v in report["times"].items()) + "\n\n![energy and ranks](energy_and_ranks.png)\n")
