@@ -168,7 +168,7 @@ def markdown_table(report: dict) -> str:
         macs = f"{r['macs'] / 1e6:.2f} M" if r.get("macs") else "n/a"
         ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "n/a"
         rows.append(f"| {name} | {r['params']:,} ({r['params'] / report['original_params']:.1%}) | {macs} | {ips} | "
-                    f"{r['kl_to_original']:.4f} | {acc} |")
+                    f"{r['kl_to_original']:.2e} | {acc} |")
     ranks = ", ".join(f"{k}: {v}" for k, v in report["ranks"].items())
     return (f"# Low-rank compression of {report['base_model']}\n\nTarget: {report['target_params']:,} parameters "
             f"of {report['original_params']:,}.\n\n" + "\n".join(rows) +

@@ -8,15 +8,21 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..data.digits import DIGITS_MEAN, DIGITS_STD
+
 ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_vit.safetensors")
 
 
 @register_model
 def vitfast_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm.create_model's own
+        kwargs.pop(key, None)
     cfg = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=4, num_heads=3,
                mlp_ratio=4.0)
     cfg.update(kwargs)
     model = VisionTransformer(**cfg)
+    model.pretrained_cfg = {"input_size": (1, 16, 16), "mean": (DIGITS_MEAN,), "std": (DIGITS_STD,),
+                            "num_classes": cfg["num_classes"]}
     if pretrained:
         load_weights(model, ASSET)
     return model
