@@ -29,3 +29,27 @@ def test_embedded_default_acceptance(tmp_path):
     for row in report["energy"]:
         assert row["out_dims90"] < row["weight_dims90"], row
     assert os.path.getsize(os.path.join(out, "energy_and_ranks.png")) > 10_000
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """The pipeline under torchrun (2 CPU processes, gloo): sharded collection merged across
+    ranks, search split by layer, GFM in DDP, one set of outputs from rank 0."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitfast",
+         "lowrank", "--out", out, "--device", "cpu", "--gfm-epochs", "2", "--target-params", "0.8",
+         "--no-svd-baseline"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["world_size"] == 2
+    r = report["results"]
+    assert r["aafm+gfm"]["params"] <= 0.8 * r["original"]["params"]
+    assert r["aafm+gfm"]["accuracy"] >= r["original"]["accuracy"] - 0.01
+    search = json.load(open(os.path.join(out, "search.json")))
+    assert len(search["layers"]) == 16 and all(layer["sensitivity"] for layer in search["layers"])
+    assert proc.stdout.count("Low-rank compression of") == 1  # rank 0 alone reports

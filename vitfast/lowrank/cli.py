@@ -50,19 +50,24 @@ def _load_model(args):
 
 
 def run(args) -> int:
+    from .. import distributed as vdist
     from .pipeline import LowRankConfig, run_lowrank
 
+    rank, world, device = vdist.setup(args.device)
+    args.device = str(device)
     cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
-                        compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed)
+                        compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
+                        progress=rank == 0)
     if args.model is None and args.data is None:
         from ..data.digits import digits_splits
         from ..models.digits_vit import load_digits_teacher
 
         model, name, kwargs = load_digits_teacher(), "vitfast_digits_vit", {}
         proxy, _, eval_x, eval_y = digits_splits(seed=0)
-        print(f"embedded default: the digits ViT teacher, {len(proxy)} unlabeled proxy images, "
-              f"{len(eval_x)} held-out labeled images")
+        if rank == 0:
+            print(f"embedded default: the digits ViT teacher, {len(proxy)} unlabeled proxy images, "
+                  f"{len(eval_x)} held-out labeled images")
     else:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
@@ -76,7 +81,10 @@ def run(args) -> int:
         eval_x = eval_y = None
         if args.eval_data:
             eval_x, eval_y = image_folder_tensors(args.eval_data, size[-1], size[0], mean, std)
-    report = run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
+    run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
+    vdist.cleanup()
+    if rank != 0:
+        return 0
     with open(os.path.join(args.out, "report.md")) as f:
         print(f.read().split("\n\n![")[0])
     print(f"\nwrote {args.out}/compressed (vitfast.load_compressed), report.json, report.md, energy_and_ranks.png")

@@ -8,11 +8,11 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import rank_world
 from .stats import batches
 
 
@@ -54,12 +54,6 @@ def teacher_features(teacher: nn.Module, images: torch.Tensor, batch_size: int, 
     return torch.cat(out)
 
 
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gfm_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, epochs: int = 30, lr: float = 5e-4,
                  batch_size: int = 64, weight_decay: float = 0.01, warmup_epochs: int = 1, device="cpu",
                  amp: bool = True, checkpoint_dir: str | None = None, seed: int = 0, progress: bool = True,
@@ -70,7 +64,7 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, e
 
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
-    rank, world = _rank_world()
+    rank, world = rank_world()
     student.to(device)
     target = teacher_features(teacher, images, batch_size, device, use_amp)
     for p in head_parameters(student):

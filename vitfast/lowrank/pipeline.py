@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import distributed as vdist
 from .aafm import LayerChoice, LogitRunner, apply_structure, greedy_allocation, sensitivities
 from .checkpoint import save_compressed
 from .gfm import gfm_finetune
@@ -49,7 +50,13 @@ def _target_count(total: int, target: float) -> int:
 def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_model: str, model_kwargs=None,
                 eval_inputs=None, eval_labels=None, log=print) -> dict:
     """Compress `model` (left untouched) using the unlabeled `proxy` inputs; write the compressed
-    checkpoint, structure, report and plots to out_dir; return the report."""
+    checkpoint, structure, report and plots to out_dir; return the report.
+
+    Under torchrun every rank calls this with the same inputs: collection is sharded across ranks
+    and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes."""
+    rank, world = vdist.rank_world()
+    if rank != 0:
+        log = lambda *_: None  # noqa: E731
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -65,7 +72,8 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
         f"({target / total:.0%})")
 
     # 1. statistics of every layer's outputs (and inputs, for the energy plot) in one pass
-    outs, ins = collect_linear_stats(original, proxy, layers, cfg.batch_size, device, with_inputs=True,
+    shard = take(proxy, slice(rank, None, world)) if world > 1 else proxy
+    outs, ins = collect_linear_stats(original, shard, layers, cfg.batch_size, device, with_inputs=True,
                                      memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp, progress=cfg.progress)
     times["collect_s"] = time.time() - t0
     bases, means, energy_rows = {}, {}, []
@@ -85,12 +93,17 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     key = {"base_model": base_model, "rank_step": cfg.rank_step, "proxy": int(_n(proxy)), "seed": cfg.seed}
     t1 = time.time()
     choices = _load_search(search_path, key)
+    vdist.barrier()  # every rank has read search.json before rank 0 may rewrite it
     if choices is None:
         runner = LogitRunner(original, proxy, cfg.batch_size, device, cfg.amp)
-        choices = sensitivities(original, runner, layers, bases, means, cfg.rank_step, cfg.progress)
+        mine = {n: lin for i, (n, lin) in enumerate(layers.items()) if i % world == rank}
+        found = sensitivities(original, runner, mine, bases, means, cfg.rank_step, cfg.progress and rank == 0)
         del runner
-        with open(search_path, "w") as f:
-            json.dump({"key": key, "layers": [asdict(c) for c in choices]}, f, indent=2)
+        by_name = {c.name: c for part in vdist.all_gather_objects(found) for c in part}
+        choices = [by_name[n] for n in layers]
+        if rank == 0:
+            with open(search_path, "w") as f:
+                json.dump({"key": key, "layers": [asdict(c) for c in choices]}, f, indent=2)
     else:
         log("AAFM: reusing the sensitivity search in search.json")
     times["search_s"] = time.time() - t1
@@ -115,6 +128,11 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
         results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, ref_logits, example, cfg, device)
         results[f"{vname}+gfm"]["gfm_final_mse"] = hist[-1] if hist else None
     times["gfm_s"] = time.time() - t2
+    report = {"base_model": base_model, "target_params": target, "original_params": total, "ranks": ranks,
+              "results": results, "energy": energy_rows, "times": times, "config": asdict(cfg), "world_size": world}
+    if rank != 0:
+        vdist.barrier()
+        return report
 
     # 4. outputs
     chosen = {c.name: {"rank": ranks.get(c.name), "full_out": c.out_features, "in": c.in_features,
@@ -123,13 +141,12 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
                     extra={"target_params": target, "params": count_params(variants["aafm"]), "layer_search": chosen})
     for row in energy_rows:
         row["rank"] = ranks.get(row["name"])
-    plot = plot_energy_and_ranks(energy_rows, os.path.join(out_dir, "energy_and_ranks.png"))
-    report = {"base_model": base_model, "target_params": target, "original_params": total, "ranks": ranks,
-              "results": results, "energy": energy_rows, "times": times, "plot": plot, "config": asdict(cfg)}
+    report["plot"] = plot_energy_and_ranks(energy_rows, os.path.join(out_dir, "energy_and_ranks.png"))
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown_table(report))
+    vdist.barrier()
     return report
 
 
