@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .lowrank.cli import add_parser as add_lowrank
 
     add_lowrank(sub)
+    from .tinyvit.cli import add_parser as add_tinyvit
+
+    add_tinyvit(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""TinyViT distillation: bit-identical replay across world sizes and workers, save/distill
+resume after a kill, seeds checked against the store, the TinyViT family's sizes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from vitfast.tinyvit import LogitStore, ReplayAugment, distill, epoch_plan, save_logits
+from vitfast.tinyvit.defaults import MIXUP, digits_student, digits_train_set, digits_transform
+from vitfast.tinyvit.replay import PairDataset, collate_pairs, rank_slice
+from vitfast.tinyvit.store import StoreError, shard_path
+
+
+def replay_images(dataset, transform, mixup, epoch, world, workers):
+    """key -> image for every canonical entry, produced as `world` ranks with `workers` workers."""
+    out = {}
+    for rank in range(world):
+        pairs, canonical = rank_slice(epoch_plan(len(dataset), epoch, 7, world), rank, world)
+        loader = torch.utils.data.DataLoader(PairDataset(ReplayAugment(dataset, transform, mixup), pairs, canonical,
+                                                         epoch, 7), batch_size=3, num_workers=workers,
+                                             collate_fn=collate_pairs)
+        for keys, _, canon, images, _ in loader:
+            for k, c, x in zip(keys.tolist(), canon.tolist(), images):
+                if c:
+                    assert k not in out, "a canonical key appeared twice"
+                    out[k] = x
+    return out
+
+
+def test_replay_is_bit_identical_across_world_sizes_and_workers():
+    ds, _ = digits_train_set()
+    ds = torch.utils.data.Subset(ds, range(101))  # odd size: exercises the padding rule
+    a = replay_images(ds, digits_transform(), MIXUP, 3, world=2, workers=0)
+    b = replay_images(ds, digits_transform(), MIXUP, 3, world=1, workers=2)
+    c = replay_images(ds, digits_transform(), MIXUP, 3, world=3, workers=1)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(101))
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+    d = replay_images(ds, digits_transform(), MIXUP, 4, world=1, workers=0)
+    assert not torch.equal(a[0], d[0])  # another epoch, another augmentation
+
+
+def test_replay_with_stock_timm_imagenet_transforms(tmp_path):
+    """RandomResizedCrop + flip + RandAugment + RandomErasing (timm.create_transform) and
+    Mixup/CutMix, on PIL images from an ImageFolder."""
+    from timm.data import create_transform
+    from torchvision import datasets
+
+    from vitfast.data import export_digits_imagefolder
+
+    root = export_digits_imagefolder(str(tmp_path / "imgs"), split="test")
+    ds = torch.utils.data.Subset(datasets.ImageFolder(root), range(30))
+    tf = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    mix = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5, "num_classes": 10}
+    a = replay_images(ds, tf, mix, 0, world=2, workers=2)
+    b = replay_images(ds, tf, mix, 0, world=1, workers=0)
+    assert all(torch.equal(a[k], b[k]) for k in range(30))
+
+
+def test_seeded_restores_caller_rng():
+    from vitfast.tinyvit import seeded
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(99):
+        torch.rand(5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def small_setup(n=64):
+    ds, (te_x, te_y) = digits_train_set()
+    return torch.utils.data.Subset(ds, range(n)), (te_x[:100], te_y[:100])
+
+
+def test_save_logits_kill_and_resume(tmp_path):
+    """SIGKILL a save-logits run after its first shard, resume it: finished shards are kept
+    untouched, the rest are written, and the store equals an uninterrupted one."""
+    store = str(tmp_path / "store")
+    base = [sys.executable, "-m", "vitfast", "tinyvit", "save-logits", "--epochs", "6", "--device", "cpu"]
+    cmd = base + ["--out", store]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = shard_path(store, 0, 0)
+    deadline = time.time() + 300
+    while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first)
+    done = {e: os.path.getmtime(shard_path(store, e, 0)) for e in range(6) if os.path.exists(shard_path(store, e, 0))}
+    assert len(done) < 6, "the run finished before it could be killed"
+    subprocess.run(cmd, check=True, capture_output=True)
+    for e, mtime in done.items():
+        assert os.path.getmtime(shard_path(store, e, 0)) == mtime  # not rewritten
+    clean = str(tmp_path / "clean")
+    subprocess.run(base + ["--out", clean], check=True, capture_output=True)
+    a, b = LogitStore(store), LogitStore(clean)
+    assert a.epochs() == b.epochs() == list(range(6))
+    for e in range(6):
+        keys = b.keys(e)
+        assert np.array_equal(a.keys(e), keys) and len(keys) == 1438
+        for x, y in zip(a.lookup(e, keys), b.lookup(e, keys)):
+            assert torch.equal(x, y)
+
+
+def test_distill_resume_matches_uninterrupted_run(tmp_path):
+    ds, eval_set = small_setup()
+    store = str(tmp_path / "store")
+    from vitfast.models.digits_vit import load_digits_teacher
+
+    save_logits(load_digits_teacher(), ds, digits_transform(), store, range(2), k=5, mixup_args=MIXUP,
+                progress=False, log=lambda *_: None)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_epoch_3(msg):  # raised after epoch 3 is logged, before its checkpoint is written
+        if msg.startswith("distill: epoch 3/"):
+            raise Killed
+
+    def run(ckpt, log=lambda *_: None):
+        torch.manual_seed(0)
+        student = digits_student()
+        res = distill(student, ds, digits_transform(), store, 4, batch_size=16, checkpoint_dir=ckpt,
+                      eval_set=eval_set, progress=False, log=log)
+        return student, res
+
+    full, res_full = run(str(tmp_path / "a"))
+    with pytest.raises(Killed):
+        run(str(tmp_path / "b"), die_at_epoch_3)
+    logs = []
+    resumed, res_resumed = run(str(tmp_path / "b"), logs.append)
+    assert "distill: resuming after epoch 2/4" in logs
+    assert [h["loss"] for h in res_full["history"]] == pytest.approx([h["loss"] for h in res_resumed["history"]])
+    for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q)
+    assert len(res_full["history"]) == 4 and "eval_accuracy" in res_full["history"][-1]
+
+
+def test_distill_rejects_a_store_for_other_data(tmp_path):
+    ds, _ = small_setup(40)
+    store = str(tmp_path / "store")
+    from vitfast.models.digits_vit import load_digits_teacher
+
+    save_logits(load_digits_teacher(), ds, digits_transform(), store, range(1), k=5, mixup_args=MIXUP,
+                progress=False, log=lambda *_: None)
+    other, _ = small_setup(41)
+    with pytest.raises(StoreError, match="written for 40 samples"):
+        distill(digits_student(), other, digits_transform(), store, 1, progress=False, log=lambda *_: None)
+    with pytest.raises(StoreError, match="not a logit store"):
+        distill(digits_student(), ds, digits_transform(), str(tmp_path), 1, progress=False)
+
+
+@pytest.mark.parametrize("name,params", [("tiny_vit_5m_224", 5.39e6), ("tiny_vit_11m_224", 11.00e6),
+                                         ("tiny_vit_21m_224", 21.20e6), ("tiny_vit_21m_384", 21.20e6),
+                                         ("tiny_vit_21m_512", 21.20e6)])
+def test_tinyvit_family_sizes(name, params):
+    """The students: timm's TinyViT family, parameter counts as in the paper (1000-class head)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=1000)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 0.01, n

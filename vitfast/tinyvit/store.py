@@ -1,0 +1,272 @@
+"""The sparse logit store: (sample key, epoch) -> (augmentation seed, teacher top-k).
+
+Layout: STORE/store.json (k, classes, encoding, teacher, augmentation; written once) and one shard
+per (epoch, rank): STORE/epoch_EEEE/rank_RRRR.vfl. A shard is
+
+    header (64 bytes, little-endian):
+        magic b"VFLSTORE", version u16, encoding u8, index_bits u8, k u16, reserved u16,
+        num_classes u32, epoch u32, rank u32, world u32, count u64, record_bytes u32, crc32 u32,
+        reserved (16 bytes)
+    count fixed-size records: seed u32 | indices | values
+    count sample keys: int64
+
+crc32 covers the records and keys. Encodings:
+    exact    int16 indices (int32 past 32,768 classes) + float16 values: 4k + 4 bytes (TinyViT's own)
+    compact  indices bit-packed at ceil(log2 C) bits; values 2..k as uint8 steps of -log(p) over
+             [0, 20]; the mass outside the top k as a uint16 step of -log over [0, 40]; the largest
+             value is what remains, so every record sums to exactly 1 and the dominant value
+             carries only the small absolute error of the others:
+             4 + ceil(k log2 C / 8) + (k - 1) + 2 bytes; 293 for k=100, C=21841 (404 exact)
+
+Writes are crash-safe: a shard is written to "<name>.tmp", fsynced and renamed, so a final name
+always holds a complete shard; the writer skips shards already complete (resume). Readers verify
+size and crc32 of every shard they open and name the shard when either is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+MAGIC = b"VFLSTORE"
+VERSION = 1
+HEADER = struct.Struct("<8sHBBHHIIIIQII16x")
+assert HEADER.size == 64
+ENCODINGS = {"exact": 0, "compact": 1}
+LOG_RANGE = 20.0  # compact values: -log(p) quantised over [0, LOG_RANGE] in 255 steps
+REST_LOG_RANGE = 40.0  # compact rest mass: -log(rest) over [0, REST_LOG_RANGE] in 65535 steps
+
+
+class StoreError(RuntimeError):
+    """A shard or store that is missing, truncated, corrupt or inconsistent."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    k: int
+    num_classes: int
+    encoding: str = "exact"
+    teacher: str = ""
+    dataset_size: int = 0
+    seed: int = 0
+    augmentation: dict | None = None
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.num_classes)))
+
+    @property
+    def record_bytes(self) -> int:
+        if self.encoding == "exact":
+            return 4 + self.k * (2 if self.num_classes <= 32768 else 4) + 2 * self.k
+        return 4 + math.ceil(self.k * self.index_bits / 8) + (self.k - 1) + 2
+
+
+# ---------------------------------------------------------------- encoding
+def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """(n, k) non-negative ints < 2^bits -> (n, ceil(k bits / 8)) uint8, little-endian bit order."""
+    n, k = values.shape
+    b = ((values[:, :, None].astype(np.uint64) >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    return np.packbits(b.reshape(n, k * bits), axis=1, bitorder="little")
+
+
+def _unpack_bits(packed: np.ndarray, k: int, bits: int) -> np.ndarray:
+    n = packed.shape[0]
+    b = np.unpackbits(packed, axis=1, bitorder="little", count=k * bits).reshape(n, k, bits).astype(np.int64)
+    return (b << np.arange(bits, dtype=np.int64)).sum(-1)
+
+
+def encode(meta: StoreMeta, seeds: np.ndarray, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(n,) seeds, (n, k) probabilities and class indices -> (n, record_bytes) uint8."""
+    n, k = values.shape
+    if k != meta.k:
+        raise ValueError(f"store: argument 'values' has k={k}, the store holds k={meta.k}")
+    if indices.min(initial=0) < 0 or indices.max(initial=0) >= meta.num_classes:
+        raise ValueError(f"store: argument 'indices' has entries outside [0, {meta.num_classes})")
+    parts = [seeds.astype("<u4").view(np.uint8).reshape(n, 4)]
+    if meta.encoding == "exact":
+        idt = "<i2" if meta.num_classes <= 32768 else "<i4"
+        parts.append(indices.astype(idt).view(np.uint8).reshape(n, -1))
+        parts.append(values.astype("<f2").view(np.uint8).reshape(n, -1))
+    else:
+        parts.append(_pack_bits(indices.astype(np.int64), meta.index_bits))
+        v = values.astype(np.float64)
+        q = np.rint(-np.log(np.clip(v[:, 1:], 1e-300, 1.0)) / LOG_RANGE * 255.0)
+        parts.append(np.clip(q, 0, 255).astype(np.uint8))
+        rest = np.clip(1.0 - v.sum(1), 1e-300, 1.0)
+        qr = np.clip(np.rint(-np.log(rest) / REST_LOG_RANGE * 65535.0), 0, 65535).astype("<u2")
+        parts.append(qr.view(np.uint8).reshape(n, 2))
+    rec = np.concatenate(parts, axis=1)
+    assert rec.shape[1] == meta.record_bytes
+    return rec
+
+
+def decode(meta: StoreMeta, records: np.ndarray):
+    """(n, record_bytes) uint8 -> seeds (n,) uint32, values (n, k) float32, indices (n, k) int64."""
+    n, k = records.shape[0], meta.k
+    records = np.ascontiguousarray(records)
+    seeds = records[:, :4].copy().view("<u4").reshape(n)
+    if meta.encoding == "exact":
+        ib = 2 if meta.num_classes <= 32768 else 4
+        idx = records[:, 4:4 + k * ib].copy().view("<i2" if ib == 2 else "<i4").astype(np.int64)
+        vals = records[:, 4 + k * ib:].copy().view("<f2").astype(np.float32)
+    else:
+        nb = math.ceil(k * meta.index_bits / 8)
+        idx = _unpack_bits(records[:, 4:4 + nb], k, meta.index_bits)
+        tail = np.exp(-records[:, 4 + nb:4 + nb + k - 1].astype(np.float64) * (LOG_RANGE / 255.0))
+        qr = records[:, 4 + nb + k - 1:].copy().view("<u2").reshape(n).astype(np.float64)
+        rest = np.exp(-qr * (REST_LOG_RANGE / 65535.0))
+        rest[qr == 65535] = 0.0
+        top = np.maximum(1.0 - rest - tail.sum(1), tail[:, 0] if k > 1 else 0.0)
+        vals = np.concatenate([top[:, None], tail], axis=1).astype(np.float32)
+    return seeds, vals, idx
+
+
+# ---------------------------------------------------------------- files
+def shard_path(root: str, epoch: int, rank: int) -> str:
+    return os.path.join(root, f"epoch_{epoch:04d}", f"rank_{rank:04d}.vfl")
+
+
+def write_meta(root: str, meta: StoreMeta) -> None:
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "store.json")
+    if os.path.exists(path):
+        existing = read_meta(root)
+        if existing != meta:
+            raise StoreError(f"store '{root}' already holds {existing}, which differs from {meta}")
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": "vitfast-logit-store", "version": VERSION, **asdict(meta)}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(root: str) -> StoreMeta:
+    path = os.path.join(root, "store.json")
+    if not os.path.exists(path):
+        raise StoreError(f"'{root}' is not a logit store (no store.json)")
+    with open(path) as f:
+        d = json.load(f)
+    if d.pop("format", None) != "vitfast-logit-store" or d.pop("version", None) != VERSION:
+        raise StoreError(f"'{path}' is not a version-{VERSION} vitfast logit store")
+    return StoreMeta(**d)
+
+
+def shard_complete(root: str, epoch: int, rank: int) -> bool:
+    return os.path.exists(shard_path(root, epoch, rank))
+
+
+def write_shard(root: str, meta: StoreMeta, epoch: int, rank: int, world: int, keys: np.ndarray,
+                records: np.ndarray) -> str:
+    """Write one complete shard atomically (temp file, fsync, rename)."""
+    path = shard_path(root, epoch, rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    keys = np.ascontiguousarray(keys, dtype="<i8")
+    records = np.ascontiguousarray(records, dtype=np.uint8)
+    if records.shape != (keys.shape[0], meta.record_bytes):
+        raise ValueError(f"store: {records.shape} records do not match {keys.shape[0]} keys x {meta.record_bytes} bytes")
+    crc = zlib.crc32(keys.tobytes(), zlib.crc32(records.tobytes()))
+    header = HEADER.pack(MAGIC, VERSION, ENCODINGS[meta.encoding], meta.index_bits, meta.k, 0, meta.num_classes,
+                         epoch, rank, world, keys.shape[0], meta.record_bytes, crc)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(records.tobytes())
+        f.write(keys.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+class Shard:
+    """A memory-mapped, verified shard."""
+
+    def __init__(self, path: str, meta: StoreMeta, verify: bool = True):
+        self.path = path
+        size = os.path.getsize(path)
+        if size < HEADER.size:
+            raise StoreError(f"shard '{path}' is truncated ({size} bytes, no header)")
+        with open(path, "rb") as f:
+            (magic, version, enc, bits, k, _, classes, epoch, rank, world, count, rbytes, crc) = HEADER.unpack(
+                f.read(HEADER.size))
+        if magic != MAGIC or version != VERSION:
+            raise StoreError(f"shard '{path}' is not a version-{VERSION} vitfast shard")
+        if (k, classes, enc, rbytes) != (meta.k, meta.num_classes, ENCODINGS[meta.encoding], meta.record_bytes):
+            raise StoreError(f"shard '{path}' (k={k}, classes={classes}) does not match store.json")
+        expected = HEADER.size + count * (rbytes + 8)
+        if size != expected:
+            raise StoreError(f"shard '{path}' is truncated or padded: {size} bytes, header says {expected}")
+        self.epoch, self.rank, self.world, self.count = epoch, rank, world, count
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.records = mm[HEADER.size:HEADER.size + count * rbytes].reshape(count, rbytes)
+        self.keys = mm[HEADER.size + count * rbytes:].view("<i8")
+        if verify and zlib.crc32(self.keys, zlib.crc32(self.records)) != crc:
+            raise StoreError(f"shard '{path}' is corrupt: crc32 mismatch")
+
+
+class LogitStore:
+    """Reads a store written by any number of ranks: `lookup(epoch, keys)`."""
+
+    def __init__(self, root: str, verify: bool = True):
+        self.root = root
+        self.meta = read_meta(root)
+        self.verify = verify
+        self._epochs: dict[int, tuple[list[Shard], np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def epochs(self) -> list[int]:
+        out = []
+        for name in sorted(os.listdir(self.root)):
+            if name.startswith("epoch_") and any(f.endswith(".vfl") for f in os.listdir(os.path.join(self.root, name))):
+                out.append(int(name[len("epoch_"):]))
+        return out
+
+    def _index(self, epoch: int):
+        if epoch not in self._epochs:
+            d = os.path.join(self.root, f"epoch_{epoch:04d}")
+            if not os.path.isdir(d):
+                raise StoreError(f"store '{self.root}' has no epoch {epoch} (epochs: {self.epochs()})")
+            shards = [Shard(os.path.join(d, f), self.meta, self.verify) for f in sorted(os.listdir(d))
+                      if f.endswith(".vfl")]
+            keys = np.concatenate([s.keys for s in shards]) if shards else np.zeros(0, np.int64)
+            shard_of = np.concatenate([np.full(s.count, i) for i, s in enumerate(shards)]) if shards else keys
+            row_of = np.concatenate([np.arange(s.count) for s in shards]) if shards else keys
+            order = np.argsort(keys, kind="stable")
+            keys, shard_of, row_of = keys[order], shard_of[order], row_of[order]
+            if keys.size > 1 and (keys[1:] == keys[:-1]).any():
+                dup = keys[1:][keys[1:] == keys[:-1]][0]
+                raise StoreError(f"store '{self.root}' epoch {epoch} holds sample key {dup} twice")
+            self._epochs[epoch] = (shards, keys, shard_of, row_of)
+        return self._epochs[epoch]
+
+    def keys(self, epoch: int) -> np.ndarray:
+        return self._index(epoch)[1]
+
+    def lookup(self, epoch: int, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(seeds int64, values float32 (n, k), indices int64 (n, k)) for the given sample keys."""
+        shards, sorted_keys, shard_of, row_of = self._index(epoch)
+        keys = np.asarray(keys, dtype=np.int64)
+        pos = np.searchsorted(sorted_keys, keys)
+        found = (pos < sorted_keys.size) & (sorted_keys[np.minimum(pos, sorted_keys.size - 1)] == keys)
+        if not found.all():
+            raise StoreError(f"store '{self.root}' epoch {epoch} has no record for sample key(s) "
+                             f"{keys[~found][:5].tolist()}")
+        recs = np.empty((keys.size, self.meta.record_bytes), dtype=np.uint8)
+        for i in np.unique(shard_of[pos]):
+            sel = shard_of[pos] == i
+            recs[sel] = shards[i].records[row_of[pos][sel]]
+        seeds, vals, idx = decode(self.meta, recs)
+        return torch.from_numpy(seeds.astype(np.int64)), torch.from_numpy(vals), torch.from_numpy(idx)

@@ -1,0 +1,197 @@
+"""TinyViT fast pretraining distillation: run the teacher once (save_logits), then train any
+number of students from the store (distill) with the fused sparse soft-target loss."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as vdist
+from ..ops import sparse_soft_target_cross_entropy, topk_softmax
+from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
+from .store import LogitStore, StoreError, StoreMeta, encode, read_meta, shard_complete, write_meta, write_shard
+
+
+def _loader(augment, plan, epoch, base_seed, batch_pairs, workers, num_classes=None):
+    ds = PairDataset(augment, *plan, epoch=epoch, base_seed=base_seed, num_classes=num_classes)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_pairs, num_workers=workers, collate_fn=collate_pairs,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: int = 100, encoding: str = "exact",
+                batch_size: int = 256, base_seed: int = 0, mixup_args: dict | None = None, teacher_name: str = "",
+                device="cpu", workers: int = 0, progress: bool = True, log=print) -> list[str]:
+    """Write one shard per (epoch, rank) for `epochs` (an iterable: epochs can be split across jobs).
+    Complete shards are skipped, so a killed run resumes where it stopped."""
+    rank, world = vdist.rank_world()
+    device = torch.device(device)
+    teacher = teacher.to(device).eval()
+    num_classes = teacher.num_classes if hasattr(teacher, "num_classes") else None
+    if num_classes is None:
+        raise ValueError("save_logits: the teacher must expose num_classes")
+    meta = StoreMeta(k=k, num_classes=int(num_classes), encoding=encoding, teacher=teacher_name,
+                     dataset_size=len(dataset), seed=base_seed,
+                     augmentation={"transform": repr(transform), "mixup": mixup_args})
+    if rank == 0:
+        write_meta(root, meta)
+    vdist.barrier()
+    meta = read_meta(root)
+    augment = ReplayAugment(dataset, transform, mixup_args)
+    amp = device.type == "cuda"
+    written = []
+    for epoch in epochs:
+        if shard_complete(root, epoch, rank):
+            log(f"save-logits: epoch {epoch} rank {rank} already complete, skipped")
+            continue
+        plan = rank_slice(epoch_plan(len(dataset), epoch, base_seed, world), rank, world)
+        keys, seeds, vals, idx = [], [], [], []
+        t0 = time.time()
+        for kb, sb, cb, xb, _ in tqdm(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers),
+                                      desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0, leave=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = teacher(xb.to(device, non_blocking=True))
+            v, i = topk_softmax(logits.float(), k)
+            keep = cb.numpy()
+            keys.append(kb.numpy()[keep])
+            seeds.append(sb.numpy()[keep])
+            vals.append(v.float().cpu().numpy()[keep])
+            idx.append(i.cpu().numpy()[keep])
+        keys = np.concatenate(keys)
+        records = encode(meta, np.concatenate(seeds), np.concatenate(vals), np.concatenate(idx))
+        written.append(write_shard(root, meta, epoch, rank, world, keys, records))
+        log(f"save-logits: epoch {epoch} rank {rank}: {len(keys)} records in {time.time() - t0:.1f}s")
+    vdist.barrier()
+    return written
+
+
+def _cosine(step, total, warmup):
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size=256, device="cpu") -> float:
+    model.eval()
+    device = torch.device(device)
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(images[i:i + batch_size].to(device))
+        correct += (out.argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def distill(student: nn.Module, dataset, transform, root: str | None, epochs: int, lr: float = 1e-3,
+            weight_decay: float = 0.05, batch_size: int = 128, warmup_epochs: int = 1, clip_grad: float | None = 5.0,
+            ema_decay: float | None = None, device="cpu", workers: int = 0, checkpoint_dir: str | None = None,
+            eval_set=None, labels_only: bool = False, base_seed: int = 0, mixup_args: dict | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Train `student` from the store at `root` (no teacher in the loop): sparse soft-target CE on
+    the replayed images. Student epoch e replays store epoch e mod (epochs stored), so a store can
+    serve longer schedules. labels_only=True trains the same student on ground-truth labels
+    instead (mixed by the same Mixup: the no-teacher baseline). Checkpoints every epoch and
+    resumes from checkpoint_dir. Returns {history, eval_accuracy}."""
+    from safetensors.torch import load_file, save_file
+
+    rank, world = vdist.rank_world()
+    device = torch.device(device)
+    amp = device.type == "cuda"
+    if labels_only:
+        meta = None
+        seed = base_seed
+        mix = mixup_args
+    else:
+        meta = read_meta(root)
+        store = LogitStore(root)
+        seed, mix = meta.seed, (meta.augmentation or {}).get("mixup")
+        stored = store.epochs()
+        if stored != list(range(len(stored))) or not stored:
+            raise StoreError(f"store '{root}' must hold epochs 0..N-1 without gaps, it holds {stored[:10]}")
+        if len(dataset) != meta.dataset_size:
+            raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has {len(dataset)}")
+    student = student.to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    pairs_per_rank = len(epoch_plan(len(dataset), 0, seed, world)[0]) // world
+    steps_per_epoch = math.ceil(pairs_per_rank / max(1, batch_size // 2))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _cosine(s, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
+    ema = None
+    if ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(student, decay=ema_decay)
+    start, history = 0, []
+    if checkpoint_dir:
+        wpath, spath = os.path.join(checkpoint_dir, "student.safetensors"), os.path.join(checkpoint_dir, "state.pt")
+        if os.path.exists(wpath) and os.path.exists(spath):
+            student.load_state_dict(load_file(wpath, device=str(device)))
+            st = torch.load(spath, map_location=device, weights_only=False)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            start, history = st["epoch"], st["history"]
+            if ema is not None and st.get("ema") is not None:
+                ema.module.load_state_dict(st["ema"])
+            log(f"distill: resuming after epoch {start}/{epochs}")
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    augment = ReplayAugment(dataset, transform, mix)
+    num_classes = student.num_classes if labels_only else None
+    for epoch in range(start, epochs):
+        model.train()
+        replay = epoch if labels_only else epoch % len(stored)
+        plan = rank_slice(epoch_plan(len(dataset), replay, seed, world), rank, world)
+        total, count = 0.0, 0
+        for kb, sb, cb, xb, tb in tqdm(_loader(augment, plan, replay, seed, max(1, batch_size // 2), workers,
+                                               num_classes),
+                                       desc=f"distill epoch {epoch}", disable=not progress or rank != 0, leave=False):
+            keep = cb.bool()
+            xb = xb[keep].to(device, non_blocking=True)
+            kb, sb, tb = kb[keep], sb[keep], tb[keep]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(xb)
+            if labels_only:
+                loss = -(tb.to(device) * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
+            else:
+                seeds, values, indices = store.lookup(replay, kb.numpy())
+                if not torch.equal(seeds, sb):
+                    raise StoreError(f"store '{root}' epoch {replay}: stored augmentation seeds differ from the replay "
+                                     "(was it written with another seed or data set?)")
+                loss = sparse_soft_target_cross_entropy(logits, values.to(device), indices.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(student)
+            total += loss.item() * len(kb)
+            count += len(kb)
+        entry = {"epoch": epoch, "loss": total / max(count, 1)}
+        if eval_set is not None and rank == 0:
+            entry["eval_accuracy"] = evaluate(student, *eval_set, device=device)
+            if ema is not None:
+                entry["eval_accuracy_ema"] = evaluate(ema.module, *eval_set, device=device)
+        history.append(entry)
+        log(f"distill: epoch {epoch + 1}/{epochs} " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
+        if checkpoint_dir and rank == 0:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in student.state_dict().items()}, wpath + ".tmp")
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                        "history": history, "ema": ema.module.state_dict() if ema is not None else None}, spath + ".tmp")
+            os.replace(wpath + ".tmp", wpath)
+            os.replace(spath + ".tmp", spath)
+    vdist.barrier()
+    result = {"history": history}
+    if eval_set is not None:
+        result["eval_accuracy"] = evaluate(student, *eval_set, device=device)
+    return result
