@@ -123,7 +123,7 @@ def decode(meta: StoreMeta, records: np.ndarray):
         qr = records[:, 4 + nb + k - 1:].copy().view("<u2").reshape(n).astype(np.float64)
         rest = np.exp(-qr * (REST_LOG_RANGE / 65535.0))
         rest[qr == 65535] = 0.0
-        top = np.maximum(1.0 - rest - tail.sum(1), tail[:, 0] if k > 1 else 0.0)
+        top = np.maximum(1.0 - rest - tail.sum(1), 0.0)  # may dip below the 2nd value on flat rows: harmless
         vals = np.concatenate([top[:, None], tail], axis=1).astype(np.float32)
     return seeds, vals, idx
 
