@@ -69,7 +69,8 @@ def cmd_demo(args) -> int:
 def cmd_train_teacher(args) -> int:
     from .models.train_teacher import train_teacher
 
-    result = train_teacher(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out)
+    result = train_teacher(epochs=args.epochs, lr=args.lr, seed=args.seed, out=args.out,
+                           label_smoothing=args.label_smoothing)
     print(f"saved {result['out']}: held-out accuracy {result['held_out_accuracy']:.4f}, "
           f"train accuracy {result['train_accuracy']:.4f}")
     return 0
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--out", default=ASSET)
     p.set_defaults(func=cmd_train_teacher)
     from .lowrank.cli import add_parser as add_lowrank

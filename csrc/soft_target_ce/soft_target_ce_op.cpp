@@ -98,25 +98,29 @@ SoftTargetCECall prepare_soft_target_ce_backward(const at::Tensor& grad_loss, co
 
 namespace {
 
-void throw_bad_indices(int64_t row) {
-  VF_CHECK_VALUE(false, kOp, "indices",
-                 "row ", row, " has an entry out of [0, classes) or a duplicate; each row must list distinct classes");
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& values,
-                                               const at::Tensor& indices, int64_t num_classes) {
-  SoftTargetCECall call = prepare_soft_target_ce_forward(logits, values, indices, num_classes);
-  const SoftTargetCEParams p = call.params;
+// Runs fn(begin, end) over all rows in parallel; fn returns 0 or 1 + a bad row. Raises for the
+// lowest bad row, naming `indices`.
+template <typename F>
+void rows_or_throw(int64_t rows, F fn) {
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
-    const int64_t r = soft_target_ce_forward_cpu_rows(p, begin, end);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const int64_t r = fn(begin, end);
     if (r) {
       int64_t cur = bad.load();
       while (r - 1 < cur && !bad.compare_exchange_weak(cur, r - 1)) {
       }
     }
   });
-  if (bad.load() != std::numeric_limits<int64_t>::max()) throw_bad_indices(bad.load());
+  const int64_t row = bad.load();
+  VF_CHECK_VALUE(row == std::numeric_limits<int64_t>::max(), kOp, "indices", "row ", row,
+                 " has an entry out of [0, classes) or a duplicate; each row must list distinct classes");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& values,
+                                               const at::Tensor& indices, int64_t num_classes) {
+  SoftTargetCECall call = prepare_soft_target_ce_forward(logits, values, indices, num_classes);
+  const SoftTargetCEParams p = call.params;
+  rows_or_throw(p.rows, [&](int64_t b, int64_t e) { return soft_target_ce_forward_cpu_rows(p, b, e); });
   return {call.loss, call.lse};
 }
 
@@ -124,16 +128,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, c
                         const at::Tensor& indices, const at::Tensor& lse) {
   SoftTargetCECall call = prepare_soft_target_ce_backward(grad_loss, logits, values, indices, lse);
   const SoftTargetCEParams p = call.params;
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
-    const int64_t r = soft_target_ce_backward_cpu_rows(p, begin, end);
-    if (r) {
-      int64_t cur = bad.load();
-      while (r - 1 < cur && !bad.compare_exchange_weak(cur, r - 1)) {
-      }
-    }
-  });
-  if (bad.load() != std::numeric_limits<int64_t>::max()) throw_bad_indices(bad.load());
+  rows_or_throw(p.rows, [&](int64_t b, int64_t e) { return soft_target_ce_backward_cpu_rows(p, b, e); });
   return call.grad_logits;
 }
 

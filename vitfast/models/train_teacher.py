@@ -31,7 +31,7 @@ def accuracy(model, x, y, batch: int = 512) -> float:
 
 
 def train_teacher(epochs: int = 60, lr: float = 1e-3, batch: int = 64, seed: int = 0, out: str = ASSET,
-                  log=print) -> dict:
+                  label_smoothing: float = 0.1, log=print) -> dict:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     tr_x, tr_y, te_x, te_y = digits_splits(seed=seed)
@@ -48,7 +48,7 @@ def train_teacher(epochs: int = 60, lr: float = 1e-3, batch: int = 64, seed: int
         perm = torch.randperm(len(tr_x), generator=gen)
         for i in range(0, len(tr_x), batch):
             idx = perm[i:i + batch]
-            loss = F.cross_entropy(model(random_shift(tr_x[idx], gen)), tr_y[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(random_shift(tr_x[idx], gen)), tr_y[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
