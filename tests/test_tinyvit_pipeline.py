@@ -166,3 +166,23 @@ def test_tinyvit_family_sizes(name, params):
         model = timm.create_model(name, pretrained=False, num_classes=1000)
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - params) / params < 0.01, n
+
+
+@pytest.mark.slow
+def test_torchrun_save_and_distill_across_world_sizes(tmp_path):
+    """save-logits on 2 ranks, then students from that store on 2 ranks and on 1 (DDP on gloo)."""
+    store, env = str(tmp_path / "store"), {**os.environ, "OMP_NUM_THREADS": "1"}
+    run2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitfast",
+            "tinyvit"]
+    subprocess.run(run2 + ["save-logits", "--out", store, "--epochs", "2", "--device", "cpu"], check=True,
+                   capture_output=True, env=env, timeout=600)
+    s = LogitStore(store)
+    assert s.epochs() == [0, 1]
+    assert all(len(s.keys(e)) == 1438 for e in (0, 1))  # canonical entries only: no duplicates across ranks
+    assert all(os.path.exists(shard_path(store, e, r)) for e in (0, 1) for r in (0, 1))
+    for cmd, out in ((run2, "ddp"), ([sys.executable, "-m", "vitfast", "tinyvit"], "single")):
+        proc = subprocess.run(cmd + ["distill", "--store", store, "--epochs", "2", "--device", "cpu", "--out",
+                                     str(tmp_path / out)], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "held-out accuracy" in proc.stdout
+        assert os.path.exists(tmp_path / out / "student.safetensors")

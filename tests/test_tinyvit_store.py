@@ -125,3 +125,33 @@ def test_temp_files_are_never_read_and_meta_must_match(tmp_path):
         write_meta(root, StoreMeta(k=4, num_classes=20))
     with pytest.raises(StoreError, match="not a logit store"):
         LogitStore(str(tmp_path))
+
+
+def test_streaming_writer_async_equals_sync_and_reports_errors(tmp_path):
+    from vitfast.tinyvit.store import ShardWriter
+
+    meta = StoreMeta(k=4, num_classes=30, encoding="compact")
+    batches = []
+    for b in range(5):
+        _, v, i = teacher_topk(7, 30, 4)
+        batches.append((np.arange(7) + 7 * b, np.arange(7, dtype=np.uint32) * 3 + b, v, i))
+    paths = []
+    for name, asynchronous in (("sync", False), ("async", True)):
+        root = str(tmp_path / name)
+        write_meta(root, meta)
+        w = ShardWriter(root, meta, 0, 0, 1, asynchronous=asynchronous)
+        for batch in batches:
+            w.add(*batch)
+        paths.append(w.close())
+    assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
+    store = LogitStore(str(tmp_path / "async"))
+    seeds, _, _ = store.lookup(0, [0, 34])
+    assert seeds.tolist() == [0, 6 * 3 + 4]
+    # a bad batch on the writer thread surfaces at close(), and no shard appears
+    root = str(tmp_path / "bad")
+    write_meta(root, meta)
+    w = ShardWriter(root, meta, 0, 0, 1, asynchronous=True)
+    w.add(np.arange(2), np.zeros(2, np.uint32), np.full((2, 4), 0.1), np.full((2, 4), 99))
+    with pytest.raises(ValueError, match="argument 'indices'"):
+        w.close()
+    assert not os.path.exists(shard_path(root, 0, 0))

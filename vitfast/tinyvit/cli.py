@@ -190,8 +190,9 @@ def run_verify(args) -> int:
             x, _ = augment.pair(pairs[p], seeds.tolist())
             keys += pairs[p].tolist()
             images += [x[0], x[1]]
-    with torch.no_grad():
-        v, i = topk_softmax(teacher(torch.stack(images).to(device)).float(), m.k, values_dtype=torch.float32)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = teacher(torch.stack(images).to(device))  # the same precision save-logits used
+    v, i = topk_softmax(logits, m.k, values_dtype=torch.float32)
     _, sv, si = store.lookup(args.epoch, keys)
     mismatch = (i.cpu().long() != si).float().mean().item()
     err = (v.cpu() - sv).abs().max().item()

@@ -164,32 +164,94 @@ def shard_complete(root: str, epoch: int, rank: int) -> bool:
     return os.path.exists(shard_path(root, epoch, rank))
 
 
+class ShardWriter:
+    """Streams one shard to "<name>.tmp" as batches arrive; `close()` appends the keys, writes the
+    final header (count, crc32), fsyncs and renames. Nothing appears under the final name unless
+    close() completes. With asynchronous=True, encoding and writing run on a background thread so
+    that the producer (the teacher loop) never waits on the disk."""
+
+    def __init__(self, root: str, meta: StoreMeta, epoch: int, rank: int, world: int, asynchronous: bool = False):
+        self.meta, self.epoch, self.rank, self.world = meta, epoch, rank, world
+        self.path = shard_path(root, epoch, rank)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._f = open(self.path + ".tmp", "wb")
+        self._f.write(b"\0" * HEADER.size)
+        self._keys: list[np.ndarray] = []
+        self._crc = 0
+        self._error: BaseException | None = None
+        self._queue = None
+        if asynchronous:
+            import queue
+            import threading
+
+            self._queue = queue.Queue(maxsize=8)
+            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread.start()
+
+    def _write(self, keys, seeds, values, indices) -> None:
+        rec = np.ascontiguousarray(encode(self.meta, seeds, values, indices))
+        self._f.write(rec.tobytes())
+        self._crc = zlib.crc32(rec, self._crc)
+        self._keys.append(np.ascontiguousarray(keys, dtype="<i8"))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._write(*item)
+            except BaseException as exc:  # reported by the next add() or close()
+                self._error = exc
+
+    def add(self, keys, seeds, values, indices) -> None:
+        """Append records: keys (n,), seeds (n,), values (n, k) probabilities, indices (n, k)."""
+        if self._error is not None:
+            raise self._error
+        if self._queue is not None:
+            self._queue.put((np.asarray(keys), np.asarray(seeds), np.asarray(values), np.asarray(indices)))
+        else:
+            self._write(keys, seeds, values, indices)
+
+    def close(self) -> str:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            self._f.close()
+            raise self._error
+        keys = np.concatenate(self._keys) if self._keys else np.zeros(0, "<i8")
+        self._f.write(keys.tobytes())
+        crc = zlib.crc32(keys, self._crc)
+        self._f.seek(0)
+        self._f.write(HEADER.pack(MAGIC, VERSION, ENCODINGS[self.meta.encoding], self.meta.index_bits, self.meta.k, 0,
+                                  self.meta.num_classes, self.epoch, self.rank, self.world, keys.shape[0],
+                                  self.meta.record_bytes, crc))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.path + ".tmp", self.path)
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return self.path
+
+
 def write_shard(root: str, meta: StoreMeta, epoch: int, rank: int, world: int, keys: np.ndarray,
                 records: np.ndarray) -> str:
-    """Write one complete shard atomically (temp file, fsync, rename)."""
-    path = shard_path(root, epoch, rank)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write one complete shard of already encoded records atomically."""
     keys = np.ascontiguousarray(keys, dtype="<i8")
     records = np.ascontiguousarray(records, dtype=np.uint8)
     if records.shape != (keys.shape[0], meta.record_bytes):
         raise ValueError(f"store: {records.shape} records do not match {keys.shape[0]} keys x {meta.record_bytes} bytes")
-    crc = zlib.crc32(keys.tobytes(), zlib.crc32(records.tobytes()))
-    header = HEADER.pack(MAGIC, VERSION, ENCODINGS[meta.encoding], meta.index_bits, meta.k, 0, meta.num_classes,
-                         epoch, rank, world, keys.shape[0], meta.record_bytes, crc)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(records.tobytes())
-        f.write(keys.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
+    w = ShardWriter(root, meta, epoch, rank, world)
+    w._f.write(records.tobytes())
+    w._crc = zlib.crc32(records)
+    w._keys.append(keys)
+    return w.close()
 
 
 class Shard:

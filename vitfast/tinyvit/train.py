@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import distributed as vdist
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
-from .store import LogitStore, StoreError, StoreMeta, encode, read_meta, shard_complete, write_meta, write_shard
+from .store import LogitStore, ShardWriter, StoreError, StoreMeta, read_meta, shard_complete, write_meta
 
 
 def _loader(augment, plan, epoch, base_seed, batch_pairs, workers, num_classes=None):
@@ -50,22 +50,19 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
             log(f"save-logits: epoch {epoch} rank {rank} already complete, skipped")
             continue
         plan = rank_slice(epoch_plan(len(dataset), epoch, base_seed, world), rank, world)
-        keys, seeds, vals, idx = [], [], [], []
-        t0 = time.time()
+        writer = ShardWriter(root, meta, epoch, rank, world, asynchronous=True)
+        count, t0 = 0, time.time()
         for kb, sb, cb, xb, _ in tqdm(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers),
                                       desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0, leave=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = teacher(xb.to(device, non_blocking=True))
-            v, i = topk_softmax(logits.float(), k)
+            v, i = topk_softmax(logits, k)  # fused kernel on the teacher's own (bf16) logits
             keep = cb.numpy()
-            keys.append(kb.numpy()[keep])
-            seeds.append(sb.numpy()[keep])
-            vals.append(v.float().cpu().numpy()[keep])
-            idx.append(i.cpu().numpy()[keep])
-        keys = np.concatenate(keys)
-        records = encode(meta, np.concatenate(seeds), np.concatenate(vals), np.concatenate(idx))
-        written.append(write_shard(root, meta, epoch, rank, world, keys, records))
-        log(f"save-logits: epoch {epoch} rank {rank}: {len(keys)} records in {time.time() - t0:.1f}s")
+            # encoding and disk writes happen on the writer's thread
+            writer.add(kb.numpy()[keep], sb.numpy()[keep], v.float().cpu().numpy()[keep], i.cpu().numpy()[keep])
+            count += int(keep.sum())
+        written.append(writer.close())
+        log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {time.time() - t0:.1f}s")
     vdist.barrier()
     return written
 
