@@ -53,3 +53,26 @@ def test_torchrun_two_processes(tmp_path):
     search = json.load(open(os.path.join(out, "search.json")))
     assert len(search["layers"]) == 16 and all(layer["sensitivity"] for layer in search["layers"])
     assert proc.stdout.count("Low-rank compression of") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_cli_with_model_checkpoint_and_imagefolder(tmp_path):
+    """The user path: a timm model name + a safetensors checkpoint + ImageFolder proxy and eval data."""
+    from vitfast.data import export_digits_imagefolder
+    from vitfast.models.digits_vit import ASSET
+
+    proxy = export_digits_imagefolder(str(tmp_path / "train"), split="train")
+    held_out = export_digits_imagefolder(str(tmp_path / "test"), split="test")
+    out = str(tmp_path / "out")
+    assert main(["lowrank", "--model", "vitfast_digits_vit", "--checkpoint", ASSET, "--data", proxy, "--eval-data",
+                 held_out, "--proxy-size", "500", "--gfm-epochs", "2", "--target-params", "0.8", "--no-svd-baseline",
+                 "--device", "cpu", "--out", out]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    r = report["results"]
+    assert r["original"]["accuracy"] > 0.95  # PNG round trip of the held-out images keeps the teacher's accuracy
+    assert r["aafm+gfm"]["params"] <= 0.8 * r["original"]["params"]
+    assert r["aafm+gfm"]["accuracy"] >= r["original"]["accuracy"] - 0.02
+    import vitfast
+
+    model = vitfast.load_compressed(os.path.join(out, "compressed"))
+    assert sum(p.numel() for p in model.parameters()) == r["aafm+gfm"]["params"]
