@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/cpu_math.h"
 #include "soft_target_ce.h"
 
 namespace vitfast {
@@ -35,6 +36,10 @@ int64_t load_index(const void* base, DType dt, int64_t i) {
 }
 
 size_t elem_size(DType dt) { return dt == DType::kFloat64 ? 8 : (dt == DType::kFloat32 ? 4 : 2); }
+
+// exp(v) for v <= 0: vectorisable for float, exact library call for double.
+inline float exp_np(float v) { return exp_nonpositive(v); }
+inline double exp_np(double v) { return std::exp(v); }
 
 // Row r of the logits as Acc values.
 template <typename Acc>
@@ -76,11 +81,14 @@ int64_t forward_rows(const SoftTargetCEParams& p, int64_t begin, int64_t end) {
     load_row(p, r, x);
     Acc m = -std::numeric_limits<Acc>::infinity();
     double sum_all = 0.0, s = 0.0;
-    for (int64_t j = 0; j < p.cols; ++j) {
-      m = std::max(m, x[j]);
-      sum_all += x[j];
+    const Acc* xr = x.data();
+    const int64_t C = p.cols;
+    for (int64_t j = 0; j < C; ++j) m = std::max(m, xr[j]);
+#pragma omp simd reduction(+ : sum_all, s)
+    for (int64_t j = 0; j < C; ++j) {
+      sum_all += xr[j];
+      s += exp_np(xr[j] - m);
     }
-    for (int64_t j = 0; j < p.cols; ++j) s += std::exp(x[j] - m);
     const double lse = static_cast<double>(m) + std::log(s);
     double u, S;
     target_mass(p, r, &u, &S);
@@ -133,7 +141,10 @@ int64_t backward_rows(const SoftTargetCEParams& p, int64_t begin, int64_t end) {
       const int64_t j = load_index(p.indices, p.indices_dtype, r * p.k + i);
       stored[i] = g * (S * std::exp(x[j] - lse) - static_cast<Acc>(load_float(p.values, p.values_dtype, r * p.k + i)));
     }
-    for (int64_t j = 0; j < p.cols; ++j) x[j] = g * (S * std::exp(x[j] - lse) - u);
+    Acc* xw = x.data();
+    const int64_t C = p.cols;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) xw[j] = g * (S * exp_np(xw[j] - lse) - u);
     for (int i = 0; i < p.k; ++i) x[load_index(p.indices, p.indices_dtype, r * p.k + i)] = stored[i];
     store_row(p, r, x);
   }

@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/cpu_math.h"
 #include "radix_select.h"
 #include "topk_softmax.h"
 
@@ -56,6 +57,7 @@ void topk_softmax_cpu_rows(const TopkSoftmaxParams& p, int64_t row_begin, int64_
   std::vector<float> x(static_cast<size_t>(C));
   std::vector<uint32_t> key(static_cast<size_t>(C));
   std::vector<uint64_t> cand(static_cast<size_t>(k));
+  std::vector<uint64_t> boundary;
   uint32_t hist[radix::kBins];
   for (int64_t r = row_begin; r < row_end; ++r) {
     const void* row = static_cast<const char*>(p.logits) + r * p.row_stride * static_cast<int64_t>(elem_size(p.logits_dtype));
@@ -72,22 +74,38 @@ void topk_softmax_cpu_rows(const TopkSoftmaxParams& p, int64_t row_begin, int64_
       for (int i = 0; i < k; ++i) store(p, out + i, std::numeric_limits<float>::quiet_NaN(), i);
       continue;
     }
-    double sum = 0.0;  // double: a serial float sum over ~20k classes drifts visibly
-    for (int64_t j = 0; j < C; ++j) sum += std::exp((x[j] - m) * p.inv_temperature);
+    double sum = 0.0;  // double: a float sum over ~20k classes drifts visibly
+    const float* xr = x.data();
+    const float inv_t = p.inv_temperature;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < C; ++j) sum += exp_nonpositive((xr[j] - m) * inv_t);
 
+    // Same decisions as the GPU (radix_select.h). After the first digit only the elements of the
+    // boundary bucket can matter, so later passes run over that (small) set instead of the row.
     radix::State st;
     st.need = k;
-    for (int shift = radix::first_shift(key_bits); shift >= 0; shift = radix::next_shift(shift, idx_bits)) {
-      std::fill(hist, hist + radix::kBins, 0u);
-      for (int64_t j = 0; j < C; ++j) {
-        const uint64_t c = radix::composite(key[j], static_cast<uint32_t>(j), cmax);
-        if (radix::matches(st, c)) ++hist[(c >> shift) & 0xFF];
-      }
+    int shift = radix::first_shift(key_bits);
+    std::fill(hist, hist + radix::kBins, 0u);
+    for (int64_t j = 0; j < C; ++j) ++hist[(key[j] >> (key_bits - 8)) & 0xFF];
+    while (true) {
       int bucket;
       uint32_t above;
       radix::find_bucket(hist, st.need, &bucket, &above);
+      const radix::State before = st;
       radix::advance(st, shift, bucket, above, hist[bucket]);
       if (st.done) break;
+      if (before.mask == 0) {  // first digit decided: gather the boundary bucket once
+        boundary.clear();
+        for (int64_t j = 0; j < C; ++j) {
+          const uint64_t c = radix::composite(key[j], static_cast<uint32_t>(j), cmax);
+          if (radix::matches(st, c)) boundary.push_back(c);
+        }
+      }
+      shift = radix::next_shift(shift, idx_bits);
+      std::fill(hist, hist + radix::kBins, 0u);
+      for (const uint64_t c : boundary) {
+        if (radix::matches(st, c)) ++hist[(c >> shift) & 0xFF];
+      }
     }
     int n = 0;
     for (int64_t j = 0; j < C && n < k; ++j) {
