@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from .layers import LowRankLinear, get_module, set_module

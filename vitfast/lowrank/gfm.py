@@ -3,7 +3,6 @@ norm, before the head; head frozen) on the unlabeled proxy set. MSE, AdamW + cos
 DDP under torchrun, checkpoint every epoch and resume."""
 from __future__ import annotations
 
-import json
 import math
 import os
 

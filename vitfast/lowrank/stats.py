@@ -2,7 +2,6 @@
 optionally, inputs) through forward hooks into float64 streaming covariances."""
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -94,7 +94,6 @@ def _teacher(args):
         from ..models.digits_vit import load_digits_teacher
 
         return load_digits_teacher(), "vitfast_digits_vit"
-    import timm
 
     from ..lowrank.cli import _load_model
 

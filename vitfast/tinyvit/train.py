@@ -6,7 +6,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
