@@ -124,7 +124,8 @@ def run_distill(args) -> int:
     if args.student:
         import timm
 
-        student = timm.create_model(args.student, pretrained=False, num_classes=len(ds.classes))
+        classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
+        student = timm.create_model(args.student, pretrained=False, num_classes=classes)
     else:
         from .defaults import digits_student
 
