@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_dtype.cuh"
 #include "covariance.h"
 
 namespace vitfast {
@@ -24,17 +25,6 @@ constexpr int kK = 16;          // rows per smem stage
 constexpr int kThreads = 256;   // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kFlushRows = 1024;
 
-__device__ __forceinline__ float load_f(const void* y, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat16:
-      return __half2float(static_cast<const __half*>(y)[i]);
-    case DType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(y)[i]);
-    default:
-      return static_cast<const float*>(y)[i];
-  }
-}
-
 __global__ void chunk_mean_kernel(CovarianceParams p) {
   __shared__ double part[8][33];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -42,7 +32,7 @@ __global__ void chunk_mean_kernel(CovarianceParams p) {
   const int64_t r1 = min(r0 + p.chunk_rows, p.rows);
   double s = 0.0;
   if (col < p.m) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) s += load_f(p.y, p.y_dtype, r * p.row_stride + col);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) s += load_as<float>(p.y, p.y_dtype, r * p.row_stride + col);
   }
   part[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
@@ -108,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int 
     for (int q = 0; q < 4; ++q) {
       const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
       // Rows past the chunk and columns past m contribute exactly zero.
-      As[lk][lc + q] = (r < r1 && ca < p.m) ? load_f(p.y, p.y_dtype, r * p.row_stride + ca) - mean_a[q] : 0.0f;
-      Bs[lk][lc + q] = (r < r1 && cb < p.m) ? load_f(p.y, p.y_dtype, r * p.row_stride + cb) - mean_b[q] : 0.0f;
+      As[lk][lc + q] = (r < r1 && ca < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + ca) - mean_a[q] : 0.0f;
+      Bs[lk][lc + q] = (r < r1 && cb < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + cb) - mean_b[q] : 0.0f;
     }
     __syncthreads();
 #pragma unroll

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "../common/cuda_dtype.cuh"
 #include "../common/cuda_rows.cuh"
 #include "soft_target_ce.h"
 
@@ -45,19 +46,6 @@ struct Num<double> {
   __device__ static double exp(double v) { return ::exp(v); }
 };
 
-__device__ __forceinline__ double load_value(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat16:
-      return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case DType::kFloat32:
-      return static_cast<const float*>(base)[i];
-    default:
-      return static_cast<const double*>(base)[i];
-  }
-}
-
 __device__ __forceinline__ int64_t load_index(const void* base, DType dt, int64_t i) {
   switch (dt) {
     case DType::kInt16:
@@ -89,7 +77,7 @@ __device__ __forceinline__ void merge_softmax(A& m, A& s, A om, A os) {
 template <typename A>
 __device__ __forceinline__ void target_mass(const SoftTargetCEParams& p, int64_t r, A* u, A* S) {
   A sv = 0;
-  for (int i = threadIdx.x & 31; i < p.k; i += 32) sv += static_cast<A>(load_value(p.values, p.values_dtype, r * p.k + i));
+  for (int i = threadIdx.x & 31; i < p.k; i += 32) sv += load_as<A>(p.values, p.values_dtype, r * p.k + i);
   sv = warp_sum(sv);
   *u = p.cols > p.k ? (A(1) - sv) / static_cast<A>(p.cols - p.k) : A(0);
   *S = sv + *u * static_cast<A>(p.cols - p.k);
@@ -134,7 +122,7 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
       } else {
         const A xj = Num<T>::to_acc(x[j]);
         sum_gathered += xj;
-        dot += static_cast<A>(load_value(p.values, p.values_dtype, row * k + i)) * xj;
+        dot += load_as<A>(p.values, p.values_dtype, row * k + i) * xj;
       }
     } else {
       sidx[i] = INT64_MAX;  // pads sort last and never equal a real index
@@ -250,7 +238,7 @@ __global__ void soft_target_ce_backward_kernel(SoftTargetCEParams p) {
              static_cast<long long>(j), C, static_cast<long long>(row));
       __trap();
     }
-    y[j] = grad(x[j], static_cast<A>(load_value(p.values, p.values_dtype, row * k + i)));
+    y[j] = grad(x[j], load_as<A>(p.values, p.values_dtype, row * k + i));
   }
 }
 

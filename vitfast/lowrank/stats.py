@@ -12,7 +12,6 @@ from ..ops import CovarianceAccumulator
 
 # Inputs are a tensor (images) or a dict of tensors (e.g. a tokenizer's input_ids/attention_mask),
 # batch dimension first.
-Inputs = "torch.Tensor | dict[str, torch.Tensor]"
 
 
 def num_samples(inputs) -> int:
