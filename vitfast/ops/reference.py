@@ -90,3 +90,65 @@ def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def window_partition_reference(x: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    """(B, H, W, C) -> (B * windows, wh * ww, C) after Swin's cyclic shift torch.roll(-shift)."""
+    B, H, W, C = x.shape
+    wh, ww = window_size
+    if any(shift_size):
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    x = x.reshape(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse_reference(x: torch.Tensor, grid, window_size, shift_size) -> torch.Tensor:
+    """Inverse of window_partition_reference: (B * windows, N, C) -> (B, H, W, C)."""
+    H, W = grid
+    wh, ww = window_size
+    C = x.shape[-1]
+    x = x.reshape(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+    if any(shift_size):
+        x = torch.roll(x, shifts=tuple(shift_size), dims=(1, 2))
+    return x
+
+
+def window_attention_reference(
+    qkv: torch.Tensor,
+    num_heads: int,
+    dim_k: int,
+    dim_v: int,
+    offsets,
+    head_stride: int,
+    scale: float,
+    bias_table: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    window_size=(),
+    shift_size=(),
+) -> torch.Tensor:
+    """softmax(scale * q k^T + table[h, index] + mask[w % types]) v per window and head.
+
+    qkv is (windows, N, C) or a feature map (B, H, W, C) cut into window_size windows after a
+    cyclic shift by shift_size; head h's q/k/v sit at offsets[r] + h * head_stride. The output has
+    qkv's leading shape and channels h * dim_v + c. Computed in qkv's dtype with torch ops.
+    """
+    grid = qkv.dim() == 4
+    x = window_partition_reference(qkv, window_size, shift_size) if grid else qkv
+    windows, n, _ = x.shape
+    heads = torch.arange(num_heads, device=qkv.device)
+
+    def take(off, dim):
+        cols = off + heads[:, None] * head_stride + torch.arange(dim, device=qkv.device)
+        return x[..., cols.reshape(-1)].reshape(windows, n, num_heads, dim).transpose(1, 2)
+
+    q, k, v = take(offsets[0], dim_k), take(offsets[1], dim_k), take(offsets[2], dim_v)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias_table is not None:
+        s = s + bias_table[:, bias_index].to(s.dtype)
+    if mask is not None:
+        s = s + mask.to(s.dtype).repeat(windows // mask.shape[0], 1, 1)[:, None]
+    out = (s.softmax(-1) @ v).transpose(1, 2).reshape(windows, n, num_heads * dim_v)
+    if grid:
+        out = window_reverse_reference(out, qkv.shape[1:3], window_size, shift_size)
+    return out

@@ -1,0 +1,106 @@
+// Windowed multi-head attention with a gathered relative-position bias (Swin, TinyViT):
+// torch-free parameters, token addressing shared by the CPU and CUDA kernels, entry points.
+//
+// Layout. The kernels read q, k, v straight from the output of the model's qkv linear: one tensor
+// whose last dim (unit stride) holds, for head h, q at q_off + h*head_stride + [0, dim_k), k at
+// k_off + h*head_stride + [0, dim_k), v at v_off + h*head_stride + [0, dim_v). Swin packs
+// (3, heads, d): offsets (0, C, 2C), head_stride d; TinyViT packs (heads, 2*dk+dv): offsets
+// (0, dk, 2*dk), head_stride 2*dk+dv. The output holds head h's values at h*dim_v + [0, dim_v),
+// which is what the projection after attention takes (no permute copies on either side).
+//
+// Tokens are addressed through a grid: `images` feature maps of grid_h x grid_w tokens, cut into
+// win_h x win_w windows after a cyclic shift by (shift_h, shift_w) (Swin's torch.roll(-shift)).
+// Window w = (image, window row, window col) in row-major order, token t row-major inside it.
+// Already-partitioned input (windows, N, C) is the degenerate grid 1 x N with one 1 x N window,
+// so window partition, reverse and the cyclic shift are index arithmetic, never copies.
+//
+// Bias: bias[h, i, j] = table[h, index[i, j]] (table any strides, index (N, N) contiguous int32
+// or int64), plus mask[w % mask_windows, i, j] (Swin's shifted-window mask), both optional.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/dtype.h"
+
+namespace vitfast {
+
+struct WindowGrid {
+  int64_t images = 0;
+  int32_t grid_h = 0, grid_w = 0;    // tokens per feature map
+  int32_t win_h = 0, win_w = 0;      // window size; divides the grid
+  int32_t shift_h = 0, shift_w = 0;  // cyclic shift, in [0, grid)
+
+  VF_HD int32_t windows_x() const { return grid_w / win_w; }
+  VF_HD int64_t windows_per_image() const { return static_cast<int64_t>(grid_h / win_h) * windows_x(); }
+  VF_HD int32_t tokens() const { return win_h * win_w; }
+};
+
+// Element offset of token t of window w in a tensor with strides (s_img, s_y, s_x) over
+// (image, grid row, grid col). Sharing this between CPU and CUDA makes the CPU tests cover the
+// GPU's addressing.
+VF_HD int64_t token_offset(const WindowGrid& g, int64_t s_img, int64_t s_y, int64_t s_x, int64_t w, int32_t t) {
+  const int64_t per_image = g.windows_per_image();
+  const int64_t img = w / per_image;
+  const int32_t wi = static_cast<int32_t>(w - img * per_image);
+  const int32_t nwx = g.windows_x();
+  const int32_t wy = wi / nwx, wx = wi - wy * nwx;
+  const int32_t ty = t / g.win_w, tx = t - ty * g.win_w;
+  int32_t y = wy * g.win_h + ty + g.shift_h;
+  int32_t x = wx * g.win_w + tx + g.shift_w;
+  if (y >= g.grid_h) y -= g.grid_h;
+  if (x >= g.grid_w) x -= g.grid_w;
+  return img * s_img + y * s_y + x * s_x;
+}
+
+struct Strides3 {
+  int64_t img = 0, y = 0, x = 0;
+};
+
+struct WindowAttentionParams {
+  DType dtype = DType::kFloat32;  // qkv, out (and grad_out / grad_qkv in the backward)
+  WindowGrid grid;
+  int64_t windows = 0;  // images * windows_per_image
+  int32_t tokens = 0;   // N = win_h * win_w
+  int32_t heads = 0, dim_k = 0, dim_v = 0;
+  int32_t q_off = 0, k_off = 0, v_off = 0, head_stride = 0;
+  double scale = 1.0;
+
+  const void* qkv = nullptr;
+  Strides3 qkv_strides;
+  void* out = nullptr;  // channel h*dim_v + c
+  Strides3 out_strides;
+  void* lse = nullptr;  // (windows, heads, tokens) log-sum-exp of the biased scores; float (double for fp64)
+
+  const void* table = nullptr;  // (heads, table_len), may be null
+  DType table_dtype = DType::kFloat32;
+  int64_t table_stride_h = 0, table_stride_l = 0, table_len = 0;
+  const void* index = nullptr;  // (tokens, tokens) contiguous
+  bool index_int64 = true;
+  const void* mask = nullptr;  // (mask_windows, tokens, tokens) contiguous, may be null
+  DType mask_dtype = DType::kFloat32;
+  int64_t mask_windows = 1;
+};
+
+struct WindowAttentionBackwardParams {
+  WindowAttentionParams fwd;  // inputs, saved out and lse
+  const void* grad_out = nullptr;  // out_strides
+  void* grad_qkv = nullptr;        // zero-filled by the caller where q/k/v leave channel gaps
+  Strides3 grad_qkv_strides;
+  void* dbias = nullptr;  // (heads, tokens, tokens) sum over windows of dL/dscore; float (double for fp64); may be null
+};
+
+// Limits the kernels are written for (checked by the glue, named in its errors).
+constexpr int kWindowAttnMaxHeadDim = 256;
+constexpr int kWindowAttnMaxTokens = 4096;
+
+// CPU: windows [w_begin, w_end); the backward adds this range's bias gradient into p.dbias.
+void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end);
+void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64_t w_begin, int64_t w_end);
+
+// CUDA (stream is a cudaStream_t): returns a cudaError_t as int. The backward needs a float32
+// (float64 for fp64) workspace of window_attention_backward_workspace(p) elements.
+int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream);
+int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams& p);
+int window_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
+
+}  // namespace vitfast

@@ -1,0 +1,203 @@
+// Windowed attention on the CPU: one (window, head) at a time, exact softmax per query row.
+// Accumulates in float (double for float64 inputs); same addressing as the CUDA kernels.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "window_attention.h"
+
+namespace vitfast {
+namespace {
+
+template <typename Acc>
+Acc load(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16:
+      return static_cast<Acc>(half_bits_to_float(static_cast<const uint16_t*>(base)[i]));
+    case DType::kBFloat16:
+      return static_cast<Acc>(bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]));
+    case DType::kFloat32:
+      return static_cast<Acc>(static_cast<const float*>(base)[i]);
+    default:
+      return static_cast<Acc>(static_cast<const double*>(base)[i]);
+  }
+}
+
+template <typename Acc>
+void store(void* base, DType dt, int64_t i, Acc v) {
+  switch (dt) {
+    case DType::kFloat16:
+      static_cast<uint16_t*>(base)[i] = float_to_half_bits(static_cast<float>(v));
+      break;
+    case DType::kBFloat16:
+      static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(static_cast<float>(v));
+      break;
+    case DType::kFloat32:
+      static_cast<float*>(base)[i] = static_cast<float>(v);
+      break;
+    default:
+      static_cast<double*>(base)[i] = static_cast<double>(v);
+  }
+}
+
+// One head of one window: q, k, v (and o, do) rows gathered into contiguous Acc arrays.
+template <typename Acc>
+struct HeadTiles {
+  std::vector<Acc> q, k, v, o, dout, bias;
+
+  void gather(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int32_t off,
+              int32_t dim, std::vector<Acc>& dst) {
+    dst.resize(static_cast<size_t>(p.tokens) * dim);
+    for (int32_t t = 0; t < p.tokens; ++t) {
+      const int64_t row = token_offset(p.grid, s.img, s.y, s.x, w, t) + off;
+      for (int32_t c = 0; c < dim; ++c) dst[static_cast<size_t>(t) * dim + c] = load<Acc>(src, p.dtype, row + c);
+    }
+  }
+
+  // bias[i*N + j] = table[h, index[i, j]] + mask[w % mask_windows, i, j] (0 where absent)
+  void gather_bias(const WindowAttentionParams& p, int64_t w, int32_t h) {
+    const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
+    bias.assign(static_cast<size_t>(nn), Acc(0));
+    if (p.table != nullptr) {
+      for (int64_t e = 0; e < nn; ++e) {
+        const int64_t l = p.index_int64 ? static_cast<const int64_t*>(p.index)[e]
+                                        : static_cast<const int32_t*>(p.index)[e];
+        bias[e] = load<Acc>(p.table, p.table_dtype, h * p.table_stride_h + l * p.table_stride_l);
+      }
+    }
+    if (p.mask != nullptr) {
+      const int64_t base = (w % p.mask_windows) * nn;
+      for (int64_t e = 0; e < nn; ++e) bias[e] += load<Acc>(p.mask, p.mask_dtype, base + e);
+    }
+  }
+};
+
+template <typename Acc>
+Acc dot(const Acc* a, const Acc* b, int32_t n) {
+  Acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int32_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// Scores of query row i against all keys: s[j] = scale * q_i . k_j + bias[i, j]; returns the max.
+template <typename Acc>
+Acc scores_row(const WindowAttentionParams& p, const HeadTiles<Acc>& t, int32_t i, std::vector<Acc>& s) {
+  const int32_t n = p.tokens, dk = p.dim_k;
+  const Acc scale = static_cast<Acc>(p.scale);
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+  for (int32_t j = 0; j < n; ++j) {
+    s[j] = scale * dot(&t.q[static_cast<size_t>(i) * dk], &t.k[static_cast<size_t>(j) * dk], dk) +
+           t.bias[static_cast<size_t>(i) * n + j];
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  return mx;
+}
+
+template <typename Acc>
+void forward_range(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
+  const int32_t n = p.tokens, dk = p.dim_k, dv = p.dim_v;
+  HeadTiles<Acc> t;
+  std::vector<Acc> s(n), o(dv);
+  for (int64_t w = w_begin; w < w_end; ++w) {
+    for (int32_t h = 0; h < p.heads; ++h) {
+      t.gather(p, p.qkv, p.qkv_strides, w, p.q_off + h * p.head_stride, dk, t.q);
+      t.gather(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, dk, t.k);
+      t.gather(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, t.v);
+      t.gather_bias(p, w, h);
+      for (int32_t i = 0; i < n; ++i) {
+        const Acc mx = scores_row(p, t, i, s);
+        Acc l = 0;
+        std::fill(o.begin(), o.end(), Acc(0));
+        for (int32_t j = 0; j < n; ++j) {
+          const Acc e = std::exp(s[j] - mx);  // NaN for an all -inf row, like softmax
+          l += e;
+          const Acc* vj = &t.v[static_cast<size_t>(j) * dv];
+#pragma omp simd
+          for (int32_t c = 0; c < dv; ++c) o[c] += e * vj[c];
+        }
+        const int64_t row = token_offset(p.grid, p.out_strides.img, p.out_strides.y, p.out_strides.x, w, i) +
+                            static_cast<int64_t>(h) * dv;
+        for (int32_t c = 0; c < dv; ++c) store<Acc>(p.out, p.dtype, row + c, o[c] / l);
+        static_cast<Acc*>(p.lse)[(w * p.heads + h) * n + i] = mx + std::log(l);
+      }
+    }
+  }
+}
+
+template <typename Acc>
+void backward_range(const WindowAttentionBackwardParams& b, int64_t w_begin, int64_t w_end) {
+  const WindowAttentionParams& p = b.fwd;
+  const int32_t n = p.tokens, dk = p.dim_k, dv = p.dim_v;
+  const Acc scale = static_cast<Acc>(p.scale);
+  HeadTiles<Acc> t;
+  std::vector<Acc> s(n), dq(dk), dk_acc, dv_acc;
+  Acc* dbias = static_cast<Acc*>(b.dbias);
+  const Strides3& gs = b.grad_qkv_strides;
+  for (int64_t w = w_begin; w < w_end; ++w) {
+    for (int32_t h = 0; h < p.heads; ++h) {
+      t.gather(p, p.qkv, p.qkv_strides, w, p.q_off + h * p.head_stride, dk, t.q);
+      t.gather(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, dk, t.k);
+      t.gather(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, t.v);
+      t.gather(p, p.out, p.out_strides, w, h * dv, dv, t.o);
+      t.gather(p, b.grad_out, p.out_strides, w, h * dv, dv, t.dout);
+      t.gather_bias(p, w, h);
+      dk_acc.assign(static_cast<size_t>(n) * dk, Acc(0));
+      dv_acc.assign(static_cast<size_t>(n) * dv, Acc(0));
+      const Acc* lse = static_cast<const Acc*>(p.lse) + (w * p.heads + h) * n;
+      for (int32_t i = 0; i < n; ++i) {
+        scores_row(p, t, i, s);
+        const Acc* doi = &t.dout[static_cast<size_t>(i) * dv];
+        const Acc* qi = &t.q[static_cast<size_t>(i) * dk];
+        const Acc d_i = dot(doi, &t.o[static_cast<size_t>(i) * dv], dv);  // rowsum(dO * O)
+        std::fill(dq.begin(), dq.end(), Acc(0));
+        for (int32_t j = 0; j < n; ++j) {
+          const Acc pij = std::exp(s[j] - lse[i]);
+          const Acc dp = dot(doi, &t.v[static_cast<size_t>(j) * dv], dv);
+          const Acc ds = pij * (dp - d_i);
+          const Acc* kj = &t.k[static_cast<size_t>(j) * dk];
+          Acc* dkj = &dk_acc[static_cast<size_t>(j) * dk];
+          Acc* dvj = &dv_acc[static_cast<size_t>(j) * dv];
+#pragma omp simd
+          for (int32_t c = 0; c < dk; ++c) {
+            dq[c] += ds * kj[c];
+            dkj[c] += ds * qi[c];
+          }
+#pragma omp simd
+          for (int32_t c = 0; c < dv; ++c) dvj[c] += pij * doi[c];
+          if (dbias != nullptr) dbias[(static_cast<int64_t>(h) * n + i) * n + j] += ds;
+        }
+        const int64_t row = token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off + h * p.head_stride;
+        for (int32_t c = 0; c < dk; ++c) store<Acc>(b.grad_qkv, p.dtype, row + c, scale * dq[c]);
+      }
+      for (int32_t j = 0; j < n; ++j) {
+        const int64_t row = token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + h * p.head_stride;
+        for (int32_t c = 0; c < dk; ++c)
+          store<Acc>(b.grad_qkv, p.dtype, row + p.k_off + c, scale * dk_acc[static_cast<size_t>(j) * dk + c]);
+        for (int32_t c = 0; c < dv; ++c)
+          store<Acc>(b.grad_qkv, p.dtype, row + p.v_off + c, dv_acc[static_cast<size_t>(j) * dv + c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
+  if (p.dtype == DType::kFloat64) {
+    forward_range<double>(p, w_begin, w_end);
+  } else {
+    forward_range<float>(p, w_begin, w_end);
+  }
+}
+
+void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64_t w_begin, int64_t w_end) {
+  if (p.fwd.dtype == DType::kFloat64) {
+    backward_range<double>(p, w_begin, w_end);
+  } else {
+    backward_range<float>(p, w_begin, w_end);
+  }
+}
+
+}  // namespace vitfast

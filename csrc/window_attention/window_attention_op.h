@@ -1,0 +1,43 @@
+// Glue shared by the CPU and CUDA registrations of vitfast::window_attention_{forward,backward}:
+// argument checks, allocation, and the table-gradient scatter.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "window_attention.h"
+
+namespace vitfast {
+
+// Everything the ops take besides the tensors that differ between forward and backward.
+struct WindowAttentionArgs {
+  const at::Tensor& qkv;
+  const c10::optional<at::Tensor>& bias_table;
+  const c10::optional<at::Tensor>& bias_index;
+  const c10::optional<at::Tensor>& mask;
+  int64_t num_heads, dim_k, dim_v;
+  at::IntArrayRef offsets;
+  int64_t head_stride;
+  double scale;
+  at::IntArrayRef window_size, shift_size;
+};
+
+struct WindowAttentionCall {
+  at::Tensor qkv, table, index, mask;  // as the kernels read them (table is a view)
+  at::Tensor out, lse;                 // forward outputs (backward: saved inputs)
+  at::Tensor grad_out, grad_qkv, dbias;
+  WindowAttentionBackwardParams params{};
+  bool channels_covered = false;  // q, k and v of all heads tile every qkv channel
+};
+
+WindowAttentionCall prepare_window_attention_forward(const WindowAttentionArgs& a);
+
+WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs& a, const at::Tensor& grad_out,
+                                                      const at::Tensor& out, const at::Tensor& lse, bool table_grad);
+
+// grad of the (heads, L) table from dbias (heads, N, N): deterministic under
+// torch.use_deterministic_algorithms (index_put_ with accumulate), in the table's dtype.
+at::Tensor window_attention_table_grad(const WindowAttentionCall& call);
+
+}  // namespace vitfast
