@@ -1,6 +1,7 @@
 """vitfast: fused CUDA kernels and pipelines that make vision transformers small and fast to train."""
 from ._ext import build_info, cuda_kernels_built, extension_loaded
-from .ops import sparse_soft_target_cross_entropy, topk_softmax
+from .ops import sparse_soft_target_cross_entropy, topk_softmax, window_attention
+from .patching import patch, patchable, patched_modules, register_patch, unpatch
 
 
 def load_compressed(path: str, device="cpu"):
@@ -17,6 +18,12 @@ __all__ = [
     "cuda_kernels_built",
     "extension_loaded",
     "load_compressed",
+    "patch",
+    "patchable",
+    "patched_modules",
+    "register_patch",
+    "unpatch",
+    "window_attention",
     "sparse_soft_target_cross_entropy",
     "topk_softmax",
 ]

@@ -1,0 +1,79 @@
+"""Drop the fused window attention into models you already have.
+
+    model = timm.create_model("swin_tiny_patch4_window7_224")
+    vitfast.patch(model)      # in place; returns the model
+    vitfast.unpatch(model)    # back to the original modules
+
+Patching swaps the class of each matching module for a fused subclass (registry below): no
+parameter, buffer or state_dict key changes, so checkpoints load before or after patching. With
+grid=True (default) the blocks also hand the whole (B, H, W, C) feature map to the kernel, which
+does window partition, reverse and Swin's cyclic shift by index arithmetic; maps that would need
+padding take the blocks' original path (their attention is still fused).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+_FUSED: dict[type, type] = {}  # original class -> fused subclass
+_ORIGINAL: dict[type, type] = {}  # fused subclass -> original class
+_loaded = False
+
+
+def register_patch(original: type, fused: type) -> None:
+    """Make patch() replace modules of class `original` (exactly) by `fused`, a subclass that
+    adds no parameters or buffers."""
+    if not issubclass(fused, original):
+        raise TypeError(f"vitfast.register_patch: argument 'fused' ({fused.__name__}) must subclass "
+                        f"'original' ({original.__name__})")
+    _FUSED[original] = fused
+    _ORIGINAL[fused] = original
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return
+    from . import swin, tiny_vit
+
+    swin.register()
+    tiny_vit.register()
+
+
+def patch(model: nn.Module, grid: bool = True) -> nn.Module:
+    """Swap every known attention module (timm swin_* v1, tiny_vit_*, registered ones) for its
+    fused version in place; returns the model. grid=False keeps the blocks' own window partition
+    (the attention alone is fused)."""
+    _load_builtin()
+    for m in model.modules():
+        fused = _FUSED.get(type(m))
+        if fused is not None:
+            m.__class__ = fused
+        if type(m) in _ORIGINAL:
+            m.vitfast_grid = grid
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch(): every fused module gets its original class back."""
+    for m in model.modules():
+        original = _ORIGINAL.get(type(m))
+        if original is not None:
+            m.__class__ = original
+            m.__dict__.pop("vitfast_grid", None)
+    return model
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that currently run fused."""
+    return [name for name, m in model.named_modules() if type(m) in _ORIGINAL]
+
+
+def patchable(model: nn.Module) -> list[str]:
+    """Names of the modules patch() would swap."""
+    _load_builtin()
+    return [name for name, m in model.named_modules() if type(m) in _FUSED]
