@@ -67,20 +67,41 @@ __device__ __forceinline__ Acc bias_at(const WindowAttentionParams& p, int64_t w
 }
 
 // rows x dim tile of one role (q, k or v) for `heads` heads into shared memory (ld = row pitch),
-// zero beyond the tokens and beyond dim (up to the padded width).
-template <typename T>
-__device__ void load_tile(const WindowAttentionParams& p, int64_t w, int h0, int heads, int role_off, int dim,
-                          int row0, int rows, T* dst, int ld, int head_pitch) {
+// zero beyond the tokens and beyond dim (up to the padded width). With kVec, 16-byte chunks of 8
+// elements (the host checked alignment of pointer, strides, offsets and dims), one address
+// computation per chunk.
+template <typename T, bool kVec>
+__device__ void load_tile(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int h0,
+                          int heads, int role_off, int head_stride, int dim, int row0, int rows, T* dst, int ld,
+                          int head_pitch) {
   const int dpad = round16(dim);
-  const int per_head = rows * dpad;
+  constexpr int kChunk = kVec ? 8 : 1;
+  const int chunks = dpad / kChunk;
+  const int per_head = rows * chunks;
   for (int e = threadIdx.x; e < heads * per_head; e += blockDim.x) {
     const int gh = e / per_head, rem = e - gh * per_head;
-    const int r = rem / dpad, c = rem - r * dpad;
+    const int r = rem / chunks, c = (rem - r * chunks) * kChunk;
     const int t = row0 + r;
-    T v = wa::zero<T>();
-    if (t < p.tokens && c < dim) v = load_qkv<T>(p, w, t, role_off + (h0 + gh) * p.head_stride + c);
-    dst[gh * head_pitch + r * ld + c] = v;
+    T* out = dst + gh * head_pitch + r * ld + c;
+    const bool valid = t < p.tokens && c < dim;
+    const int64_t off = valid ? token_offset(p.grid, s.img, s.y, s.x, w, t) + role_off + (h0 + gh) * head_stride + c
+                              : 0;
+    if constexpr (kVec) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (valid) v = *reinterpret_cast<const uint4*>(static_cast<const T*>(src) + off);
+      *reinterpret_cast<uint4*>(out) = v;
+    } else {
+      *out = valid ? static_cast<const T*>(src)[off] : wa::zero<T>();
+    }
   }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_qkv_tile(const WindowAttentionParams& p, int64_t w, int h0, int heads,
+                                              int role_off, int dim, int row0, int rows, T* dst, int ld,
+                                              int head_pitch) {
+  load_tile<T, kVec>(p, p.qkv, p.qkv_strides, w, h0, heads, role_off, p.head_stride, dim, row0, rows, dst, ld,
+                     head_pitch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,7 +137,7 @@ __host__ __device__ FwdSmem<T, Acc> carve_fwd(SmemCarver& sc, const FwdLayout& L
   return s;
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, bool kVec>
 __global__ void __launch_bounds__(kFwdWarps * 32)
     window_attention_fwd_kernel(const WindowAttentionParams p, const FwdLayout L) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -136,7 +157,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const Acc scale = static_cast<Acc>(p.scale);
 
-  load_tile<T>(p, w, h0, heads, p.q_off, p.dim_k, row0, qr, sm.q, L.ldq, qr * L.ldq);
+  load_qkv_tile<T, kVec>(p, w, h0, heads, p.q_off, p.dim_k, row0, qr, sm.q, L.ldq, qr * L.ldq);
   for (int e = threadIdx.x; e < heads * qr * L.ldo; e += blockDim.x) sm.o[e] = Acc(0);
   for (int e = threadIdx.x; e < heads * qr; e += blockDim.x) {
     sm.m[e] = wa::neg_inf<Acc>();
@@ -148,8 +169,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
   const int items = heads * L.QC;
   for (int key0 = 0; key0 < p.tokens; key0 += kKeyTile) {
     __syncthreads();  // previous tile fully consumed (and Q/O/m/l initialised)
-    load_tile<T>(p, w, h0, heads, p.k_off, p.dim_k, key0, kKeyTile, sm.k, L.ldq, kKeyTile * L.ldq);
-    load_tile<T>(p, w, h0, heads, p.v_off, p.dim_v, key0, kKeyTile, sm.v, L.ldv, kKeyTile * L.ldv);
+    load_qkv_tile<T, kVec>(p, w, h0, heads, p.k_off, p.dim_k, key0, kKeyTile, sm.k, L.ldq, kKeyTile * L.ldq);
+    load_qkv_tile<T, kVec>(p, w, h0, heads, p.v_off, p.dim_v, key0, kKeyTile, sm.v, L.ldv, kKeyTile * L.ldv);
     __syncthreads();
     const int ncols = min(kKeyTile, p.tokens - key0);
     const int nsub = (ncols + 15) / 16;
@@ -211,14 +232,24 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
 
   // Epilogue: out = O / l in the output's channel layout, lse = m + log(l).
   const Strides3& os = p.out_strides;
-  for (int e = threadIdx.x; e < heads * qr * p.dim_v; e += blockDim.x) {
-    const int gh = e / (qr * p.dim_v), rem = e - gh * qr * p.dim_v;
-    const int r = rem / p.dim_v, c = rem - r * p.dim_v;
+  constexpr int kChunk = kVec ? 8 : 1;
+  const int chunks = p.dim_v / kChunk;  // kVec: dim_v % 8 == 0
+  for (int e = threadIdx.x; e < heads * qr * chunks; e += blockDim.x) {
+    const int gh = e / (qr * chunks), rem = e - gh * qr * chunks;
+    const int r = rem / chunks, c = (rem - r * chunks) * kChunk;
     const int i = row0 + r;
     if (i >= p.tokens) continue;
-    const Acc val = sm.o[(gh * qr + r) * L.ldo + c] / sm.l[gh * qr + r];
-    static_cast<T*>(p.out)[token_offset(p.grid, os.img, os.y, os.x, w, i) + (h0 + gh) * p.dim_v + c] =
-        wa::from_acc<T>(val);
+    const Acc inv_l = Acc(1) / sm.l[gh * qr + r];
+    const Acc* o = sm.o + (gh * qr + r) * L.ldo + c;
+    T* dst = static_cast<T*>(p.out) + token_offset(p.grid, os.img, os.y, os.x, w, i) + (h0 + gh) * p.dim_v + c;
+    if constexpr (kVec) {
+      alignas(16) T vals[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) vals[j] = wa::from_acc<T>(o[j] * inv_l);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+    } else {
+      *dst = wa::from_acc<T>(o[0] * inv_l);
+    }
   }
   for (int e = threadIdx.x; e < heads * qr; e += blockDim.x) {
     const int gh = e / qr, r = e - gh * qr;
@@ -324,7 +355,7 @@ __global__ void window_attention_bwd_dot_kernel(const WindowAttentionBackwardPar
   }
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, bool kVec>
 __global__ void __launch_bounds__(kBwdWarps * 32)
     window_attention_bwd_kernel(const WindowAttentionBackwardParams b, const BwdLayout L, const Acc* dd,
                                 Acc* dbias_slots, Acc* dq_chunks) {
@@ -359,27 +390,17 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
 
   for (int64_t w = slot; w < p.windows; w += L.slots) {
     __syncthreads();  // previous window's dK/dV written out
-    load_tile<T>(p, w, h0, heads, p.k_off, p.dim_k, key_base, kr, sm.k, L.ldq, kr * L.ldq);
-    load_tile<T>(p, w, h0, heads, p.v_off, p.dim_v, key_base, kr, sm.v, L.ldv, kr * L.ldv);
+    load_qkv_tile<T, kVec>(p, w, h0, heads, p.k_off, p.dim_k, key_base, kr, sm.k, L.ldq, kr * L.ldq);
+    load_qkv_tile<T, kVec>(p, w, h0, heads, p.v_off, p.dim_v, key_base, kr, sm.v, L.ldv, kr * L.ldv);
     for (int e = threadIdx.x; e < heads * kr * L.ldk_acc; e += blockDim.x) sm.dk[e] = Acc(0);
     for (int e = threadIdx.x; e < heads * kr * L.ldv_acc; e += blockDim.x) sm.dv[e] = Acc(0);
 
     for (int q0 = 0; q0 < N; q0 += 16) {
       __syncthreads();  // previous query tile's dQ written out
-      load_tile<T>(p, w, h0, heads, p.q_off, p.dim_k, q0, 16, sm.q, L.ldq, 16 * L.ldq);
-      // dO rows come from the output layout
-      for (int e = threadIdx.x; e < heads * 16 * dvp; e += blockDim.x) {
-        const int gh = e / (16 * dvp), rem = e - gh * 16 * dvp;
-        const int r = rem / dvp, c = rem - r * dvp;
-        const int i = q0 + r;
-        T v = wa::zero<T>();
-        if (i < N && c < p.dim_v) {
-          const Strides3& os = p.out_strides;
-          v = static_cast<const T*>(b.grad_out)[token_offset(p.grid, os.img, os.y, os.x, w, i) +
-                                                (h0 + gh) * p.dim_v + c];
-        }
-        sm.dout[gh * 16 * L.ldv + r * L.ldv + c] = v;
-      }
+      load_qkv_tile<T, kVec>(p, w, h0, heads, p.q_off, p.dim_k, q0, 16, sm.q, L.ldq, 16 * L.ldq);
+      // dO rows come from the output layout (head h at h * dim_v)
+      load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h0, heads, 0, p.dim_v, p.dim_v, q0, 16, sm.dout, L.ldv,
+                         16 * L.ldv);
       for (int e = threadIdx.x; e < heads * 16; e += blockDim.x) {
         const int gh = e / 16, r = e - gh * 16, i = q0 + r;
         const int64_t row = (w * p.heads + h0 + gh) * N + i;
@@ -571,13 +592,29 @@ int blocks_for(int64_t total, int threads) {
   return static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535LL * 32));
 }
 
+// 16-byte chunks of 8 elements everywhere: 16-bit types, aligned pointers, every stride, offset
+// and head dim a multiple of 8 elements (Swin's and TinyViT's layouts all are).
+template <typename T>
+bool vec_ok(const WindowAttentionParams& p, const void* grad_out) {
+  if (sizeof(T) != 2) return false;
+  auto al = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  auto m8 = [](int64_t v) { return v % 8 == 0; };
+  const Strides3 &q = p.qkv_strides, &o = p.out_strides;
+  return al(p.qkv) && al(p.out) && (grad_out == nullptr || al(grad_out)) && m8(q.img) && m8(q.y) && m8(q.x) &&
+         m8(o.img) && m8(o.y) && m8(o.x) && m8(p.q_off) && m8(p.k_off) && m8(p.v_off) && m8(p.head_stride) &&
+         m8(p.dim_k) && m8(p.dim_v);
+}
+
 template <typename T>
 int forward_typed(const WindowAttentionParams& p, cudaStream_t stream) {
   using Acc = typename wa::AccOf<T>::type;
   size_t smem = 0;
   const FwdLayout L = plan_fwd<T, Acc>(p, device_smem_optin(), &smem);
   if (smem == 0) return static_cast<int>(cudaErrorInvalidConfiguration);
-  auto kernel = window_attention_fwd_kernel<T, Acc>;
+  auto kernel = window_attention_fwd_kernel<T, Acc, false>;
+  if constexpr (sizeof(T) == 2) {
+    if (vec_ok<T>(p, nullptr)) kernel = window_attention_fwd_kernel<T, Acc, true>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t blocks = p.windows * L.groups * L.chunks;
@@ -629,7 +666,10 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
     cudaError_t err = cudaMemsetAsync(slots, 0, ws.slots * sizeof(Acc), stream);
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  auto kernel = window_attention_bwd_kernel<T, Acc>;
+  auto kernel = window_attention_bwd_kernel<T, Acc, false>;
+  if constexpr (sizeof(T) == 2) {
+    if (vec_ok<T>(p, b.grad_out)) kernel = window_attention_bwd_kernel<T, Acc, true>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t blocks = L.slots * L.groups * L.chunks;

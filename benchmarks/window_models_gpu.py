@@ -1,0 +1,151 @@
+"""End-to-end training and inference of timm Swin / TinyViT with and without vitfast.patch, in one
+run: bs 128, 224 x 224, bf16 autocast, AdamW, cross-entropy on random labels (random weights and
+images: the shapes are the real ones).
+
+Variants per model: unpatched eager, patched eager, unpatched torch.compile, patched
+torch.compile. Reports train and inference images/s, peak memory of a train step, and the issue's
+bars (patched+compiled >= 1.25x compiled for tiny_vit_21m, >= 1.15x for swin_tiny; patched eager
+>= 1.5x eager; peak memory no higher than unpatched).
+
+    python benchmarks/window_models_gpu.py --json models.json --append-markdown benchmarks/RESULTS.md
+    python benchmarks/window_models_gpu.py --device cpu --quick      # smoke test of this script
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vitfast
+from vitfast.timing import peak_memory_mb, time_ms
+
+MODELS = ("swin_tiny_patch4_window7_224", "tiny_vit_21m_224")
+COMPILED_BAR = {"swin_tiny_patch4_window7_224": 1.15, "tiny_vit_21m_224": 1.25}
+EAGER_BAR = 1.5
+
+
+def variant_models(name, device, use_compile):
+    base = timm.create_model(name).to(device)
+    out = {"eager": base, "patched": vitfast.patch(copy.deepcopy(base))}
+    if use_compile:
+        out["compiled"] = torch.compile(copy.deepcopy(base))
+        out["patched+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base)))
+    return out
+
+
+def measure(model, device, batch, size, reps, amp_dtype):
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=amp_dtype)
+
+    def train_step():
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), autocast:
+            model(x)
+
+    model.train()
+    t0 = time.perf_counter()
+    train_step()  # compiles, if compiled
+    first_s = time.perf_counter() - t0
+    train_ms = time_ms(train_step, device, 3, reps)
+    mem = peak_memory_mb(train_step, device)
+    model.eval()
+    infer()
+    infer_ms = time_ms(infer, device, 3, reps)
+    return {"train_img_s": batch / train_ms * 1e3, "infer_img_s": batch / infer_ms * 1e3,
+            "train_ms": train_ms, "infer_ms": infer_ms, "peak_train_mb": mem, "first_step_s": first_s}
+
+
+def bars(results):
+    out = []
+    for name, r in results.items():
+        if "patched" in r and "eager" in r:
+            got = r["patched"]["train_img_s"] / r["eager"]["train_img_s"]
+            out.append({"what": f"{name} train: patched eager vs eager", "need": EAGER_BAR, "got": got,
+                        "pass": got >= EAGER_BAR})
+        if "patched+compiled" in r and "compiled" in r:
+            need = COMPILED_BAR[name]
+            got = r["patched+compiled"]["train_img_s"] / r["compiled"]["train_img_s"]
+            out.append({"what": f"{name} train: patched+compiled vs compiled", "need": need, "got": got,
+                        "pass": got >= need})
+        for plain, fused in (("eager", "patched"), ("compiled", "patched+compiled")):
+            if fused in r and r[fused]["peak_train_mb"] is not None:
+                a, b = r[plain]["peak_train_mb"], r[fused]["peak_train_mb"]
+                out.append({"what": f"{name} peak train memory {fused} vs {plain} (MB)", "need": f"<= {a:.0f}",
+                            "got": b, "pass": b <= a})
+    return out
+
+
+def markdown(report) -> str:
+    lines = ["", "## Models end to end (`benchmarks/window_models_gpu.py`)", "",
+             f"bs {report['batch']}, {report['size']} x {report['size']}, bf16 autocast, AdamW; "
+             f"{report['device']}, torch {report['torch']}, timm {report['timm']}, {report['date']}", "",
+             "| model | variant | train img/s | infer img/s | peak train MB | first step s |", "|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        for v, m in r.items():
+            mem = "" if m["peak_train_mb"] is None else f"{m['peak_train_mb']:.0f}"
+            lines.append(f"| {name} | {v} | {m['train_img_s']:.0f} | {m['infer_img_s']:.0f} | {mem} | "
+                         f"{m['first_step_s']:.1f} |")
+    lines += ["", "| bar | needed | measured | |", "|---|---|---|---|"]
+    for b in report["bars"]:
+        need = f"{b['need']:g}x" if isinstance(b["need"], float) else b["need"]
+        got = f"{b['got']:.2f}x" if isinstance(b["need"], float) else f"{b['got']:.0f}"
+        lines.append(f"| {b['what']} | {need} | {got} | {'PASS' if b['pass'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="bs 2, 64 x 64, few repeats, no compile (smoke test)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--json")
+    ap.add_argument("--append-markdown")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("window_models_gpu.py: no CUDA device; use --device cpu --quick", file=sys.stderr)
+        return 2
+    batch, size, reps = (2, 224, 2) if args.quick else (128, 224, 20)
+    use_compile = not (args.quick or args.no_compile)
+    amp = torch.bfloat16
+    results = {}
+    for name in args.models:
+        results[name] = {}
+        for variant, model in variant_models(name, device, use_compile).items():
+            results[name][variant] = measure(model, device, batch, size, reps, amp)
+            print(name, variant, json.dumps(results[name][variant]), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = {"results": results, "bars": bars(results), "batch": batch, "size": size,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+              "torch": torch.__version__, "timm": timm.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick}
+    text = markdown(report)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.append_markdown:
+        with open(args.append_markdown, "a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
