@@ -3,10 +3,12 @@
 # compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over small cases of every kernel,
 # the pytest-benchmark suite and the same-run baseline benchmarks. Logs and JSON go to the folder
 # given as $1 (default: $OUT, else ./gpu_out); it ends with a short summary table.
-# $2 picks a phase, each well inside one 10-minute device call: check (build, CUDA tests,
-# sanitizers), bench (build, benchmarks), or all (default).
+# $2 picks a phase, each well inside one 10-minute device call: check (build, CUDA tests incl. the
+# timm peer checks at 224, sanitizers), bench (build, op benchmarks -> RESULTS.md), models (build,
+# Swin/TinyViT end-to-end train/infer, appended to RESULTS.md), or all (default).
 #   bash scripts/gpu_check.sh "$OUT" check          # on the device machine
-#   bash scripts/gpu_check.sh "$OUT" bench
+#   bash scripts/gpu_check.sh "$OUT" bench          # then copy $OUT/RESULTS.md to benchmarks/
+#   bash scripts/gpu_check.sh "$OUT" models         # then copy $OUT/RESULTS.md to benchmarks/ again
 #   SKIP_COMPILE_BASELINES=1 bash scripts/gpu_check.sh out   # faster: no torch.compile baselines
 # Needs: python with torch (CUDA), ninja, pytest, pytest-benchmark; nvcc; compute-sanitizer.
 set -uo pipefail
@@ -38,7 +40,7 @@ step build build.log $PY setup.py build_ext --inplace || { echo "build failed"; 
 $PY -m vitfast info | tee -a "$OUTDIR/build.log"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$OUTDIR/build.log"
 
-if [ "$PHASE" != bench ]; then
+if [ "$PHASE" = all ] || [ "$PHASE" = check ]; then
   # CPU-only pipeline tests (minutes on the CPU, nothing GPU-specific) are left to CI.
   step tests tests.log $PY -m pytest -q -rs tests --deselect tests/test_lowrank_acceptance.py \
     --deselect tests/test_tinyvit_pipeline.py::test_save_logits_kill_and_resume
@@ -48,24 +50,30 @@ if [ "$PHASE" != bench ]; then
   step synccheck sanitizer.log "${SAN[@]}" --tool synccheck $PY scripts/sanitize_cases.py
   step initcheck sanitizer.log "${SAN[@]}" --tool initcheck $PY scripts/sanitize_cases.py
 fi
-if [ "$PHASE" != check ]; then
+COMPILE_FLAG=()
+[ "${SKIP_COMPILE_BASELINES:-0}" = 1 ] && COMPILE_FLAG=(--no-compile)
+if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   step pytest-benchmark bench.log $PY -m pytest -q benchmarks/bench_ops.py --benchmark-columns=median,iqr,rounds
-  COMPILE_FLAG=()
-  [ "${SKIP_COMPILE_BASELINES:-0}" = 1 ] && COMPILE_FLAG=(--no-compile)
   step baselines bench.log $PY benchmarks/run_gpu.py "${COMPILE_FLAG[@]}" --json "$OUTDIR/results.json" \
     --markdown "$OUTDIR/RESULTS.md"
   cp "$OUTDIR/RESULTS.md" benchmarks/RESULTS.md 2>/dev/null
   step lowrank bench.log $PY benchmarks/lowrank_gpu.py --json "$OUTDIR/lowrank_gpu.json"
   step tinyvit bench.log $PY benchmarks/tinyvit_gpu.py --json "$OUTDIR/tinyvit_gpu.json"
 fi
+if [ "$PHASE" = all ] || [ "$PHASE" = models ]; then
+  # appends its section to benchmarks/RESULTS.md: copy the bench phase's RESULTS.md in first
+  step models bench.log $PY benchmarks/window_models_gpu.py "${COMPILE_FLAG[@]}" --json "$OUTDIR/models_gpu.json" \
+    --append-markdown benchmarks/RESULTS.md
+  cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md" 2>/dev/null
+fi
 
 {
   echo
   echo "| step | result |"
   echo "|---|---|"
-  for s in build tests memcheck racecheck synccheck initcheck pytest-benchmark baselines lowrank tinyvit; do
+  for s in build tests memcheck racecheck synccheck initcheck pytest-benchmark baselines lowrank tinyvit models; do
     echo "| $s | ${STATUS[$s]:-not run} |"
   done
-  [ -f "$OUTDIR/RESULTS.md" ] && sed -n '/^## Bars/,/^## Timings/p' "$OUTDIR/RESULTS.md" | grep '^|'
+  [ -f "$OUTDIR/RESULTS.md" ] && grep -E '\| (PASS|FAIL) \|$' "$OUTDIR/RESULTS.md"
 }  # (printed only: $OUT returns at most 8 files)
 for s in "${!STATUS[@]}"; do [[ ${STATUS[$s]} == PASS* ]] || exit 1; done

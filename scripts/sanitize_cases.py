@@ -7,7 +7,9 @@ import sys
 import torch
 
 import vitfast
-from vitfast.ops.reference import sparse_soft_target_cross_entropy_reference, topk_softmax_reference
+from vitfast.ops import qkv_layout, window_attention
+from vitfast.ops.reference import (sparse_soft_target_cross_entropy_reference, topk_softmax_reference,
+                                   window_attention_reference)
 
 
 def check_topk(x, k):
@@ -42,6 +44,29 @@ def check_cov(y, chunks_of):
     assert err < 1e-5, f"covariance rel err {err} for {tuple(y.shape)} {y.dtype}"
 
 
+def check_window(dev, dtype, lead, heads, dk, dv, layout, ws=None, shift=(0, 0), mask_types=0, table_len=9):
+    """window_attention forward + backward (qkv and table gradients) against float64."""
+    offsets, hs = qkv_layout(layout, heads, dk, dv)
+    qkv = torch.randn(*lead, heads * (2 * dk + dv), device=dev).to(dtype).requires_grad_()
+    n = ws[0] * ws[1] if ws else lead[1]
+    table = torch.randn(heads, table_len, device=dev).requires_grad_()
+    index = torch.randint(0, table_len, (n, n), device=dev)
+    mask = torch.where(torch.rand(mask_types, n, n, device=dev) < 0.3, -100.0, 0.0) if mask_types else None
+    kw = dict(window_size=ws, shift_size=shift) if ws else {}
+    out = window_attention(qkv, heads, dk, dv, layout=layout, bias_table=table, bias_index=index, mask=mask, **kw)
+    g = torch.randn_like(out)
+    gq, gt = torch.autograd.grad(out, (qkv, table), g)
+    q64 = qkv.detach().cpu().double().requires_grad_()
+    t64 = table.detach().cpu().double().requires_grad_()
+    ref = window_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5, t64, index.cpu(),
+                                     None if mask is None else mask.cpu(), ws or (), shift if ws else ())
+    rq, rt = torch.autograd.grad(ref, (q64, t64), g.cpu().double())
+    tol = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    for name, a, b in (("out", out, ref), ("grad qkv", gq, rq), ("grad table", gt, rt)):
+        err = ((a.detach().cpu().double() - b).norm() / b.norm()).item()
+        assert err < tol, f"window_attention {name} rel err {err} for {lead} {dtype} {layout}"
+
+
 def main() -> int:
     torch.manual_seed(0)
     dev = "cuda"
@@ -62,6 +87,12 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         check_cov((torch.randn(1500, 70, device=dev) + 50).to(dtype), 700)         # partial tiles, chunks
     check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000)                      # strided rows
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        check_window(dev, dtype, (4, 49), 3, 32, 32, "swin", mask_types=2)          # Swin window, shift mask
+    check_window(dev, torch.bfloat16, (2, 14, 14), 2, 32, 32, "swin", (7, 7), (3, 3), mask_types=4)  # grid
+    check_window(dev, torch.bfloat16, (2, 30), 3, 16, 64, "tinyvit")             # dk != dv, partial tiles
+    check_window(dev, torch.float16, (2, 20), 2, 24, 40, "tinyvit")              # head dims not /16, unaligned
+    check_window(dev, torch.bfloat16, (1, 200), 1, 32, 32, "swin")               # several key tiles / chunks
     torch.cuda.synchronize()
     print("sanitize cases: all results match the references")
     return 0
