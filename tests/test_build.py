@@ -15,7 +15,7 @@ def test_extension_loaded():
     assert info["loaded"], info
     assert info["version"] == vitfast.__version__
     assert set(info["ops"]) == {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward",
-                                "covariance_update_"}
+                                "covariance_update_", "window_attention_forward", "window_attention_backward"}
     for op in info["ops"]:
         assert hasattr(torch.ops.vitfast, op)
 

@@ -72,7 +72,10 @@ def run_and_compare(case, dtype):
     assert rel_err(grads[0].cpu(), ref_grads[0]) < GRAD_TOL[dtype]
     if table is not None:
         assert grads[1].dtype == table.dtype and grads[1].shape == table.shape
-        assert rel_err(grads[1].cpu(), ref_grads[1]) < GRAD_TOL[dtype]
+        if ref_grads[1].abs().max() == 0:  # one token per window: the bias cannot matter
+            assert grads[1].abs().max() < 1e-4
+        else:
+            assert rel_err(grads[1].cpu(), ref_grads[1]) < GRAD_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
