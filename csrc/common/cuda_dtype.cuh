@@ -1,8 +1,7 @@
 // Device-side reads of a run-time-typed float array (torch-free), shared by the CUDA kernels.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda_compat.cuh"
 
 #include <cstdint>
 

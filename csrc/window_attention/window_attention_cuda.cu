@@ -15,11 +15,10 @@
 // (w = slot, slot + slots, ...) and add dS into a per-slot bias-gradient partial that no other
 // block touches; a last pass sums the slots in a fixed order, so the table gradient is
 // deterministic.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdio>
 
+#include "../common/cuda_compat.cuh"
 #include "../common/cuda_dtype.cuh"
 #include "window_attention.h"
 #include "window_attention_tiles.cuh"
@@ -140,7 +139,7 @@ __host__ __device__ FwdSmem<T, Acc> carve_fwd(SmemCarver& sc, const FwdLayout& L
 template <typename T, typename Acc, bool kVec>
 __global__ void __launch_bounds__(kFwdWarps * 32)
     window_attention_fwd_kernel(const WindowAttentionParams p, const FwdLayout L) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  VF_DYNAMIC_SMEM(smem_raw);
   SmemCarver sc{smem_raw};
   const int dkp = round16(p.dim_k), dvp = round16(p.dim_v);
   const FwdSmem<T, Acc> sm = carve_fwd<T, Acc>(sc, L, dkp, dvp);
@@ -359,7 +358,7 @@ template <typename T, typename Acc, bool kVec>
 __global__ void __launch_bounds__(kBwdWarps * 32)
     window_attention_bwd_kernel(const WindowAttentionBackwardParams b, const BwdLayout L, const Acc* dd,
                                 Acc* dbias_slots, Acc* dq_chunks) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  VF_DYNAMIC_SMEM(smem_raw);
   SmemCarver sc{smem_raw};
   const BwdSmem<T, Acc> sm = carve_bwd<T, Acc>(sc, L);
   const WindowAttentionParams& p = b.fwd;
@@ -618,7 +617,7 @@ int forward_typed(const WindowAttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t blocks = p.windows * L.groups * L.chunks;
-  kernel<<<static_cast<unsigned>(blocks), kFwdWarps * 32, smem, stream>>>(p, L);
+  VF_LAUNCH(kernel, static_cast<unsigned>(blocks), kFwdWarps * 32, smem, stream, p, L);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -660,8 +659,8 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
   Acc* slots = ws.slots ? dd + ws.dd : nullptr;
   Acc* dq = ws.dq ? dd + ws.dd + ws.slots : nullptr;
   constexpr int kThreads = 256;
-  window_attention_bwd_dot_kernel<T, Acc>
-      <<<blocks_for(ws.dd, kThreads), kThreads, 0, stream>>>(b, dd);
+  auto dot_kernel = window_attention_bwd_dot_kernel<T, Acc>;
+  VF_LAUNCH(dot_kernel, blocks_for(ws.dd, kThreads), kThreads, 0, stream, b, dd);
   if (slots != nullptr) {
     cudaError_t err = cudaMemsetAsync(slots, 0, ws.slots * sizeof(Acc), stream);
     if (err != cudaSuccess) return static_cast<int>(err);
@@ -673,15 +672,16 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t blocks = L.slots * L.groups * L.chunks;
-  kernel<<<static_cast<unsigned>(blocks), kBwdWarps * 32, smem, stream>>>(b, L, dd, slots, dq);
+  VF_LAUNCH(kernel, static_cast<unsigned>(blocks), kBwdWarps * 32, smem, stream, b, L, dd, slots, dq);
   if (dq != nullptr) {
-    window_attention_dq_reduce_kernel<T, Acc>
-        <<<blocks_for(ws.dq / L.chunks, kThreads), kThreads, 0, stream>>>(b, dq, L.chunks);
+    auto reduce = window_attention_dq_reduce_kernel<T, Acc>;
+    VF_LAUNCH(reduce, blocks_for(ws.dq / L.chunks, kThreads), kThreads, 0, stream, b, dq, L.chunks);
   }
   if (slots != nullptr) {
     const int64_t per_slot = static_cast<int64_t>(p.heads) * p.tokens * p.tokens;
-    window_attention_dbias_reduce_kernel<Acc><<<blocks_for(per_slot, kThreads), kThreads, 0, stream>>>(
-        slots, L.slots, per_slot, static_cast<Acc*>(b.dbias));
+    auto reduce = window_attention_dbias_reduce_kernel<Acc>;
+    VF_LAUNCH(reduce, blocks_for(per_slot, kThreads), kThreads, 0, stream, slots, L.slots, per_slot,
+              static_cast<Acc*>(b.dbias));
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -5,9 +5,7 @@
 // the only dtype-specific code is warp_mma: tensor cores (WMMA) for fp16/bf16, SIMT for fp32/fp64.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
+#include "../common/cuda_compat.cuh"
 
 #include <cstddef>
 #include <cstdint>

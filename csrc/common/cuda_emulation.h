@@ -1,0 +1,225 @@
+// A CPU emulator for the subset of CUDA that vitfast's kernels use, so CI (no GPU) can run the
+// kernels' own source: compile a .cu file as C++20 with -DVITFAST_CUDA_EMULATION.
+//
+// Faithful where bugs hide: every CUDA thread of a block is an OS thread; __syncthreads and
+// __syncwarp are real barriers; shuffles exchange through the warp; dynamic shared memory is a
+// per-block buffer; WMMA fragments check the pointer (32-byte) and leading-dimension alignment
+// rules and store their tile collectively (each lane writes its share, so reading another lane's
+// part before __syncwarp shows up as a wrong result). Blocks run one after another. Not emulated:
+// timing, occupancy, bank conflicts, memory-model subtleties beyond the barriers.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "dtype.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct dim3v {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3v threadIdx, blockIdx, blockDim, gridDim;
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? 4 : 227 * 1024;  // a small H100: few SMs, Hopper's shared memory
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+
+[[noreturn]] inline void __trap() { std::abort(); }
+
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
+
+// 16-bit float storage types with round-to-nearest-even conversions (vitfast/dtype.h).
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __half2float(__half h) { return vitfast::half_bits_to_float(h.bits); }
+inline __half __float2half_rn(float f) { return {vitfast::float_to_half_bits(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return vitfast::bf16_bits_to_float(b.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {vitfast::float_to_bf16_bits(f)}; }
+
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+namespace vitfast {
+namespace emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "vitfast CUDA emulator: %s\n", what);
+  std::abort();
+}
+
+struct Block {
+  std::vector<unsigned char> storage;
+  unsigned char* smem = nullptr;  // 128-byte aligned, like __align__(128) shared memory
+  std::unique_ptr<std::barrier<>> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
+};
+inline thread_local Block* current = nullptr;
+
+inline unsigned char* dynamic_smem() { return current->smem; }
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, Args... args) {
+  if (block % 32 != 0) fail("block size must be a multiple of 32");
+  for (unsigned b = 0; b < grid; ++b) {
+    Block blk;
+    blk.storage.assign(smem + 128, 0xA5);  // garbage, like real shared memory
+    blk.smem = blk.storage.data() + (128 - reinterpret_cast<uintptr_t>(blk.storage.data()) % 128) % 128;
+    blk.all = std::make_unique<std::barrier<>>(block);
+    for (unsigned w = 0; w < block / 32; ++w) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+    blk.lanes.assign(block, 0);
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&, t] {
+        threadIdx = {t, 0, 0};
+        blockIdx = {b, 0, 0};
+        blockDim = {block, 1, 1};
+        gridDim = {grid, 1, 1};
+        current = &blk;
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+}  // namespace emu
+}  // namespace vitfast
+
+inline void __syncthreads() { vitfast::emu::current->all->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { vitfast::emu::current->warps[threadIdx.x / 32]->arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  auto* blk = vitfast::emu::current;
+  const unsigned lane = threadIdx.x & 31, base = threadIdx.x - lane;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  blk->lanes[threadIdx.x] = bits;
+  __syncwarp();
+  const uint64_t other = blk->lanes[base + (lane ^ static_cast<unsigned>(lane_mask))];
+  __syncwarp();
+  T out;
+  std::memcpy(&out, &other, sizeof(T));
+  return out;
+}
+
+// WMMA: every lane holds the whole 16 x 16 tile (loads are reads; mma is lane-local); stores are
+// split across the lanes.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  float x[16 * 16];
+};
+
+inline void check_ptr(const void* p, unsigned ldm, unsigned elem, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) vitfast::emu::fail(what);
+  if ((ldm * elem) % 16 != 0) vitfast::emu::fail("WMMA ldm must be a multiple of 16 bytes");
+}
+
+inline float to_f(const __half& v) { return __half2float(v); }
+inline float to_f(const __nv_bfloat16& v) { return __bfloat162float(v); }
+inline float to_f(float v) { return v; }
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_ptr(p, ldm, sizeof(T), "WMMA operand pointer not 32-byte aligned");
+  constexpr bool row = std::is_same_v<Layout, row_major>;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = to_f(row ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  check_ptr(p, ldm, sizeof(float), "WMMA accumulator pointer not 32-byte aligned");
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  __syncwarp();  // a collective op: no lane runs ahead into a store that others still load
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.x[r * 16 + n];
+      for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + n];
+      out[r * 16 + n] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  check_ptr(p, ldm, sizeof(float), "WMMA store pointer not 32-byte aligned");
+  __syncwarp();  // every lane has loaded before any lane overwrites
+  const unsigned lane = threadIdx.x & 31;
+  for (unsigned e = lane; e < 256; e += 32) {
+    const unsigned r = e / 16, c = e % 16;
+    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
