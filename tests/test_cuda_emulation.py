@@ -1,9 +1,11 @@
-"""The window-attention CUDA kernels' own source, compiled as C++ against vitfast's CPU emulator of
-the CUDA subset they use (threads and barriers, warp shuffles, shared memory, WMMA fragments with
-their alignment rules), run on small cases against the float64 reference. This is how CI checks
-the GPU code paths -- tensor-core and SIMT, vectorised and scalar loads, the feature-map path with
-shift, multi-window bias-gradient slots, several key chunks -- on machines without a GPU. It does
-not replace the GPU run (timing, real memory model, compute-sanitizer)."""
+"""vitfast's CUDA kernels' own source, compiled as C++ against vitfast's CPU emulator of the CUDA
+subset they use (threads and barriers, warp shuffles and votes, static and dynamic shared memory,
+atomics, WMMA fragments with their alignment rules), run on small cases against the references.
+This is how CI checks the GPU code paths on machines without a GPU: window attention (tensor-core
+and SIMT, vectorised and scalar loads, the feature-map path with shift, multi-window bias-gradient
+slots, several key chunks), top-k softmax (staged/unstaged rows, ties, NaN rows), the sparse
+soft-target CE and the covariance update. It does not replace the GPU run (timing, the real memory
+model, compute-sanitizer)."""
 import json
 import os
 import subprocess
@@ -12,11 +14,12 @@ import sys
 import pytest
 import torch
 
+from test_soft_target_ce import GRAD_TOL as CE_GRAD_TOL
 from test_window_attention import GRAD_TOL, OUT_TOL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_emulation"))
-from run_cases import CASES  # noqa: E402
+from run_cases import KERNEL_CASES, WINDOW_CASES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +30,32 @@ def results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_emulated_cuda_kernel_matches_reference(results, name):
-    dtype = CASES[name][0]
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_emulated_window_attention_matches_reference(results, name):
+    dtype = WINDOW_CASES[name][0]
     r = results[name]
     assert r["out"] < OUT_TOL[dtype], r
     assert r["grad_qkv"] < GRAD_TOL[dtype], r
     # the table is float32 (float64 with float64 inputs); its gradient sums rounded dS terms
     assert r["grad_table"] < GRAD_TOL[dtype], r
+
+
+@pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("topk")])
+def test_emulated_topk_softmax_matches_reference(results, name):
+    r = results[name]
+    assert r["indices_equal"] == 1.0 and r["nan_rows_equal"] == 1.0, r
+    assert r["values"] < 1e-3, r  # fp16 values: one rounding
+
+
+@pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("ce")])
+def test_emulated_soft_target_ce_matches_reference(results, name):
+    r = results[name]
+    dtype = KERNEL_CASES[name][0]
+    assert r["loss"] < (1e-12 if dtype == torch.float64 else 1e-5), r
+    assert r["grad"] < CE_GRAD_TOL[dtype], r
+
+
+@pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("cov")])
+def test_emulated_covariance_matches_reference(results, name):
+    r = results[name]
+    assert r["count"] == 1.0 and r["mean"] < 1e-12 and r["m2"] < 1e-5, r

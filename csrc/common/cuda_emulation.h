@@ -28,20 +28,28 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // GNU: allowed among decl-specifiers
+// Static shared memory: blocks run one at a time, so a function-local static is per block (and,
+// like real shared memory, starts with whatever the previous block left).
+#define __shared__ static
 
-struct dim3v {
+struct dim3 {
   unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-inline thread_local dim3v threadIdx, blockIdx, blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline unsigned emu_linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 using cudaStream_t = void*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
@@ -64,6 +72,12 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 [[noreturn]] inline void __trap() { std::abort(); }
 
 template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+
+template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T>
 inline T max(T a, T b) { return a < b ? b : a; }
@@ -79,6 +93,8 @@ inline float __half2float(__half h) { return vitfast::half_bits_to_float(h.bits)
 inline __half __float2half_rn(float f) { return {vitfast::float_to_half_bits(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return vitfast::bf16_bits_to_float(b.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {vitfast::float_to_bf16_bits(f)}; }
+inline __half __ushort_as_half(unsigned short b) { return {b}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return {b}; }
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
@@ -99,15 +115,17 @@ struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
+  std::atomic<int> vote{0};     // __syncthreads_or
 };
 inline thread_local Block* current = nullptr;
 
 inline unsigned char* dynamic_smem() { return current->smem; }
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, Args... args) {
+void launch(void (*kernel)(KArgs...), dim3 grid3, dim3 block3, size_t smem, Args... args) {
+  const unsigned block = block3.x * block3.y * block3.z;
   if (block % 32 != 0) fail("block size must be a multiple of 32");
-  for (unsigned b = 0; b < grid; ++b) {
+  for (unsigned b = 0; b < grid3.x * grid3.y * grid3.z; ++b) {
     Block blk;
     blk.storage.assign(smem + 128, 0xA5);  // garbage, like real shared memory
     blk.smem = blk.storage.data() + (128 - reinterpret_cast<uintptr_t>(blk.storage.data()) % 128) % 128;
@@ -118,10 +136,10 @@ void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem
     threads.reserve(block);
     for (unsigned t = 0; t < block; ++t) {
       threads.emplace_back([&, t] {
-        threadIdx = {t, 0, 0};
-        blockIdx = {b, 0, 0};
-        blockDim = {block, 1, 1};
-        gridDim = {grid, 1, 1};
+        threadIdx = dim3(t % block3.x, t / block3.x % block3.y, t / (block3.x * block3.y));
+        blockIdx = dim3(b % grid3.x, b / grid3.x % grid3.y, b / (grid3.x * grid3.y));
+        blockDim = block3;
+        gridDim = grid3;
         current = &blk;
         kernel(args...);
       });
@@ -134,18 +152,47 @@ void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem
 }  // namespace vitfast
 
 inline void __syncthreads() { vitfast::emu::current->all->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { vitfast::emu::current->warps[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  vitfast::emu::current->warps[emu_linear_tid() / 32]->arrive_and_wait();
+}
+inline int __syncthreads_or(int predicate) {
+  auto* blk = vitfast::emu::current;
+  __syncthreads();
+  if (predicate) blk->vote.store(1);
+  __syncthreads();
+  const int result = blk->vote.load();
+  __syncthreads();
+  if (emu_linear_tid() == 0) blk->vote.store(0);
+  __syncthreads();
+  return result;
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
   auto* blk = vitfast::emu::current;
-  const unsigned lane = threadIdx.x & 31, base = threadIdx.x - lane;
+  const unsigned tid = emu_linear_tid(), lane = tid & 31, base = tid - lane;
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  blk->lanes[threadIdx.x] = bits;
+  blk->lanes[tid] = bits;
   __syncwarp();
   const uint64_t other = blk->lanes[base + (lane ^ static_cast<unsigned>(lane_mask))];
+  __syncwarp();
+  T out;
+  std::memcpy(&out, &other, sizeof(T));
+  return out;
+}
+
+template <typename T>
+inline T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  auto* blk = vitfast::emu::current;
+  const unsigned tid = emu_linear_tid(), lane = tid & 31;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  blk->lanes[tid] = bits;
+  __syncwarp();
+  const uint64_t other = lane >= delta ? blk->lanes[tid - delta] : bits;
   __syncwarp();
   T out;
   std::memcpy(&out, &other, sizeof(T));
@@ -214,7 +261,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
                               layout_t layout) {
   check_ptr(p, ldm, sizeof(float), "WMMA store pointer not 32-byte aligned");
   __syncwarp();  // every lane has loaded before any lane overwrites
-  const unsigned lane = threadIdx.x & 31;
+  const unsigned lane = emu_linear_tid() & 31;
   for (unsigned e = lane; e < 256; e += 32) {
     const unsigned r = e / 16, c = e % 16;
     (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];

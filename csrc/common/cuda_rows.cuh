@@ -1,7 +1,7 @@
 // Row-streaming helpers shared by the CUDA kernels (torch-free).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "cuda_compat.cuh"
 
 #include <cstdint>
 

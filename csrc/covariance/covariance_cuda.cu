@@ -8,12 +8,10 @@
 //    Chunks exist only to give small-m problems enough blocks.
 // 4. The new mean is copied into the state.
 // This is the SIMT version; a tensor-core (3xTF32 / bf16 mma) Gram is the next step.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "../common/cuda_compat.cuh"
 #include "../common/cuda_dtype.cuh"
 #include "covariance.h"
 
@@ -158,11 +156,11 @@ int covariance_update_cuda(const CovarianceParams& p, void* stream) {
   const int tiles = static_cast<int>((p.m + kTile - 1) / kTile);
   const unsigned col_blocks32 = static_cast<unsigned>((p.m + 31) / 32);
   const unsigned col_blocks256 = static_cast<unsigned>((p.m + 255) / 256);
-  chunk_mean_kernel<<<dim3(col_blocks32, chunks), dim3(32, 8), 0, s>>>(p);
-  new_mean_kernel<<<col_blocks256, 256, 0, s>>>(p, chunks);
+  VF_LAUNCH(chunk_mean_kernel, dim3(col_blocks32, chunks), dim3(32, 8), 0, s, p);
+  VF_LAUNCH(new_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
   const unsigned pairs = static_cast<unsigned>(tiles) * (tiles + 1) / 2;
-  gram_kernel<<<dim3(pairs, chunks), kThreads, 0, s>>>(p, chunks, tiles);
-  copy_mean_kernel<<<col_blocks256, 256, 0, s>>>(p, chunks);
+  VF_LAUNCH(gram_kernel, dim3(pairs, chunks), kThreads, 0, s, p, chunks, tiles);
+  VF_LAUNCH(copy_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
   return cudaGetLastError();
 }
 

@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common/torch_glue.h"
 
 namespace vitfast {
@@ -32,6 +34,34 @@ at::Tensor check_covariance_args(const at::Tensor& count, const at::Tensor& mean
   return rows_unit_stride(y);
 }
 
+CovarianceCudaCall prepare_covariance_cuda(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
+                                           const at::Tensor& y_in, int64_t sms) {
+  CovarianceCudaCall call;
+  call.y = check_covariance_args(count, mean, m2, y_in, /*cuda=*/true);
+  const int64_t rows = call.y.size(0), m = call.y.size(1);
+  CovarianceParams& p = call.params;
+  if (rows == 0) return call;
+  const int64_t tiles = (m + 63) / 64, pairs = tiles * (tiles + 1) / 2;
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * sms + pairs - 1) / pairs, (rows + 1023) / 1024));
+  chunks = std::min<int64_t>(chunks, 65535);
+  const int64_t chunk_rows = (rows + chunks - 1) / chunks;
+  chunks = (rows + chunk_rows - 1) / chunk_rows;
+  call.scratch = at::empty({chunks + 1, m}, mean.options());
+  p.y = call.y.data_ptr();
+  p.y_dtype = to_kernel_dtype(call.y.scalar_type());
+  p.rows = rows;
+  p.m = m;
+  p.row_stride = rows > 1 ? call.y.stride(0) : m;
+  p.chunk_rows = chunk_rows;
+  p.chunk_mean = call.scratch.data_ptr<double>();
+  p.mean = mean.data_ptr<double>();
+  p.m2 = m2.data_ptr<double>();
+  p.count = count.data_ptr<double>();
+  return call;
+}
+
+// VITFAST_NO_REGISTRATION: the glue alone, for the CUDA emulator's test binding
+#ifndef VITFAST_NO_REGISTRATION
 namespace {
 
 // Row blocks bound the float64 copy of y.
@@ -58,5 +88,6 @@ void covariance_update_cpu(at::Tensor count, at::Tensor mean, at::Tensor m2, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vitfast, CPU, m) { m.impl("covariance_update_", &covariance_update_cpu); }
+#endif  // VITFAST_NO_REGISTRATION
 
 }  // namespace vitfast

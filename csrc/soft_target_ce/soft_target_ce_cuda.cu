@@ -5,13 +5,11 @@
 // the logits and the saved logsumexp: one read and one write of the row (16-byte accesses), then
 // the k stored classes are overwritten with their own target. Total traffic per row for
 // forward + backward: 2 reads + 1 write of C elements in the logits dtype.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
 
+#include "../common/cuda_compat.cuh"
 #include "../common/cuda_dtype.cuh"
 #include "../common/cuda_rows.cuh"
 #include "soft_target_ce.h"
@@ -86,7 +84,7 @@ __device__ __forceinline__ void target_mass(const SoftTargetCEParams& p, int64_t
 template <typename T>
 __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
   using A = typename Num<T>::Acc;
-  extern __shared__ __align__(16) unsigned char smem[];
+  VF_DYNAMIC_SMEM(smem);
   int64_t* sidx = reinterpret_cast<int64_t*>(smem);  // kpad sorted indices
   A* red = reinterpret_cast<A*>(sidx + kpad);         // 5 x 32 partials
 
@@ -254,13 +252,14 @@ template <typename T>
 cudaError_t launch_forward(const SoftTargetCEParams& p, cudaStream_t stream) {
   const int kpad = round_up_pow2(p.k);
   const size_t bytes = static_cast<size_t>(kpad) * 8 + 5 * 32 * sizeof(typename Num<T>::Acc);
-  soft_target_ce_forward_kernel<T><<<static_cast<unsigned>(p.rows), threads_for(p.cols), bytes, stream>>>(p, kpad);
+  VF_LAUNCH(soft_target_ce_forward_kernel<T>, static_cast<unsigned>(p.rows), threads_for(p.cols), bytes, stream, p,
+            kpad);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_backward(const SoftTargetCEParams& p, cudaStream_t stream) {
-  soft_target_ce_backward_kernel<T><<<static_cast<unsigned>(p.rows), threads_for(p.cols), 0, stream>>>(p);
+  VF_LAUNCH(soft_target_ce_backward_kernel<T>, static_cast<unsigned>(p.rows), threads_for(p.cols), 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -6,12 +6,10 @@
 // over unique 64-bit composite keys (radix_select.h, shared with the CPU path): exactly k
 // elements pass the final threshold and ties resolve to the lower index without a separate pass.
 // The k survivors are bitonic-sorted in shared memory and converted to probabilities.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "../common/cuda_compat.cuh"
 #include "../common/cuda_rows.cuh"
 #include "radix_select.h"
 #include "topk_softmax.h"
@@ -68,7 +66,7 @@ template <typename Traits, bool kStaged>
 __global__ void topk_softmax_kernel(TopkSoftmaxParams p, SmemLayout L) {
   using Bits = typename Traits::Bits;
   constexpr int V = 16 / sizeof(Bits);
-  extern __shared__ __align__(16) unsigned char smem[];
+  VF_DYNAMIC_SMEM(smem);
   uint64_t* cand = reinterpret_cast<uint64_t*>(smem);
   uint32_t* hist = reinterpret_cast<uint32_t*>(smem + L.cand);
   float* red_m = reinterpret_cast<float*>(smem + L.cand + L.hist);
@@ -286,7 +284,7 @@ cudaError_t launch(const TopkSoftmaxParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<static_cast<unsigned>(p.rows), threads, bytes, stream>>>(p, L);
+  VF_LAUNCH(kernel, static_cast<unsigned>(p.rows), threads, bytes, stream, p, L);
   return cudaGetLastError();
 }
 

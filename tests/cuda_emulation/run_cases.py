@@ -1,7 +1,9 @@
-"""Builds the CUDA-emulator binding of the window-attention kernels and runs them on small cases
-against the float64 reference; prints one JSON object {case: {out, grad_qkv, grad_table}} (relative
-errors) on its last line. Run by tests/test_cuda_emulation.py in a subprocess (an emulated device
-trap aborts the process)."""
+"""Builds the CUDA-emulator binding of vitfast's CUDA kernels and runs them on small cases against
+the references; prints one JSON object {case: {metric: value}} on its last line (relative errors,
+or 1/0 for exact checks). Run by tests/test_cuda_emulation.py in a subprocess (an emulated device
+trap aborts the process).
+
+    python tests/cuda_emulation/run_cases.py [case ...]"""
 import json
 import os
 import sys
@@ -16,7 +18,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_window_attention import make_case  # noqa: E402
 
 from vitfast.ops import qkv_layout  # noqa: E402
-from vitfast.ops.reference import window_attention_reference  # noqa: E402
+from vitfast.ops.reference import (sparse_soft_target_cross_entropy_reference, topk_softmax_reference,  # noqa: E402
+                                   window_attention_reference)
 
 
 def build():
@@ -24,16 +27,19 @@ def build():
     os.makedirs(out, exist_ok=True)
     return cpp_extension.load(
         name="vitfast_cuda_emu",
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "window_attention_emu.cpp"),
-                 os.path.join(ROOT, "csrc", "window_attention", "window_attention_op.cpp")],
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation", f) for f in
+                 ("module.cpp", "window_attention_emu.cpp", "topk_softmax_emu.cpp", "soft_target_ce_emu.cpp",
+                  "covariance_emu.cpp")] +
+                [os.path.join(ROOT, "csrc", d, f"{d}_op.cpp") for d in
+                 ("window_attention", "topk_softmax", "soft_target_ce", "covariance")],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2", "-std=c++20", "-DVITFAST_CUDA_EMULATION", "-DVITFAST_NO_REGISTRATION",
                       "-fno-strict-aliasing", "-w"],
         build_directory=out, verbose=False)
 
 
-# name: (dtype, make_case kwargs); small shapes, each exercising one kernel path
-CASES = {
+# window attention -- name: (dtype, make_case kwargs); small shapes, each exercising one kernel path
+WINDOW_CASES = {
     "swin_bf16_mask_slots": (torch.bfloat16, dict(windows=20, heads=3, dk=32, wh=7, ww=7, mask_types=4)),
     "swin_fp16": (torch.float16, dict(windows=3, heads=2, dk=32, wh=7, ww=7)),
     "swin_fp32_simt": (torch.float32, dict(windows=4, heads=3, dk=32, wh=7, ww=7, mask_types=2)),
@@ -53,6 +59,79 @@ CASES = {
 EXTRA = {"key_chunks_bf16_n1024": (torch.bfloat16, dict(windows=1, heads=1, dk=32, wh=32, ww=32))}
 
 
+def topk_case(make, k):
+    def run(mod):
+        x = make()
+        v, i = mod.topk_softmax(x, k, 1.0, None)
+        rv, ri = topk_softmax_reference(x, k)
+        ok_nan = torch.equal(torch.isnan(v), torch.isnan(rv))
+        finite = ~torch.isnan(rv)
+        return {"indices_equal": float(torch.equal(i, ri)), "nan_rows_equal": float(ok_nan),
+                "values": rel(v[finite].float(), rv[finite].float()) if finite.any() else 0.0}
+    return run
+
+
+def nan_row():
+    x = torch.randn(3, 500)
+    x[1, 3] = float("nan")
+    return x
+
+
+def ce_case(make, k):
+    def run(mod):
+        x = make()
+        c = x.shape[1]
+        torch.manual_seed(1)
+        v, i = topk_softmax_reference(torch.randn(x.shape[0], c), k)
+        loss, lse = mod.soft_target_ce_forward(x, v, i, c)
+        g = torch.rand_like(loss)
+        grad = mod.soft_target_ce_backward(g, x, v, i, lse)
+        x64 = x.double().requires_grad_()
+        ref = sparse_soft_target_cross_entropy_reference(x64, v, i, c, "none")
+        (rg,) = torch.autograd.grad(ref, x64, g.double())
+        return {"loss": rel(loss, ref), "grad": rel(grad, rg)}
+    return run
+
+
+def cov_case(make, chunk):
+    def run(mod):
+        y = make()
+        count = torch.zeros((), dtype=torch.float64)
+        mean = torch.zeros(y.shape[1], dtype=torch.float64)
+        m2 = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
+        for part in y.split(chunk):
+            mod.covariance_update_(count, mean, m2, part)
+        yd = y.double()
+        ref = (yd - yd.mean(0)).T @ (yd - yd.mean(0))
+        m2u = torch.triu(m2)  # the op keeps the upper triangle
+        return {"count": float(count.item() == y.shape[0]), "mean": rel(mean, yd.mean(0)),
+                "m2": rel(m2u, torch.triu(ref))}
+    return run
+
+
+def _g(seed):
+    torch.manual_seed(seed)
+
+
+# other kernels -- name: (dtype used for tolerances, runner)
+KERNEL_CASES = {
+    "topk_fp16": (torch.float16, topk_case(lambda: torch.randn(3, 1000).half(), 10)),
+    "topk_bf16_misaligned_rows": (torch.bfloat16, topk_case(lambda: torch.randn(2, 4099).bfloat16()[:, 1:], 100)),
+    "topk_fp32_ties": (torch.float32, topk_case(lambda: torch.randint(-2, 3, (2, 3000)).float(), 64)),
+    "topk_fp32_unstaged_row": (torch.float32, topk_case(lambda: torch.randn(2, 70000), 128)),
+    "topk_k_equals_c": (torch.float32, topk_case(lambda: torch.randn(2, 7), 7)),
+    "topk_nan_row": (torch.float32, topk_case(nan_row, 5)),
+    "ce_bf16": (torch.bfloat16, ce_case(lambda: torch.randn(3, 1000).bfloat16(), 10)),
+    "ce_fp16_misaligned": (torch.float16, ce_case(lambda: torch.randn(2, 2003).half()[:, 3:], 50)),
+    "ce_fp32": (torch.float32, ce_case(lambda: torch.randn(3, 1000), 10)),
+    "ce_fp64_k_equals_c": (torch.float64, ce_case(lambda: torch.randn(2, 5).double(), 5)),
+    "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
+    "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),
+    "cov_fp32_strided_rows": (torch.float32, cov_case(lambda: torch.randn(1200, 130)[:, 1:], 1200)),
+}
+CASES = {**WINDOW_CASES, **KERNEL_CASES}
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     if b.norm() == 0:
@@ -60,7 +139,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run(mod, dtype, kw):
+def run_window(mod, dtype, kw):
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -69,9 +148,9 @@ def run(mod, dtype, kw):
     shift = list(case["shift"]) if case["window_size"] else []
     table = case["table"].t().contiguous().t() if case["table"] is not None else None  # Swin-like strides
     args = (table, case["index"], case["mask"], heads, dk, dv, offsets, hs, dk ** -0.5, window, shift)
-    out, lse = mod.forward(case["qkv"], *args)
+    out, lse = mod.window_attention_forward(case["qkv"], *args)
     grad = torch.randn_like(out)
-    gq, gt = mod.backward(grad, case["qkv"], out, lse, *args)
+    gq, gt = mod.window_attention_backward(grad, case["qkv"], out, lse, *args)
     q64 = case["qkv"].double().requires_grad_()
     t64 = case["table"].double().requires_grad_()
     ref = window_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5, t64, case["index"],
@@ -88,7 +167,11 @@ def main():
     results = {}
     for name in names:
         t0 = time.time()
-        results[name] = run(mod, *{**CASES, **EXTRA}[name])
+        torch.manual_seed(0)
+        if name in KERNEL_CASES:
+            results[name] = KERNEL_CASES[name][1](mod)
+        else:
+            results[name] = run_window(mod, *{**WINDOW_CASES, **EXTRA}[name])
         print(name, results[name], f"{time.time() - t0:.1f}s", file=sys.stderr, flush=True)
     print(json.dumps(results))
 

@@ -1,6 +1,4 @@
-// Test binding: vitfast's window-attention CUDA kernels compiled as C++ against the CPU emulator
-// (csrc/common/cuda_emulation.h), with the op's own argument glue. Built by
-// tests/test_cuda_emulation.py; tensors are CPU tensors standing in for device memory.
+// Emulator binding of the window-attention CUDA kernels (see module.cpp).
 #include <torch/extension.h>
 
 #include "window_attention/window_attention_op.h"
@@ -42,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward);
-  m.def("backward", &backward);
+void register_window_attention(pybind11::module_& m) {
+  m.def("window_attention_forward", &forward);
+  m.def("window_attention_backward", &backward);
 }
