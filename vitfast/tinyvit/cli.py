@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     t.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     t.add_argument("--eval-data", help="ImageFolder directory for accuracy each epoch")
     t.add_argument("--labels-only", action="store_true", help="baseline: same student on ground-truth labels")
+    t.add_argument("--no-patch", action="store_true",
+                   help="keep timm's attention (by default vitfast.patch fuses Swin/TinyViT window attention)")
     t.add_argument("--epochs", type=int, default=60, help="may exceed the store's epochs: they are cycled")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.05)
@@ -130,6 +132,12 @@ def run_distill(args) -> int:
         from .defaults import digits_student
 
         student = digits_student()
+    if not args.no_patch:
+        from ..patching import patch, patched_modules
+
+        patch(student)  # the fused window attention (tiny_vit_*, swin_*); other students are unchanged
+        if patched_modules(student) and rank == 0:
+            print(f"distill: fused window attention in {len(patched_modules(student))} modules")
     if args.eval_data:
         from ..data.folders import image_folder_tensors
 
