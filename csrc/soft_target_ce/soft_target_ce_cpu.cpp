@@ -6,23 +6,13 @@
 #include <vector>
 
 #include "../common/cpu_math.h"
+#include "../common/cpu_dtype.h"
 #include "soft_target_ce.h"
 
 namespace vitfast {
 namespace {
 
-double load_float(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat16:
-      return half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::kBFloat16:
-      return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::kFloat32:
-      return static_cast<const float*>(base)[i];
-    default:
-      return static_cast<const double*>(base)[i];
-  }
-}
+double load_float(const void* base, DType dt, int64_t i) { return host_load<double>(base, dt, i); }
 
 int64_t load_index(const void* base, DType dt, int64_t i) {
   switch (dt) {

@@ -5,42 +5,12 @@
 #include <limits>
 #include <vector>
 
+#include "../common/cpu_dtype.h"
 #include "../common/cpu_math.h"
 #include "window_attention.h"
 
 namespace vitfast {
 namespace {
-
-template <typename Acc>
-Acc load(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kFloat16:
-      return static_cast<Acc>(half_bits_to_float(static_cast<const uint16_t*>(base)[i]));
-    case DType::kBFloat16:
-      return static_cast<Acc>(bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]));
-    case DType::kFloat32:
-      return static_cast<Acc>(static_cast<const float*>(base)[i]);
-    default:
-      return static_cast<Acc>(static_cast<const double*>(base)[i]);
-  }
-}
-
-template <typename Acc>
-void store(void* base, DType dt, int64_t i, Acc v) {
-  switch (dt) {
-    case DType::kFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_half_bits(static_cast<float>(v));
-      break;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(static_cast<float>(v));
-      break;
-    case DType::kFloat32:
-      static_cast<float*>(base)[i] = static_cast<float>(v);
-      break;
-    default:
-      static_cast<double*>(base)[i] = static_cast<double>(v);
-  }
-}
 
 // exp(x) for x <= 0: the vectorised polynomial for float, std::exp for double.
 inline float exp_np(float x) { return exp_nonpositive(x); }
@@ -57,7 +27,7 @@ std::vector<Acc> table_bias(const WindowAttentionParams& p) {
   for (int32_t h = 0; h < p.heads; ++h) {
     for (int64_t e = 0; e < nn; ++e) {
       const int64_t l = p.index_int64 ? static_cast<const int64_t*>(p.index)[e] : static_cast<const int32_t*>(p.index)[e];
-      out[h * nn + e] = load<Acc>(p.table, p.table_dtype, h * p.table_stride_h + l * p.table_stride_l);
+      out[h * nn + e] = host_load<Acc>(p.table, p.table_dtype, h * p.table_stride_h + l * p.table_stride_l);
     }
   }
   return out;
@@ -74,7 +44,7 @@ struct HeadTiles {
     rows.resize(static_cast<size_t>(n) * dim);
     for (int32_t t = 0; t < n; ++t) {
       const int64_t row = token_offset(p.grid, s.img, s.y, s.x, w, t) + off;
-      for (int32_t c = 0; c < dim; ++c) rows[static_cast<size_t>(t) * dim + c] = load<Acc>(src, p.dtype, row + c);
+      for (int32_t c = 0; c < dim; ++c) rows[static_cast<size_t>(t) * dim + c] = host_load<Acc>(src, p.dtype, row + c);
     }
     if (cols != nullptr) {
       cols->resize(rows.size());
@@ -93,7 +63,7 @@ struct HeadTiles {
     }
     if (p.mask != nullptr) {
       const int64_t base = (w % p.mask_windows) * nn;
-      for (int64_t e = 0; e < nn; ++e) bias[e] += load<Acc>(p.mask, p.mask_dtype, base + e);
+      for (int64_t e = 0; e < nn; ++e) bias[e] += host_load<Acc>(p.mask, p.mask_dtype, base + e);
     }
   }
 };
@@ -155,7 +125,7 @@ void forward_range(const WindowAttentionParams& p, int64_t w_begin, int64_t w_en
         }
         const int64_t row = token_offset(p.grid, p.out_strides.img, p.out_strides.y, p.out_strides.x, w, i) +
                             static_cast<int64_t>(h) * dv;
-        for (int32_t c = 0; c < dv; ++c) store<Acc>(p.out, p.dtype, row + c, o[c] / l);
+        for (int32_t c = 0; c < dv; ++c) host_store<Acc>(p.out, p.dtype, row + c, o[c] / l);
         static_cast<Acc*>(p.lse)[(w * p.heads + h) * n + i] = mx + std::log(l);
       }
     }
@@ -215,14 +185,14 @@ void backward_range(const WindowAttentionBackwardParams& b, int64_t w_begin, int
           for (int32_t j = 0; j < n; ++j) db[j] += dp[j];
         }
         const int64_t row = token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off + h * p.head_stride;
-        for (int32_t c = 0; c < dk; ++c) store<Acc>(b.grad_qkv, p.dtype, row + c, scale * dq[c]);
+        for (int32_t c = 0; c < dk; ++c) host_store<Acc>(b.grad_qkv, p.dtype, row + c, scale * dq[c]);
       }
       for (int32_t j = 0; j < n; ++j) {
         const int64_t row = token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + h * p.head_stride;
         for (int32_t c = 0; c < dk; ++c)
-          store<Acc>(b.grad_qkv, p.dtype, row + p.k_off + c, scale * dk_acc[static_cast<size_t>(j) * dk + c]);
+          host_store<Acc>(b.grad_qkv, p.dtype, row + p.k_off + c, scale * dk_acc[static_cast<size_t>(j) * dk + c]);
         for (int32_t c = 0; c < dv; ++c)
-          store<Acc>(b.grad_qkv, p.dtype, row + p.v_off + c, dv_acc[static_cast<size_t>(j) * dv + c]);
+          host_store<Acc>(b.grad_qkv, p.dtype, row + p.v_off + c, dv_acc[static_cast<size_t>(j) * dv + c]);
       }
     }
   }

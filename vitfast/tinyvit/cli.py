@@ -123,6 +123,7 @@ def run_distill(args) -> int:
 
     rank, world, device = vdist.setup(args.device)
     ds, tf, mix, eval_set = _data_and_transform(args)
+    torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
     if args.student:
         import timm
 
@@ -144,7 +145,6 @@ def run_distill(args) -> int:
         eval_set = image_folder_tensors(args.eval_data, 224)
     if not args.labels_only and not args.store:
         raise SystemExit("vitfast tinyvit distill: --store is required (or --labels-only for the baseline)")
-    torch.manual_seed(args.seed)
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, args.workers, args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))
