@@ -51,7 +51,11 @@ struct alignas(16) float4 {
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
@@ -60,7 +64,12 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 4 : 227 * 1024;  // a small H100: few SMs, Hopper's shared memory
+  // a small H100: few SMs, Hopper's shared memory; compute capability 9 unless
+  // VITFAST_EMU_CC_MAJOR says otherwise (to run the pre-Ampere fallbacks)
+  const char* cc = std::getenv("VITFAST_EMU_CC_MAJOR");
+  *v = a == cudaDevAttrMultiProcessorCount ? 4
+       : a == cudaDevAttrComputeCapabilityMajor ? (cc ? std::atoi(cc) : 9)
+                                                : 227 * 1024;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -199,8 +208,8 @@ inline T __shfl_up_sync(unsigned, T value, unsigned delta) {
   return out;
 }
 
-// WMMA: every lane holds the whole 16 x 16 tile (loads are reads; mma is lane-local); stores are
-// split across the lanes.
+// WMMA: every lane holds the whole tile (loads are reads; mma is lane-local); stores are split
+// across the lanes. Shapes m16n16k16 (fp16/bf16) and m16n16k8 (tf32).
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -208,11 +217,16 @@ struct matrix_b {};
 struct accumulator {};
 struct row_major {};
 struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  float x[16 * 16];
+  static constexpr int rows = std::is_same_v<Use, matrix_a> ? M : (std::is_same_v<Use, matrix_b> ? K : M);
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  float x[rows * cols];
 };
 
 inline void check_ptr(const void* p, unsigned ldm, unsigned elem, const char* what) {
@@ -222,48 +236,76 @@ inline void check_ptr(const void* p, unsigned ldm, unsigned elem, const char* wh
 
 inline float to_f(const __half& v) { return __half2float(v); }
 inline float to_f(const __nv_bfloat16& v) { return __bfloat162float(v); }
-inline float to_f(float v) { return v; }
-
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T), "WMMA operand pointer not 32-byte aligned");
-  constexpr bool row = std::is_same_v<Layout, row_major>;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = to_f(row ? p[r * ldm + c] : p[c * ldm + r]);
+// The tensor cores read a tf32 operand's top 19 bits (inputs should come from __float_to_tf32).
+inline float to_f(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u &= 0xFFFFE000u;
+  std::memcpy(&v, &u, 4);
+  return v;
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
-                             layout_t layout) {
+// float -> tf32 (10-bit mantissa), round to nearest, ties away from zero (as cvt.rna.tf32.f32)
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+template <typename Frag, typename Layout, typename E>
+void load_tile(Frag& f, const E* p, unsigned ldm) {
+  constexpr bool row = std::is_same_v<Layout, row_major>;
+  for (int r = 0; r < Frag::rows; ++r)
+    for (int c = 0; c < Frag::cols; ++c) f.x[r * Frag::cols + c] = to_f(row ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  check_ptr(p, ldm, sizeof(T), "WMMA operand pointer not 32-byte aligned");
+  load_tile<fragment<Use, M, N, K, T, Layout>, Layout>(f, p, ldm);
+}
+
+template <typename Use, int M, int N, int K, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, Layout>& f, const float* p, unsigned ldm) {
+  check_ptr(p, ldm, sizeof(float), "WMMA tf32 operand pointer not 32-byte aligned");
+  load_tile<fragment<Use, M, N, K, precision::tf32, Layout>, Layout>(f, p, ldm);
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
   check_ptr(p, ldm, sizeof(float), "WMMA accumulator pointer not 32-byte aligned");
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
   __syncwarp();  // a collective op: no lane runs ahead into a store that others still load
 }
 
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+template <int M, int N, int K>
+void fill_fragment(fragment<accumulator, M, N, K, float>& f, float v) {
   for (float& e : f.x) e = v;
 }
 
-template <typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[256];
-  for (int r = 0; r < 16; ++r)
-    for (int n = 0; n < 16; ++n) {
-      float s = c.x[r * 16 + n];
-      for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + n];
-      out[r * 16 + n] = s;
+template <int M, int N, int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int r = 0; r < M; ++r)
+    for (int n = 0; n < N; ++n) {
+      float s = c.x[r * N + n];
+      for (int k = 0; k < K; ++k) s += a.x[r * K + k] * b.x[k * N + n];
+      out[r * N + n] = s;
     }
   std::memcpy(d.x, out, sizeof(out));
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout) {
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   check_ptr(p, ldm, sizeof(float), "WMMA store pointer not 32-byte aligned");
   __syncwarp();  // every lane has loaded before any lane overwrites
   const unsigned lane = emu_linear_tid() & 31;
-  for (unsigned e = lane; e < 256; e += 32) {
-    const unsigned r = e / 16, c = e % 16;
+  for (unsigned e = lane; e < M * N; e += 32) {
+    const unsigned r = e / N, c = e % N;
     (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
   }
 }

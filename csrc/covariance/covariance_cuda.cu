@@ -2,12 +2,13 @@
 //
 // 1. chunk_mean_kernel: float64 column means of every row chunk (one read of Y).
 // 2. new_mean_kernel: the mean after the update, from the old state and the chunk means.
-// 3. gram_kernel: for each chunk and each upper-triangle 64x64 tile pair, the centred Gram in
-//    fp32 FMAs, flushed into float64 registers every kFlushRows rows (so precision does not
-//    depend on the batch size), then added to M2 with the Chan corrections by float64 atomics.
-//    Chunks exist only to give small-m problems enough blocks.
+// 3. gram_tc_kernel (sm_80+): for each chunk and each upper-triangle 64x64 tile pair, the centred
+//    Gram on tensor cores in 3xTF32 (each centred fp32 value split into tf32 hi + lo parts;
+//    hi*hi + hi*lo + lo*hi keeps fp32-level products), fp32 accumulators flushed into float64
+//    every kFlushRows rows (so precision does not depend on the batch size), then added to M2
+//    with the Chan corrections by float64 atomics. gram_kernel is the SIMT version of the same
+//    (older GPUs). Chunks exist only to give small-m problems enough blocks.
 // 4. The new mean is copied into the state.
-// This is the SIMT version; a tensor-core (3xTF32 / bf16 mma) Gram is the next step.
 
 #include <cstdint>
 
@@ -59,17 +60,23 @@ __global__ void copy_mean_kernel(CovarianceParams p, int chunks) {
   if (col == 0) *p.count += static_cast<double>(p.rows);  // every reader of count ran before
 }
 
-__global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int chunks, int tiles) {
-  __shared__ __align__(16) float As[kK][kTile];
-  __shared__ __align__(16) float Bs[kK][kTile];
-
-  // Linear block index -> upper-triangle tile pair (ti <= tj), row by row.
-  int rem = blockIdx.x, ti = 0;
+// Linear block index -> upper-triangle tile pair (ti <= tj), row by row.
+__device__ __forceinline__ void tile_pair(int block, int tiles, int* ti_out, int* tj_out) {
+  int rem = block, ti = 0;
   while (rem >= tiles - ti) {
     rem -= tiles - ti;
     ++ti;
   }
-  const int tj = ti + rem;
+  *ti_out = ti;
+  *tj_out = ti + rem;
+}
+
+__global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int chunks, int tiles) {
+  __shared__ __align__(16) float As[kK][kTile];
+  __shared__ __align__(16) float Bs[kK][kTile];
+
+  int ti, tj;
+  tile_pair(blockIdx.x, tiles, &ti, &tj);
   const int chunk = blockIdx.y;
   const int64_t i0 = static_cast<int64_t>(ti) * kTile, j0 = static_cast<int64_t>(tj) * kTile;
   const int64_t r0 = static_cast<int64_t>(chunk) * p.chunk_rows;
@@ -147,6 +154,137 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int 
   }
 }
 
+
+constexpr int kTcThreads = 128;  // 4 warps, each a 32 x 32 quarter of the 64 x 64 tile
+constexpr int kTcRows = 16;      // rows per shared-memory stage (two k-steps of 8)
+constexpr int kTcLd = kTile + 8;  // 72 floats: 32-byte aligned WMMA rows, fewer bank conflicts
+constexpr int kScratchLd = 36;
+
+__global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p, int chunks, int tiles) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  // centred rows of the i-tile (a) and j-tile (b), split into tf32 hi and lo parts
+  __shared__ __align__(128) float a_hi[kTcRows][kTcLd], a_lo[kTcRows][kTcLd];
+  __shared__ __align__(128) float b_hi[kTcRows][kTcLd], b_lo[kTcRows][kTcLd];
+  __shared__ __align__(128) float scratch[kTcThreads / 32][32][kScratchLd];
+
+  int ti, tj;
+  tile_pair(blockIdx.x, tiles, &ti, &tj);
+  const int chunk = blockIdx.y;
+  const int64_t i0 = static_cast<int64_t>(ti) * kTile, j0 = static_cast<int64_t>(tj) * kTile;
+  const int64_t r0 = static_cast<int64_t>(chunk) * p.chunk_rows;
+  const int64_t r1 = min(r0 + p.chunk_rows, p.rows);
+  const double* mu_c = p.chunk_mean + static_cast<int64_t>(chunk) * p.m;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wi = warp >> 1, wj = warp & 1;  // this warp's quarter of the output tile
+  // Loader: thread -> (row lk of the stage, 8 consecutive columns from lc) of both tiles.
+  const int lk = tid >> 3, lc = (tid & 7) * 8;
+  float mean_a[8], mean_b[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
+    mean_a[q] = ca < p.m ? static_cast<float>(mu_c[ca]) : 0.0f;
+    mean_b[q] = cb < p.m ? static_cast<float>(mu_c[cb]) : 0.0f;
+  }
+
+  FragC acc[2][2];
+#pragma unroll
+  for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+    for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
+  double acc64[32] = {};  // lane owns column `lane` of the warp's 32 x 32 quarter, rows 0..31
+
+  auto flush = [&]() {
+#pragma unroll
+    for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+      for (int fj = 0; fj < 2; ++fj) {
+        wmma::store_matrix_sync(&scratch[warp][fi * 16][fj * 16], acc[fi][fj], kScratchLd, wmma::mem_row_major);
+        wmma::fill_fragment(acc[fi][fj], 0.0f);
+      }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < 32; ++q) acc64[q] += scratch[warp][q][lane];
+    __syncwarp();
+  };
+
+  int since_flush = 0;
+  for (int64_t k0 = r0; k0 < r1; k0 += kTcRows) {
+    const int64_t r = k0 + lk;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
+      // Rows past the chunk and columns past m contribute exactly zero.
+      const float va = (r < r1 && ca < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + ca) - mean_a[q] : 0.0f;
+      const float vb = (r < r1 && cb < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + cb) - mean_b[q] : 0.0f;
+      const float ha = wmma::__float_to_tf32(va), hb = wmma::__float_to_tf32(vb);
+      a_hi[lk][lc + q] = ha;
+      a_lo[lk][lc + q] = wmma::__float_to_tf32(va - ha);
+      b_hi[lk][lc + q] = hb;
+      b_lo[lk][lc + q] = wmma::__float_to_tf32(vb - hb);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k8 = 0; k8 < kTcRows; k8 += 8) {
+      FragA ah[2], al[2];
+      FragB bh[2], bl[2];
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        // A^T: element (i, r) = a[r][i] -> col-major with ld kTcLd; B: (r, j) = b[r][j] row-major
+        wmma::load_matrix_sync(ah[f], &a_hi[k8][wi * 32 + f * 16], kTcLd);
+        wmma::load_matrix_sync(al[f], &a_lo[k8][wi * 32 + f * 16], kTcLd);
+        wmma::load_matrix_sync(bh[f], &b_hi[k8][wj * 32 + f * 16], kTcLd);
+        wmma::load_matrix_sync(bl[f], &b_lo[k8][wj * 32 + f * 16], kTcLd);
+      }
+#pragma unroll
+      for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < 2; ++fj) {  // small terms first
+          wmma::mma_sync(acc[fi][fj], al[fi], bh[fj], acc[fi][fj]);
+          wmma::mma_sync(acc[fi][fj], ah[fi], bl[fj], acc[fi][fj]);
+          wmma::mma_sync(acc[fi][fj], ah[fi], bh[fj], acc[fi][fj]);
+        }
+    }
+    __syncthreads();
+    since_flush += kTcRows;
+    if (since_flush >= kFlushRows) {  // keep each fp32 partial sum short
+      flush();
+      since_flush = 0;
+    }
+  }
+  flush();
+
+  // Epilogue: M2 += G_c + n_c dmu_c dmu_c^T (+ n dmu_old dmu_old^T once, from chunk 0).
+  const double* mu_new = p.chunk_mean + static_cast<int64_t>(chunks) * p.m;
+  const double nc = static_cast<double>(r1 - r0);
+  const double n_old = *p.count;
+  const int64_t j = j0 + wj * 32 + lane;
+  if (j >= p.m) return;
+  const double dcj = mu_c[j] - mu_new[j], doj = p.mean[j] - mu_new[j];
+#pragma unroll
+  for (int q = 0; q < 32; ++q) {
+    const int64_t i = i0 + wi * 32 + q;
+    if (i >= p.m || j < i) continue;  // upper triangle only
+    double add = acc64[q] + nc * (mu_c[i] - mu_new[i]) * dcj;
+    if (chunk == 0 && n_old > 0) add += n_old * (p.mean[i] - mu_new[i]) * doj;
+    atomicAdd(p.m2 + i * p.m + j, add);
+  }
+#else
+  __trap();  // launched only on sm_80+
+#endif
+}
+
+bool tensor_cores() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 8;
+}
+
 }  // namespace
 
 int covariance_update_cuda(const CovarianceParams& p, void* stream) {
@@ -159,7 +297,11 @@ int covariance_update_cuda(const CovarianceParams& p, void* stream) {
   VF_LAUNCH(chunk_mean_kernel, dim3(col_blocks32, chunks), dim3(32, 8), 0, s, p);
   VF_LAUNCH(new_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
   const unsigned pairs = static_cast<unsigned>(tiles) * (tiles + 1) / 2;
-  VF_LAUNCH(gram_kernel, dim3(pairs, chunks), kThreads, 0, s, p, chunks, tiles);
+  if (tensor_cores()) {
+    VF_LAUNCH(gram_tc_kernel, dim3(pairs, chunks), kTcThreads, 0, s, p, chunks, tiles);
+  } else {
+    VF_LAUNCH(gram_kernel, dim3(pairs, chunks), kThreads, 0, s, p, chunks, tiles);
+  }
   VF_LAUNCH(copy_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
   return cudaGetLastError();
 }

@@ -93,8 +93,9 @@ def ce_case(make, k):
     return run
 
 
-def cov_case(make, chunk):
+def cov_case(make, chunk, cc_major=9):
     def run(mod):
+        os.environ["VITFAST_EMU_CC_MAJOR"] = str(cc_major)  # 7: the SIMT Gram, else tensor cores
         y = make()
         count = torch.zeros((), dtype=torch.float64)
         mean = torch.zeros(y.shape[1], dtype=torch.float64)
@@ -128,6 +129,8 @@ KERNEL_CASES = {
     "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
     "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),
     "cov_fp32_strided_rows": (torch.float32, cov_case(lambda: torch.randn(1200, 130)[:, 1:], 1200)),
+    "cov_fp32_long_chunk_flushes": (torch.float32, cov_case(lambda: torch.randn(2600, 40) * 3 + 100, 2600)),
+    "cov_fp32_simt_pre_ampere": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700, cc_major=7)),
 }
 CASES = {**WINDOW_CASES, **KERNEL_CASES}
 
