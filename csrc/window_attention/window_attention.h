@@ -79,7 +79,18 @@ struct WindowAttentionParams {
   const void* mask = nullptr;  // (mask_windows, tokens, tokens) contiguous, may be null
   DType mask_dtype = DType::kFloat32;
   int64_t mask_windows = 1;
+
+  // CUDA only, optional: a (window types, heads, tokens, tokens) buffer (float; double for fp64)
+  // that the kernels first fill with table[h, index] + mask[type], then read with one load per
+  // score instead of the index -> table and mask gathers. Types = mask_windows with a mask, else 1.
+  void* bias_buffer = nullptr;
 };
+
+// Elements of the optional bias buffer (0 when there is neither a table nor a mask).
+VF_HD int64_t window_attention_bias_elements(const WindowAttentionParams& p) {
+  if (p.table == nullptr && p.mask == nullptr) return 0;
+  return (p.mask != nullptr ? p.mask_windows : 1) * p.heads * static_cast<int64_t>(p.tokens) * p.tokens;
+}
 
 struct WindowAttentionBackwardParams {
   WindowAttentionParams fwd;  // inputs, saved out and lse

@@ -65,6 +65,35 @@ __device__ __forceinline__ Acc bias_at(const WindowAttentionParams& p, int64_t w
   return b;
 }
 
+// Row i of head h's bias for window w: the precomputed buffer when there is one (one load per
+// score), else null (the caller gathers with bias_at).
+template <typename Acc>
+__device__ __forceinline__ const Acc* bias_row(const WindowAttentionParams& p, int64_t w, int h, int i) {
+  if (p.bias_buffer == nullptr || i >= p.tokens) return nullptr;
+  const int64_t type = p.mask != nullptr ? w % p.mask_windows : 0;
+  return static_cast<const Acc*>(p.bias_buffer) + ((type * p.heads + h) * p.tokens + i) * p.tokens;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc bias_of(const WindowAttentionParams& p, const Acc* row, int64_t w, int h, int i, int j) {
+  return row != nullptr ? row[j] : bias_at<Acc>(p, w, h, i, j);
+}
+
+// Fills the bias buffer: table[h, index[i, j]] + mask[type, i, j].
+template <typename Acc>
+__global__ void window_attention_bias_kernel(const WindowAttentionParams p) {
+  const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
+  const int64_t total = window_attention_bias_elements(p);
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ij = e % nn, th = e / nn;
+    const int h = static_cast<int>(th % p.heads);
+    const int64_t type = th / p.heads;  // a window index whose mask type is `type`
+    static_cast<Acc*>(p.bias_buffer)[e] =
+        bias_at<Acc>(p, type, h, static_cast<int>(ij / p.tokens), static_cast<int>(ij % p.tokens));
+  }
+}
+
 // rows x dim tile of one role (q, k or v) for `heads` heads into shared memory (ld = row pitch),
 // zero beyond the tokens and beyond dim (up to the padded width). With kVec, 16-byte chunks of 8
 // elements (the host checked alignment of pointer, strides, offsets and dims), one address
@@ -194,9 +223,10 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
       const Acc m_old = *m_row, l_old = *l_row;
       Acc mx = wa::neg_inf<Acc>();
       const int c_begin = half * (kKeyTile / 2), c_end = min(c_begin + kKeyTile / 2, nsub * 16);
+      const Acc* brow = bias_row<Acc>(p, w, h, i);
       for (int c = c_begin; c < c_end; ++c) {
         Acc sv = wa::neg_inf<Acc>();
-        if (i < p.tokens && c < ncols) sv = s_w[r * L.lds + c] * scale + bias_at<Acc>(p, w, h, i, key0 + c);
+        if (i < p.tokens && c < ncols) sv = s_w[r * L.lds + c] * scale + bias_of<Acc>(p, brow, w, h, i, key0 + c);
         s_w[r * L.lds + c] = sv;
         mx = max(mx, sv);
       }
@@ -422,11 +452,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
         {
           const int r = lane >> 1, c0 = (lane & 1) * 8;
           const int i = q0 + r;
+          const Acc* brow = bias_row<Acc>(p, w, h, i);
           for (int c = c0; c < c0 + 8; ++c) {
             const int j = key_base + kk * 16 + c;
             Acc pv = 0, dsv = 0;
             if (i < N && j < N) {
-              const Acc sv = s_w[r * kLdS + c] * scale + bias_at<Acc>(p, w, h, i, j);
+              const Acc sv = s_w[r * kLdS + c] * scale + bias_of<Acc>(p, brow, w, h, i, j);
               pv = wa::acc_exp(sv - sm.lse[gh * 16 + r]);
               dsv = pv * (dp_w[r * kLdS + c] - sm.dd[gh * 16 + r]);
               if (dbias != nullptr) dbias[(static_cast<int64_t>(h) * N + i) * N + j] += dsv;
@@ -604,9 +635,17 @@ bool vec_ok(const WindowAttentionParams& p, const void* grad_out) {
          m8(p.dim_k) && m8(p.dim_v);
 }
 
+template <typename Acc>
+void fill_bias_buffer(const WindowAttentionParams& p, cudaStream_t stream) {
+  if (p.bias_buffer == nullptr) return;
+  auto kernel = window_attention_bias_kernel<Acc>;
+  VF_LAUNCH(kernel, blocks_for(window_attention_bias_elements(p), 256), 256, 0, stream, p);
+}
+
 template <typename T>
 int forward_typed(const WindowAttentionParams& p, cudaStream_t stream) {
   using Acc = typename wa::AccOf<T>::type;
+  fill_bias_buffer<Acc>(p, stream);
   size_t smem = 0;
   const FwdLayout L = plan_fwd<T, Acc>(p, device_smem_optin(), &smem);
   if (smem == 0) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -655,6 +694,7 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
   const BwdLayout L = plan_bwd<T, Acc>(b, device_smem_optin(), &smem);
   if (smem == 0) return static_cast<int>(cudaErrorInvalidConfiguration);
   const BwdWorkspace<T> ws = workspace_for<T>(b, L);
+  fill_bias_buffer<Acc>(p, stream);
   Acc* dd = static_cast<Acc*>(workspace);
   Acc* slots = ws.slots ? dd + ws.dd : nullptr;
   Acc* dq = ws.dq ? dd + ws.dd + ws.slots : nullptr;

@@ -220,6 +220,15 @@ WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs&
   return call;
 }
 
+void attach_window_attention_bias_buffer(WindowAttentionCall& call) {
+  WindowAttentionParams& p = call.params.fwd;
+  const int64_t elements = window_attention_bias_elements(p);
+  const at::ScalarType acc = p.dtype == DType::kFloat64 ? at::kDouble : at::kFloat;
+  if (elements == 0 || elements * c10::elementSize(acc) > (int64_t{64} << 20)) return;
+  call.bias_buffer = at::empty({elements}, call.qkv.options().dtype(acc));
+  p.bias_buffer = call.bias_buffer.data_ptr();
+}
+
 at::Tensor window_attention_table_grad(const WindowAttentionCall& call) {
   if (!call.dbias.defined()) return at::Tensor();
   const int64_t heads = call.dbias.size(0), nn = call.dbias.size(1) * call.dbias.size(2);

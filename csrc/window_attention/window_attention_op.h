@@ -27,6 +27,7 @@ struct WindowAttentionCall {
   at::Tensor qkv, table, index, mask;  // as the kernels read them (table is a view)
   at::Tensor out, lse;                 // forward outputs (backward: saved inputs)
   at::Tensor grad_out, grad_qkv, dbias;
+  at::Tensor bias_buffer;  // CUDA: precomputed table + mask bias, when small enough
   WindowAttentionBackwardParams params{};
   bool channels_covered = false;  // q, k and v of all heads tile every qkv channel
 };
@@ -35,6 +36,10 @@ WindowAttentionCall prepare_window_attention_forward(const WindowAttentionArgs& 
 
 WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs& a, const at::Tensor& grad_out,
                                                       const at::Tensor& out, const at::Tensor& lse, bool table_grad);
+
+// CUDA: gives the kernels a precomputed (types, heads, N, N) bias buffer when it takes at most
+// 64 MB (e.g. 1.8 MB for Swin-T stage 1), so each score costs one load instead of two gathers.
+void attach_window_attention_bias_buffer(WindowAttentionCall& call);
 
 // grad of the (heads, L) table from dbias (heads, N, N): deterministic under
 // torch.use_deterministic_algorithms (index_put_ with accumulate), in the table's dtype.

@@ -27,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& qkv, const c10
   const WindowAttentionArgs args{qkv,   bias_table, bias_index,  mask,  num_heads,   dim_k,
                                  dim_v, offsets,    head_stride, scale, window_size, shift_size};
   WindowAttentionCall call = prepare_window_attention_forward(args);
+  attach_window_attention_bias_buffer(call);
   check_launch(window_attention_forward_cuda(call.params.fwd, at::cuda::getCurrentCUDAStream().stream()),
                call.params.fwd, qkv);
   return {call.out, call.lse};
@@ -44,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, con
   const WindowAttentionArgs args{qkv,   bias_table, bias_index,  mask,  num_heads,   dim_k,
                                  dim_v, offsets,    head_stride, scale, window_size, shift_size};
   WindowAttentionCall call = prepare_window_attention_backward(args, grad_out, out, lse, table_grad);
+  attach_window_attention_bias_buffer(call);
   const int64_t ws = window_attention_backward_workspace(call.params);
   if (ws < 0) check_launch(static_cast<int>(cudaErrorInvalidConfiguration), call.params.fwd, qkv);
   const at::Tensor workspace = at::empty({std::max<int64_t>(ws, 1)}, lse.options());

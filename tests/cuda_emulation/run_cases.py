@@ -43,6 +43,8 @@ WINDOW_CASES = {
     "swin_bf16_mask_slots": (torch.bfloat16, dict(windows=20, heads=3, dk=32, wh=7, ww=7, mask_types=4)),
     "swin_fp16": (torch.float16, dict(windows=3, heads=2, dk=32, wh=7, ww=7)),
     "swin_fp32_simt": (torch.float32, dict(windows=4, heads=3, dk=32, wh=7, ww=7, mask_types=2)),
+    "swin_bf16_gathered_bias": (torch.bfloat16, dict(windows=6, heads=3, dk=32, wh=7, ww=7, mask_types=3,
+                                                     bias_buffer=False)),
     "swin_fp64_simt": (torch.float64, dict(windows=3, heads=2, dk=16, wh=4, ww=5, mask_types=3)),
     "tinyvit_bf16_dk16_dv64_n196": (torch.bfloat16, dict(windows=1, heads=3, dk=16, dv=64, wh=14, ww=14,
                                                           layout="tinyvit")),
@@ -143,6 +145,8 @@ def rel(a, b):
 
 
 def run_window(mod, dtype, kw):
+    kw = dict(kw)
+    bias_buffer = kw.pop("bias_buffer", True)  # as the CUDA glue does; False: per-score gathers
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -151,9 +155,9 @@ def run_window(mod, dtype, kw):
     shift = list(case["shift"]) if case["window_size"] else []
     table = case["table"].t().contiguous().t() if case["table"] is not None else None  # Swin-like strides
     args = (table, case["index"], case["mask"], heads, dk, dv, offsets, hs, dk ** -0.5, window, shift)
-    out, lse = mod.window_attention_forward(case["qkv"], *args)
+    out, lse = mod.window_attention_forward(bias_buffer, case["qkv"], *args)
     grad = torch.randn_like(out)
-    gq, gt = mod.window_attention_backward(grad, case["qkv"], out, lse, *args)
+    gq, gt = mod.window_attention_backward(bias_buffer, grad, case["qkv"], out, lse, *args)
     q64 = case["qkv"].double().requires_grad_()
     t64 = case["table"].double().requires_grad_()
     ref = window_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5, t64, case["index"],
