@@ -155,11 +155,38 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int 
 }
 
 
+// y[row, col .. col + 8) as float, zero past m. kVec: 16-byte loads (the host checked that
+// the pointer and the row stride allow them for this dtype).
+template <bool kVec>
+__device__ __forceinline__ void load8(const CovarianceParams& p, int64_t row, int64_t col, float out[8]) {
+  const int64_t base = row * p.row_stride + col;
+  if (kVec && col + 8 <= p.m) {
+    if (p.y_dtype == DType::kFloat32) {
+      const float4 u0 = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p.y) + base));
+      const float4 u1 = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p.y) + base) + 1);
+      out[0] = u0.x, out[1] = u0.y, out[2] = u0.z, out[3] = u0.w;
+      out[4] = u1.x, out[5] = u1.y, out[6] = u1.z, out[7] = u1.w;
+    } else {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.y) + base));
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // little endian: element 2q in the low half
+        out[2 * q] = load_as<float>(&w[q], p.y_dtype, 0);
+        out[2 * q + 1] = load_as<float>(reinterpret_cast<const uint16_t*>(&w[q]) + 1, p.y_dtype, 0);
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < 8; ++q) out[q] = col + q < p.m ? load_as<float>(p.y, p.y_dtype, base + q) : 0.0f;
+}
+
 constexpr int kTcThreads = 128;  // 4 warps, each a 32 x 32 quarter of the 64 x 64 tile
 constexpr int kTcRows = 16;      // rows per shared-memory stage (two k-steps of 8)
 constexpr int kTcLd = kTile + 8;  // 72 floats: 32-byte aligned WMMA rows, fewer bank conflicts
 constexpr int kScratchLd = 36;
 
+template <bool kVec>
 __global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p, int chunks, int tiles) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
@@ -215,12 +242,17 @@ __global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p,
   int since_flush = 0;
   for (int64_t k0 = r0; k0 < r1; k0 += kTcRows) {
     const int64_t r = k0 + lk;
+    float ya[8] = {}, yb[8] = {};
+    if (r < r1) {
+      load8<kVec>(p, r, i0 + lc, ya);
+      load8<kVec>(p, r, j0 + lc, yb);
+    }
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
       // Rows past the chunk and columns past m contribute exactly zero.
-      const float va = (r < r1 && ca < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + ca) - mean_a[q] : 0.0f;
-      const float vb = (r < r1 && cb < p.m) ? load_as<float>(p.y, p.y_dtype, r * p.row_stride + cb) - mean_b[q] : 0.0f;
+      const float va = (r < r1 && ca < p.m) ? ya[q] - mean_a[q] : 0.0f;
+      const float vb = (r < r1 && cb < p.m) ? yb[q] - mean_b[q] : 0.0f;
       const float ha = wmma::__float_to_tf32(va), hb = wmma::__float_to_tf32(vb);
       a_hi[lk][lc + q] = ha;
       a_lo[lk][lc + q] = wmma::__float_to_tf32(va - ha);
@@ -298,7 +330,10 @@ int covariance_update_cuda(const CovarianceParams& p, void* stream) {
   VF_LAUNCH(new_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
   const unsigned pairs = static_cast<unsigned>(tiles) * (tiles + 1) / 2;
   if (tensor_cores()) {
-    VF_LAUNCH(gram_tc_kernel, dim3(pairs, chunks), kTcThreads, 0, s, p, chunks, tiles);
+    const size_t elem = p.y_dtype == DType::kFloat32 ? 4 : 2;
+    const bool vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && (p.row_stride * elem) % 16 == 0;
+    auto kernel = vec ? gram_tc_kernel<true> : gram_tc_kernel<false>;
+    VF_LAUNCH(kernel, dim3(pairs, chunks), kTcThreads, 0, s, p, chunks, tiles);
   } else {
     VF_LAUNCH(gram_kernel, dim3(pairs, chunks), kThreads, 0, s, p, chunks, tiles);
   }

@@ -132,6 +132,9 @@ KERNEL_CASES = {
     "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),
     "cov_fp32_strided_rows": (torch.float32, cov_case(lambda: torch.randn(1200, 130)[:, 1:], 1200)),
     "cov_fp32_long_chunk_flushes": (torch.float32, cov_case(lambda: torch.randn(2600, 40) * 3 + 100, 2600)),
+    "cov_bf16_vector_loads_partial_chunk": (torch.bfloat16,
+                                            cov_case(lambda: (torch.randn(900, 72) + 20).bfloat16()[:, :70], 900)),
+    "cov_fp16_vector_loads": (torch.float16, cov_case(lambda: torch.randn(700, 136).half(), 700)),
     "cov_fp32_simt_pre_ampere": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700, cc_major=7)),
 }
 CASES = {**WINDOW_CASES, **KERNEL_CASES}
