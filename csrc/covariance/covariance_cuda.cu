@@ -60,28 +60,39 @@ __global__ void copy_mean_kernel(CovarianceParams p, int chunks) {
   if (col == 0) *p.count += static_cast<double>(p.rows);  // every reader of count ran before
 }
 
-// Linear block index -> upper-triangle tile pair (ti <= tj), row by row.
-__device__ __forceinline__ void tile_pair(int block, int tiles, int* ti_out, int* tj_out) {
-  int rem = block, ti = 0;
+// What a Gram block works on: blockIdx.x -> upper-triangle tile pair (ti <= tj, row by row),
+// blockIdx.y -> row chunk.
+struct GramBlock {
+  int chunk;
+  int64_t i0, j0;      // first column of the i- and j-tiles
+  int64_t r0, r1;      // the chunk's rows
+  const double* mu_c;  // the chunk's column means
+};
+
+__device__ __forceinline__ GramBlock gram_block(const CovarianceParams& p, int tiles) {
+  int rem = blockIdx.x, ti = 0;
   while (rem >= tiles - ti) {
     rem -= tiles - ti;
     ++ti;
   }
-  *ti_out = ti;
-  *tj_out = ti + rem;
+  GramBlock g;
+  g.chunk = blockIdx.y;
+  g.i0 = static_cast<int64_t>(ti) * kTile;
+  g.j0 = static_cast<int64_t>(ti + rem) * kTile;
+  g.r0 = static_cast<int64_t>(g.chunk) * p.chunk_rows;
+  g.r1 = min(g.r0 + p.chunk_rows, p.rows);
+  g.mu_c = p.chunk_mean + static_cast<int64_t>(g.chunk) * p.m;
+  return g;
 }
 
 __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int chunks, int tiles) {
   __shared__ __align__(16) float As[kK][kTile];
   __shared__ __align__(16) float Bs[kK][kTile];
 
-  int ti, tj;
-  tile_pair(blockIdx.x, tiles, &ti, &tj);
-  const int chunk = blockIdx.y;
-  const int64_t i0 = static_cast<int64_t>(ti) * kTile, j0 = static_cast<int64_t>(tj) * kTile;
-  const int64_t r0 = static_cast<int64_t>(chunk) * p.chunk_rows;
-  const int64_t r1 = min(r0 + p.chunk_rows, p.rows);
-  const double* mu_c = p.chunk_mean + static_cast<int64_t>(chunk) * p.m;
+  const GramBlock g = gram_block(p, tiles);
+  const int chunk = g.chunk;
+  const int64_t i0 = g.i0, j0 = g.j0, r0 = g.r0, r1 = g.r1;
+  const double* mu_c = g.mu_c;
 
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   // Loader: thread -> (row lk of the stage, 4 consecutive columns from lc).
@@ -198,13 +209,10 @@ __global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p,
   __shared__ __align__(128) float b_hi[kTcRows][kTcLd], b_lo[kTcRows][kTcLd];
   __shared__ __align__(128) float scratch[kTcThreads / 32][32][kScratchLd];
 
-  int ti, tj;
-  tile_pair(blockIdx.x, tiles, &ti, &tj);
-  const int chunk = blockIdx.y;
-  const int64_t i0 = static_cast<int64_t>(ti) * kTile, j0 = static_cast<int64_t>(tj) * kTile;
-  const int64_t r0 = static_cast<int64_t>(chunk) * p.chunk_rows;
-  const int64_t r1 = min(r0 + p.chunk_rows, p.rows);
-  const double* mu_c = p.chunk_mean + static_cast<int64_t>(chunk) * p.m;
+  const GramBlock g = gram_block(p, tiles);
+  const int chunk = g.chunk;
+  const int64_t i0 = g.i0, j0 = g.j0, r0 = g.r0, r1 = g.r1;
+  const double* mu_c = g.mu_c;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wi = warp >> 1, wj = warp & 1;  // this warp's quarter of the output tile

@@ -132,6 +132,25 @@ __device__ __forceinline__ void load_qkv_tile(const WindowAttentionParams& p, in
                      head_pitch);
 }
 
+// blockIdx.x -> (outer index: window or window slot, head group, chunk), chunk fastest.
+struct BlockWork {
+  int64_t outer;
+  int chunk;
+  int h0, heads;  // this block's heads: h0 .. h0 + heads - 1
+};
+
+__device__ __forceinline__ BlockWork block_work(int chunks, int groups, int group_heads, int total_heads) {
+  int64_t bid = blockIdx.x;
+  BlockWork b;
+  b.chunk = static_cast<int>(bid % chunks);
+  bid /= chunks;
+  const int group = static_cast<int>(bid % groups);
+  b.outer = bid / groups;
+  b.h0 = group * group_heads;
+  b.heads = min(group_heads, total_heads - b.h0);
+  return b;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -173,13 +192,9 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
   const int dkp = round16(p.dim_k), dvp = round16(p.dim_v);
   const FwdSmem<T, Acc> sm = carve_fwd<T, Acc>(sc, L, dkp, dvp);
 
-  int64_t bid = blockIdx.x;
-  const int chunk = static_cast<int>(bid % L.chunks);
-  bid /= L.chunks;
-  const int group = static_cast<int>(bid % L.groups);
-  const int64_t w = bid / L.groups;
-  const int h0 = group * L.G;
-  const int heads = min(L.G, p.heads - h0);
+  const BlockWork bw = block_work(L.chunks, L.groups, L.G, p.heads);
+  const int64_t w = bw.outer;
+  const int chunk = bw.chunk, h0 = bw.h0, heads = bw.heads;
   const int qr = L.QC * 16;
   const int row0 = chunk * qr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -395,13 +410,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
   const int dkp = round16(p.dim_k), dvp = round16(p.dim_v);
   const int N = p.tokens;
 
-  int64_t bid = blockIdx.x;
-  const int chunk = static_cast<int>(bid % L.chunks);
-  bid /= L.chunks;
-  const int group = static_cast<int>(bid % L.groups);
-  const int64_t slot = bid / L.groups;
-  const int h0 = group * L.G;
-  const int heads = min(L.G, p.heads - h0);
+  const BlockWork bw = block_work(L.chunks, L.groups, L.G, p.heads);
+  const int64_t slot = bw.outer;
+  const int chunk = bw.chunk, h0 = bw.h0, heads = bw.heads;
   const int kr = L.KC * 16;
   const int key_base = chunk * kr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
