@@ -351,7 +351,7 @@ template <typename T, typename Acc>
 struct BwdSmem {
   T *k, *v, *q, *dout;
   Acc *dk, *dv, *dq, *lse, *dd;
-  Acc *s, *dp, *tmp;  // per warp 16 x 20
+  Acc *s, *dp;        // per warp 16 x 20
   T *pm, *ds;         // per warp 16 x 24
 };
 
@@ -367,12 +367,13 @@ __host__ __device__ BwdSmem<T, Acc> carve_bwd(SmemCarver& sc, const BwdLayout& L
   s.dv = sc.take<Acc>(L.G * kr * L.ldv_acc);
   s.q = sc.take<T>(static_cast<size_t>(L.G) * 16 * L.ldq);
   s.dout = sc.take<T>(static_cast<size_t>(L.G) * 16 * L.ldv);
-  s.dq = sc.take<Acc>(static_cast<size_t>(L.G) * 16 * L.ldk_acc);
+  // dQ partial of each (head, key tile) item of a query tile, summed in key-tile order afterwards
+  // (deterministic, no atomics)
+  s.dq = sc.take<Acc>(static_cast<size_t>(L.G) * L.KC * 16 * L.ldk_acc);
   s.lse = sc.take<Acc>(static_cast<size_t>(L.G) * 16);
   s.dd = sc.take<Acc>(static_cast<size_t>(L.G) * 16);
   s.s = sc.take<Acc>(static_cast<size_t>(kBwdWarps) * 16 * kLdS);
   s.dp = sc.take<Acc>(static_cast<size_t>(kBwdWarps) * 16 * kLdS);
-  s.tmp = sc.take<Acc>(static_cast<size_t>(kBwdWarps) * 16 * kLdS);
   s.pm = sc.take<T>(static_cast<size_t>(kBwdWarps) * 16 * kLdP);
   s.ds = sc.take<T>(static_cast<size_t>(kBwdWarps) * 16 * kLdP);
   return s;
@@ -422,7 +423,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
 
   Acc* s_w = sm.s + warp * 16 * kLdS;
   Acc* dp_w = sm.dp + warp * 16 * kLdS;
-  Acc* tmp_w = sm.tmp + warp * 16 * kLdS;
   T* p_w = sm.pm + warp * 16 * kLdP;
   T* ds_w = sm.ds + warp * 16 * kLdP;
   const int ksubs = min(L.KC, (N - key_base + 15) / 16);  // key tiles of this chunk holding tokens
@@ -447,7 +447,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
         sm.lse[e] = i < N ? static_cast<const Acc*>(p.lse)[row] : Acc(0);
         sm.dd[e] = i < N ? dd[row] : Acc(0);
       }
-      for (int e = threadIdx.x; e < heads * 16 * L.ldk_acc; e += blockDim.x) sm.dq[e] = Acc(0);
       __syncthreads();
 
       for (int item = warp; item < items; item += kBwdWarps) {
@@ -484,14 +483,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
           wa::warp_mma<false, true>(p_w, kLdP, do_h + n, L.ldv, dv_t + n, L.ldv_acc, 16, true);
         for (int n = 0; n < dkp; n += 16)  // dK += dS^T Q (scaled at the end)
           wa::warp_mma<false, true>(ds_w, kLdP, q_h + n, L.ldq, dk_t + n, L.ldk_acc, 16, true);
-        Acc* dq_h = sm.dq + gh * 16 * L.ldk_acc;
-        for (int n = 0; n < dkp; n += 16) {  // dQ += dS K, summed over this block's key tiles
-          wa::warp_mma<true, true>(ds_w, kLdP, k_t + n, L.ldq, tmp_w, kLdS, 16, false);
-          __syncwarp();
-          const int r = lane >> 1, c0 = (lane & 1) * 8;
-          for (int c = c0; c < c0 + 8; ++c) atomicAdd(&dq_h[r * L.ldk_acc + n + c], tmp_w[r * kLdS + c]);
-          __syncwarp();
-        }
+        Acc* dq_t = sm.dq + (gh * L.KC + kk) * 16 * L.ldk_acc;
+        for (int n = 0; n < dkp; n += 16)  // this key tile's share of dQ = dS K
+          wa::warp_mma<true, true>(ds_w, kLdP, k_t + n, L.ldq, dq_t + n, L.ldk_acc, 16, false);
+        __syncwarp();  // the next item's P / dS overwrite this warp's scratch
       }
       __syncthreads();
 
@@ -502,7 +497,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
         const int r = rem / p.dim_k, c = rem - r * p.dim_k;
         const int i = q0 + r;
         if (i >= N) continue;
-        const Acc v = scale * sm.dq[(gh * 16 + r) * L.ldk_acc + c];
+        Acc sum = 0;
+        for (int kk = 0; kk < ksubs; ++kk) sum += sm.dq[((gh * L.KC + kk) * 16 + r) * L.ldk_acc + c];
+        const Acc v = scale * sum;
         const int h = h0 + gh;
         if (L.chunks == 1) {
           static_cast<T*>(b.grad_qkv)[token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off + h * p.head_stride +
