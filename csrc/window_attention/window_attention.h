@@ -104,6 +104,14 @@ struct WindowAttentionBackwardParams {
 constexpr int kWindowAttnMaxHeadDim = 256;
 constexpr int kWindowAttnMaxTokens = 4096;
 
+// Table gradient from dbias (heads, nn) with nn = tokens^2: out[h, l] = sum of dbias[h, order[e]]
+// over e in [bounds[l], bounds[l + 1]), in that order (order: the entries sorted stably by table
+// slot), so the result is bitwise reproducible. Acc = float (double when f64); out (heads, L).
+void window_attention_segment_sum_cpu(const void* dbias, bool f64, const int64_t* order, const int64_t* bounds,
+                                      int64_t heads, int64_t L, int64_t nn, void* out);
+int window_attention_segment_sum_cuda(const void* dbias, bool f64, const int64_t* order, const int64_t* bounds,
+                                      int64_t heads, int64_t L, int64_t nn, void* out, void* stream);
+
 // CPU: windows [w_begin, w_end); the backward adds this range's bias gradient into p.dbias.
 void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end);
 void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64_t w_begin, int64_t w_end);

@@ -198,7 +198,27 @@ void backward_range(const WindowAttentionBackwardParams& b, int64_t w_begin, int
   }
 }
 
+template <typename Acc>
+void segment_sum(const Acc* dbias, const int64_t* order, const int64_t* bounds, int64_t heads, int64_t L, int64_t nn,
+                 Acc* out) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t l = 0; l < L; ++l) {
+      Acc sum = 0;
+      for (int64_t e = bounds[l]; e < bounds[l + 1]; ++e) sum += dbias[h * nn + order[e]];
+      out[h * L + l] = sum;
+    }
+}
+
 }  // namespace
+
+void window_attention_segment_sum_cpu(const void* dbias, bool f64, const int64_t* order, const int64_t* bounds,
+                                      int64_t heads, int64_t L, int64_t nn, void* out) {
+  if (f64) {
+    segment_sum(static_cast<const double*>(dbias), order, bounds, heads, L, nn, static_cast<double*>(out));
+  } else {
+    segment_sum(static_cast<const float*>(dbias), order, bounds, heads, L, nn, static_cast<float*>(out));
+  }
+}
 
 void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
   if (p.dtype == DType::kFloat64) {

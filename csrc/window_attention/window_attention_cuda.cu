@@ -734,7 +734,34 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename Acc>
+__global__ void window_attention_segment_sum_kernel(const Acc* dbias, const int64_t* order, const int64_t* bounds,
+                                                    int64_t heads, int64_t L, int64_t nn, Acc* out) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < heads * L;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t h = e / L, l = e - h * L;
+    Acc sum = 0;
+    for (int64_t k = bounds[l]; k < bounds[l + 1]; ++k) sum += dbias[h * nn + order[k]];
+    out[e] = sum;
+  }
+}
+
 }  // namespace
+
+int window_attention_segment_sum_cuda(const void* dbias, bool f64, const int64_t* order, const int64_t* bounds,
+                                      int64_t heads, int64_t L, int64_t nn, void* out, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (f64) {
+    auto k = window_attention_segment_sum_kernel<double>;
+    VF_LAUNCH(k, blocks_for(heads * L, 256), 256, 0, s, static_cast<const double*>(dbias), order, bounds, heads, L,
+              nn, static_cast<double*>(out));
+  } else {
+    auto k = window_attention_segment_sum_kernel<float>;
+    VF_LAUNCH(k, blocks_for(heads * L, 256), 256, 0, s, static_cast<const float*>(dbias), order, bounds, heads, L,
+              nn, static_cast<float*>(out));
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -229,13 +229,30 @@ void attach_window_attention_bias_buffer(WindowAttentionCall& call) {
   p.bias_buffer = call.bias_buffer.data_ptr();
 }
 
-at::Tensor window_attention_table_grad(const WindowAttentionCall& call) {
+at::Tensor window_attention_table_grad(const WindowAttentionCall& call, void* cuda_stream) {
   if (!call.dbias.defined()) return at::Tensor();
   const int64_t heads = call.dbias.size(0), nn = call.dbias.size(1) * call.dbias.size(2);
-  at::Tensor grad = at::zeros({heads, call.table.size(1)}, call.dbias.options());
-  const at::Tensor rows = at::arange(heads, call.index.options().dtype(at::kLong)).view({heads, 1});
-  const at::Tensor cols = call.index.to(at::kLong).view({1, nn});
-  grad.index_put_({rows, cols}, call.dbias.view({heads, nn}), /*accumulate=*/true);
+  const int64_t L = call.table.size(1);
+  const at::Tensor flat = call.index.to(at::kLong).reshape({nn});
+  const auto sorted = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor order = std::get<1>(sorted).contiguous();
+  const at::Tensor bounds = at::searchsorted(std::get<0>(sorted), at::arange(L + 1, flat.options())).contiguous();
+  const at::Tensor dbias = call.dbias.contiguous();
+  at::Tensor grad = at::empty({heads, L}, dbias.options());
+  const bool f64 = dbias.scalar_type() == at::kDouble;
+  if (dbias.is_cpu()) {
+    window_attention_segment_sum_cpu(dbias.data_ptr(), f64, order.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(),
+                                     heads, L, nn, grad.data_ptr());
+  } else {
+#ifdef VITFAST_WITH_CUDA
+    const int err = window_attention_segment_sum_cuda(dbias.data_ptr(), f64, order.data_ptr<int64_t>(),
+                                                      bounds.data_ptr<int64_t>(), heads, L, nn, grad.data_ptr(),
+                                                      cuda_stream);
+    TORCH_CHECK(err == 0, "vitfast.window_attention: table-gradient kernel failed (CUDA error ", err, ")");
+#else
+    TORCH_CHECK(false, "vitfast.window_attention: this build has no CUDA kernels");
+#endif
+  }
   return grad.to(call.table.scalar_type());
 }
 

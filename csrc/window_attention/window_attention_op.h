@@ -41,8 +41,9 @@ WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs&
 // 64 MB (e.g. 1.8 MB for Swin-T stage 1), so each score costs one load instead of two gathers.
 void attach_window_attention_bias_buffer(WindowAttentionCall& call);
 
-// grad of the (heads, L) table from dbias (heads, N, N): deterministic under
-// torch.use_deterministic_algorithms (index_put_ with accumulate), in the table's dtype.
-at::Tensor window_attention_table_grad(const WindowAttentionCall& call);
+// grad of the (heads, L) table from dbias (heads, N, N), in the table's dtype: each entry sums its
+// index slots in a fixed order (a stable sort of the index), so it is bitwise reproducible in every
+// mode. `cuda_stream`: the current stream for CUDA tensors (a cudaStream_t), ignored on CPU.
+at::Tensor window_attention_table_grad(const WindowAttentionCall& call, void* cuda_stream = nullptr);
 
 }  // namespace vitfast

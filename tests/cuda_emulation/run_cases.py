@@ -31,7 +31,8 @@ def build():
                  ("module.cpp", "window_attention_emu.cpp", "topk_softmax_emu.cpp", "soft_target_ce_emu.cpp",
                   "covariance_emu.cpp")] +
                 [os.path.join(ROOT, "csrc", d, f"{d}_op.cpp") for d in
-                 ("window_attention", "topk_softmax", "soft_target_ce", "covariance")],
+                 ("window_attention", "topk_softmax", "soft_target_ce", "covariance")] +
+                [os.path.join(ROOT, "csrc", "window_attention", "window_attention_cpu.cpp")],  # the glue's CPU helpers
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2", "-std=c++20", "-DVITFAST_CUDA_EMULATION", "-DVITFAST_NO_REGISTRATION",
                       "-fno-strict-aliasing", "-w"],
