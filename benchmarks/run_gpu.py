@@ -117,26 +117,35 @@ def bench_ce(device, b, c, k, dtype, reps, use_compile, bw_gbs):
 
 
 def bench_covariance(device, n, m, dtype, reps):
+    """covariance_update_ on n x m rows with means 100x the spread. "vitfast" is the default route
+    (auto); on sm_80+ each CUDA route is timed too, with its error and peak memory."""
     from vitfast.ops import CovarianceAccumulator
 
     nxt = rotating(lambda: (torch.randn(n, m, device=device) + 100).to(dtype), n=2)
-    acc = CovarianceAccumulator(m, device)
     out = torch.empty(m, m, device=device, dtype=torch.float32 if dtype == torch.float32 else dtype)
+    routes = {"vitfast": "auto"}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        routes.update({"vitfast split_gemm": "split_gemm", "vitfast tensor_core": "tensor_core"})
 
-    def ours():
-        acc.update(nxt())
+    def ours(method):
+        acc = CovarianceAccumulator(m, device, method=method)
+        return lambda: acc.update(nxt())
 
     def addmm_fp32():  # E[yy^T] by fp32 addmm with TF32 off (23 ms on the H100 for 65536x3072)
         y = nxt()
         torch.addmm(out, y.T, y, beta=0.0, out=out)
 
     tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    t, mem = {}, {}
     try:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
-        t = {"vitfast": time_ms(ours, device, 2, reps)}
-        t["addmm fp32 (TF32 off)" if dtype == torch.float32 else "cuBLAS Gram (same dtype)"] = \
-            time_ms(addmm_fp32, device, 2, reps)
+        for name, method in routes.items():
+            t[name] = time_ms(ours(method), device, 2, reps)
+            mem[name] = peak_memory_mb(ours(method), device)
+        base = "addmm fp32 (TF32 off)" if dtype == torch.float32 else "cuBLAS Gram (same dtype)"
+        t[base] = time_ms(addmm_fp32, device, 2, reps)
+        mem[base] = peak_memory_mb(addmm_fp32, device)
         if dtype == torch.float32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             t["addmm TF32"] = time_ms(addmm_fp32, device, 2, reps)
@@ -144,13 +153,16 @@ def bench_covariance(device, n, m, dtype, reps):
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tf32
     y = nxt()
-    accu = CovarianceAccumulator(m, device)
-    accu.update(y)
     yd = y.double()
     ref = (yd - yd.mean(0)).T @ (yd - yd.mean(0)) / n
-    err = ((accu.covariance() - ref).norm() / ref.norm()).item()
+    errs = {}
+    for name, method in routes.items():
+        accu = CovarianceAccumulator(m, device, method=method)
+        accu.update(y)
+        errs[name] = ((accu.covariance() - ref).norm() / ref.norm()).item()
     return {"op": "covariance_update", "shape": f"n{n} m{m}", "dtype": str(dtype).replace("torch.", ""),
-            "times_ms": t, "rel_err_vs_fp64": err, "floor_ms": None, "bytes": n * m * y.element_size()}
+            "times_ms": t, "peak_mem_mb": mem, "rel_err_vs_fp64": errs["vitfast"], "rel_err_by_route": errs,
+            "floor_ms": None, "bytes": n * m * y.element_size()}
 
 
 # The issue's bars: (op, shape, dtype, baseline, minimum speed-up).
@@ -230,7 +242,7 @@ def markdown(report) -> str:
             floor = f"{c['floor_ms']:.4f}" if impl == "vitfast" and c.get("floor_ms") else ""
             lines.append(f"| {c['op']} | {c['shape']} | {c['dtype']} | {impl} | {ms:.4f} | {speed} | {floor} |")
     lines += window_markdown(report["cases"])
-    mem_cases = [c for c in report["cases"] if c["op"] != "window_attention" and c.get("peak_mem_mb")
+    mem_cases = [c for c in report["cases"] if c["op"].startswith("sparse") and c.get("peak_mem_mb")
                  and c["peak_mem_mb"]["vitfast"] is not None]
     if mem_cases:
         lines += ["", "## Peak memory of forward + backward (MB above inputs)", "",
@@ -239,6 +251,17 @@ def markdown(report) -> str:
             m = c["peak_mem_mb"]
             lines.append(f"| {c['op']} | {c['shape']} | {c['dtype']} | {m['vitfast']:.1f} | "
                          f"{m['dense target + log_softmax']:.1f} | {c['grad_mb']:.1f} | {c['fp32_bxc_mb']:.1f} |")
+    cov_cases = [c for c in report["cases"] if c["op"] == "covariance_update"]
+    if cov_cases:
+        lines += ["", "## covariance_update by route (rows with means 100x the spread)", "",
+                  "| shape | dtype | route | ms | rel. error vs float64 | peak memory MB (above inputs) |",
+                  "|---|---|---|---|---|---|"]
+        for c in cov_cases:
+            for impl, ms in c["times_ms"].items():
+                err = c["rel_err_by_route"].get(impl)
+                mem = c["peak_mem_mb"].get(impl)
+                lines.append(f"| {c['shape']} | {c['dtype']} | {impl} | {ms:.3f} | "
+                             f"{'' if err is None else f'{err:.2e}'} | {'' if mem is None else f'{mem:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 synccheck, initcheck). Covers each code path: staged and unstaged top-k rows, 16-byte aligned and
 misaligned rows, k = 1, k = C, ties, non-finite rows, every logits dtype of the loss.
 Exits non-zero if any result disagrees with the reference, so a sanitizer run also checks values."""
+import os
 import sys
 
 import torch
@@ -34,8 +35,8 @@ def check_ce(x, k):
     assert err < tol, f"CE grad rel err {err} for {tuple(x.shape)} {x.dtype}"
 
 
-def check_cov(y, chunks_of):
-    acc = vitfast.ops.CovarianceAccumulator(y.shape[1], y.device)
+def check_cov(y, chunks_of, method="auto"):
+    acc = vitfast.ops.CovarianceAccumulator(y.shape[1], y.device, method=method)
     for part in y.split(chunks_of):
         acc.update(part)
     yd = y.double().cpu()
@@ -86,7 +87,12 @@ def main() -> int:
     check_ce(torch.randn(2, 5, device=dev), 5)                                      # k = C
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         check_cov((torch.randn(1500, 70, device=dev) + 50).to(dtype), 700)         # partial tiles, chunks
-    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000)                      # strided rows
+    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000)                      # strided rows (split GEMM)
+    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000, "tensor_core")       # strided rows
+    for dtype in (torch.float32, torch.bfloat16):  # split GEMM: several chunks, short last one, odd m
+        os.environ["VITFAST_COVARIANCE_GEMM_ROWS"] = "256"
+        check_cov((torch.randn(700, 131, device=dev) + 30).to(dtype), 600, "split_gemm")
+        del os.environ["VITFAST_COVARIANCE_GEMM_ROWS"]
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         check_window(dev, dtype, (4, 49), 3, 32, 32, "swin", mask_types=2)          # Swin window, shift mask
     check_window(dev, torch.bfloat16, (2, 14, 14), 2, 32, 32, "swin", (7, 7), (3, 3), mask_types=4)  # grid

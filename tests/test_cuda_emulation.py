@@ -60,3 +60,6 @@ def test_emulated_soft_target_ce_matches_reference(results, name):
 def test_emulated_covariance_matches_reference(results, name):
     r = results[name]
     assert r["count"] == 1.0 and r["mean"] < 1e-12 and r["m2"] < 1e-5, r
+    # the route each case is meant to exercise (auto: split GEMM on sm_80+ for m >= 128)
+    route = "split_gemm" if "split_gemm" in name else "simt" if "simt" in name else "tensor_core"
+    assert r["route"] == route, r

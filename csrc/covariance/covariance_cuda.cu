@@ -9,7 +9,10 @@
 //    with the Chan corrections by float64 atomics. gram_kernel is the SIMT version of the same
 //    (older GPUs). Chunks exist only to give small-m problems enough blocks.
 // 4. The new mean is copied into the state.
+// The split-GEMM route (covariance.h) shares steps 1, 2 and 4 and replaces step 3 by bf16 planes,
+// two external GEMMs per chunk and a float64 flush.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../common/cuda_compat.cuh"
@@ -318,26 +321,92 @@ __global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p,
 #endif
 }
 
-bool tensor_cores() {
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major >= 8;
+// ---- split-GEMM route -------------------------------------------------------------------------
+
+int num_chunks(const CovarianceParams& p) { return static_cast<int>((p.rows + p.chunk_rows - 1) / p.chunk_rows); }
+
+constexpr int kSplitThreads = 256;
+
+// Chunk rows -> centred bf16 planes [b1; b0; b2] (plane stride n_c * m). Coalesced along columns;
+// memory-bound (4 + 2 * planes bytes per fp32 element).
+__global__ void __launch_bounds__(kSplitThreads) split_kernel(CovarianceParams p, int chunk, int planes,
+                                                              __nv_bfloat16* out) {
+  const int64_t r0 = static_cast<int64_t>(chunk) * p.chunk_rows;
+  const int64_t nc = min(p.chunk_rows, p.rows - r0);
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSplitThreads + threadIdx.x;
+  if (col >= p.m) return;
+  const float mu = static_cast<float>(p.chunk_mean[static_cast<int64_t>(chunk) * p.m + col]);
+  const int64_t plane = nc * p.m;
+  for (int64_t r = blockIdx.y; r < nc; r += gridDim.y) {
+    const float c = load_as<float>(p.y, p.y_dtype, (r0 + r) * p.row_stride + col) - mu;
+    const __nv_bfloat16 b0 = __float2bfloat16_rn(c);
+    const float rest = c - __bfloat162float(b0);  // exact in fp32
+    const __nv_bfloat16 b1 = __float2bfloat16_rn(rest);
+    const int64_t e = r * p.m + col;
+    out[e] = b1;
+    out[plane + e] = b0;
+    if (planes == 3) out[2 * plane + e] = __float2bfloat16_rn(rest - __bfloat162float(b1));
+  }
+}
+
+constexpr int kFlushTile = 32;  // 32 x 32 output tiles, 32 x 8 threads
+
+// M2[i][j] += P[i][j] + X[i][j] + X[j][i] + n_c dmu_c,i dmu_c,j (+ the old state's term from
+// chunk 0) for i <= j. X[j][i] is read through a shared-memory transpose (coalesced both ways).
+// One chunk per launch, so plain read-modify-writes suffice.
+__global__ void flush_kernel(CovarianceParams p, int chunk, int chunks, int tiles, const float* P, const float* X) {
+  __shared__ float xt[kFlushTile][kFlushTile + 1];
+  int rem = blockIdx.x, ti = 0;
+  while (rem >= tiles - ti) {
+    rem -= tiles - ti;
+    ++ti;
+  }
+  const int64_t i0 = static_cast<int64_t>(ti) * kFlushTile, j0 = static_cast<int64_t>(ti + rem) * kFlushTile;
+  const int tx = threadIdx.x;
+  for (int a = threadIdx.y; a < kFlushTile; a += blockDim.y) {  // xt[a][b] = X[j0 + a][i0 + b]
+    const int64_t j = j0 + a, i = i0 + tx;
+    xt[a][tx] = (j < p.m && i < p.m) ? X[j * p.m + i] : 0.0f;
+  }
+  __syncthreads();
+  const double* mu_c = p.chunk_mean + static_cast<int64_t>(chunk) * p.m;
+  const double* mu_new = p.chunk_mean + static_cast<int64_t>(chunks) * p.m;
+  const double nc = static_cast<double>(min(p.chunk_rows, p.rows - static_cast<int64_t>(chunk) * p.chunk_rows));
+  const double n_old = *p.count;
+  const int64_t j = j0 + tx;
+  if (j >= p.m) return;
+  const double dcj = mu_c[j] - mu_new[j], doj = p.mean[j] - mu_new[j];
+  for (int a = threadIdx.y; a < kFlushTile; a += blockDim.y) {
+    const int64_t i = i0 + a;
+    if (i >= p.m || j < i) continue;
+    const int64_t e = i * p.m + j;
+    double add = static_cast<double>(P[e]) + static_cast<double>(X[e]) + static_cast<double>(xt[tx][a]) +
+                 nc * (mu_c[i] - mu_new[i]) * dcj;
+    if (chunk == 0 && n_old > 0) add += n_old * (p.mean[i] - mu_new[i]) * doj;
+    p.m2[e] += add;
+  }
+}
+
+void launch_means(const CovarianceParams& p, cudaStream_t s) {
+  const unsigned col_blocks32 = static_cast<unsigned>((p.m + 31) / 32);
+  const unsigned col_blocks256 = static_cast<unsigned>((p.m + 255) / 256);
+  VF_LAUNCH(chunk_mean_kernel, dim3(col_blocks32, num_chunks(p)), dim3(32, 8), 0, s, p);
+  VF_LAUNCH(new_mean_kernel, col_blocks256, 256, 0, s, p, num_chunks(p));
+}
+
+void launch_finish(const CovarianceParams& p, cudaStream_t s) {
+  VF_LAUNCH(copy_mean_kernel, static_cast<unsigned>((p.m + 255) / 256), 256, 0, s, p, num_chunks(p));
 }
 
 }  // namespace
 
-int covariance_update_cuda(const CovarianceParams& p, void* stream) {
+int covariance_update_cuda(const CovarianceParams& p, bool tensor_cores, void* stream) {
   if (p.rows == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int chunks = static_cast<int>((p.rows + p.chunk_rows - 1) / p.chunk_rows);
+  const int chunks = num_chunks(p);
   const int tiles = static_cast<int>((p.m + kTile - 1) / kTile);
-  const unsigned col_blocks32 = static_cast<unsigned>((p.m + 31) / 32);
-  const unsigned col_blocks256 = static_cast<unsigned>((p.m + 255) / 256);
-  VF_LAUNCH(chunk_mean_kernel, dim3(col_blocks32, chunks), dim3(32, 8), 0, s, p);
-  VF_LAUNCH(new_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
+  launch_means(p, s);
   const unsigned pairs = static_cast<unsigned>(tiles) * (tiles + 1) / 2;
-  if (tensor_cores()) {
+  if (tensor_cores) {
     const size_t elem = p.y_dtype == DType::kFloat32 ? 4 : 2;
     const bool vec = reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && (p.row_stride * elem) % 16 == 0;
     auto kernel = vec ? gram_tc_kernel<true> : gram_tc_kernel<false>;
@@ -345,7 +414,36 @@ int covariance_update_cuda(const CovarianceParams& p, void* stream) {
   } else {
     VF_LAUNCH(gram_kernel, dim3(pairs, chunks), kThreads, 0, s, p, chunks, tiles);
   }
-  VF_LAUNCH(copy_mean_kernel, col_blocks256, 256, 0, s, p, chunks);
+  launch_finish(p, s);
+  return cudaGetLastError();
+}
+
+int covariance_means_cuda(const CovarianceParams& p, void* stream) {
+  launch_means(p, static_cast<cudaStream_t>(stream));
+  return cudaGetLastError();
+}
+
+int covariance_split_cuda(const CovarianceParams& p, int chunk, int planes, uint16_t* out, void* stream) {
+  const int64_t nc = std::min(p.chunk_rows, p.rows - static_cast<int64_t>(chunk) * p.chunk_rows);
+  // ~8 rows per block: enough blocks at m = 3072 (12 x 512 for a 4,096-row chunk), fewer launches of
+  // tiny blocks at small m
+  const dim3 grid(static_cast<unsigned>((p.m + kSplitThreads - 1) / kSplitThreads),
+                  static_cast<unsigned>(std::min<int64_t>((nc + 7) / 8, 65535)));
+  VF_LAUNCH(split_kernel, grid, kSplitThreads, 0, static_cast<cudaStream_t>(stream), p, chunk, planes,
+            reinterpret_cast<__nv_bfloat16*>(out));
+  return cudaGetLastError();
+}
+
+int covariance_flush_cuda(const CovarianceParams& p, int chunk, const float* P, const float* X, void* stream) {
+  const int tiles = static_cast<int>((p.m + kFlushTile - 1) / kFlushTile);
+  const unsigned pairs = static_cast<unsigned>(tiles) * (tiles + 1) / 2;
+  VF_LAUNCH(flush_kernel, pairs, dim3(kFlushTile, 8), 0, static_cast<cudaStream_t>(stream), p, chunk,
+            num_chunks(p), tiles, P, X);
+  return cudaGetLastError();
+}
+
+int covariance_finish_cuda(const CovarianceParams& p, void* stream) {
+  launch_finish(p, static_cast<cudaStream_t>(stream));
   return cudaGetLastError();
 }
 

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../common/torch_glue.h"
 
@@ -34,16 +36,55 @@ at::Tensor check_covariance_args(const at::Tensor& count, const at::Tensor& mean
   return rows_unit_stride(y);
 }
 
+CovarianceMethod parse_covariance_method(const std::string& method) {
+  if (method == "auto") return CovarianceMethod::kAuto;
+  if (method == "split_gemm") return CovarianceMethod::kSplitGemm;
+  if (method == "tensor_core") return CovarianceMethod::kTensorCore;
+  if (method == "simt") return CovarianceMethod::kSimt;
+  VF_CHECK_VALUE(false, "covariance_update", "method",
+                 "must be 'auto', 'split_gemm', 'tensor_core' or 'simt', got '", method, "'");
+  return CovarianceMethod::kAuto;
+}
+
+int64_t covariance_gemm_chunk_rows() {
+  const char* env = std::getenv("VITFAST_COVARIANCE_GEMM_ROWS");
+  if (env == nullptr || *env == '\0') return kGemmChunkRows;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 64 && v <= 65536,
+                    "covariance_update: environment variable VITFAST_COVARIANCE_GEMM_ROWS must be an integer in "
+                    "[64, 65536], got '", env, "'");
+  return v;
+}
+
 CovarianceCudaCall prepare_covariance_cuda(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& m2,
-                                           const at::Tensor& y_in, int64_t sms) {
+                                           const at::Tensor& y_in, const std::string& method, int64_t sms,
+                                           int cc_major, int64_t gemm_chunk_rows) {
+  constexpr const char* op = "covariance_update";
   CovarianceCudaCall call;
   call.y = check_covariance_args(count, mean, m2, y_in, /*cuda=*/true);
   const int64_t rows = call.y.size(0), m = call.y.size(1);
+  CovarianceMethod how = parse_covariance_method(method);
+  if (how == CovarianceMethod::kAuto) {
+    how = cc_major < 8                 ? CovarianceMethod::kSimt
+          : (m >= 128 && m <= 8192)    ? CovarianceMethod::kSplitGemm
+                                       : CovarianceMethod::kTensorCore;
+  }
+  VF_CHECK_VALUE(cc_major >= 8 || how == CovarianceMethod::kSimt, op, "method",
+                 "'", method, "' needs compute capability 8.0 or newer (bf16/tf32 tensor cores); this GPU is ",
+                 cc_major, ".x: use 'simt' or 'auto'");
+  call.method = how;
   CovarianceParams& p = call.params;
   if (rows == 0) return call;
-  const int64_t tiles = (m + 63) / 64, pairs = tiles * (tiles + 1) / 2;
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * sms + pairs - 1) / pairs, (rows + 1023) / 1024));
-  chunks = std::min<int64_t>(chunks, 65535);
+  int64_t chunks;
+  if (how == CovarianceMethod::kSplitGemm) {
+    chunks = (rows + gemm_chunk_rows - 1) / gemm_chunk_rows;
+    VF_CHECK_VALUE(chunks <= 65535, op, "y", "has too many rows for one call (", rows, "); split it");
+  } else {
+    const int64_t tiles = (m + 63) / 64, pairs = tiles * (tiles + 1) / 2;
+    chunks = std::max<int64_t>(1, std::min<int64_t>((4 * sms + pairs - 1) / pairs, (rows + 1023) / 1024));
+    chunks = std::min<int64_t>(chunks, 65535);
+  }
   const int64_t chunk_rows = (rows + chunks - 1) / chunks;
   chunks = (rows + chunk_rows - 1) / chunk_rows;
   call.scratch = at::empty({chunks + 1, m}, mean.options());
@@ -67,8 +108,11 @@ namespace {
 // Row blocks bound the float64 copy of y.
 constexpr int64_t kCpuBlockRows = 4096;
 
-void covariance_update_cpu(at::Tensor count, at::Tensor mean, at::Tensor m2, const at::Tensor& y_in) {
+// `method` picks a CUDA kernel; the CPU path is always float64 (the name is still validated).
+void covariance_update_cpu(at::Tensor count, at::Tensor mean, at::Tensor m2, const at::Tensor& y_in,
+                           c10::string_view method) {
   const at::Tensor y = check_covariance_args(count, mean, m2, y_in, /*cuda=*/false);
+  parse_covariance_method(std::string(method));
   double n = count.item<double>();
   for (int64_t r0 = 0; r0 < y.size(0); r0 += kCpuBlockRows) {
     const at::Tensor yb = y.narrow(0, r0, std::min(kCpuBlockRows, y.size(0) - r0)).to(at::kDouble);

@@ -96,20 +96,20 @@ def ce_case(make, k):
     return run
 
 
-def cov_case(make, chunk, cc_major=9):
+def cov_case(make, chunk, cc_major=9, method="auto", gemm_chunk_rows=4096):
+    """Streams y in parts of `chunk` rows; `gemm_chunk_rows` small: several split-GEMM chunks."""
     def run(mod):
-        os.environ["VITFAST_EMU_CC_MAJOR"] = str(cc_major)  # 7: the SIMT Gram, else tensor cores
+        os.environ["VITFAST_EMU_CC_MAJOR"] = str(cc_major)  # 7: no tensor cores (auto -> SIMT)
         y = make()
         count = torch.zeros((), dtype=torch.float64)
         mean = torch.zeros(y.shape[1], dtype=torch.float64)
         m2 = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64)
-        for part in y.split(chunk):
-            mod.covariance_update_(count, mean, m2, part)
+        routes = {mod.covariance_update_(count, mean, m2, part, method, gemm_chunk_rows) for part in y.split(chunk)}
         yd = y.double()
         ref = (yd - yd.mean(0)).T @ (yd - yd.mean(0))
         m2u = torch.triu(m2)  # the op keeps the upper triangle
         return {"count": float(count.item() == y.shape[0]), "mean": rel(mean, yd.mean(0)),
-                "m2": rel(m2u, torch.triu(ref))}
+                "m2": rel(m2u, torch.triu(ref)), "route": "+".join(sorted(routes))}
     return run
 
 
@@ -129,14 +129,25 @@ KERNEL_CASES = {
     "ce_fp16_misaligned": (torch.float16, ce_case(lambda: torch.randn(2, 2003).half()[:, 3:], 50)),
     "ce_fp32": (torch.float32, ce_case(lambda: torch.randn(3, 1000), 10)),
     "ce_fp64_k_equals_c": (torch.float64, ce_case(lambda: torch.randn(2, 5).double(), 5)),
+    # one-kernel route: 3xTF32 tensor cores (forced where auto would pick the split GEMM) or SIMT
     "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
     "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),
-    "cov_fp32_strided_rows": (torch.float32, cov_case(lambda: torch.randn(1200, 130)[:, 1:], 1200)),
+    "cov_fp32_strided_rows": (torch.float32, cov_case(lambda: torch.randn(1200, 130)[:, 1:], 1200,
+                                                       method="tensor_core")),
     "cov_fp32_long_chunk_flushes": (torch.float32, cov_case(lambda: torch.randn(2600, 40) * 3 + 100, 2600)),
     "cov_bf16_vector_loads_partial_chunk": (torch.bfloat16,
                                             cov_case(lambda: (torch.randn(900, 72) + 20).bfloat16()[:, :70], 900)),
-    "cov_fp16_vector_loads": (torch.float16, cov_case(lambda: torch.randn(700, 136).half(), 700)),
+    "cov_fp16_vector_loads": (torch.float16, cov_case(lambda: torch.randn(700, 136).half(), 700, method="tensor_core")),
     "cov_fp32_simt_pre_ampere": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700, cc_major=7)),
+    # split-GEMM route: bf16 planes + a float32 GEMM standing in for cuBLAS, several chunks per call
+    "cov_split_gemm_fp32_large_means_chunks": (torch.float32, cov_case(
+        lambda: torch.randn(1500, 130) * torch.logspace(0, -2, 130) + 100 * torch.rand(130), 700, gemm_chunk_rows=256)),
+    "cov_split_gemm_bf16_strided_rows": (torch.bfloat16, cov_case(
+        lambda: (torch.randn(900, 131) + 20).bfloat16()[:, 1:], 900, gemm_chunk_rows=384)),
+    "cov_split_gemm_fp16_forced_small_m": (torch.float16, cov_case(
+        lambda: (torch.randn(600, 40) * 2 + 3).half(), 250, method="split_gemm", gemm_chunk_rows=100)),
+    "cov_split_gemm_fp32_one_row_parts": (torch.float32, cov_case(
+        lambda: torch.randn(5, 140) + 7, 1, method="split_gemm")),
 }
 CASES = {**WINDOW_CASES, **KERNEL_CASES}
 

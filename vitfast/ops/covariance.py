@@ -7,10 +7,13 @@ import torch.distributed as dist
 from .. import _ext
 from ._checks import check_dtype, fail
 
+# CUDA routes of covariance_update_ (see its docstring)
+METHODS = ("auto", "split_gemm", "tensor_core", "simt")
+
 if _ext.extension_loaded():
 
     @torch.library.register_fake("vitfast::covariance_update_")
-    def _covariance_update_fake(count, mean, m2, y):
+    def _covariance_update_fake(count, mean, m2, y, method="auto"):
         return None
 
 
@@ -39,12 +42,19 @@ def covariance_update_reference(count, mean, m2, y) -> None:
     count.fill_(total)
 
 
-def covariance_update_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, y: torch.Tensor) -> None:
+def covariance_update_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, y: torch.Tensor,
+                       method: str = "auto") -> None:
     """Merge the rows of y (N, m) into the float64 state (count 0-d, mean (m,), m2 (m, m)).
 
-    Only the upper triangle of m2 is maintained on CUDA; use `symmetric_m2` to read it."""
+    Only the upper triangle of m2 is maintained on CUDA; use `symmetric_m2` to read it.
+    `method` picks the CUDA route (the CPU path is float64 whatever it says):
+    "split_gemm" (centred values split into bf16 planes, cuBLAS GEMMs with fp32 accumulation,
+    float64 merge; "auto" uses it on sm_80+ for 128 <= m <= 8192), "tensor_core" (one 3xTF32
+    kernel, no workspace) or "simt" (fp32 FMA, any GPU)."""
+    if method not in METHODS:
+        fail(ValueError, "covariance_update", "method", f"must be one of {METHODS}, got {method!r}")
     if _ext.native(y.device):
-        torch.ops.vitfast.covariance_update_(count, mean, m2, y)
+        torch.ops.vitfast.covariance_update_(count, mean, m2, y, method)
         return
     _ext.warn_fallback("covariance_update", y.device)
     _check(count, mean, m2, y)
@@ -65,10 +75,13 @@ class CovarianceAccumulator:
     >>> cov, mean = acc.covariance(), acc.mean
     """
 
-    def __init__(self, num_features: int, device="cpu"):
+    def __init__(self, num_features: int, device="cpu", method: str = "auto"):
         if num_features < 1:
             raise ValueError(f"CovarianceAccumulator: argument 'num_features' must be >= 1, got {num_features}")
+        if method not in METHODS:
+            raise ValueError(f"CovarianceAccumulator: argument 'method' must be one of {METHODS}, got {method!r}")
         self.num_features = num_features
+        self.method = method
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros(num_features, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(num_features, num_features, dtype=torch.float64, device=device)
@@ -78,7 +91,7 @@ class CovarianceAccumulator:
         if y.shape[-1] != self.num_features:
             raise ValueError(f"CovarianceAccumulator.update: argument 'y' must have {self.num_features} features in its "
                              f"last dim, got shape {list(y.shape)}")
-        covariance_update_(self.count, self.mean, self.m2, y.detach().reshape(-1, self.num_features))
+        covariance_update_(self.count, self.mean, self.m2, y.detach().reshape(-1, self.num_features), self.method)
 
     @torch.no_grad()
     def merge(self, other: "CovarianceAccumulator") -> None:
