@@ -229,7 +229,7 @@ void attach_window_attention_bias_buffer(WindowAttentionCall& call) {
   p.bias_buffer = call.bias_buffer.data_ptr();
 }
 
-at::Tensor window_attention_table_grad(const WindowAttentionCall& call, void* cuda_stream) {
+at::Tensor window_attention_table_grad(const WindowAttentionCall& call, bool cuda_kernel, void* cuda_stream) {
   if (!call.dbias.defined()) return at::Tensor();
   const int64_t heads = call.dbias.size(0), nn = call.dbias.size(1) * call.dbias.size(2);
   const int64_t L = call.table.size(1);
@@ -240,11 +240,11 @@ at::Tensor window_attention_table_grad(const WindowAttentionCall& call, void* cu
   const at::Tensor dbias = call.dbias.contiguous();
   at::Tensor grad = at::empty({heads, L}, dbias.options());
   const bool f64 = dbias.scalar_type() == at::kDouble;
-  if (dbias.is_cpu()) {
+  if (!cuda_kernel) {
     window_attention_segment_sum_cpu(dbias.data_ptr(), f64, order.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(),
                                      heads, L, nn, grad.data_ptr());
   } else {
-#ifdef VITFAST_WITH_CUDA
+#if defined(VITFAST_WITH_CUDA) || defined(VITFAST_CUDA_EMULATION)
     const int err = window_attention_segment_sum_cuda(dbias.data_ptr(), f64, order.data_ptr<int64_t>(),
                                                       bounds.data_ptr<int64_t>(), heads, L, nn, grad.data_ptr(),
                                                       cuda_stream);

@@ -43,7 +43,8 @@ void attach_window_attention_bias_buffer(WindowAttentionCall& call);
 
 // grad of the (heads, L) table from dbias (heads, N, N), in the table's dtype: each entry sums its
 // index slots in a fixed order (a stable sort of the index), so it is bitwise reproducible in every
-// mode. `cuda_stream`: the current stream for CUDA tensors (a cudaStream_t), ignored on CPU.
-at::Tensor window_attention_table_grad(const WindowAttentionCall& call, void* cuda_stream = nullptr);
+// mode. cuda_kernel: sum with the CUDA kernel on `cuda_stream` (a cudaStream_t), else on the CPU.
+at::Tensor window_attention_table_grad(const WindowAttentionCall& call, bool cuda_kernel = false,
+                                       void* cuda_stream = nullptr);
 
 }  // namespace vitfast

@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, con
   check_launch(window_attention_backward_cuda(call.params, workspace.data_ptr(),
                                               at::cuda::getCurrentCUDAStream().stream()),
                call.params.fwd, qkv);
-  at::Tensor grad_table = window_attention_table_grad(call, at::cuda::getCurrentCUDAStream().stream());
+  at::Tensor grad_table = window_attention_table_grad(call, /*cuda_kernel=*/true, at::cuda::getCurrentCUDAStream().stream());
   return {call.grad_qkv, grad_table.defined() ? grad_table : at::empty({0}, qkv.options())};
 }
 

@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> backward(bool bias_buffer, const at::Tensor& 
   const at::Tensor workspace = at::full({std::max<int64_t>(ws, 1)}, 1e30, lse.options());  // poison
   const int err = vitfast::window_attention_backward_cuda(call.params, workspace.data_ptr(), nullptr);
   TORCH_CHECK(err == 0, "emulated backward failed with ", err);
-  at::Tensor grad_table = vitfast::window_attention_table_grad(call);
+  at::Tensor grad_table = vitfast::window_attention_table_grad(call, /*cuda_kernel=*/true);  // the CUDA segment-sum kernel
   return {call.grad_qkv, grad_table.defined() ? grad_table : at::empty({0})};
 }
 
