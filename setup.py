@@ -66,6 +66,12 @@ def wheel_cuda_include() -> list:
     return []
 
 
+def torch_uses_openmp() -> bool:
+    import torch
+
+    return sys.platform.startswith("linux") and bool(getattr(torch._C, "has_openmp", False))
+
+
 def write_build_config(with_cuda: bool, archs: str) -> str:
     out = os.path.join(ROOT, "build", "generated")
     os.makedirs(out, exist_ok=True)
@@ -103,6 +109,11 @@ def extensions():
     # `omp simd` loops of the CPU kernels vectorise (no OpenMP runtime needed); no-trapping-math
     # lets the compiler if-convert float compares (results unchanged: FP traps are never enabled)
     cxx += ["-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math"]
+    if torch_uses_openmp():
+        # at::parallel_for is inline: without -fopenmp here it runs serially in our ops. Compile-only
+        # flag on purpose: the GOMP_* calls bind to the OpenMP runtime torch already loaded
+        # (libtorch_cpu's dependency), never to a second copy of libgomp.
+        cxx += ["-fopenmp"]
     if with_cuda:
         sources += cuda_glue + sorted(glob.glob("csrc/**/*.cu", recursive=True))
         cxx += ["-DVITFAST_WITH_CUDA"] + wheel_cuda_include()

@@ -4,6 +4,14 @@
 
 #include <cstdint>
 
+// Hot CPU loops are compiled twice, for baseline x86-64 (SSE2: what the wheel must run on) and
+// for x86-64-v3 (AVX2 + FMA); glibc picks the clone at load time. Elsewhere: one version.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(VITFAST_CUDA_EMULATION)
+#define VF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VF_CPU_CLONES
+#endif
+
 namespace vitfast {
 
 // exp(x) for x <= 0 (the softmax case: x - max), NaN propagated, ~2 ulp (Cephes expf polynomial).
