@@ -297,10 +297,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({windows, at::get_num_threads(), cap}));
     at::Tensor partial = at::zeros({chunks, call.dbias.size(0), call.dbias.size(1), call.dbias.size(2)},
                                    call.dbias.options());
+    char* partial_base = static_cast<char*>(partial.data_ptr());  // no tensor ops in the workers
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         WindowAttentionBackwardParams pc = p;
-        pc.dbias = partial[c].data_ptr();
+        pc.dbias = partial_base + c * per_chunk;
         window_attention_backward_cpu(pc, windows * c / chunks, windows * (c + 1) / chunks);
       }
     });
