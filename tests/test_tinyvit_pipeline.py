@@ -143,6 +143,39 @@ def test_distill_resume_matches_uninterrupted_run(tmp_path):
     assert len(res_full["history"]) == 4 and "eval_accuracy" in res_full["history"][-1]
 
 
+def test_loader_workers_change_nothing(tmp_path):
+    """Records looked up in data-loader workers (a pickled store) and the pipelined save give
+    the same store and the same trained student as in-process loading."""
+    import pickle
+
+    ds, _ = small_setup(60)
+    from vitfast.models.digits_vit import load_digits_teacher
+
+    stores = {}
+    for workers in (0, 2):
+        stores[workers] = str(tmp_path / f"store{workers}")
+        save_logits(load_digits_teacher(), ds, digits_transform(), stores[workers], range(1), k=5, mixup_args=MIXUP,
+                    workers=workers, progress=False, log=lambda *_: None)
+    a, b = LogitStore(stores[0]), LogitStore(stores[2])
+    keys = a.keys(0)
+    assert np.array_equal(keys, b.keys(0))
+    for x, y in zip(a.lookup(0, keys), b.lookup(0, keys)):
+        assert torch.equal(x, y)
+    copy = pickle.loads(pickle.dumps(a))  # what a spawned worker gets: no open maps, epoch 0 verified
+    assert copy._epochs == {} and copy._verified == {0}
+    for x, y in zip(a.lookup(0, keys), copy.lookup(0, keys)):
+        assert torch.equal(x, y)
+
+    students = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        students[workers] = digits_student()
+        distill(students[workers], ds, digits_transform(), stores[0], 2, batch_size=16, workers=workers,
+                progress=False, log=lambda *_: None)
+    for p, q in zip(students[0].state_dict().values(), students[2].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_distill_rejects_a_store_for_other_data(tmp_path):
     ds, _ = small_setup(40)
     store = str(tmp_path / "store")

@@ -288,6 +288,15 @@ class LogitStore:
         self.meta = read_meta(root)
         self.verify = verify
         self._epochs: dict[int, tuple[list[Shard], np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._verified: set[int] = set()  # epochs whose shard checksums were checked (here or in a parent)
+
+    def __getstate__(self):
+        # Data-loader workers get a copy: memory maps reopen lazily there, and epochs this process
+        # already verified are not checksummed again.
+        state = self.__dict__.copy()
+        state["_verified"] = self._verified | set(self._epochs) if self.verify else set()
+        state["_epochs"] = {}
+        return state
 
     def epochs(self) -> list[int]:
         out = []
@@ -301,7 +310,8 @@ class LogitStore:
             d = os.path.join(self.root, f"epoch_{epoch:04d}")
             if not os.path.isdir(d):
                 raise StoreError(f"store '{self.root}' has no epoch {epoch} (epochs: {self.epochs()})")
-            shards = [Shard(os.path.join(d, f), self.meta, self.verify) for f in sorted(os.listdir(d))
+            verify = self.verify and epoch not in self._verified
+            shards = [Shard(os.path.join(d, f), self.meta, verify) for f in sorted(os.listdir(d))
                       if f.endswith(".vfl")]
             keys = np.concatenate([s.keys for s in shards]) if shards else np.zeros(0, np.int64)
             shard_of = np.concatenate([np.full(s.count, i) for i, s in enumerate(shards)]) if shards else keys

@@ -16,10 +16,39 @@ from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_
 from .store import LogitStore, ShardWriter, StoreError, StoreMeta, read_meta, shard_complete, write_meta
 
 
-def _loader(augment, plan, epoch, base_seed, batch_pairs, workers, num_classes=None):
+class StoreCollate:
+    """collate_pairs, plus the store's records for the batch's keys: (keys, seeds, canonical,
+    images, soft labels, values (n, k), indices (n, k)). The lookup runs in the data-loader
+    worker, so the training loop gets pinned tensors and never waits on the store."""
+
+    def __init__(self, store: LogitStore | None = None, epoch: int = 0):
+        self.store, self.epoch = store, epoch
+
+    def __call__(self, items):
+        kb, sb, cb, xb, tb = collate_pairs(items)
+        if self.store is None:
+            return kb, sb, cb, xb, tb, torch.zeros(len(kb), 0), torch.zeros(len(kb), 0, dtype=torch.int64)
+        seeds, values, indices = self.store.lookup(self.epoch, kb.numpy())
+        if not torch.equal(seeds, sb):
+            raise StoreError(f"store '{self.store.root}' epoch {self.epoch}: stored augmentation seeds differ from the "
+                             "replay (was it written with another seed or data set?)")
+        return kb, sb, cb, xb, tb, values, indices
+
+
+def _loader(augment, plan, epoch, base_seed, batch_pairs, workers, num_classes=None, store=None):
     ds = PairDataset(augment, *plan, epoch=epoch, base_seed=base_seed, num_classes=num_classes)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_pairs, num_workers=workers, collate_fn=collate_pairs,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(ds, batch_size=batch_pairs, num_workers=workers,
+                                       collate_fn=StoreCollate(store, epoch), persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """Asynchronous device-to-host copy (pinned destination); valid after the stream syncs."""
+    if t.device.type != "cuda":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
 
 @torch.no_grad()
@@ -51,15 +80,33 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
         plan = rank_slice(epoch_plan(len(dataset), epoch, base_seed, world), rank, world)
         writer = ShardWriter(root, meta, epoch, rank, world, asynchronous=True)
         count, t0 = 0, time.time()
-        for kb, sb, cb, xb, _ in tqdm(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers),
-                                      desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0, leave=False):
+        pending = None  # the previous batch, handed to the writer once the next one is queued
+
+        def hand_over(batch):
+            kb, sb, keep, v, i, done = batch
+            if done is not None:
+                done.synchronize()
+            # encoding and disk writes happen on the writer's thread
+            writer.add(kb[keep], sb[keep], v.numpy()[keep], i.numpy()[keep])
+            return int(keep.sum())
+
+        for kb, sb, cb, xb, *_ in tqdm(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers),
+                                       desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0,
+                                       leave=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = teacher(xb.to(device, non_blocking=True))
             v, i = topk_softmax(logits, k)  # fused kernel on the teacher's own (bf16) logits
-            keep = cb.numpy()
-            # encoding and disk writes happen on the writer's thread
-            writer.add(kb.numpy()[keep], sb.numpy()[keep], v.float().cpu().numpy()[keep], i.cpu().numpy()[keep])
-            count += int(keep.sum())
+            v, i = _pinned_copy(v.float()), _pinned_copy(i)
+            done = None
+            if device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+            # the GPU runs this batch while the host waits for the previous one's results
+            if pending is not None:
+                count += hand_over(pending)
+            pending = (kb.numpy(), sb.numpy(), cb.numpy(), v, i, done)
+        if pending is not None:
+            count += hand_over(pending)
         written.append(writer.close())
         log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {time.time() - t0:.1f}s")
     vdist.barrier()
@@ -145,23 +192,24 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
         model.train()
         replay = epoch if labels_only else epoch % len(stored)
         plan = rank_slice(epoch_plan(len(dataset), replay, seed, world), rank, world)
-        total, count = 0.0, 0
-        for kb, sb, cb, xb, tb in tqdm(_loader(augment, plan, replay, seed, max(1, batch_size // 2), workers,
-                                               num_classes),
-                                       desc=f"distill epoch {epoch}", disable=not progress or rank != 0, leave=False):
-            keep = cb.bool()
-            xb = xb[keep].to(device, non_blocking=True)
-            kb, sb, tb = kb[keep], sb[keep], tb[keep]
+        if not labels_only:
+            store.keys(replay)  # open and verify this epoch's shards once, before the workers start
+        total, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        for kb, sb, cb, xb, tb, vb, ib in tqdm(
+                _loader(augment, plan, replay, seed, max(1, batch_size // 2), workers, num_classes,
+                        None if labels_only else store),
+                desc=f"distill epoch {epoch}", disable=not progress or rank != 0, leave=False):
+            if not bool(cb.all()):  # padding pairs of the last batch; otherwise the pinned batch as is
+                keep = cb.bool()
+                xb, kb, tb, vb, ib = xb[keep], kb[keep], tb[keep], vb[keep], ib[keep]
+            xb = xb.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(xb)
             if labels_only:
-                loss = -(tb.to(device) * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
+                loss = -(tb.to(device, non_blocking=True) * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
             else:
-                seeds, values, indices = store.lookup(replay, kb.numpy())
-                if not torch.equal(seeds, sb):
-                    raise StoreError(f"store '{root}' epoch {replay}: stored augmentation seeds differ from the replay "
-                                     "(was it written with another seed or data set?)")
-                loss = sparse_soft_target_cross_entropy(logits, values.to(device), indices.to(device))
+                loss = sparse_soft_target_cross_entropy(logits, vb.to(device, non_blocking=True),
+                                                        ib.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad:
@@ -170,9 +218,9 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
             sched.step()
             if ema is not None:
                 ema.update(student)
-            total += loss.item() * len(kb)
+            total += loss.detach().float() * len(kb)
             count += len(kb)
-        entry = {"epoch": epoch, "loss": total / max(count, 1)}
+        entry = {"epoch": epoch, "loss": total.item() / max(count, 1)}
         if eval_set is not None and rank == 0:
             entry["eval_accuracy"] = evaluate(student, *eval_set, device=device)
             if ema is not None:
