@@ -97,14 +97,15 @@ class LogitRunner:
     def kl_to_reference(self, start_block: int | None) -> float:
         """Mean over the proxy set of KL(original || current) for classifiers; for encoders
         without logits, the relative squared error of the final hidden states."""
-        total, n = 0.0, 0
+        total, n = 0.0, 0  # a device tensor after the first batch: one sync per call, not per batch
         for ref, cur in zip(self.reference, self.logits(start_block)):
             if self.has_logits:
-                total += F.kl_div(F.log_softmax(cur, -1), F.log_softmax(ref, -1), log_target=True, reduction="sum").item()
+                total = total + F.kl_div(F.log_softmax(cur, -1), F.log_softmax(ref, -1), log_target=True,
+                                             reduction="sum").double()
             else:
-                total += ((cur - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).item() * ref.shape[0]
+                total = total + ((cur - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).double() * ref.shape[0]
             n += ref.shape[0]
-        return total / n
+        return float(total) / n
 
 
 def sensitivities(model: nn.Module, runner: LogitRunner, layers: dict[str, nn.Linear], bases: dict, means: dict,

@@ -88,14 +88,20 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, e
     model = FeatureModel(student)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # the few-shot set (2,000 images: 1.2 GB in fp32 at 224) moves to the GPU once when it fits
+    # easily, so steps gather batches there instead of copying pageable host slices every step
+    source = images
+    if device.type == "cuda" and images.numel() * images.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
+        source = images.to(device)
     bar = tqdm(range(start_epoch, epochs), desc="GFM", disable=not progress or rank != 0, leave=False)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))[rank::world]
-        running, count = 0.0, 0
+        running, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
-            xb, tb = images[idx].to(device, non_blocking=True), target[idx.to(target.device)]
+            xb = source[idx.to(source.device)].to(device, non_blocking=True)
+            tb = target[idx.to(target.device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 feats = model(xb)
             loss = F.mse_loss(feats.float(), tb)
@@ -104,9 +110,9 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor, e
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             sched.step()
-            running += loss.item() * len(idx)
+            running += loss.detach() * len(idx)
             count += len(idx)
-        history.append(running / max(count, 1))
+        history.append(running.item() / max(count, 1))
         bar.set_postfix(loss=f"{history[-1]:.4g}")
         if state_path and rank == 0:
             os.makedirs(checkpoint_dir, exist_ok=True)
