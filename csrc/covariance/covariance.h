@@ -10,7 +10,7 @@
 //
 // Two ways to form G_c on the GPU (CovarianceMethod):
 // - one kernel (covariance_update_cuda): tile pairs of the upper triangle, 3xTF32 tensor cores on
-//   sm_80+ or fp32 SIMT, fp32 partial sums flushed into float64 every 1,024 rows;
+//   sm_80+ or fp32 SIMT, fp32 partial sums flushed into float64 every 256 rows;
 // - split GEMM (covariance_split_cuda / covariance_flush_cuda around an external bf16 GEMM with
 //   fp32 output, i.e. cuBLAS): each centred fp32 value c is split exactly-ish into bf16 planes
 //   c = b0 + b1 (+ b2), b1 = bf16(c - b0), b2 = bf16(c - b0 - b1); two GEMMs over the stacked

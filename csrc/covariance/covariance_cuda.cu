@@ -25,7 +25,10 @@ namespace {
 constexpr int kTile = 64;       // output tile edge
 constexpr int kK = 16;          // rows per smem stage
 constexpr int kThreads = 256;   // 16 x 16 threads, 4 x 4 outputs each
-constexpr int kFlushRows = 1024;
+// fp32 partials -> float64 every kFlushRows rows: the tensor cores' truncating accumulation is a
+// biased error, ~5e-6 at 512 rows and ~1e-5 at 1,024 on the bar's data in
+// benchmarks/covariance_accumulation_model.py (3xTF32, no guard bits)
+constexpr int kFlushRows = 256;
 
 __global__ void chunk_mean_kernel(CovarianceParams p) {
   __shared__ double part[8][33];

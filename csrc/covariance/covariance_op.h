@@ -16,10 +16,12 @@ at::Tensor check_covariance_args(const at::Tensor& count, const at::Tensor& mean
 // "auto", "split_gemm", "tensor_core" or "simt"; anything else raises naming 'method'.
 CovarianceMethod parse_covariance_method(const std::string& method);
 
-// Rows per split-GEMM chunk: bounds the length of each GEMM's fp32 sums (tensor cores accumulate
-// with truncation, so their error grows with k) and the bf16 planes (3 x rows x m); each chunk's
-// float64 flush moves ~6 m^2 floats (~0.05 ms at m = 3072, ~1/5 of the chunk's GEMMs at 2,048).
-constexpr int64_t kGemmChunkRows = 2048;
+// Rows per split-GEMM chunk: bounds the length of each GEMM's fp32 sums and the bf16 planes
+// (3 x rows x m). Tensor cores accumulate with truncation, a biased error that grows linearly with
+// k: benchmarks/covariance_accumulation_model.py puts the bar's data at ~3.8e-6 for 1,024 rows
+// and ~1e-5 (the bar) for 2,048 with no guard bits. Each chunk's float64 flush moves ~4 m^2 words
+// (~0.045 ms at m = 3072, ~1/2 of the chunk's GEMM time at 1,024 rows).
+constexpr int64_t kGemmChunkRows = 1024;
 
 // kGemmChunkRows, or VITFAST_COVARIANCE_GEMM_ROWS when set (64..65536; for tuning on a GPU).
 int64_t covariance_gemm_chunk_rows();
