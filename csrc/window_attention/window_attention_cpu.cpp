@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_dtype.h"
@@ -304,30 +305,35 @@ void window_attention_segment_sum_cpu(const void* dbias, bool f64, const int64_t
   }
 }
 
-void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
-  switch (p.dtype) {
+namespace {
+
+// f(std::integral_constant<DType, dt>) for the run-time storage dtype
+template <typename F>
+void with_storage(DType dt, F&& f) {
+  switch (dt) {
     case DType::kFloat16:
-      return forward_range<float, DType::kFloat16>(p, w_begin, w_end);
+      return f(std::integral_constant<DType, DType::kFloat16>{});
     case DType::kBFloat16:
-      return forward_range<float, DType::kBFloat16>(p, w_begin, w_end);
+      return f(std::integral_constant<DType, DType::kBFloat16>{});
     case DType::kFloat32:
-      return forward_range<float, DType::kFloat32>(p, w_begin, w_end);
+      return f(std::integral_constant<DType, DType::kFloat32>{});
     default:
-      return forward_range<double, DType::kFloat64>(p, w_begin, w_end);
+      return f(std::integral_constant<DType, DType::kFloat64>{});
   }
 }
 
+// float accumulation, double for float64 inputs
+template <DType DT>
+using AccOf = std::conditional_t<DT == DType::kFloat64, double, float>;
+
+}  // namespace
+
+void window_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
+  with_storage(p.dtype, [&](auto dt) { forward_range<AccOf<dt.value>, dt.value>(p, w_begin, w_end); });
+}
+
 void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64_t w_begin, int64_t w_end) {
-  switch (p.fwd.dtype) {
-    case DType::kFloat16:
-      return backward_range<float, DType::kFloat16>(p, w_begin, w_end);
-    case DType::kBFloat16:
-      return backward_range<float, DType::kBFloat16>(p, w_begin, w_end);
-    case DType::kFloat32:
-      return backward_range<float, DType::kFloat32>(p, w_begin, w_end);
-    default:
-      return backward_range<double, DType::kFloat64>(p, w_begin, w_end);
-  }
+  with_storage(p.fwd.dtype, [&](auto dt) { backward_range<AccOf<dt.value>, dt.value>(p, w_begin, w_end); });
 }
 
 }  // namespace vitfast
