@@ -14,22 +14,15 @@ import argparse
 import copy
 import datetime
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from vitfast.timing import time_ms
+
 
 def median_ms(fn, warmup=3, reps=15):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_ms(fn, torch.device("cpu"), warmup, reps)
 
 
 def op_rows():
