@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     print("| route | rows per float64 flush | guard bits | rel. error vs float64 |")
     print("|---|---|---|---|")
     for route in ("split_gemm", "tensor_core"):
-        for chunk in (512, 1024, 2048, 4096):
+        for chunk in (256, 512, 1024, 2048, 4096):
             for guard in (0, 3):
                 err = rel_error(route, chunk, guard, chunk * args.chunks, args.features)
                 print(f"| {route} | {chunk} | {guard} | {err:.2e} |", flush=True)

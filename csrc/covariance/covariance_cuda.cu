@@ -91,6 +91,13 @@ __device__ __forceinline__ GramBlock gram_block(const CovarianceParams& p, int t
   return g;
 }
 
+// The chunk means of columns [c0, c0 + N) as float, 0 past m (what centring subtracts).
+template <int N>
+__device__ __forceinline__ void load_means(const CovarianceParams& p, const double* mu_c, int64_t c0, float out[N]) {
+#pragma unroll
+  for (int q = 0; q < N; ++q) out[q] = c0 + q < p.m ? static_cast<float>(mu_c[c0 + q]) : 0.0f;
+}
+
 __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int chunks, int tiles) {
   __shared__ __align__(16) float As[kK][kTile];
   __shared__ __align__(16) float Bs[kK][kTile];
@@ -104,12 +111,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(CovarianceParams p, int 
   // Loader: thread -> (row lk of the stage, 4 consecutive columns from lc).
   const int lk = tid >> 4, lc = (tid & 15) * 4;
   float mean_a[4], mean_b[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
-    mean_a[q] = ca < p.m ? static_cast<float>(mu_c[ca]) : 0.0f;
-    mean_b[q] = cb < p.m ? static_cast<float>(mu_c[cb]) : 0.0f;
-  }
+  load_means<4>(p, mu_c, i0 + lc, mean_a);
+  load_means<4>(p, mu_c, j0 + lc, mean_b);
 
   float acc[4][4] = {};
   double acc64[4][4] = {};
@@ -225,12 +228,8 @@ __global__ void __launch_bounds__(kTcThreads) gram_tc_kernel(CovarianceParams p,
   // Loader: thread -> (row lk of the stage, 8 consecutive columns from lc) of both tiles.
   const int lk = tid >> 3, lc = (tid & 7) * 8;
   float mean_a[8], mean_b[8];
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const int64_t ca = i0 + lc + q, cb = j0 + lc + q;
-    mean_a[q] = ca < p.m ? static_cast<float>(mu_c[ca]) : 0.0f;
-    mean_b[q] = cb < p.m ? static_cast<float>(mu_c[cb]) : 0.0f;
-  }
+  load_means<8>(p, mu_c, i0 + lc, mean_a);
+  load_means<8>(p, mu_c, j0 + lc, mean_b);
 
   FragC acc[2][2];
 #pragma unroll
