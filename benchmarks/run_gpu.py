@@ -23,6 +23,7 @@ import vitfast
 from vitfast import sparse_soft_target_cross_entropy, topk_softmax
 from vitfast.ops.reference import sparse_soft_target_dense
 from vitfast.timing import peak_memory_mb, time_ms
+from head_mix_cases import SHAPES as HEAD_MIX_SHAPES, bench_head_mix, head_mix_bars, head_mix_markdown
 from window_attention_cases import SHAPES as WINDOW_SHAPES, bench_window_attention, window_bars, window_markdown
 
 ROTATE = 4  # input copies cycled through, > L2 for the big cases
@@ -234,14 +235,15 @@ def markdown(report) -> str:
     lines += ["", "## Timings (ms)", "", "| op | shape | dtype | impl | ms | speed-up of vitfast | floor ms |",
               "|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
-        if c["op"] == "window_attention":
-            continue  # own table below
+        if c["op"] in ("window_attention", "head_mix_attention"):
+            continue  # own tables below
         ours = c["times_ms"]["vitfast"]
         for impl, ms in c["times_ms"].items():
             speed = "" if impl == "vitfast" else f"{ms / ours:.2f}x"
             floor = f"{c['floor_ms']:.4f}" if impl == "vitfast" and c.get("floor_ms") else ""
             lines.append(f"| {c['op']} | {c['shape']} | {c['dtype']} | {impl} | {ms:.4f} | {speed} | {floor} |")
     lines += window_markdown(report["cases"])
+    lines += head_mix_markdown(report["cases"])
     mem_cases = [c for c in report["cases"] if c["op"].startswith("sparse") and c.get("peak_mem_mb")
                  and c["peak_mem_mb"]["vitfast"] is not None]
     if mem_cases:
@@ -299,11 +301,14 @@ def main(argv=None) -> int:
         for dtype in (torch.bfloat16, torch.float32):
             cases.append(bench_window_attention(device, name, dtype, max(3, reps // 2), bw, args.quick))
             print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"], flush=True)
+    for name in HEAD_MIX_SHAPES:
+        cases.append(bench_head_mix(device, name, torch.bfloat16, max(3, reps // 2), use_compile, args.quick))
+        print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"], flush=True)
     if args.quick:  # quick shapes are not the bars' shapes: relabel so the check still runs
         for case in cases:
             case["shape"] = case["shape"].replace(f"B{1024 // scale} ", "B1024 ").replace("n4096 m256", "n65536 m3072")
     report = {"env": environment(device), "bandwidth_gbs": bw, "cases": cases,
-              "bars": check_bars(cases) + window_bars(cases),
+              "bars": check_bars(cases) + window_bars(cases) + head_mix_bars(cases),
               "quick": args.quick}
     text = markdown(report)
     if args.quick:

@@ -2,7 +2,12 @@
 //
 // Implementations register per device in the *_op.cpp (CPU) and *_op_cuda.cpp (CUDA) files;
 // Python adds fake (meta) kernels and autograd in vitfast/ops.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
 #include <torch/library.h>
 
 #include "topk_softmax/topk_softmax.h"
@@ -28,6 +33,16 @@ TORCH_LIBRARY(vitfast, m) {
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? bias_table,"
         " Tensor? bias_index, Tensor? mask, int num_heads, int dim_k, int dim_v, int[] offsets, int head_stride,"
         " float scale, int[] window_size, int[] shift_size, bool table_grad) -> (Tensor grad_qkv, Tensor grad_table)");
+  m.def("head_mix_attention_forward(Tensor qkv, Tensor? bias_table, Tensor? bias_index, Tensor? mask,"
+        " Tensor? pre_mix, Tensor? pre_mix_bias, Tensor? post_mix, Tensor? post_mix_bias, int num_heads, int dim_k,"
+        " int dim_v, int[] offsets, int head_stride, float scale, int[] window_size, int[] shift_size)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("head_mix_attention_backward(Tensor grad_out, Tensor qkv, Tensor lse, Tensor? bias_table,"
+        " Tensor? bias_index, Tensor? mask, Tensor? pre_mix, Tensor? pre_mix_bias, Tensor? post_mix,"
+        " Tensor? post_mix_bias, int num_heads, int dim_k, int dim_v, int[] offsets, int head_stride, float scale,"
+        " int[] window_size, int[] shift_size, bool table_grad, bool mix_grad)"
+        " -> (Tensor grad_qkv, Tensor grad_table, Tensor grad_pre_mix, Tensor grad_post_mix,"
+        " Tensor grad_post_mix_bias)");
 }
 
 namespace py = pybind11;
@@ -48,16 +63,20 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_version"] = py::none();
 #endif
     d["compiler"] = VITFAST_COMPILER;
-    py::list ops;
-    for (const char* name : {"topk_softmax", "sparse_soft_target_ce_forward", "sparse_soft_target_ce_backward",
-                             "covariance_update_", "window_attention_forward", "window_attention_backward"}) {
-      ops.append(name);
+    // every op of the vitfast library as the dispatcher knows it (one list: the TORCH_LIBRARY above)
+    std::vector<std::string> names;
+    for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {
+      if (op.name.rfind("vitfast::", 0) == 0) names.push_back(op.name.substr(9));
     }
+    std::sort(names.begin(), names.end());
+    py::list ops;
+    for (const auto& n : names) ops.append(n);
     d["ops"] = ops;
     d["topk_max_k"] = vitfast::kTopkMaxK;
     d["soft_target_max_k"] = vitfast::kSoftTargetMaxK;
     d["window_attention_max_tokens"] = vitfast::kWindowAttnMaxTokens;
     d["window_attention_max_head_dim"] = vitfast::kWindowAttnMaxHeadDim;
+    d["head_mix_max_heads"] = vitfast::kHeadMixMaxHeads;
     return d;
   }, "Version, compiled CUDA architectures and the ops this build registers.");
 }

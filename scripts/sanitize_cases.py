@@ -1,16 +1,17 @@
 """Small CUDA cases of every vitfast kernel, for compute-sanitizer (memcheck, racecheck,
-synccheck, initcheck). Covers each code path: staged and unstaged top-k rows, 16-byte aligned and
+synccheck, initcheck); `python scripts/sanitize_cases.py [op ...]` runs a subset. Covers each code path: staged and unstaged top-k rows, 16-byte aligned and
 misaligned rows, k = 1, k = C, ties, non-finite rows, every logits dtype of the loss.
 Exits non-zero if any result disagrees with the reference, so a sanitizer run also checks values."""
+import argparse
 import os
 import sys
 
 import torch
 
 import vitfast
-from vitfast.ops import qkv_layout, window_attention
-from vitfast.ops.reference import (sparse_soft_target_cross_entropy_reference, topk_softmax_reference,
-                                   window_attention_reference)
+from vitfast.ops import OPS, head_mix_attention, qkv_layout, window_attention
+from vitfast.ops.reference import (head_mix_attention_reference, sparse_soft_target_cross_entropy_reference,
+                                   topk_softmax_reference, window_attention_reference)
 
 
 def check_topk(x, k):
@@ -68,39 +69,121 @@ def check_window(dev, dtype, lead, heads, dk, dv, layout, ws=None, shift=(0, 0),
         assert err < tol, f"window_attention {name} rel err {err} for {lead} {dtype} {layout}"
 
 
-def main() -> int:
-    torch.manual_seed(0)
-    dev = "cuda"
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        check_topk(torch.randn(3, 1000, device=dev).to(dtype), 10)
-        check_topk(torch.randn(2, 4099, device=dev).to(dtype)[:, 1:], 100)          # misaligned rows
-        check_topk(torch.randint(-2, 3, (2, 3000), device=dev).to(dtype), 64)      # heavy ties
-    check_topk(torch.randn(2, 70000, device=dev), 128)                              # fp32 row > smem: unstaged
-    check_topk(torch.randn(2, 7, device=dev), 7)                                    # k = C
-    check_topk(torch.randn(1, 1, device=dev), 1)
+def check_head_mix(dev, dtype, lead, heads, d, ws=None, shift=(0, 0), mask_types=0, table_len=0):
+    """head_mix_attention forward + backward (qkv, table and all mixing gradients) against float64."""
+    offsets, hs = qkv_layout("swin", heads, d, d)
+    qkv = torch.randn(*lead, 3 * heads * d, device=dev).to(dtype).requires_grad_()
+    n = ws[0] * ws[1] if ws else lead[1]
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    mix = [(torch.eye(heads, device=dev) + 0.3 * torch.randn(heads, heads, device=dev)).to(pdt).requires_grad_(),
+           (0.1 * torch.randn(heads, device=dev)).to(pdt).requires_grad_(),
+           (torch.eye(heads, device=dev) + 0.3 * torch.randn(heads, heads, device=dev)).to(pdt).requires_grad_(),
+           (0.1 * torch.randn(heads, device=dev)).to(pdt).requires_grad_()]
+    table = torch.randn(heads, table_len, device=dev).requires_grad_() if table_len else None
+    index = torch.randint(0, table_len, (n, n), device=dev) if table_len else None
+    mask = torch.where(torch.rand(mask_types, n, n, device=dev) < 0.3, -100.0, 0.0) if mask_types else None
+    kw = dict(window_size=ws, shift_size=shift) if ws else {}
+    out = head_mix_attention(qkv, heads, d, bias_table=table, bias_index=index, mask=mask, pre_mix=mix[0],
+                             pre_mix_bias=mix[1], post_mix=mix[2], post_mix_bias=mix[3], **kw)
+    g = torch.randn_like(out)
+    wrt = [qkv, mix[0], mix[2], mix[3]] + ([table] if table is not None else [])
+    got = torch.autograd.grad(out, wrt, g)
+    c = lambda t: None if t is None else t.detach().cpu().double().requires_grad_()  # noqa: E731
+    q64, m64, t64 = c(qkv), [c(m) for m in mix], c(table)
+    ref = head_mix_attention_reference(q64, heads, d, d, offsets, hs, d ** -0.5, t64,
+                                       None if index is None else index.cpu(), None if mask is None else mask.cpu(),
+                                       *m64, ws or (), shift if ws else ())
+    want = torch.autograd.grad(ref, [q64, m64[0], m64[2], m64[3]] + ([t64] if t64 is not None else []), g.cpu().double())
+    tol = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    for name, a, b in zip(("out", "grad qkv", "grad pre_mix", "grad post_mix", "grad post_mix_bias", "grad table"),
+                          (out,) + got, (ref,) + want):
+        err = ((a.detach().cpu().double() - b).norm() / b.norm()).item()
+        assert err < tol, f"head_mix_attention {name} rel err {err} for {lead} {dtype} H{heads}"
+
+
+def _misaligned_nan_row(dev):
     x = torch.randn(3, 500, device=dev)
     x[1, 3] = float("nan")
-    check_topk(x, 5)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        check_ce(torch.randn(3, 1000, device=dev).to(dtype), 10)
-        check_ce(torch.randn(2, 2003, device=dev).to(dtype)[:, 3:], 50)           # misaligned input rows
-    check_ce(torch.randn(2, 5, device=dev), 5)                                      # k = C
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_cov((torch.randn(1500, 70, device=dev) + 50).to(dtype), 700)         # partial tiles, chunks
-    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000)                      # strided rows (split GEMM)
-    check_cov(torch.randn(3000, 130, device=dev)[:, 1:], 3000, "tensor_core")       # strided rows
-    for dtype in (torch.float32, torch.bfloat16):  # split GEMM: several chunks, short last one, odd m
-        os.environ["VITFAST_COVARIANCE_GEMM_ROWS"] = "256"
+    return x
+
+
+def _cov_split_gemm(dev, dtype):  # split GEMM: several chunks, short last one, odd m
+    os.environ["VITFAST_COVARIANCE_GEMM_ROWS"] = "256"
+    try:
         check_cov((torch.randn(700, 131, device=dev) + 30).to(dtype), 600, "split_gemm")
+    finally:
         del os.environ["VITFAST_COVARIANCE_GEMM_ROWS"]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        check_window(dev, dtype, (4, 49), 3, 32, 32, "swin", mask_types=2)          # Swin window, shift mask
-    check_window(dev, torch.bfloat16, (2, 14, 14), 2, 32, 32, "swin", (7, 7), (3, 3), mask_types=4)  # grid
-    check_window(dev, torch.bfloat16, (2, 30), 3, 16, 64, "tinyvit")             # dk != dv, partial tiles
-    check_window(dev, torch.float16, (2, 20), 2, 24, 40, "tinyvit")              # head dims not /16, unaligned
-    check_window(dev, torch.bfloat16, (1, 200), 1, 32, 32, "swin")               # several key tiles / chunks
-    torch.cuda.synchronize()
-    print("sanitize cases: all results match the references")
+
+
+def _head_mix_scratch(dev):  # every accumulator in global scratch
+    os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
+    try:
+        check_head_mix(dev, torch.bfloat16, (2, 35), 4, 32, mask_types=1, table_len=20)
+    finally:
+        del os.environ["VITFAST_HEAD_MIX_SCRATCH"]
+
+
+H16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# public op name (vitfast.ops.OPS) -> its cases, smallest first (--smallest runs only that one);
+# every op must have some
+CASES = {
+    "topk_softmax": [
+        lambda d: check_topk(torch.randn(3, 1000, device=d).half(), 10),
+        *[lambda d, t=t: check_topk(torch.randn(3, 1000, device=d).to(t), 10) for t in (BF16, F32)],
+        *[lambda d, t=t: check_topk(torch.randn(2, 4099, device=d).to(t)[:, 1:], 100) for t in (H16, BF16, F32)],
+        *[lambda d, t=t: check_topk(torch.randint(-2, 3, (2, 3000), device=d).to(t), 64) for t in (H16, BF16, F32)],
+        lambda d: check_topk(torch.randn(2, 70000, device=d), 128),  # fp32 row > smem: unstaged
+        lambda d: check_topk(torch.randn(2, 7, device=d), 7),        # k = C
+        lambda d: check_topk(torch.randn(1, 1, device=d), 1),
+        lambda d: check_topk(_misaligned_nan_row(d), 5),
+    ],
+    "sparse_soft_target_cross_entropy": [
+        *[lambda d, t=t: check_ce(torch.randn(3, 1000, device=d).to(t), 10) for t in (BF16, H16, F32, torch.float64)],
+        *[lambda d, t=t: check_ce(torch.randn(2, 2003, device=d).to(t)[:, 3:], 50) for t in (BF16, H16, F32)],
+        lambda d: check_ce(torch.randn(2, 5, device=d), 5),          # k = C
+    ],
+    "covariance_update": [
+        *[lambda d, t=t: check_cov((torch.randn(1500, 70, device=d) + 50).to(t), 700) for t in (F32, BF16, H16)],
+        lambda d: check_cov(torch.randn(3000, 130, device=d)[:, 1:], 3000),                 # strided (split GEMM)
+        lambda d: check_cov(torch.randn(3000, 130, device=d)[:, 1:], 3000, "tensor_core"),  # strided rows
+        *[lambda d, t=t: _cov_split_gemm(d, t) for t in (F32, BF16)],
+    ],
+    "window_attention": [
+        *[lambda d, t=t: check_window(d, t, (4, 49), 3, 32, 32, "swin", mask_types=2) for t in
+          (BF16, H16, F32, torch.float64)],                                                # Swin window, shift mask
+        lambda d: check_window(d, BF16, (2, 14, 14), 2, 32, 32, "swin", (7, 7), (3, 3), mask_types=4),  # grid
+        lambda d: check_window(d, BF16, (2, 30), 3, 16, 64, "tinyvit"),  # dk != dv, partial tiles
+        lambda d: check_window(d, H16, (2, 20), 2, 24, 40, "tinyvit"),   # head dims not /16, unaligned
+        lambda d: check_window(d, BF16, (1, 200), 1, 32, 32, "swin"),    # several key tiles / chunks
+    ],
+    "head_mix_attention": [
+        lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
+        lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window
+        lambda d: check_head_mix(d, F32, (1, 8, 8), 2, 16, (4, 4), (2, 2), mask_types=4, table_len=49),  # grid
+        lambda d: check_head_mix(d, BF16, (1, 16), 20, 16),                                  # > 16 heads
+        _head_mix_scratch,
+    ],
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("ops", nargs="*", help="a subset of vitfast.ops.OPS (default: all)")
+    ap.add_argument("--smallest", action="store_true", help="one small case per op (racecheck, synccheck)")
+    ap.add_argument("--device", default="cuda", help="cpu: check this script itself")
+    args = ap.parse_args(argv)
+    missing = set(OPS) - set(CASES)
+    if missing:
+        print(f"sanitize_cases.py: no cases for op(s) {sorted(missing)}", file=sys.stderr)
+        return 2
+    names = args.ops or list(CASES)
+    torch.manual_seed(0)
+    for name in names:
+        for case in CASES[name][:1] if args.smallest else CASES[name]:
+            case(args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitize cases ({', '.join(names)}{', smallest' if args.smallest else ''}): all results match the references")
     return 0
 
 

@@ -3,7 +3,8 @@ subset they use (threads and barriers, warp shuffles and votes, static and dynam
 atomics, WMMA fragments with their alignment rules), run on small cases against the references.
 This is how CI checks the GPU code paths on machines without a GPU: window attention (tensor-core
 and SIMT, vectorised and scalar loads, the feature-map path with shift, multi-window bias-gradient
-slots, several key chunks), top-k softmax (staged/unstaged rows, ties, NaN rows), the sparse
+slots, several key chunks), head-mixing attention (one and several key tiles, tensor-core
+and SIMT, more than 16 heads, accumulators in global scratch), top-k softmax (staged/unstaged rows, ties, NaN rows), the sparse
 soft-target CE and the covariance update. It does not replace the GPU run (timing, the real memory
 model, compute-sanitizer)."""
 import json
@@ -19,7 +20,7 @@ from test_window_attention import GRAD_TOL, OUT_TOL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_emulation"))
-from run_cases import KERNEL_CASES, WINDOW_CASES  # noqa: E402
+from run_cases import HEAD_MIX_CASES, KERNEL_CASES, WINDOW_CASES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,20 @@ def test_emulated_window_attention_matches_reference(results, name):
     # the table is float32 (float64 with float64 inputs); its gradient sums rounded dS terms
     assert r["grad_table"] < GRAD_TOL[dtype], r
     assert r["deterministic"] == 1.0, r  # bitwise equal gradients over two backward runs
+
+
+@pytest.mark.parametrize("name", list(HEAD_MIX_CASES))
+def test_emulated_head_mix_attention_matches_reference(results, name):
+    dtype = HEAD_MIX_CASES[name][0]
+    r = results[name]
+    assert r["out"] < OUT_TOL[dtype], r
+    for key in ("grad_qkv", "grad_table", "grad_pre_mix", "grad_post_mix", "grad_post_mix_bias"):
+        if key in r:
+            assert r[key] < GRAD_TOL[dtype], (key, r)
+    assert r["deterministic"] == 1.0, r  # bitwise equal gradients over two backward runs
+    # the case meant to run every accumulator from global scratch does
+    want = "global" if "global_scratch" in name else "smem"
+    assert r["routes"] == f"fwd:{want},bwd_q:{want},bwd_kv:{want}", r
 
 
 @pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("topk")])

@@ -1,6 +1,6 @@
 """vitfast: fused CUDA kernels and pipelines that make vision transformers small and fast to train."""
 from ._ext import build_info, cuda_kernels_built, extension_loaded
-from .ops import sparse_soft_target_cross_entropy, topk_softmax, window_attention
+from .ops import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
 from .patching import patch, patchable, patched_modules, register_patch, unpatch
 
 
@@ -24,6 +24,7 @@ __all__ = [
     "register_patch",
     "unpatch",
     "window_attention",
+    "head_mix_attention",
     "sparse_soft_target_cross_entropy",
     "topk_softmax",
 ]

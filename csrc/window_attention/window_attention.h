@@ -16,6 +16,13 @@
 //
 // Bias: bias[h, i, j] = table[h, index[i, j]] (table any strides, index (N, N) contiguous int32
 // or int64), plus mask[w % mask_windows, i, j] (Swin's shifted-window mask), both optional.
+//
+// Head mixing (MiniViT's weight transformation, CaiT's talking heads): the same attention with
+// two H x H transforms across heads, S'_g = sum_h pre[g, h] S_h (+ mask, after the mix) and
+// P'_g = sum_h post[g, h] softmax(S'_h) + post_bias[g]; out_g = P'_g v_g. A bias before the
+// softmax cancels in it, so the kernels never see one. The mixed kernels need every head of a
+// window in one block and the softmax statistics of the mixed scores before the second mix, so
+// they run two passes over the keys (statistics, then probabilities) -- see head_mix_*.cuh.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +87,13 @@ struct WindowAttentionParams {
   DType mask_dtype = DType::kFloat32;
   int64_t mask_windows = 1;
 
+  // Head mixing (head_mix_attention_* only): pre, post (heads, heads) and post_bias (heads),
+  // contiguous, in the accumulation type (float; double for fp64). The glue passes the identity
+  // for a missing transform and zeros for a missing bias.
+  const void* pre_mix = nullptr;
+  const void* post_mix = nullptr;
+  const void* post_mix_bias = nullptr;
+
   // CUDA only, optional: a (window types, heads, tokens, tokens) buffer (float; double for fp64)
   // that the kernels first fill with table[h, index] + mask[type], then read with one load per
   // score instead of the index -> table and mask gathers. Types = mask_windows with a mask, else 1.
@@ -98,11 +112,17 @@ struct WindowAttentionBackwardParams {
   void* grad_qkv = nullptr;        // zero-filled by the caller where q/k/v leave channel gaps
   Strides3 grad_qkv_strides;
   void* dbias = nullptr;  // (heads, tokens, tokens) sum over windows of dL/dscore; float (double for fp64); may be null
+  // Head mixing: gradients of pre (heads, heads), post (heads, heads), post_bias (heads), in the
+  // accumulation type; null when not wanted. CPU kernels add into them, CUDA kernels overwrite.
+  void* grad_pre_mix = nullptr;
+  void* grad_post_mix = nullptr;
+  void* grad_post_mix_bias = nullptr;
 };
 
 // Limits the kernels are written for (checked by the glue, named in its errors).
 constexpr int kWindowAttnMaxHeadDim = 256;
 constexpr int kWindowAttnMaxTokens = 4096;
+constexpr int kHeadMixMaxHeads = 32;  // head mixing keeps every head's score of a (row, key) in registers
 
 // Table gradient from dbias (heads, nn) with nn = tokens^2: out[h, l] = sum of dbias[h, order[e]]
 // over e in [bounds[l], bounds[l + 1]), in that order (order: the entries sorted stably by table
@@ -121,5 +141,14 @@ void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream);
 int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams& p);
 int window_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
+
+// Head-mixing attention, same conventions. p.lse holds the log-sum-exp of the mixed scores S'.
+void head_mix_attention_forward_cpu(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end);
+void head_mix_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64_t w_begin, int64_t w_end);
+// CUDA: workspaces in elements of the accumulation type; < 0 when no launch configuration fits.
+int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p);
+int head_mix_attention_forward_cuda(const WindowAttentionParams& p, void* workspace, void* stream);
+int64_t head_mix_attention_backward_workspace(const WindowAttentionBackwardParams& p);
+int head_mix_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
 
 }  // namespace vitfast

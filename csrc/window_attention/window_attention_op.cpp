@@ -22,14 +22,15 @@ Strides3 strides_of(const at::Tensor& t, bool grid) {
   return {t.stride(0), 0, t.stride(1)};
 }
 
-void check_float(const at::Tensor& t, const char* arg) {
-  check_dtype_in(t, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}, kOp, arg);
+void check_float(const at::Tensor& t, const char* op, const char* arg) {
+  check_dtype_in(t, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}, op, arg);
 }
 
 // Fills params.fwd from qkv, the head layout and the grid; returns the channels q/k/v cover.
 void check_layout(WindowAttentionCall& call, const WindowAttentionArgs& a) {
+  const char* const kOp = a.op;
   const at::Tensor& qkv = a.qkv;
-  check_float(qkv, "qkv");
+  check_float(qkv, kOp, "qkv");
   const bool grid = qkv.dim() == 4;
   VF_CHECK_VALUE(qkv.dim() == 3 || grid, kOp, "qkv",
                  "must be (windows, tokens, channels) or a feature map (batch, height, width, channels), got shape ",
@@ -115,7 +116,7 @@ void check_layout(WindowAttentionCall& call, const WindowAttentionArgs& a) {
                  "must be given together with '", table.has_value() ? "bias_table" : "bias_index", "'");
   if (table.has_value()) {
     const at::Tensor& t = *table;
-    check_float(t, "bias_table");
+    check_float(t, kOp, "bias_table");
     check_same_device(qkv, t, kOp, "qkv", "bias_table");
     VF_CHECK_VALUE(t.dim() == 2 && t.size(0) == a.num_heads && t.size(1) >= 1, kOp, "bias_table",
                    "must be (num_heads, L) = (", a.num_heads, ", L); pass Swin's (L, heads) table transposed; got ",
@@ -143,7 +144,7 @@ void check_layout(WindowAttentionCall& call, const WindowAttentionArgs& a) {
   }
   if (a.mask.has_value()) {
     const at::Tensor& m = *a.mask;
-    check_float(m, "mask");
+    check_float(m, kOp, "mask");
     check_same_device(qkv, m, kOp, "qkv", "mask");
     VF_CHECK_VALUE(m.dim() == 3 && m.size(0) >= 1 && m.size(1) == tokens && m.size(2) == tokens, kOp, "mask",
                    "must be (window types, tokens, tokens) with tokens = ", tokens, ", got ", m.sizes());
@@ -184,29 +185,34 @@ WindowAttentionCall prepare_window_attention_forward(const WindowAttentionArgs& 
 
 WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs& a, const at::Tensor& grad_out,
                                                       const at::Tensor& out, const at::Tensor& lse, bool table_grad) {
+  const char* const kOp = a.op;
   WindowAttentionCall call;
   check_layout(call, a);
   WindowAttentionParams& p = call.params.fwd;
   const bool grid = a.qkv.dim() == 4;
   const auto shape = out_shape(a.qkv, a.num_heads * a.dim_v);
-  VF_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == a.qkv.scalar_type(), kOp, "out",
-                 "must be the forward's output: shape ", at::IntArrayRef(shape), " dtype ",
-                 dtype_name(a.qkv.scalar_type()), ", got ", out.sizes(), " ", dtype_name(out.scalar_type()));
-  VF_CHECK_VALUE(grad_out.sizes() == out.sizes(), kOp, "grad_out", "must have the output's shape ", out.sizes(),
-                 ", got ", grad_out.sizes());
+  if (out.defined()) {
+    VF_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == a.qkv.scalar_type(), kOp, "out",
+                   "must be the forward's output: shape ", at::IntArrayRef(shape), " dtype ",
+                   dtype_name(a.qkv.scalar_type()), ", got ", out.sizes(), " ", dtype_name(out.scalar_type()));
+  }
+  VF_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape), kOp, "grad_out", "must have the output's shape ",
+                 at::IntArrayRef(shape), ", got ", grad_out.sizes());
   VF_CHECK_VALUE(lse.sizes() == at::IntArrayRef({p.windows, a.num_heads, p.tokens}) &&
                      lse.scalar_type() == acc_type(a.qkv),
                  kOp, "lse", "must be the forward's (windows, heads, tokens) ", dtype_name(acc_type(a.qkv)),
                  " log-sum-exp, got ", lse.sizes(), " ", dtype_name(lse.scalar_type()));
   check_same_device(a.qkv, grad_out, kOp, "qkv", "grad_out");
-  check_same_device(a.qkv, out, kOp, "qkv", "out");
   check_same_device(a.qkv, lse, kOp, "qkv", "lse");
   // the kernels read out and grad_out with the output's (contiguous) strides
-  call.out = out.contiguous();
   call.grad_out = grad_out.to(a.qkv.scalar_type()).contiguous();
+  if (out.defined()) {
+    check_same_device(a.qkv, out, kOp, "qkv", "out");
+    call.out = out.contiguous();
+    p.out = call.out.data_ptr();
+  }
   call.lse = lse.contiguous();
-  p.out = call.out.data_ptr();
-  p.out_strides = strides_of(call.out, grid);
+  p.out_strides = strides_of(call.grad_out, grid);
   p.lse = call.lse.data_ptr();
   call.params.grad_out = call.grad_out.data_ptr();
   // zero-filled only where q/k/v leave channels untouched

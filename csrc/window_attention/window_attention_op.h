@@ -21,6 +21,7 @@ struct WindowAttentionArgs {
   int64_t head_stride;
   double scale;
   at::IntArrayRef window_size, shift_size;
+  const char* op = "window_attention";  // the public op name errors report
 };
 
 struct WindowAttentionCall {
@@ -28,12 +29,15 @@ struct WindowAttentionCall {
   at::Tensor out, lse;                 // forward outputs (backward: saved inputs)
   at::Tensor grad_out, grad_qkv, dbias;
   at::Tensor bias_buffer;  // CUDA: precomputed table + mask bias, when small enough
+  at::Tensor pre_mix, post_mix, post_mix_bias;                 // head mixing, accumulation dtype
+  at::Tensor grad_pre_mix, grad_post_mix, grad_post_mix_bias;  // head mixing, accumulation dtype
   WindowAttentionBackwardParams params{};
   bool channels_covered = false;  // q, k and v of all heads tile every qkv channel
 };
 
 WindowAttentionCall prepare_window_attention_forward(const WindowAttentionArgs& a);
 
+// `out` may be undefined (the head-mixing backward does not read it).
 WindowAttentionCall prepare_window_attention_backward(const WindowAttentionArgs& a, const at::Tensor& grad_out,
                                                       const at::Tensor& out, const at::Tensor& lse, bool table_grad);
 

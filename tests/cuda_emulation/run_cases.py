@@ -4,6 +4,7 @@ or 1/0 for exact checks). Run by tests/test_cuda_emulation.py in a subprocess (a
 trap aborts the process).
 
     python tests/cuda_emulation/run_cases.py [case ...]"""
+import glob
 import json
 import os
 import sys
@@ -17,22 +18,29 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_window_attention import make_case  # noqa: E402
 
-from vitfast.ops import qkv_layout  # noqa: E402
-from vitfast.ops.reference import (sparse_soft_target_cross_entropy_reference, topk_softmax_reference,  # noqa: E402
+from vitfast.ops import OPS, qkv_layout  # noqa: E402
+from vitfast.ops.reference import (head_mix_attention_reference,  # noqa: E402
+                                   sparse_soft_target_cross_entropy_reference, topk_softmax_reference,
                                    window_attention_reference)
 
 
 def build():
+    """One binding for every op of vitfast.ops.OPS: its folder's glue (*_op.cpp) and CPU helpers
+    (*_cpu.cpp, torch-free) plus tests/cuda_emulation/<folder>_emu.cpp, which includes the CUDA
+    source itself."""
+    folders = sorted({op.csrc for op in OPS.values()})
+    sources = [os.path.join(ROOT, "tests", "cuda_emulation", "module.cpp")]
+    for d in folders:
+        emu = os.path.join(ROOT, "tests", "cuda_emulation", f"{d}_emu.cpp")
+        if not os.path.exists(emu):
+            raise SystemExit(f"op folder csrc/{d} has no CUDA emulator binding {emu}")
+        sources.append(emu)
+        sources += sorted(glob.glob(os.path.join(ROOT, "csrc", d, "*_op.cpp")))
+        sources += sorted(glob.glob(os.path.join(ROOT, "csrc", d, "*_cpu.cpp")))
     out = os.path.join(ROOT, "build", "cuda_emulation")
     os.makedirs(out, exist_ok=True)
     return cpp_extension.load(
-        name="vitfast_cuda_emu",
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", f) for f in
-                 ("module.cpp", "window_attention_emu.cpp", "topk_softmax_emu.cpp", "soft_target_ce_emu.cpp",
-                  "covariance_emu.cpp")] +
-                [os.path.join(ROOT, "csrc", d, f"{d}_op.cpp") for d in
-                 ("window_attention", "topk_softmax", "soft_target_ce", "covariance")] +
-                [os.path.join(ROOT, "csrc", "window_attention", "window_attention_cpu.cpp")],  # the glue's CPU helpers
+        name="vitfast_cuda_emu", sources=sources,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2", "-std=c++20", "-DVITFAST_CUDA_EMULATION", "-DVITFAST_NO_REGISTRATION",
                       "-fno-strict-aliasing", "-w"],
@@ -60,6 +68,69 @@ WINDOW_CASES = {
 }
 # opt-in (about 100 s emulated): python tests/cuda_emulation/run_cases.py key_chunks_bf16_n1024
 EXTRA = {"key_chunks_bf16_n1024": (torch.bfloat16, dict(windows=1, heads=1, dk=32, wh=32, ww=32))}
+
+
+# head-mixing attention -- name: (dtype, make_case kwargs, options); options: scratch=True keeps
+# every accumulator in global scratch (VITFAST_HEAD_MIX_SCRATCH), bias_buffer=False gathers the
+# table per score
+HEAD_MIX_CASES = {
+    "mix_swin_bf16_mask_slots": (torch.bfloat16, dict(windows=6, heads=3, dk=32, wh=7, ww=7,
+                                                                 mask_types=3), {}),
+    "mix_seq_bf16_one_tile": (torch.bfloat16, dict(windows=2, heads=4, dk=16, wh=1, ww=16, bias=False), {}),
+    "mix_fp16_tinyvit_dk_ne_dv_gathered": (torch.float16, dict(windows=2, heads=2, dk=16, dv=32, wh=3, ww=6,
+                                                               layout="tinyvit"), dict(bias_buffer=False)),
+    "mix_fp32_simt_grid_shift": (torch.float32, dict(grid=(1, 8, 8), heads=2, dk=16, wh=4, ww=4, shift=(2, 2),
+                                                     mask_types=4), {}),
+    "mix_fp64_keys_70": (torch.float64, dict(windows=1, heads=3, dk=16, wh=7, ww=10), {}),
+    "mix_bf16_20_heads_cap32": (torch.bfloat16, dict(windows=1, heads=20, dk=16, wh=4, ww=4, bias=False), {}),
+    "mix_bf16_unaligned_scalar_loads": (torch.bfloat16, dict(windows=2, heads=2, dk=24, dv=40, wh=3, ww=5,
+                                                             layout="tinyvit", row_pad=3), {}),
+    "mix_bf16_global_scratch_keys_80": (torch.bfloat16, dict(windows=3, heads=4, dk=32, wh=8, ww=10, mask_types=3),
+                                        dict(scratch=True)),
+}
+
+
+def run_head_mix(mod, dtype, kw, opts):
+    kw = dict(kw)
+    bias_buffer = opts.get("bias_buffer", True)
+    if opts.get("scratch"):
+        os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
+    torch.manual_seed(0)
+    case = make_case("cpu", dtype, **kw)
+    heads, dk, dv = case["heads"], case["dk"], case["dv"]
+    offsets, hs = qkv_layout(case["layout"], heads, dk, dv)
+    window = list(case["window_size"]) if case["window_size"] else []
+    shift = list(case["shift"]) if case["window_size"] else []
+    table = case["table"].t().contiguous().t() if case["table"] is not None else None
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # parameters as under autocast
+    mix = [(torch.eye(heads) + 0.3 * torch.randn(heads, heads)).to(pdt), (0.1 * torch.randn(heads)).to(pdt),
+           (torch.eye(heads) + 0.3 * torch.randn(heads, heads)).to(pdt), (0.1 * torch.randn(heads)).to(pdt)]
+    args = (table, case["index"], case["mask"], *mix, heads, dk, dv, offsets, hs, dk ** -0.5, window, shift)
+    try:
+        n = case["window_size"][0] * case["window_size"][1] if case["window_size"] else case["qkv"].shape[1]
+        routes = mod.head_mix_routes(case["qkv"], heads, dk, dv, n)
+        out, lse = mod.head_mix_attention_forward(bias_buffer, case["qkv"], *args)
+        grad = torch.randn_like(out)
+        g1 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
+        g2 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
+    finally:
+        os.environ.pop("VITFAST_HEAD_MIX_SCRATCH", None)
+    deterministic = float(all(torch.equal(a, b) for a, b in zip(g1, g2)))
+    q64 = case["qkv"].double().requires_grad_()
+    leaves = [q64] + ([case["table"].double().requires_grad_()] if table is not None else [])
+    m64 = [m.double().requires_grad_() for m in mix]
+    ref = head_mix_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5,
+                                       leaves[1] if table is not None else None, case["index"], case["mask"],
+                                       m64[0], m64[1], m64[2], m64[3], window, shift)
+    rg = torch.autograd.grad(ref, leaves + [m64[0], m64[2], m64[3]], grad.double())
+    gq, gt, gpre, gpost, gpb = g1
+    res = {"out": rel(out, ref), "grad_qkv": rel(gq, rg[0]), "deterministic": deterministic, "routes": routes}
+    rest = rg[1:]
+    if table is not None:
+        res["grad_table"] = rel(gt, rest[0])
+        rest = rest[1:]
+    res.update(grad_pre_mix=rel(gpre, rest[0]), grad_post_mix=rel(gpost, rest[1]), grad_post_mix_bias=rel(gpb, rest[2]))
+    return res
 
 
 def topk_case(make, k):
@@ -149,7 +220,7 @@ KERNEL_CASES = {
     "cov_split_gemm_fp32_one_row_parts": (torch.float32, cov_case(
         lambda: torch.randn(5, 140) + 7, 1, method="split_gemm")),
 }
-CASES = {**WINDOW_CASES, **KERNEL_CASES}
+CASES = {**WINDOW_CASES, **HEAD_MIX_CASES, **KERNEL_CASES}
 
 
 def rel(a, b):
@@ -194,6 +265,8 @@ def main():
         torch.manual_seed(0)
         if name in KERNEL_CASES:
             results[name] = KERNEL_CASES[name][1](mod)
+        elif name in HEAD_MIX_CASES:
+            results[name] = run_head_mix(mod, *HEAD_MIX_CASES[name])
         else:
             results[name] = run_window(mod, *{**WINDOW_CASES, **EXTRA}[name])
         print(name, results[name], f"{time.time() - t0:.1f}s", file=sys.stderr, flush=True)

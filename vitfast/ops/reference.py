@@ -152,3 +152,63 @@ def window_attention_reference(
     if grid:
         out = window_reverse_reference(out, qkv.shape[1:3], window_size, shift_size)
     return out
+
+
+def head_mix_attention_reference(
+    qkv: torch.Tensor,
+    num_heads: int,
+    dim_k: int,
+    dim_v: int,
+    offsets,
+    head_stride: int,
+    scale: float,
+    bias_table: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    pre_mix: torch.Tensor | None = None,
+    pre_mix_bias: torch.Tensor | None = None,
+    post_mix: torch.Tensor | None = None,
+    post_mix_bias: torch.Tensor | None = None,
+    window_size=(),
+    shift_size=(),
+) -> torch.Tensor:
+    """Talking-heads (MiniViT / CaiT) attention: window_attention_reference with two H x H mixes
+    across heads, written the way timm's TalkingHeadAttn and MiniViT's official code compute it.
+
+    Per window, for heads g, h:
+        S_h  = scale * q_h k_h^T + table[h, index]
+        S'_g = sum_h pre_mix[g, h] S_h + pre_mix_bias[g] + mask[w % types]   (mask after the mix)
+        P_g  = softmax(S'_g)
+        P'_g = sum_h post_mix[g, h] P_h + post_mix_bias[g]
+        out_g = P'_g v_g
+    A missing mix is the identity, a missing bias zero. Materialises (windows, H, N, N) tensors:
+    a specification, not an implementation.
+    """
+    grid = qkv.dim() == 4
+    x = window_partition_reference(qkv, window_size, shift_size) if grid else qkv
+    windows, n, _ = x.shape
+    heads = torch.arange(num_heads, device=qkv.device)
+
+    def take(off, dim):
+        cols = off + heads[:, None] * head_stride + torch.arange(dim, device=qkv.device)
+        return x[..., cols.reshape(-1)].reshape(windows, n, num_heads, dim).transpose(1, 2)
+
+    q, k, v = take(offsets[0], dim_k), take(offsets[1], dim_k), take(offsets[2], dim_v)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias_table is not None:
+        s = s + bias_table[:, bias_index].to(s.dtype)
+    if pre_mix is not None:
+        s = torch.einsum("gh,whij->wgij", pre_mix.to(s.dtype), s)
+    if pre_mix_bias is not None:
+        s = s + pre_mix_bias.to(s.dtype)[:, None, None]
+    if mask is not None:
+        s = s + mask.to(s.dtype).repeat(windows // mask.shape[0], 1, 1)[:, None]
+    p = s.softmax(-1)
+    if post_mix is not None:
+        p = torch.einsum("gh,whij->wgij", post_mix.to(p.dtype), p)
+    if post_mix_bias is not None:
+        p = p + post_mix_bias.to(p.dtype)[:, None, None]
+    out = (p @ v).transpose(1, 2).reshape(windows, n, num_heads * dim_v)
+    if grid:
+        out = window_reverse_reference(out, qkv.shape[1:3], window_size, shift_size)
+    return out

@@ -1,16 +1,20 @@
-"""Drop the fused window attention into models you already have.
+"""Drop the fused attention ops into models you already have.
 
     model = timm.create_model("swin_tiny_patch4_window7_224")
     vitfast.patch(model)      # in place; returns the model
     vitfast.unpatch(model)    # back to the original modules
 
-Patching swaps the class of each matching module for a fused subclass (registry below): no
+Covered: timm's Swin (v1) and TinyViT attention (window_attention) and CaiT's talking-heads
+attention (head_mix_attention). Patching swaps the class of each matching module for a fused
+subclass (registry below): no
 parameter, buffer or state_dict key changes, so checkpoints load before or after patching. With
 grid=True (default) the blocks also hand the whole (B, H, W, C) feature map to the kernel, which
 does window partition, reverse and Swin's cyclic shift by index arithmetic; maps that would need
 padding take the blocks' original path (their attention is still fused).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch.nn as nn
 
@@ -38,23 +42,30 @@ def _load_builtin() -> None:
         import timm  # noqa: F401
     except ImportError:
         return
-    from . import swin, tiny_vit
+    from . import cait, swin, tiny_vit
 
     swin.register()
     tiny_vit.register()
+    cait.register()
 
 
 def patch(model: nn.Module, grid: bool = True) -> nn.Module:
-    """Swap every known attention module (timm swin_* v1, tiny_vit_*, registered ones) for its
-    fused version in place; returns the model. grid=False keeps the blocks' own window partition
-    (the attention alone is fused)."""
+    """Swap every known attention module (timm swin_* v1, tiny_vit_*, cait_*, registered ones)
+    for its fused version in place; returns the model. grid=False keeps the blocks' own window
+    partition (the attention alone is fused). Warns when the model has nothing to patch."""
     _load_builtin()
+    swapped = 0
     for m in model.modules():
         fused = _FUSED.get(type(m))
         if fused is not None:
             m.__class__ = fused
+            swapped += 1
         if type(m) in _ORIGINAL:
             m.vitfast_grid = grid
+    if swapped == 0 and not patched_modules(model):
+        known = sorted({cls.__name__ for cls in _FUSED})
+        warnings.warn(f"vitfast.patch: {type(model).__name__} has no module vitfast can fuse (known: "
+                      f"{', '.join(known)}); it runs unchanged", RuntimeWarning, stacklevel=2)
     return model
 
 

@@ -1,0 +1,255 @@
+"""head_mix_attention (talking heads: MiniViT, CaiT) against the float64 reference: outputs and the
+gradients of q/k/v, the bias table and all four mixing parameters, for every layout of
+window_attention (sequences, windows, shifted feature maps, Swin / TinyViT packing), gradcheck,
+registration, torch.compile, determinism and bad input."""
+import pytest
+import torch
+
+from vitfast.ops import head_mix_attention, qkv_layout, window_attention
+from vitfast.ops.reference import head_mix_attention_reference
+
+from conftest import HAS_CUDA, rel_err
+from test_window_attention import DTYPES, GRAD_TOL, OUT_TOL, make_case
+
+MIX_NAMES = ("pre_mix", "pre_mix_bias", "post_mix", "post_mix_bias")
+
+
+def param_dtype(dtype):
+    """float32 parameters with 16-bit activations (autocast); float64 ones in float64 checks."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_mix(heads, device, which=MIX_NAMES, dtype=torch.float32):
+    """Transforms near the identity (as after MiniViT's initialisation) plus noise."""
+    mix = {}
+    for name in which:
+        if name.endswith("bias"):
+            mix[name] = 0.1 * torch.randn(heads, device=device, dtype=dtype)
+        else:
+            mix[name] = torch.eye(heads, device=device, dtype=dtype) + 0.3 * torch.randn(heads, heads, device=device,
+                                                                                         dtype=dtype)
+    return mix
+
+
+def run_and_compare(case, mix, dtype):
+    qkv = case["qkv"].detach().clone().requires_grad_()
+    table = case["table"].clone().requires_grad_() if case["table"] is not None else None
+    params = {k: v.clone().requires_grad_() for k, v in mix.items()}
+    kw = dict(layout=case["layout"], bias_table=table, bias_index=case["index"], mask=case["mask"], **params)
+    if case["window_size"]:
+        kw.update(window_size=case["window_size"], shift_size=case["shift"])
+    out = head_mix_attention(qkv, case["heads"], case["dk"], case["dv"], **kw)
+    assert out.dtype == dtype and out.shape == (*qkv.shape[:-1], case["heads"] * case["dv"])
+    grad = torch.randn_like(out)
+    inputs = [qkv] + ([table] if table is not None else []) + list(params.values())
+    grads = torch.autograd.grad(out, inputs, grad)
+
+    qkv64 = case["qkv"].detach().cpu().double().requires_grad_()
+    table64 = case["table"].detach().cpu().double().requires_grad_() if table is not None else None
+    params64 = {k: v.detach().cpu().double().requires_grad_() for k, v in mix.items()}
+    offsets, head_stride = qkv_layout(case["layout"], case["heads"], case["dk"], case["dv"])
+    ref = head_mix_attention_reference(
+        qkv64, case["heads"], case["dk"], case["dv"], offsets, head_stride, case["dk"] ** -0.5, table64,
+        None if case["index"] is None else case["index"].cpu(), None if case["mask"] is None else case["mask"].cpu(),
+        window_size=case["window_size"] or (), shift_size=case["shift"] if case["window_size"] else (), **params64)
+    ref_inputs = [qkv64] + ([table64] if table is not None else []) + list(params64.values())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.cpu().double())
+    assert rel_err(out.cpu(), ref) < OUT_TOL[dtype]
+    names = ["qkv"] + (["table"] if table is not None else []) + list(params)
+    for name, g, rg, x in zip(names, grads, ref_grads, inputs):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        if name == "pre_mix_bias":  # cancels in the softmax: exactly zero here, ~1e-17 in the reference
+            assert torch.count_nonzero(g) == 0 and rg.abs().max() < 1e-9
+        elif rg.abs().max() == 0:  # one token per window: the bias cannot matter (P = 1 up to rounding)
+            assert g.abs().max() < 1e-4, name
+        else:
+            assert rel_err(g.cpu(), rg) < GRAD_TOL[dtype], (name, rel_err(g.cpu(), rg))
+
+
+SHAPES = [
+    dict(windows=3, heads=3, dk=32, wh=7, ww=7, mask_types=3),               # Mini-Swin-T stage 1, shifted
+    dict(windows=2, heads=6, dk=16, wh=1, ww=37, bias=False),                 # a DeiT-like sequence
+    dict(windows=1, heads=4, dk=16, wh=10, ww=10),                            # several key tiles
+    dict(windows=2, heads=5, dk=16, dv=32, wh=5, ww=6, layout="tinyvit"),     # dk != dv
+    dict(windows=3, heads=2, dk=8, wh=1, ww=1),                               # one token
+    dict(windows=1, heads=20, dk=16, wh=4, ww=4, bias=False),                 # > 16 heads (Swin-B stage 3: 16, 4: 32)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(device, dtype, shape):
+    case = make_case(device, dtype, **shape)
+    run_and_compare(case, make_mix(case["heads"], device, dtype=param_dtype(dtype)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid,window,shift", [((2, 14, 14), (7, 7), (3, 3)), ((1, 8, 12), (4, 6), (1, 5))])
+def test_feature_map_matches_reference(device, dtype, grid, window, shift):
+    case = make_case(device, dtype, grid=grid, wh=window[0], ww=window[1], shift=shift, heads=3, dk=16,
+                     mask_types=(grid[1] // window[0]) * (grid[2] // window[1]))
+    run_and_compare(case, make_mix(3, device, dtype=param_dtype(dtype)), dtype)
+
+
+@pytest.mark.parametrize("which", [("pre_mix",), ("post_mix", "post_mix_bias"), ("pre_mix_bias",), ()])
+def test_optional_transforms(device, which):
+    """Any subset of the four parameters; none at all is plain window attention."""
+    case = make_case(device, torch.float64, windows=2, heads=3, dk=8, wh=3, ww=3, mask_types=2)
+    run_and_compare(case, make_mix(3, device, which, torch.float64), torch.float64)
+    if not which:
+        kw = dict(bias_table=case["table"], bias_index=case["index"], mask=case["mask"])
+        torch.testing.assert_close(head_mix_attention(case["qkv"], 3, 8, **kw), window_attention(case["qkv"], 3, 8, **kw))
+
+
+def test_identity_mix_is_window_attention(device):
+    case = make_case(device, torch.float32, windows=4, heads=3, dk=16, wh=4, ww=4, mask_types=2)
+    kw = dict(bias_table=case["table"], bias_index=case["index"], mask=case["mask"])
+    eye = torch.eye(3, device=device)
+    out = head_mix_attention(case["qkv"], 3, 16, pre_mix=eye, post_mix=eye, post_mix_bias=torch.zeros(3, device=device),
+                             **kw)
+    torch.testing.assert_close(out, window_attention(case["qkv"], 3, 16, **kw), rtol=1e-5, atol=1e-6)
+
+
+def test_pre_mix_bias_has_no_effect(device):
+    case = make_case(device, torch.float64, windows=2, heads=2, dk=8, wh=2, ww=3, bias=False)
+    mix = make_mix(2, device, ("pre_mix", "post_mix"), torch.float64)
+    a = head_mix_attention(case["qkv"], 2, 8, **mix)
+    b = head_mix_attention(case["qkv"], 2, 8, pre_mix_bias=torch.full((2,), 7.0, device=device, dtype=torch.float64),
+                           **mix)
+    torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_cpu():
+    case = make_case("cpu", torch.float64, windows=2, heads=3, dk=4, dv=3, wh=2, ww=3, layout="tinyvit",
+                     mask_types=2)
+    mix = make_mix(3, "cpu", dtype=torch.float64)
+    leaves = [case["qkv"].detach().requires_grad_(), case["table"].detach().requires_grad_()] + \
+             [mix[k].requires_grad_() for k in ("pre_mix", "post_mix", "post_mix_bias")]
+
+    def fn(qkv, table, pre, post, post_bias):
+        return head_mix_attention(qkv, 3, 4, 3, layout="tinyvit", bias_table=table, bias_index=case["index"],
+                                  mask=case["mask"], pre_mix=pre, post_mix=post, post_mix_bias=post_bias)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    grid = make_case("cpu", torch.float64, grid=(1, 4, 6), heads=2, dk=3, wh=2, ww=3, shift=(1, 2), mask_types=4)
+    gm = make_mix(2, "cpu", dtype=torch.float64)
+    x, t = grid["qkv"].detach().requires_grad_(), grid["table"].detach().requires_grad_()
+    w1, w2 = gm["pre_mix"].requires_grad_(), gm["post_mix"].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, t, w1, w2: head_mix_attention(x, 2, 3, bias_table=t, bias_index=grid["index"], mask=grid["mask"],
+                                                window_size=(2, 3), shift_size=(1, 2), pre_mix=w1, post_mix=w2),
+        (x, t, w1, w2))
+
+
+def _op_args(case, mix, heads, dk):
+    offsets, hs = qkv_layout("swin", heads, dk, dk)
+    window = list(case["window_size"]) if case["window_size"] else []
+    shift = list(case["shift"]) if case["window_size"] else []
+    return (case["qkv"], case["table"], case["index"], case["mask"], mix["pre_mix"], mix["pre_mix_bias"],
+            mix["post_mix"], mix["post_mix_bias"], heads, dk, dk, offsets, hs, dk ** -0.5, window, shift)
+
+
+def test_opcheck(device):
+    for case in (make_case(device, torch.float32, windows=4, heads=2, dk=16, wh=3, ww=3, mask_types=2),
+                 make_case(device, torch.float32, grid=(2, 6, 6), heads=2, dk=16, wh=3, ww=3, shift=(1, 1),
+                           mask_types=4)):
+        mix = {k: v.requires_grad_() for k, v in make_mix(2, device).items()}
+        case["qkv"].requires_grad_()
+        case["table"].requires_grad_()
+        args = _op_args(case, mix, 2, 16)
+        torch.library.opcheck(torch.ops.vitfast.head_mix_attention_forward.default, args)
+        out, lse = torch.ops.vitfast.head_mix_attention_forward(*args)
+        plain = tuple(a.detach() if torch.is_tensor(a) else a for a in args)  # the backward op has no autograd
+        bargs = (torch.randn_like(out).detach(), plain[0], lse.detach()) + plain[1:] + (True, True)
+        torch.library.opcheck(torch.ops.vitfast.head_mix_attention_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph(device):
+    case = make_case(device, torch.float32, windows=4, heads=2, dk=16, wh=4, ww=4, mask_types=2)
+    proj = torch.nn.Linear(32, 8).to(device)
+    mix = make_mix(2, device)
+
+    def step(qkv, table, pre, post, post_bias):
+        out = head_mix_attention(qkv, 2, 16, bias_table=table, bias_index=case["index"], mask=case["mask"],
+                                 pre_mix=pre, post_mix=post, post_mix_bias=post_bias)
+        return proj(out).square().mean()
+
+    def leaves():
+        return [case["qkv"].clone().requires_grad_(), case["table"].clone().requires_grad_()] + \
+               [mix[k].clone().requires_grad_() for k in ("pre_mix", "post_mix", "post_mix_bias")]
+
+    a, b = leaves(), leaves()
+    loss = torch.compile(step, fullgraph=True)(*a)
+    loss.backward()
+    ref = step(*b)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_gradients_bitwise_reproducible(device, mode):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    case = make_case(device, dtype, windows=48, heads=3, dk=32, mask_types=4)
+    mix = make_mix(3, device)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode)
+    try:
+        grads = []
+        for _ in range(3):
+            leaves = [case["qkv"].clone().requires_grad_(), case["table"].clone().requires_grad_()] + \
+                     [v.clone().requires_grad_() for v in mix.values()]
+            out = head_mix_attention(leaves[0], 3, 32, bias_table=leaves[1], bias_index=case["index"],
+                                     mask=case["mask"], **dict(zip(mix, leaves[2:])))
+            grads.append(torch.autograd.grad(out.float().square().sum(), leaves))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(x, y) for g in grads[1:] for x, y in zip(grads[0], g))
+
+
+def test_fully_masked_row_is_nan_like_softmax(device):
+    qkv = torch.randn(2, 4, 3 * 2 * 8, device=device)
+    mask = torch.zeros(1, 4, 4, device=device)
+    mask[0, 1] = float("-inf")
+    mix = make_mix(2, device)
+    out = head_mix_attention(qkv, 2, 8, mask=mask, **mix)
+    ref = head_mix_attention_reference(qkv.double().cpu(), 2, 8, 8, [0, 16, 32], 8, 8 ** -0.5, mask=mask.double().cpu(),
+                                       **{k: v.double().cpu() for k, v in mix.items()})
+    assert torch.isnan(out[:, 1]).all() and torch.isnan(ref[:, 1]).all()
+    torch.testing.assert_close(out[:, [0, 2, 3]].cpu().double(), ref[:, [0, 2, 3]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,exc,words", [
+    (dict(pre_mix=torch.zeros(3, 3)), ValueError, "'pre_mix'"),
+    (dict(post_mix=torch.zeros(2, 2, dtype=torch.int32)), TypeError, "'post_mix'"),
+    (dict(post_mix_bias=torch.zeros(2, 1)), ValueError, "'post_mix_bias'"),
+    (dict(pre_mix_bias=torch.zeros(3)), ValueError, "'pre_mix_bias'"),
+    (dict(qkv=torch.zeros(2, 4, 33 * 3), num_heads=33, dim_k=1), ValueError, "'num_heads'"),
+    (dict(num_heads=0), ValueError, "'num_heads'"),
+    (dict(bias_table=torch.zeros(2, 9)), ValueError, "'bias_index'"),
+    (dict(mask=torch.zeros(3, 4, 4)), ValueError, "'mask'"),
+])
+def test_bad_arguments_are_named(bad, exc, words):
+    kw = dict(qkv=torch.zeros(2, 4, 48), num_heads=2, dim_k=8)
+    kw.update(bad)
+    qkv, heads, dk = kw.pop("qkv"), kw.pop("num_heads"), kw.pop("dim_k")
+    with pytest.raises(exc, match=words):
+        head_mix_attention(qkv, heads, dk, **kw)
+    with pytest.raises(exc, match="vitfast.head_mix_attention"):
+        head_mix_attention(qkv, heads, dk, **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("shape", [
+    dict(windows=4, heads=6, dk=64, wh=1, ww=197, bias=False),    # DeiT-S / Mini-DeiT-S
+    dict(windows=2, heads=12, dk=64, wh=1, ww=197, bias=False),   # DeiT-B
+    dict(windows=2, heads=8, dk=48, wh=1, ww=196, bias=False),    # CaiT-S
+    dict(windows=1, heads=16, dk=48, wh=1, ww=577, bias=False),   # CaiT-M @384 (sized down)
+    dict(windows=64, heads=3, dk=32, wh=7, ww=7, mask_types=64),  # Mini-Swin-T stage 1
+    dict(windows=2, heads=32, dk=32, wh=7, ww=7, mask_types=1),   # Mini-Swin-B stage 4
+])
+def test_cuda_model_shapes(shape):
+    case = make_case("cuda", torch.bfloat16, **shape)
+    run_and_compare(case, make_mix(shape["heads"], "cuda"), torch.bfloat16)

@@ -1,0 +1,126 @@
+"""head_mix_attention: attention with per-layer transforms across heads, before and after the
+softmax (MiniViT's weight transformation, CaiT's talking heads), fused -- no (B, H, N, N) tensor
+in memory -- on the window-attention kernels' layouts (plain sequences, windows, feature maps with
+Swin's shift, a relative-position bias table)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import _ext
+from ._checks import fail
+from .reference import head_mix_attention_reference
+from .window_attention import _acc, _windows_tokens, qkv_layout
+
+OP = "head_mix_attention"
+
+if _ext.extension_loaded():
+
+    @torch.library.register_fake("vitfast::head_mix_attention_forward")
+    def _forward_fake(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads,
+                      dim_k, dim_v, offsets, head_stride, scale, window_size, shift_size):
+        windows, tokens = _windows_tokens(qkv, window_size)
+        out = qkv.new_empty((*qkv.shape[:-1], num_heads * dim_v))
+        lse = qkv.new_empty((windows, num_heads, tokens), dtype=_acc(qkv.dtype))
+        return out, lse
+
+    @torch.library.register_fake("vitfast::head_mix_attention_backward")
+    def _backward_fake(grad_out, qkv, lse, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix,
+                       post_mix_bias, num_heads, dim_k, dim_v, offsets, head_stride, scale, window_size, shift_size,
+                       table_grad, mix_grad):
+        grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        empty = qkv.new_empty((0,))
+
+        def like(t, wanted):
+            return t.new_empty(t.shape) if wanted and t is not None else empty
+
+        return (grad_qkv, like(bias_table, table_grad), like(pre_mix, mix_grad), like(post_mix, mix_grad),
+                like(post_mix_bias, mix_grad))
+
+    def _setup_context(ctx, inputs, output):
+        qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias = inputs[:8]
+        _, lse = output
+        ctx.save_for_backward(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, lse)
+        ctx.args = inputs[8:]
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        table_grad = bias_table is not None and need[1]
+        mix_grad = (pre_mix is not None and need[4]) or (post_mix is not None and need[6]) or \
+            (post_mix_bias is not None and need[7])
+        if not (need[0] or table_grad or mix_grad or (pre_mix_bias is not None and need[5])):
+            return (None,) * 16
+        grad_qkv, g_table, g_pre, g_post, g_post_bias = torch.ops.vitfast.head_mix_attention_backward(
+            grad_out, qkv, lse, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias,
+            *ctx.args, table_grad, mix_grad)
+        # a bias before the softmax shifts every score of a row equally: its gradient is exactly zero
+        g_pre_bias = torch.zeros_like(pre_mix_bias) if pre_mix_bias is not None and need[5] else None
+        return (grad_qkv if need[0] else None, g_table if table_grad else None, None, None,
+                g_pre if pre_mix is not None and need[4] else None, g_pre_bias,
+                g_post if post_mix is not None and need[6] else None,
+                g_post_bias if post_mix_bias is not None and need[7] else None) + (None,) * 8
+
+    torch.library.register_autograd("vitfast::head_mix_attention_forward", _backward, setup_context=_setup_context)
+
+
+def head_mix_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    dim_k: int,
+    dim_v: int | None = None,
+    *,
+    pre_mix: torch.Tensor | None = None,
+    pre_mix_bias: torch.Tensor | None = None,
+    post_mix: torch.Tensor | None = None,
+    post_mix_bias: torch.Tensor | None = None,
+    layout="swin",
+    scale: float | None = None,
+    bias_table: torch.Tensor | None = None,
+    bias_index: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    window_size: Sequence[int] | None = None,
+    shift_size: Sequence[int] = (0, 0),
+) -> torch.Tensor:
+    """Multi-head attention whose heads talk to each other, fused (forward and backward).
+
+    Per window (a whole sequence is one window), for heads g, h:
+        S_h   = scale * q_h k_h^T + bias_table[h, bias_index]
+        S'_g  = sum_h pre_mix[g, h] S_h + pre_mix_bias[g] + mask[w % mask.shape[0]]
+        out_g = (sum_h post_mix[g, h] softmax(S'_h) + post_mix_bias[g]) v_g
+
+    Args:
+        qkv, num_heads, dim_k, dim_v, layout, scale, bias_table, bias_index, mask, window_size,
+            shift_size: as in `window_attention` (qkv straight from the qkv linear; (windows, N, C)
+            or a (B, H, W, C) feature map cut into windows with Swin's cyclic shift).
+        pre_mix, post_mix: (num_heads, num_heads) transforms, before and after the softmax
+            (timm CaiT's `proj_l.weight`, `proj_w.weight`; a missing one is the identity).
+        pre_mix_bias, post_mix_bias: (num_heads,) biases (`proj_l.bias`, `proj_w.bias`). The
+            bias before the softmax cancels in it: accepted for drop-in use, its gradient is zero.
+        The shift mask is added after the pre-softmax mix (Mini-Swin's order).
+
+    Every float parameter may have its own dtype (float32 parameters under autocast); their
+    gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are
+    bitwise reproducible. Up to 32 heads, head dims 1..256, N up to 4096 tokens per window.
+    Returns (..., num_heads * dim_v) with qkv's leading shape.
+    """
+    dim_v = dim_k if dim_v is None else dim_v
+    offsets, head_stride = qkv_layout(layout, num_heads, dim_k, dim_v)
+    scale = dim_k ** -0.5 if scale is None else float(scale)
+    if qkv.dim() == 4:
+        if window_size is None:
+            fail(ValueError, OP, "window_size", "is required for a (B, H, W, C) feature map")
+        window_size, shift_size = [int(v) for v in window_size], [int(v) for v in shift_size]
+    else:
+        window_size, shift_size = [], []
+    if _ext.native(qkv.device):
+        out, _ = torch.ops.vitfast.head_mix_attention_forward(
+            qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
+            dim_v, offsets, head_stride, scale, window_size, shift_size)
+        return out
+    _ext.warn_fallback(OP, qkv.device)
+    return head_mix_attention_reference(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                        bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias,
+                                        window_size, shift_size)
