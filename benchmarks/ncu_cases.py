@@ -1,0 +1,80 @@
+"""Every vitfast kernel once at its bar shape, for Nsight Compute (scripts/gpu_check.sh, step 5):
+warm-up outside the profiled range, then one forward (+ backward) per op between
+cudaProfilerStart/Stop, so `ncu --profile-from-start off` records exactly these launches.
+
+    ncu --profile-from-start off --kernel-name-base demangled --kernel-name regex:vitfast ... \
+        python benchmarks/ncu_cases.py
+    python benchmarks/ncu_cases.py --device cpu --small    # smoke test of this script
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from vitfast import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
+from vitfast.ops import CovarianceAccumulator
+from window_attention_cases import swin_index
+
+
+def cases(device, small):
+    """name -> zero-argument callable running the op (and its backward) at the bar's shape."""
+    s = 16 if small else 1
+    out = {}
+    logits = torch.randn(1024 // s, 21841, device=device).half()
+    out["topk_softmax B1024 C21841 k100 fp16"] = lambda: topk_softmax(logits, 100)
+    v, i = topk_softmax(torch.randn(1024 // s, 21841, device=device), 100)
+    x = torch.randn(1024 // s, 21841, device=device).bfloat16().requires_grad_()
+    out["soft_target_ce B1024 C21841 k100 bf16 fwd+bwd"] = \
+        lambda: torch.autograd.grad(sparse_soft_target_cross_entropy(x, v, i), x)
+    y = torch.randn(65536 // s, 3072 // s, device=device) + 100
+    for route in ("split_gemm", "tensor_core"):
+        acc = CovarianceAccumulator(y.shape[1], device, method=route if device.type == "cuda" else "auto")
+        out[f"covariance n65536 m3072 fp32 {route}"] = lambda acc=acc: acc.update(y)
+    qkv = torch.randn(8192 // s, 49, 288, device=device).bfloat16().requires_grad_()
+    table = torch.randn(3, 169, device=device).requires_grad_()
+    index = swin_index(7, 7, device)
+    mask = torch.where(torch.rand(64, 49, 49, device=device) < 0.5, -100.0, 0.0)
+    out["window_attention swin_t stage1 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
+        window_attention(qkv, 3, 32, bias_table=table, bias_index=index, mask=mask).float().sum(), (qkv, table))
+    seq = torch.randn(128 // s, 197, 3 * 384, device=device).bfloat16().requires_grad_()
+    mix = [(torch.eye(6, device=device) + 0.1 * torch.randn(6, 6, device=device)).requires_grad_() for _ in range(2)]
+    bias = torch.zeros(6, device=device, requires_grad=True)
+    out["head_mix_attention B128 H6 N197 d64 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
+        head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias).float().sum(),
+        [seq, *mix, bias])
+    mix3 = [(torch.eye(3, device=device) + 0.1 * torch.randn(3, 3, device=device)).requires_grad_() for _ in range(2)]
+    out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
+        head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table, bias_index=index,
+                           mask=mask).float().sum(), [qkv, table, *mix3])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="shapes divided by 16 (smoke test)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    todo = cases(device, args.small)
+    for fn in todo.values():  # warm-up: autotuning, allocations, lazy module loads
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    for name, fn in todo.items():
+        if device.type == "cuda":
+            torch.cuda.nvtx.range_push(name)
+        fn()
+        if device.type == "cuda":
+            torch.cuda.nvtx.range_pop()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    print("profiled: " + "; ".join(todo))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The GPU check's scripts work before they meet a GPU (device minutes are scarce): the sanitizer
+cases and the Nsight Compute cases run on the CPU against the references, the benchmark runner's
+quick mode produces its report and bars, gpu_check.sh parses and knows its phases."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sanitize_cases_cover_every_op_and_pass_on_cpu():
+    p = run("scripts/sanitize_cases.py", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "all results match the references" in p.stdout
+    p = run("scripts/sanitize_cases.py", "--device", "cpu", "--smallest", "head_mix_attention")
+    assert p.returncode == 0 and "smallest" in p.stdout, p.stderr[-3000:]
+
+
+def test_ncu_cases_run_on_cpu():
+    p = run("benchmarks/ncu_cases.py", "--device", "cpu", "--small")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "head_mix_attention" in p.stdout and "window_attention" in p.stdout
+
+
+def test_benchmark_runner_quick_on_cpu(tmp_path):
+    out = tmp_path / "r.json"
+    p = run("benchmarks/run_gpu.py", "--device", "cpu", "--quick", "--json", str(out), "--markdown",
+            str(tmp_path / "r.md"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    ops = {c["op"] for c in report["cases"]}
+    assert {"topk_softmax", "covariance_update", "window_attention", "head_mix_attention"} <= ops
+    assert any("head_mix_attention" in b["what"] for b in report["bars"])
+    assert "Head-mixing attention" in (tmp_path / "r.md").read_text()
+
+
+def test_gpu_check_script_parses_and_rejects_unknown_phases():
+    assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    for phase in ("first)", "second)", "later)"):
+        assert phase in text
