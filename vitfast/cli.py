@@ -105,12 +105,41 @@ def build_parser() -> argparse.ArgumentParser:
     from .tinyvit.cli import add_parser as add_tinyvit
 
     add_tinyvit(sub)
+    from .minivit.cli import add_parser as add_minivit
+
+    add_minivit(sub)
     return parser
 
 
+def _user_message(exc: BaseException) -> str:
+    """One readable message, also for a UserError re-raised from a data-loader worker (whose text
+    carries the worker's traceback: keep its last line)."""
+    msg = str(exc)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        msg = last.split("UserError: ", 1)[-1]
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .engine.cli_args import apply_config_file
+    from .errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        if argv and argv[0] in parser._subparsers._group_actions[0].choices:
+            apply_config_file(parser._subparsers._group_actions[0].choices[argv[0]], argv[1:])
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except UserError as exc:
+        print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a UserError raised inside a DataLoader worker comes back as this
+        if "UserError" in str(exc):
+            print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

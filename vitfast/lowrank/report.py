@@ -6,21 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..timing import time_ms
+from ..engine.measure import count_macs, count_params, throughput  # noqa: F401  (re-exported)
 from .stats import batches
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward of `example` (all matmuls/convs, attention included)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
-    return counter.get_total_flops() // 2
 
 
 @torch.no_grad()
@@ -40,19 +27,6 @@ def evaluate(model, images, labels, reference_logits, batch_size, device, amp=Tr
     if labels is not None:
         res["accuracy"] = (logits.argmax(-1) == labels).float().mean().item()
     return res
-
-
-def throughput(model, example_batch: torch.Tensor, device, amp=True) -> float:
-    """Images per second of inference on `device` (median timing)."""
-    x = example_batch.to(device)
-    model.eval()
-
-    def run():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            model(x)
-
-    ms = time_ms(run, device, warmup=3, reps=10 if device.type == "cpu" else 50)
-    return x.shape[0] / (ms / 1e3)
 
 
 def plot_energy_and_ranks(rows: list[dict], path: str) -> str:

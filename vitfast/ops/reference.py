@@ -171,6 +171,7 @@ def head_mix_attention_reference(
     post_mix_bias: torch.Tensor | None = None,
     window_size=(),
     shift_size=(),
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Talking-heads (MiniViT / CaiT) attention: window_attention_reference with two H x H mixes
     across heads, written the way timm's TalkingHeadAttn and MiniViT's official code compute it.
@@ -181,8 +182,9 @@ def head_mix_attention_reference(
         P_g  = softmax(S'_g)
         P'_g = sum_h post_mix[g, h] P_h + post_mix_bias[g]
         out_g = P'_g v_g
-    A missing mix is the identity, a missing bias zero. Materialises (windows, H, N, N) tensors:
-    a specification, not an implementation.
+    A missing mix is the identity, a missing bias zero. dropout_p > 0 drops entries of P' (timm
+    CaiT's attn_drop; the fused op has none). Materialises (windows, H, N, N) tensors: a
+    specification, not an implementation.
     """
     grid = qkv.dim() == 4
     x = window_partition_reference(qkv, window_size, shift_size) if grid else qkv
@@ -208,6 +210,8 @@ def head_mix_attention_reference(
         p = torch.einsum("gh,whij->wgij", post_mix.to(p.dtype), p)
     if post_mix_bias is not None:
         p = p + post_mix_bias.to(p.dtype)[:, None, None]
+    if dropout_p:
+        p = torch.nn.functional.dropout(p, dropout_p)
     out = (p @ v).transpose(1, 2).reshape(windows, n, num_heads * dim_v)
     if grid:
         out = window_reverse_reference(out, qkv.shape[1:3], window_size, shift_size)

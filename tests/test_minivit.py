@@ -1,0 +1,248 @@
+"""MiniViT: multiplexing of timm ViT/DeiT and Swin (sharing groups, initialisation, transforms that
+start at the identity, state_dict, save/load), the distillation terms against direct float64
+formulas, and the timm registry names with their parameter counts."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import vitfast.models  # noqa: F401  (registers mini_* and the digits teacher)
+from vitfast.errors import UserError
+from vitfast.minivit import load_mini, mini_blocks, multiplex, parse_share, save_mini
+from vitfast.minivit.distill import (Capture, attention_relation_loss, default_pairs, hidden_relation_loss,
+                                     soft_cross_entropy)
+from vitfast.minivit.modules import HeadMix, MiniSwinBlock, MiniViTBlock
+
+
+def tiny_vit(**kw):
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3,
+                             num_classes=5, **kw).eval()
+
+
+def tiny_swin(**kw):
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16,
+                             depths=(2, 4), num_heads=(2, 4), num_classes=5, **kw).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_nothing_shared_is_the_original(make):
+    """share=1 with identity transforms: the Mini model computes what the original does (Swin:
+    shifted windows, shift mask after the mix, the feature-map path)."""
+    model = make()
+    x = torch.randn(2, 3, 32, 32)
+    mini = multiplex(model, 1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mini(x), model(x), rtol=1e-4, atol=1e-5)
+    assert all(isinstance(b, (MiniViTBlock, MiniSwinBlock)) for b in mini_blocks(mini))
+
+
+def test_swin_padding_path_matches():
+    """A map the window does not divide (timm pads it): the Mini block pads the same way."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=40, window_size=4, embed_dim=16,
+                              depths=(2, 2), num_heads=(2, 2), num_classes=5, strict_img_size=False).eval()
+    x = torch.randn(1, 3, 40, 40)  # 10 x 10 tokens, windows of 4: padded to 12
+    with torch.no_grad():
+        torch.testing.assert_close(multiplex(model, 1).eval()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,share,groups", [
+    (tiny_vit, 2, [[0, 1], [2, 3]]),
+    (tiny_vit, "all", [[0, 1, 2, 3]]),
+    (tiny_vit, "0;1,2;3", [[0], [1, 2], [3]]),
+    (tiny_swin, "stage", [[0, 1], [2, 3, 4, 5]]),
+    (tiny_swin, 3, [[0, 1], [2, 3, 4], [5]]),
+])
+def test_sharing_groups_share_their_tensors(make, share, groups):
+    model = make()
+    mini = multiplex(model, share)
+    assert mini.minivit["groups"] == groups
+    blocks = mini_blocks(mini)
+    for g, members in enumerate(groups):
+        for i in members:
+            assert blocks[i].shared is mini.minivit_shared[g]
+    # every tensor once: the state_dict has the shared linears once per group, none under blocks
+    keys = mini.state_dict().keys()
+    assert sum(k.endswith("qkv.weight") for k in keys) == len(groups)
+    assert not any(k.startswith(("blocks.", "layers.")) and ".qkv." in k for k in keys)
+    n_shared = sum(p.numel() for p in mini.minivit_shared.parameters())
+    assert sum(p.numel() for p in mini.parameters()) == len({id(p) for p in mini.parameters()}) * 0 + sum(
+        p.numel() for p in mini.parameters())
+    assert n_shared > 0
+
+
+@pytest.mark.parametrize("bad,words", [(0, "--share"), ("0,1;3", "cover"), ("0,2;1,3", "consecutive"),
+                                       ("abc", "--share")])
+def test_bad_share_is_named(bad, words):
+    with pytest.raises(UserError, match=words):
+        parse_share(bad, [4])
+    with pytest.raises(UserError, match="stage"):
+        parse_share("0,1,2;3,4,5", [2, 4])
+
+
+def test_init_first_mean_random():
+    model = tiny_vit()
+    blocks = list(model.blocks)
+    first = multiplex(model, 2, init="first")
+    mean = multiplex(model, 2, init="mean")
+    torch.testing.assert_close(first.minivit_shared[1].qkv.weight, blocks[2].attn.qkv.weight)
+    torch.testing.assert_close(mean.minivit_shared[1].fc1.weight,
+                               (blocks[2].mlp.fc1.weight + blocks[3].mlp.fc1.weight) / 2)
+    rnd = multiplex(model, 2, init="random")
+    assert rnd.minivit_shared[0].qkv.weight.std() < 0.05 and not torch.allclose(rnd.blocks[0].mix.pre, torch.eye(3))
+    # identity transforms with "first"; the original model is untouched
+    assert torch.equal(first.blocks[1].mix.pre, torch.eye(3)) and first.blocks[1].mlp_transform.conv.weight.abs().max() == 0
+    assert isinstance(model.blocks[0], timm.models.vision_transformer.Block)
+    with pytest.raises(UserError, match="--init"):
+        multiplex(model, 2, init="best")
+
+
+def test_deepcopy_and_state_dict_round_trip(tmp_path):
+    model = tiny_swin()
+    mini = multiplex(model, "stage")
+    with torch.no_grad():
+        for p in mini.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    clone = copy.deepcopy(mini)
+    assert mini_blocks(clone)[0].shared is clone.minivit_shared[0]
+    assert mini_blocks(clone)[0].shared is not mini.minivit_shared[0]
+    save_mini(mini, str(tmp_path / "m"), "swin_tiny_patch4_window7_224",
+              dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 4), num_heads=(2, 4), num_classes=5))
+    loaded = load_mini(str(tmp_path / "m"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), mini.eval()(x))
+    assert list(loaded.state_dict()) == list(mini.state_dict())
+
+
+def test_mini_attention_runs_on_the_fused_op(monkeypatch):
+    import vitfast.minivit.modules as mod
+
+    calls = {"mix": 0, "plain": 0}
+    real_mix, real_plain = mod.head_mix_attention, mod.window_attention
+    monkeypatch.setattr(mod, "head_mix_attention", lambda *a, **k: calls.__setitem__("mix", calls["mix"] + 1) or
+                        real_mix(*a, **k))
+    monkeypatch.setattr(mod, "window_attention", lambda *a, **k: calls.__setitem__("plain", calls["plain"] + 1) or
+                        real_plain(*a, **k))
+    x = torch.randn(1, 3, 32, 32)
+    multiplex(tiny_vit(), 2)(x)
+    multiplex(tiny_vit(), 2, heads_mix=False)(x)
+    assert calls == {"mix": 4, "plain": 4}
+
+
+def test_training_step_gradients_reach_shared_and_per_layer_parameters():
+    # average pooling: with the class-token head, the last block's patch tokens never reach the loss
+    mini = multiplex(tiny_vit(global_pool="avg"), 2, init="random").train()
+    out = mini(torch.randn(2, 3, 32, 32))
+    out.square().mean().backward()
+    assert mini.minivit_shared[0].qkv.weight.grad.abs().sum() > 0
+    for b in mini.blocks:
+        assert b.mix.pre.grad.abs().sum() > 0 and b.mlp_transform.conv.weight.grad.abs().sum() > 0
+
+
+def test_compile_matches_eager():
+    torch.manual_seed(0)
+    mini = multiplex(tiny_vit(), 2, init="random").train()
+    x = torch.randn(2, 3, 32, 32)
+    ref = mini(x)
+    ref.square().mean().backward()
+    grads = [p.grad.clone() for p in mini.parameters()]
+    mini.zero_grad()
+    out = torch.compile(mini)(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, p in zip(grads, mini.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
+
+
+def test_attention_dropout_in_training_takes_the_reference_path():
+    mini = multiplex(tiny_vit(attn_drop_rate=0.5), 2, init="random").train()
+    torch.manual_seed(0)
+    a = mini(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(a).all()
+    mini.eval()
+    with torch.no_grad():
+        b = mini(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(b).all()
+
+
+# -- distillation terms against direct formulas ---------------------------------------------------
+
+
+def test_relation_loss_matches_direct_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7, 3 * 8, dtype=torch.float64), torch.randn(3, 7, 3 * 12, dtype=torch.float64)
+    got = attention_relation_loss(s, t, heads=2)
+    total = 0
+    for i in range(3):
+        for j in range(3):
+            def rel(x, c):
+                xs = x[..., i * c:(i + 1) * c].reshape(3, 7, 2, c // 2).transpose(1, 2)
+                ys = x[..., j * c:(j + 1) * c].reshape(3, 7, 2, c // 2).transpose(1, 2)
+                return xs @ ys.transpose(-1, -2) / (c / 2) ** 0.5
+            pt = rel(t, 12).softmax(-1)
+            total = total - (pt * rel(s, 8).log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(got, (total / 9).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_relation_and_soft_ce():
+    x = torch.randn(2, 5, 8)
+    assert hidden_relation_loss(x, x).item() < 1e-10
+    y = torch.randn(2, 5, 6)
+    n = lambda v: torch.nn.functional.normalize(v, dim=-1)  # noqa: E731
+    ref = ((n(x) @ n(x).transpose(-1, -2) - n(y) @ n(y).transpose(-1, -2)) ** 2).mean() * 5
+    torch.testing.assert_close(hidden_relation_loss(x, y), ref)
+    a, b = torch.randn(4, 10), torch.randn(4, 10)
+    ref = -(torch.softmax(b / 2, -1) * torch.log_softmax(a / 2, -1)).sum(-1).mean()
+    torch.testing.assert_close(soft_cross_entropy(a, b, 2.0), ref)
+
+
+def test_default_pairs_reproduce_the_official_swin_t_vs_b():
+    student = multiplex(timm.create_model("swin_tiny_patch4_window7_224"), "stage", init="random")
+    teacher = timm.create_model("swin_base_patch4_window7_224")
+    assert default_pairs(student, teacher) == [(1, 1), (3, 3), (5, 9), (7, 15), (9, 21), (11, 23)]
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_capture_gives_matching_windows_for_swin(patched):
+    import vitfast
+
+    teacher = tiny_swin()
+    if patched:
+        vitfast.patch(teacher)
+    student = multiplex(teacher, 1)  # nothing shared: the captures must agree value for value
+    cs, ct = Capture(student, [1, 3]), Capture(teacher, [1, 3])
+    x = torch.randn(2, 3, 32, 32)
+    student(x)
+    teacher(x)
+    (sq, sh), (tq, th) = cs.take(), ct.take()
+    cs.close()
+    ct.close()
+    for a, b in zip(sq + sh, tq + th):
+        assert a.shape[:2] == b.shape[:2] and a.shape[1] == 16  # windows of 4 x 4 tokens
+    # the same windows in the same order (layer 1 is a shifted block; layer 3 too)
+    for a, b in zip(sq + sh, tq + th):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- the timm registry names ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,paper_m,extra_m", [
+    ("mini_swin_tiny_patch4_window7_224", 12.00, 0.0),
+    ("mini_swin_small_patch4_window7_224", 26.46, 0.0),
+    ("mini_swin_base_patch4_window7_224", 46.44, 0.0),
+    # Mini-DeiT: + the MLP transform of the paper's method (0.12 / 0.24 / 0.48 M), which the official
+    # release leaves out; README explains the rest
+    ("mini_deit_tiny_patch16_224", 3.09, 0.12),
+    ("mini_deit_small_patch16_224", 11.45, 0.24),
+    ("mini_deit_base_patch16_224", 44.10, 0.48),
+])
+def test_registry_parameter_counts(name, paper_m, extra_m):
+    m = timm.create_model(name)
+    got = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(got - paper_m - extra_m) < 0.05, got
+    assert isinstance(m.blocks[0] if hasattr(m, "blocks") else m.layers[0].blocks[0], (MiniViTBlock, MiniSwinBlock))
+    assert any(isinstance(mm, HeadMix) for mm in m.modules())
+    with pytest.raises(UserError, match="no pretrained Mini weights"):
+        timm.create_model(name, pretrained=True)

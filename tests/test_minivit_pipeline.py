@@ -1,0 +1,122 @@
+"""`vitfast minivit` end to end on CPU: the embedded default's ablation (short), and a tiny timm Swin
+teacher from a safetensors checkpoint on an ImageFolder of PNG files through the whole Swin path --
+killed mid-run and resumed to the same bits as an uninterrupted run, a changed configuration
+refused with one line, user mistakes answered with one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vitfast.minivit import load_mini
+
+SWIN = ["--teacher", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "window_size=4",
+        "embed_dim=16", "depths=(2,2)", "num_heads=(2,4)"]
+
+
+def vitfast(*args, timeout=900, wait=True):
+    cmd = [sys.executable, "-m", "vitfast", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def folder_and_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minivit")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for c in range(3):  # three classes of 12 coloured-noise images
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            img = (rng.random((32, 32, 3)) * 80 + 60 * c).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(data / f"class{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    teacher = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16,
+                                depths=(2, 2), num_heads=(2, 4), num_classes=3)
+    ckpt = root / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(ckpt))
+    return str(data), str(ckpt), root
+
+
+def swin_args(data, ckpt, out, epochs=2, extra=()):
+    return ["minivit", *SWIN, "--num-classes", "3", "--checkpoint", ckpt, "--data", data, "--eval-data", data,
+            "--share", "stage", "--epochs", str(epochs), "--batch-size", "8", "--workers", "0", "--input-size", "32",
+            "--aa", "none", "--reprob", "0", "--output", out, "--no-progress", *extra]
+
+
+def test_embedded_default_ablation_short(tmp_path):
+    out = str(tmp_path / "ab")
+    p = vitfast("minivit", "--epochs", "1", "--seeds", "1", "--output", out, "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    names = list(report["rows"])
+    assert names[0] == "original" and len(names) == 1 + 4 * 2  # 4 variants x 2 sharing degrees
+    assert all(0 <= a <= 1 for r in report["rows"].values() for a in r["top1"])
+    assert report["rows"]["sharing only [share all]"]["params"] < report["rows"]["sharing only [share 2]"]["params"]
+    assert set(report["init"]) == {"2/first", "2/mean", "all/first", "all/mean"}
+    md = open(os.path.join(out, "report.md")).read()
+    assert "Full method vs plain weight sharing" in md and os.path.exists(os.path.join(out, "training_curves.png"))
+    mini = load_mini(os.path.join(out, "mini_model"))
+    assert mini(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    # every run kept its log and timm-style summary
+    run = os.path.join(out, "runs", "share_2", "relation_distillation_full", "seed0")
+    assert os.path.exists(os.path.join(run, "summary.csv")) and os.path.exists(os.path.join(run, "log.txt"))
+
+
+def test_swin_imagefolder_kill_resume_and_refusal(folder_and_teacher):
+    data, ckpt, root = folder_and_teacher
+    ref = str(root / "ref")
+    p = vitfast(*swin_args(data, ckpt, ref, epochs=3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Accuracy measured on --eval-data" in open(os.path.join(ref, "report.md")).read()
+
+    killed = str(root / "killed")
+    proc = vitfast(*swin_args(data, ckpt, killed, epochs=3), wait=False)
+    ckpt_file = os.path.join(killed, "checkpoint.safetensors")
+    deadline = time.time() + 300
+    while not os.path.exists(ckpt_file) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = vitfast(*swin_args(data, ckpt, killed, epochs=3))
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(os.path.join(ref, "mini_model", "model.safetensors"))
+    b = load_file(os.path.join(killed, "mini_model", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+
+    # the same folder with another configuration: one line, exit 2, nothing overwritten
+    p = vitfast(*swin_args(data, ckpt, killed, epochs=3, extra=("--lr", "1e-2")))
+    assert p.returncode == 2 and "lr" in p.stderr and "--output" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    mini = load_mini(os.path.join(killed, "mini_model"))
+    assert mini(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--teacher", "swin_tiny_patch4_windw7_224", "--data", "X"], "did you mean swin_tiny_patch4_window7_224"),
+    (["--teacher", "vit_tiny_patch16_224"], "both --teacher and --data"),
+    (["--share", "0,2;1,3"], "consecutive"),
+    (["--epochs", "0"], "--epochs"),
+    (["--alpha", "1.5"], "--alpha"),
+])
+def test_user_mistakes_get_one_line(tmp_path, args, words):
+    p = vitfast("minivit", *args, "--output", str(tmp_path / "o"), "--no-ablation")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_missing_folder_and_wrong_checkpoint(folder_and_teacher, tmp_path):
+    data, ckpt, _ = folder_and_teacher
+    p = vitfast(*swin_args(str(tmp_path / "nope"), ckpt, str(tmp_path / "o1")))
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    p = vitfast(*[a if a != "3" else "5" for a in swin_args(data, ckpt, str(tmp_path / "o2"))])
+    assert p.returncode == 2 and "3-class head" in p.stderr and "--num-classes 3" in p.stderr

@@ -1,0 +1,105 @@
+"""Command-line options every vitfast training command shares, spelled like timm's train.py
+(--model, --num-classes, --checkpoint, --pretrained, --epochs, --lr, --amp-dtype, --output,
+--resume, --config FILE.yaml ...), and the two-step parse that lets a YAML file set defaults."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import UserError
+from .trainer import AMP_DTYPES, TrainConfig
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of option values (keys as the long options, "
+                   "dashes or underscores); command-line options win")
+
+
+def apply_config_file(p: argparse.ArgumentParser, argv) -> None:
+    """timm's train.py pattern: read --config first, make its values the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    import yaml
+
+    try:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise UserError(f"argument --config: cannot read '{known.config}' ({exc.strerror})") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"argument --config: '{known.config}' must hold a mapping of option: value")
+    dests = {a.dest for a in p._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise UserError(f"argument --config: '{known.config}' sets unknown option(s) {', '.join(unknown)}")
+    p.set_defaults(**values)
+
+
+def add_train_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    g.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay, e.g. 0.9998 (off by default)")
+    g.add_argument("--amp-dtype", choices=list(AMP_DTYPES), default=d.amp_dtype,
+                   help="autocast dtype on CUDA (float32: off; CPU runs in float32)")
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def train_config(a) -> TrainConfig:
+    cfg = TrainConfig(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
+                      min_lr=a.min_lr, clip_grad=a.clip_grad, ema_decay=a.ema, amp_dtype=a.amp_dtype, seed=a.seed)
+    cfg.validate()
+    return cfg
+
+
+def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--output", "--out", default=output, help="run folder (resumed if it holds the same run)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse to continue a run already in --output instead of resuming it")
+    g.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def input_size(value) -> tuple | None:
+    """'224' or '3,224,224' -> (3, 224, 224); None stays None."""
+    if value is None:
+        return None
+    parts = [int(v) for v in str(value).replace(" ", ",").split(",") if v]
+    if len(parts) == 1:
+        return (3, parts[0], parts[0])
+    if len(parts) != 3 or min(parts) < 1:
+        raise UserError(f"argument --input-size must be N or C,H,W, got {value!r}")
+    return tuple(parts)
+
+
+def add_model_kwargs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments, e.g. img_size=384 'depths=(2,2,6,2)' (like timm's train.py)")
+
+
+def model_kwargs(items) -> dict:
+    """['img_size=32', 'depths=(2,2)'] -> {'img_size': 32, 'depths': (2, 2)} (Python literals; other
+    values stay strings)."""
+    import ast
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"argument --model-kwargs: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v
+    return out

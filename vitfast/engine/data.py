@@ -1,0 +1,64 @@
+"""Training data for the engine: a DataLoader per epoch (seeded shuffling, DistributedSampler
+under torchrun, worker processes), in-memory tensors with a per-sample transform, and timm's
+training transform from the model's own data configuration."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import distributed as vdist
+from ..errors import UserError
+
+
+class TransformedTensors(torch.utils.data.Dataset):
+    """(images, labels) tensors with a transform applied per sample (torchvision tensor ops)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = sorted({int(v) for v in labels.tolist()})
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (self.transform(x) if self.transform is not None else x), self.labels[i]
+
+
+def steps_per_epoch(size: int, batch_size: int, drop_last: bool = True) -> int:
+    _, world = vdist.rank_world()
+    per_rank = math.ceil(size / world) if world > 1 else size
+    steps = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    if steps == 0:
+        raise UserError(f"argument --batch-size {batch_size} is larger than the {per_rank} training samples per "
+                        "process: use a smaller batch")
+    return steps
+
+
+def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, workers: int = 0, drop_last: bool = True):
+    """This rank's batches of `epoch`: shuffled by (seed, epoch), the same on every run."""
+    if batch_size < 1:
+        raise UserError(f"argument --batch-size must be >= 1, got {batch_size}")
+    rank, world = vdist.rank_world()
+    sampler, generator = None, None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                      drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                       generator=generator, num_workers=workers, drop_last=drop_last,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def train_transform(model, input_size=None, aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                    interpolation: str | None = None):
+    """timm's training transform with the model's mean/std, interpolation and input size."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    size = tuple(input_size) if input_size is not None else cfg["input_size"]
+    return create_transform(size, is_training=True, auto_augment=aa, re_prob=reprob, mean=cfg["mean"],
+                            std=cfg["std"], interpolation=interpolation or cfg.get("interpolation", "bicubic"))

@@ -1,0 +1,63 @@
+"""Streaming evaluation: an ImageFolder through a DataLoader with the model's own timm data
+configuration (resize, crop, interpolation, mean/std: what timm's validate.py uses), memory
+bounded whatever the folder size; top-1 / top-5 by timm.utils.accuracy."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .trainer import autocast_for
+
+
+def eval_transform(model: nn.Module, input_size=None):
+    from timm.data import create_transform, resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    if input_size is not None:
+        cfg["input_size"] = tuple(input_size)
+    return create_transform(**cfg, is_training=False), cfg
+
+
+def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: int = 4, input_size=None):
+    from ..data.folders import image_folder
+
+    tf, cfg = eval_transform(model, input_size)
+    if cfg["input_size"][0] == 1:  # grayscale models (the embedded digits)
+        from torchvision import transforms
+
+        tf = transforms.Compose([transforms.Grayscale(1), tf])
+    ds = image_folder(root, tf, "evaluation folder")
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device, amp_dtype: str = "bfloat16") -> dict:
+    """Top-1, top-5 (when there are >= 5 classes) and cross-entropy over (images, labels) batches."""
+    from timm.utils import accuracy
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    top1 = top5 = loss = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_for(device, amp_dtype):
+            out = model(x)
+        out = out.float()
+        k = min(5, out.shape[-1])
+        a1, ak = accuracy(out, y, topk=(1, k))
+        top1 = top1 + a1 * len(y) / 100
+        top5 = top5 + ak * len(y) / 100
+        loss = loss + torch.nn.functional.cross_entropy(out, y, reduction="sum")
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "images": 0}
+    return {"top1": (top1 / n).item(), "top5": (top5 / n).item(), "loss": (loss / n).item(), "images": n}
+
+
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size], labels[i:i + batch_size]

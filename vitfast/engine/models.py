@@ -1,0 +1,102 @@
+"""Models by timm name, with weights from a checkpoint file, and errors a user can act on: an unknown
+name lists the closest names timm knows, a checkpoint that does not fit says in a few lines which
+keys and shapes differ (and what --num-classes would make the head fit)."""
+from __future__ import annotations
+
+import difflib
+import os
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .checkpoint import CheckpointError, describe_mismatch
+
+
+def known_model_names() -> list[str]:
+    import timm
+
+    from .. import models  # noqa: F401  (vitfast's own timm registrations)
+
+    return timm.list_models()
+
+
+def check_model_name(name: str, what: str = "--model") -> None:
+    names = known_model_names()
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `python -c \"import timm; print(timm.list_models())\"` lists them"
+    raise UserError(f"argument {what}: timm has no model '{name}'{hint}")
+
+
+def read_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "module"):  # common wrappers
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"checkpoint '{path}' holds no state_dict of tensors")
+    if all(k.startswith("module.") for k in state):  # saved from DDP
+        state = {k[7:]: v for k, v in state.items()}
+    return state
+
+
+def head_classes(state: dict, model: nn.Module) -> int | None:
+    """Number of classes of the classifier in `state`, for the model's classifier."""
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return None
+    head = get()
+    for name, mod in model.named_modules():
+        if mod is head and isinstance(mod, nn.Linear):
+            w = state.get(f"{name}.weight")
+            return int(w.shape[0]) if w is not None else None
+    return None
+
+
+def create_model(name: str, *, num_classes: int | None = None, checkpoint: str | None = None,
+                 pretrained: bool = False, what: str = "--model", **kwargs) -> nn.Module:
+    """timm.create_model with checked name, class count and weights. The model remembers where its
+    weights came from in `model.vitfast_weights` ("checkpoint:<path>", "pretrained" or "random")."""
+    import timm
+
+    check_model_name(name, what)
+    if num_classes is not None:
+        if num_classes < 1:
+            raise UserError(f"argument --num-classes must be >= 1, got {num_classes}")
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+    except Exception as exc:
+        if pretrained:
+            raise UserError(f"pretrained weights for '{name}' could not be loaded ({str(exc).splitlines()[0]}); "
+                            "download them elsewhere and pass --checkpoint FILE") from exc
+        raise
+    source = "pretrained" if pretrained and not checkpoint else "random"
+    if checkpoint:
+        state = read_state_dict(checkpoint)
+        try:
+            describe_mismatch(model, state, checkpoint)
+        except CheckpointError as exc:
+            have, want = head_classes(state, model), getattr(model, "num_classes", None)
+            if have is not None and want is not None and have != want:
+                raise UserError(f"checkpoint '{checkpoint}' has a {have}-class head, the model {want}: "
+                                f"pass --num-classes {have}") from exc
+            raise
+        model.load_state_dict(state)
+        source = f"checkpoint:{checkpoint}"
+    model.vitfast_weights = source
+    return model

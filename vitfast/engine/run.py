@@ -1,0 +1,89 @@
+"""A run directory that knows what it is: the full configuration and the identity of its inputs
+(model, checkpoint hash, data list hash), recorded when the run starts. Resuming into it with
+anything else is refused with a one-line message that names the first difference and how to start
+fresh, so stale state is never reported as new."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from ..errors import UserError
+from .checkpoint import atomic_write_json
+
+RUN_FILE = "run.json"
+
+
+class ResumeMismatch(UserError):
+    pass
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a file (a checkpoint), None without one."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def folder_digest(root: str | None) -> str | None:
+    """Digest of an image folder's listing (relative paths and sizes): other data of the same size
+    gets another digest, without reading every image."""
+    if not root:
+        return None
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            h.update(f"{os.path.relpath(p, root)}:{os.path.getsize(p)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _first_difference(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else (prefix[:-1], a, b)
+
+
+class RunDir:
+    """root/run.json holds {"config": ..., "identity": ...}. check() on an existing run compares
+    them (keys in `volatile` may change: worker counts, progress bars) and raises ResumeMismatch."""
+
+    def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every")):
+        self.root = root
+        self.config = {k: v for k, v in config.items() if k not in volatile}
+        self.identity = identity
+        self.path = os.path.join(root, RUN_FILE)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def check(self) -> None:
+        with open(self.path) as f:
+            old = json.load(f)
+        for part, mine in (("identity", self.identity), ("config", self.config)):
+            diff = _first_difference(json.loads(json.dumps(old.get(part, {}), default=str)),
+                                     json.loads(json.dumps(mine, default=str)))
+            if diff:
+                key, was, now = diff
+                raise ResumeMismatch(f"'{self.root}' holds a run with {part} {key}={was!r}, this one has {now!r}; "
+                                     f"to start fresh use another --output (or delete '{self.root}')")
+
+    def start(self, resume: bool = True) -> bool:
+        """Returns True when an earlier run is there to resume (after checking it matches)."""
+        if self.exists():
+            if not resume:
+                raise ResumeMismatch(f"'{self.root}' already holds a run; resume it (--resume) or use another --output")
+            self.check()
+            return True
+        os.makedirs(self.root, exist_ok=True)
+        atomic_write_json(self.path, {"config": self.config, "identity": self.identity})
+        return False

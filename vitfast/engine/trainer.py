@@ -1,0 +1,212 @@
+"""The training loop every vitfast pipeline uses: timm's AdamW (no decay on norms and biases) and
+warm-up + cosine schedule (per update), autocast (bf16 / fp16 with a GradScaler), gradient
+clipping with the gradient norm recorded, timm's EMA, DDP under torchrun, loss and metric sums
+kept on the device (one host sync per epoch), one atomic checkpoint file per epoch with exact
+resume, evaluation each epoch, progress bars, a log file and timm's summary.csv.
+
+A pipeline supplies only what is its own: the batches of an epoch and the loss of a batch."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as vdist
+from ..errors import UserError
+from .checkpoint import load_training_state, save_training_state
+
+CHECKPOINT = "checkpoint.safetensors"
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    clip_grad: float | None = 5.0
+    ema_decay: float | None = None
+    amp_dtype: str = "bfloat16"  # on CUDA; "float32" turns autocast off (CPU runs float32 always)
+    opt: str = "adamw"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"argument --epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"argument --lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"argument --weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs + 1:
+            raise UserError(f"argument --warmup-epochs must lie in [0, epochs], got {self.warmup_epochs}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise UserError(f"argument --clip-grad must be > 0 (or omitted), got {self.clip_grad}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"argument --ema must lie in (0, 1), got {self.ema_decay}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise UserError(f"argument --amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+
+
+class RunLog:
+    """print + a log file (rank 0), and timm's summary.csv with one row per epoch."""
+
+    def __init__(self, out_dir: str | None, enabled: bool = True, name: str = "log.txt", echo: bool = True):
+        self.out_dir, self.enabled, self.echo = out_dir, enabled, echo
+        self.path = os.path.join(out_dir, name) if out_dir and enabled else None
+        if self.path:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def __call__(self, *parts) -> None:
+        if not self.enabled:
+            return
+        msg = " ".join(str(p) for p in parts)
+        if self.echo:
+            print(msg, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+
+    def summary(self, epoch: int, train: dict, evaluation: dict | None, lr: float) -> None:
+        if not (self.enabled and self.out_dir):
+            return
+        from timm.utils import update_summary
+
+        path = os.path.join(self.out_dir, "summary.csv")
+        update_summary(epoch, train, evaluation or {}, path, lr=lr, write_header=not os.path.exists(path))
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """torch, NumPy (timm's Mixup) and random, seeded from (seed, epoch, rank)."""
+    import random
+
+    import numpy as np
+
+    s = (seed * 1000003 + epoch * 9973 + rank) % 2**31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def autocast_for(device: torch.device, amp_dtype: str):
+    dtype = AMP_DTYPES[amp_dtype]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=device.type == "cuda" and dtype is not None)
+
+
+def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable], steps_per_epoch: int,
+        loss_fn: Callable[[nn.Module, object], tuple], device, out_dir: str | None = None,
+        evaluate: Callable[[nn.Module, nn.Module | None, int], dict] | None = None, params=None,
+        log: RunLog | None = None, progress: bool = True, desc: str = "train",
+        on_resume: Callable[[dict], None] | None = None, extra_state: Callable[[], dict] | None = None) -> "FitResult":
+    """Train `model` for cfg.epochs; returns the per-epoch history (also in summary.csv) and the
+    EMA copy of the model when cfg.ema_decay is set.
+
+    batches(epoch): the epoch's batches (a DataLoader, this rank's share under torchrun).
+    loss_fn(model, batch) -> (loss, samples, metrics): a scalar loss to minimise, the number of
+        samples it covers, and a dict of scalar tensors to average (e.g. its parts).
+    evaluate(model, ema_model, epoch) -> dict of numbers (rank 0), or None.
+    With out_dir, the state after each epoch is one atomic checkpoint file there, and a later call
+    resumes after its epoch (the caller checks that the run is the same: engine.run.RunDir)."""
+    cfg.validate()
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    rank, world = vdist.rank_world()
+    log = log or RunLog(None, rank == 0)
+    device = torch.device(device)
+    model.to(device)
+    opt = create_optimizer_v2(params if params is not None else model, cfg.opt, lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
+    updates = cfg.epochs * steps_per_epoch
+    sched = CosineLRScheduler(opt, t_initial=updates, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+                              warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+    amp = autocast_for(device, cfg.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp_dtype == "float16")
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    start, history = 0, []
+    if ckpt and os.path.exists(ckpt):
+        meta = load_training_state(ckpt, model=model, optimizer=opt, scheduler=sched,
+                                   ema=ema.module if ema is not None else None, scaler=scaler, device=device)
+        start, history = meta["epoch"], meta["extra"].get("history", [])
+        if on_resume is not None:
+            on_resume(meta["extra"])
+        log(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
+    wrapped = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    for epoch in range(start, cfg.epochs):
+        seed_epoch(cfg.seed, epoch, rank)  # an epoch's randomness depends on (seed, epoch, rank) only: exact resume
+        wrapped.train()
+        sums: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=device)
+        gnorm_sum = torch.zeros((), device=device)
+        gnorm_max = torch.zeros((), device=device)
+        count, steps, t0 = 0, 0, time.time()
+        for batch in tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                          disable=not progress or rank != 0, leave=False):
+            with amp:
+                loss, n, metrics = loss_fn(wrapped, batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(train_params, cfg.clip_grad if cfg.clip_grad else float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            sched.step_update(epoch * steps_per_epoch + steps + 1)
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.detach().float() * n
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * n
+            gnorm = gnorm.detach().float()
+            gnorm_sum += gnorm
+            gnorm_max = torch.maximum(gnorm_max, gnorm)
+            count += int(n)
+            steps += 1
+        if steps == 0:
+            raise UserError(f"{desc}: epoch {epoch + 1} had no batches (is the data set smaller than the batch size?)")
+        # one sync per epoch; under torchrun the sums are averaged over ranks
+        packed = torch.stack([loss_sum, torch.tensor(float(count), device=device), gnorm_sum,
+                              torch.tensor(float(steps), device=device)] + [sums[k] for k in sorted(sums)])
+        if world > 1:
+            torch.distributed.all_reduce(packed)
+        vals = packed.tolist()
+        total = max(vals[1], 1.0)
+        train = {"loss": vals[0] / total, "grad_norm": vals[2] / max(vals[3], 1.0), "grad_norm_max": gnorm_max.item(),
+                 "images_per_s": vals[1] / max(time.time() - t0, 1e-9), "epoch_s": time.time() - t0}
+        train.update({k: v / total for k, v in zip(sorted(sums), vals[4:])})
+        lr = opt.param_groups[0]["lr"]
+        evaluation = evaluate(model, ema.module if ema is not None else None, epoch) if evaluate and rank == 0 else None
+        entry = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train.items()},
+                 **{f"eval_{k}": v for k, v in (evaluation or {}).items()}}
+        history.append(entry)
+        log(f"{desc}: epoch {epoch + 1}/{cfg.epochs} " + ", ".join(
+            f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch",)))
+        log.summary(epoch + 1, train, evaluation, lr)
+        if ckpt and rank == 0:
+            save_training_state(ckpt, model=model, epoch=epoch + 1, optimizer=opt, scheduler=sched,
+                                ema=ema.module if ema is not None else None, scaler=scaler,
+                                extra={"history": history, **(extra_state() if extra_state else {})})
+        vdist.barrier()
+    model.eval()
+    return FitResult(history, ema.module.eval() if ema is not None else None)
+
+
+@dataclass
+class FitResult:
+    history: list
+    ema: nn.Module | None = None

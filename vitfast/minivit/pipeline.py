@@ -1,0 +1,358 @@
+"""The MiniViT pipeline: multiplex a pretrained model, train the Mini model with weight
+distillation from the original (predictions, attention relations, hidden-state relations) on the
+shared engine, save it (safetensors + structure) and report.
+
+    run_minivit(MiniViTConfig(teacher="deit_small_patch16_224", checkpoint="deit_s.safetensors",
+                              data="train/", eval_data="val/", share="2", output="mini_deit_s"))
+
+With no teacher and no data, the embedded default: the digits ViT teacher and data set, and the
+paper's ablation in small (run_ablation)."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as vdist
+from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
+from ..engine.checkpoint import atomic_write_json
+from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
+from ..engine.evaluation import evaluate, folder_loader, tensor_batches
+from ..engine.measure import count_macs, count_params, throughput
+from ..errors import UserError
+from .distill import Capture, attention_relation_loss, default_pairs, hidden_relation_loss, soft_cross_entropy
+from .multiplex import multiplex, param_groups, save_mini
+
+DIGITS = "vitfast_digits_vit"
+
+
+@dataclass
+class MiniViTConfig:
+    # the model to compress (None: the embedded digits teacher) and its weights
+    teacher: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+    # multiplexing
+    share: str = "2"                    # layers per group, "stage", or groups "0,1;2,3"
+    init: str = "first"                 # first | mean | random (the official from-scratch recipe)
+    heads_mix: bool = True              # head-mixing transforms in the attention
+    mlp_transform: str | None = "residual"  # residual | official | None
+    # weight distillation (official Mini-Swin defaults)
+    alpha: float = 0.0                  # ground-truth CE weight; predictions get 1 - alpha
+    distill_predictions: bool = True
+    temperature: float = 1.0
+    attn_weight: float = 1.0            # attention relations (MiniLMv2)
+    hidden_weight: float = 0.1          # hidden-state relations
+    relation_heads: int = 1
+    layer_pairs: str | None = None      # "1:1,3:3" (student:teacher); default: default_pairs
+    # data (ImageFolder; None: embedded digits)
+    data: str | None = None
+    eval_data: str | None = None
+    input_size: tuple | None = None
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    batch_size: int = 128
+    workers: int = 4
+    # training (vitfast.engine)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=5e-4, weight_decay=0.05,
+                                                                   warmup_epochs=1, clip_grad=5.0))
+    output: str = "minivit_out"
+    resume: bool = True
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.train.validate()
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"argument --alpha must lie in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise UserError(f"argument --temperature must be > 0, got {self.temperature}")
+        for name in ("attn_weight", "hidden_weight", "mixup", "cutmix", "reprob", "smoothing"):
+            if getattr(self, name) < 0:
+                raise UserError(f"argument --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.relation_heads < 1:
+            raise UserError(f"argument --relation-heads must be >= 1, got {self.relation_heads}")
+        if self.batch_size < 2:
+            raise UserError(f"argument --batch-size must be >= 2, got {self.batch_size}")
+        if self.workers < 0:
+            raise UserError(f"argument --workers must be >= 0, got {self.workers}")
+        if (self.teacher is None) != (self.data is None):
+            raise UserError("give both --teacher and --data (an ImageFolder), or neither (the embedded default)")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return (self.distill_predictions and self.alpha < 1) or self.attn_weight > 0 or self.hidden_weight > 0
+
+
+def parse_pairs(text: str | None, student, teacher) -> list[tuple[int, int]]:
+    if not text:
+        return default_pairs(student, teacher)
+    try:
+        return [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise UserError(f"argument --layer-pairs must look like '1:1,3:3' (student:teacher), got {text!r}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: teacher and data
+
+
+def load_teacher(cfg: MiniViTConfig):
+    """(teacher in eval mode, its timm name, the kwargs that rebuild it)."""
+    if cfg.teacher is None:
+        from ..models.digits_vit import load_digits_teacher
+
+        return load_digits_teacher(), DIGITS, {}
+    from ..engine.models import create_model
+
+    kwargs = {**cfg.model_kwargs, **({"num_classes": cfg.num_classes} if cfg.num_classes else {})}
+    model = create_model(cfg.teacher, num_classes=cfg.num_classes, checkpoint=cfg.checkpoint,
+                         pretrained=cfg.pretrained, what="--teacher", **cfg.model_kwargs)
+    if model.vitfast_weights == "random":
+        raise UserError(f"the teacher '{cfg.teacher}' has random weights: give --checkpoint FILE or --pretrained")
+    return model.eval(), cfg.teacher, kwargs
+
+
+def load_data(cfg: MiniViTConfig, teacher):
+    """(training dataset, eval batches factory or None, what the eval figures are measured on)."""
+    if cfg.data is None:
+        from ..tinyvit.defaults import digits_train_set, digits_transform
+
+        train, (ex, ey) = digits_train_set()
+        ds = TransformedTensors(train.tensors[0], train.tensors[1], digits_transform())
+        return ds, (lambda: tensor_batches(ex, ey, 256)), f"the {len(ex)} held-out embedded digits images"
+    from ..data.folders import image_folder
+
+    ds = image_folder(cfg.data, train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob), "--data")
+    classes = getattr(teacher, "num_classes", None)
+    if classes is not None and classes != len(ds.classes):
+        raise UserError(f"--data has {len(ds.classes)} classes, the teacher's head {classes}: pass --num-classes "
+                        f"{len(ds.classes)} with a checkpoint of that many classes, or fix the folder")
+    if cfg.eval_data is None:
+        return ds, None, None
+    loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size)
+    if len(loader.dataset.classes) != len(ds.classes):
+        raise UserError(f"--eval-data has {len(loader.dataset.classes)} classes, --data {len(ds.classes)}")
+    return ds, (lambda: loader), f"--eval-data '{cfg.eval_data}' ({len(loader.dataset)} images)"
+
+
+# ---------------------------------------------------------------------------------------------
+# One training run
+
+
+def _loss_fn(cfg: MiniViTConfig, teacher, cap_s, cap_t, mixup, device, num_classes):
+    def loss_fn(model, batch):
+        x, y = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        out = model(x)
+        parts, total = {}, torch.zeros((), device=device)
+        t_out = None
+        if cfg.uses_teacher:
+            with torch.no_grad():
+                t_out = teacher(x)
+        if cfg.alpha > 0:
+            if y.dim() == 2:  # mixup / cutmix soft targets
+                ce = -(y * F.log_softmax(out.float(), -1)).sum(-1).mean()
+            else:
+                ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.smoothing)
+            total = total + cfg.alpha * ce
+            parts["ce"] = ce.detach()
+        if cfg.distill_predictions and cfg.alpha < 1:
+            kd = soft_cross_entropy(out, t_out, cfg.temperature)
+            total = total + (1 - cfg.alpha) * kd
+            parts["kd"] = kd.detach()
+        if cap_s is not None:
+            sq, sh = cap_s.take()
+            tq, th = cap_t.take()
+            if cfg.attn_weight > 0:
+                rel = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
+                total = total + cfg.attn_weight * rel
+                parts["attn_rel"] = rel.detach()
+            if cfg.hidden_weight > 0:
+                hid = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
+                total = total + cfg.hidden_weight * hid
+                parts["hidden_rel"] = hid.detach()
+        return total, len(x), parts
+    return loss_fn
+
+
+def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
+               out_dir: str, log: RunLog | None = None) -> dict:
+    """Multiplex `teacher`, train the Mini model into out_dir (resumable, configuration-checked),
+    save it; returns {history, eval, params, model}."""
+    cfg.validate()
+    rank, world = vdist.rank_world()
+    log = log or RunLog(out_dir, rank == 0)
+    device = torch.device(cfg.device)
+    run = RunDir(out_dir, {**asdict(cfg), "train": asdict(cfg.train)},
+                 {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data)},
+                 volatile=("workers", "progress", "output", "device", "resume"))
+    resumed = run.start(cfg.resume)
+    torch.manual_seed(cfg.train.seed)  # the init ("random") and the first epoch's augmentation
+    student = multiplex(teacher, cfg.share, init=cfg.init, heads_mix=cfg.heads_mix, mlp_transform=cfg.mlp_transform)
+    teacher = teacher.to(device).eval()  # runs under no_grad only; its parameters are left as they are
+    student.to(device)
+    cap_s = cap_t = None
+    pairs = []
+    if cfg.attn_weight > 0 or cfg.hidden_weight > 0:
+        pairs = parse_pairs(cfg.layer_pairs, student, teacher)
+        cap_s = Capture(student, [s for s, _ in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
+        cap_t = Capture(teacher, [t for _, t in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
+    mixup = None
+    num_classes = getattr(teacher, "num_classes", None)
+    if cfg.data is not None and (cfg.mixup > 0 or cfg.cutmix > 0):
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+    steps = steps_per_epoch(len(dataset), cfg.batch_size)
+
+    def evaluate_epoch(model, ema, epoch):
+        if eval_batches is None:
+            return None
+        res = evaluate(model, eval_batches(), device, cfg.train.amp_dtype)
+        out = {"top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
+        if ema is not None:
+            out["ema_top1"] = evaluate(ema, eval_batches(), device, cfg.train.amp_dtype)["top1"]
+        return out
+
+    log(f"minivit: {teacher_name} {count_params(teacher):,} parameters -> Mini {count_params(student):,} "
+        f"(groups {student.minivit['groups']}, {len(dataset)} training images, {steps} steps/epoch"
+        f"{', resuming' if resumed else ''})")
+    try:
+        result = fit(student, cfg.train, batches=lambda e: epoch_loader(dataset, cfg.batch_size, e, cfg.train.seed,
+                                                                         cfg.workers),
+                     steps_per_epoch=steps, loss_fn=_loss_fn(cfg, teacher, cap_s, cap_t, mixup, device, num_classes),
+                     device=device, out_dir=out_dir, evaluate=evaluate_epoch, log=log, progress=cfg.progress,
+                     desc="minivit", params=param_groups(student, cfg.train.weight_decay))
+    finally:
+        if cap_s is not None:
+            cap_s.close()
+            cap_t.close()
+    final = result.ema if result.ema is not None else student
+    if rank == 0:
+        save_mini(final, os.path.join(out_dir, "mini_model"), teacher_name, teacher_kwargs,
+                  extra={"layer_pairs": pairs, "trained_epochs": cfg.train.epochs})
+    vdist.barrier()
+    last = result.history[-1] if result.history else {}
+    return {"history": result.history, "eval_top1": last.get("eval_top1"), "params": count_params(final),
+            "model": final, "pairs": pairs}
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: the paper's ablation in small
+
+VARIANTS = {  # name: config changes (from the full method's config)
+    "sharing only": dict(heads_mix=False, mlp_transform=None, alpha=1.0, attn_weight=0.0, hidden_weight=0.0),
+    "+ transforms": dict(alpha=1.0, attn_weight=0.0, hidden_weight=0.0),
+    "+ prediction distillation": dict(alpha=0.0, attn_weight=0.0, hidden_weight=0.0),
+    "+ relation distillation (full)": dict(alpha=0.0),
+}
+
+
+def digits_config(**overrides) -> MiniViTConfig:
+    """The embedded default's recipe: from the pretrained digits teacher, light augmentation (the
+    images are 16 x 16), a short schedule."""
+    base = MiniViTConfig(aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, batch_size=64, workers=0,
+                         train=TrainConfig(epochs=12, lr=1e-3, weight_decay=0.05, warmup_epochs=1, clip_grad=5.0))
+    return replace(base, **overrides)
+
+
+def run_ablation(cfg: MiniViTConfig, seeds=(0, 1, 2), shares=("2", "all"), log=print) -> dict:
+    """original / sharing only / + transforms / + prediction distillation / + relations (full) at
+    each sharing degree, over seeds, on the held-out digits; the init comparison (first vs mean)."""
+    teacher, name, kwargs = load_teacher(cfg)
+    dataset, eval_batches, eval_what = load_data(cfg, teacher)
+    device = torch.device(cfg.device)
+    base_acc = evaluate(teacher, eval_batches(), device)["top1"]
+    rows = {"original": {"params": count_params(teacher), "top1": [base_acc], "share": "-"}}
+    init_rows = {}
+    histories = {}
+    for share in shares:
+        for init in ("first", "mean"):  # which starting point is closer to the original
+            m = multiplex(teacher, share, init=init)
+            init_rows[f"{share}/{init}"] = evaluate(m, eval_batches(), device)["top1"]
+        for variant, changes in VARIANTS.items():
+            accs = []
+            for seed in seeds:
+                vcfg = replace(cfg, share=share, **changes, train=replace(cfg.train, seed=seed))
+                out_dir = os.path.join(cfg.output, "runs", f"share_{share}", variant.strip("+ ").replace(" ", "_")
+                                       .replace("(", "").replace(")", ""), f"seed{seed}")
+                res = train_mini(vcfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, out_dir,
+                                 RunLog(out_dir, vdist.rank_world()[0] == 0, echo=False))
+                accs.append(res["eval_top1"])
+                histories[(share, variant, seed)] = res["history"]
+                params = res["params"]
+                log(f"ablation: share {share}, {variant}, seed {seed}: held-out top-1 {100 * res['eval_top1']:.2f}%")
+            rows[f"{variant} [share {share}]"] = {"params": params, "top1": accs, "share": share}
+    return {"rows": rows, "init": init_rows, "histories": histories, "eval_on": eval_what, "teacher": name,
+            "seeds": list(seeds), "shares": list(shares)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2), shares=("2", "all")) -> dict:
+    """One function for `vitfast minivit`: with the embedded default (no teacher, no data) the
+    ablation over seeds and sharing degrees (unless ablation=False); otherwise one Mini model of
+    cfg.teacher trained on cfg.data. Writes report.md, report.json, training_curves.png and the
+    Mini model (mini_model/: safetensors + structure.json) into cfg.output."""
+    import json
+    import shutil
+
+    from .report import ablation_markdown, compare_models, plot_curves, single_markdown
+
+    cfg.validate()
+    rank, _ = vdist.rank_world()
+    os.makedirs(cfg.output, exist_ok=True)
+    log = RunLog(cfg.output, rank == 0)
+    if ablation is None:
+        ablation = cfg.teacher is None
+    if ablation:
+        if cfg.teacher is not None:
+            raise UserError("the ablation runs on the embedded default only; drop --ablation or --teacher/--data")
+        ab = run_ablation(cfg, seeds, shares, log)
+        if rank == 0:
+            curves = {f"{v} [share {s}]": h for (s, v, seed), h in ab["histories"].items() if seed == seeds[0]}
+            plot_curves(curves, os.path.join(cfg.output, "training_curves.png"),
+                        f"MiniViT on the embedded digits (seed {seeds[0]})")
+            best = os.path.join(cfg.output, "runs", f"share_{shares[0]}", "relation_distillation_full",
+                                f"seed{seeds[0]}", "mini_model")
+            shutil.copytree(best, os.path.join(cfg.output, "mini_model"), dirs_exist_ok=True)
+            report = {k: v for k, v in ab.items() if k != "histories"}
+            atomic_write_json(os.path.join(cfg.output, "report.json"), report)
+            with open(os.path.join(cfg.output, "report.md"), "w") as f:
+                f.write(ablation_markdown(ab))
+        return ab
+    teacher, name, kwargs = load_teacher(cfg)
+    dataset, eval_batches, eval_what = load_data(cfg, teacher)
+    res = train_mini(cfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, cfg.output, log)
+    report = {"teacher": name, "share": cfg.share, "groups": res["model"].minivit["groups"],
+              "heads_mix": cfg.heads_mix, "mlp_transform": cfg.mlp_transform, "pairs": res["pairs"],
+              "eval_on": eval_what, "history": res["history"]}
+    if rank == 0:
+        device = torch.device(cfg.device)
+        example = next(iter(eval_batches()))[0][:32] if eval_batches else \
+            torch.randn(32, *teacher.pretrained_cfg.get("input_size", (3, 224, 224)))
+
+        def acc(m):
+            return {"top1": evaluate(m, eval_batches(), device)["top1"]} if eval_batches else {}
+
+        report["comparison"] = compare_models(teacher, res["model"], example, device, acc)
+        plot_curves({"Mini": res["history"]}, os.path.join(cfg.output, "training_curves.png"), f"MiniViT: {name}")
+        atomic_write_json(os.path.join(cfg.output, "report.json"), report)
+        with open(os.path.join(cfg.output, "report.md"), "w") as f:
+            f.write(single_markdown(report))
+    vdist.barrier()
+    return report
