@@ -10,7 +10,7 @@
 #       Compute sections of every kernel at its bar shape -> profiles.txt
 #   bash scripts/gpu_check.sh second [OUTDIR]   # <= 4 min, same warm machine (reuses the build):
 #       Swin / TinyViT end to end, train and inference, eager and compiled -> appended to RESULTS.md
-#   bash scripts/gpu_check.sh later  [OUTDIR]   # a later session: CaiT models end to end, the
+#   bash scripts/gpu_check.sh later  [OUTDIR]   # a later session: CaiT and MiniViT models end to end, the
 #       torch.compile tests and op baselines, synccheck/initcheck, pipeline timings
 #
 # OUTDIR defaults to $OUT. At most 8 files come back from a device call, so logs are packed into
@@ -100,6 +100,7 @@ case "$PHASE" in
     [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
     step head-mix-models 300 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
+    step minivit 300 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
     step tests-compile 240 $PY -m pytest -q -rs -m cuda -k torch_compile tests
     step bench-compiled 300 $PY benchmarks/run_gpu.py --json "$OUTDIR/results_compiled.json" \
       --markdown "$OUTDIR/RESULTS_compiled.md"

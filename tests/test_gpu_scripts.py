@@ -39,6 +39,14 @@ def test_benchmark_runner_quick_on_cpu(tmp_path):
     assert "Head-mixing attention" in (tmp_path / "r.md").read_text()
 
 
+def test_minivit_benchmark_quick_on_cpu(tmp_path):
+    out = tmp_path / "m.json"
+    p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 5 and len(report["bars"]) == 3
+
+
 def test_gpu_check_script_parses_and_rejects_unknown_phases():
     assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0
     text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()

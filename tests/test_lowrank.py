@@ -116,7 +116,7 @@ def test_gfm_reduces_feature_error_and_resumes(tmp_path):
     hist = gfm_finetune(student, teacher, x, epochs=4, lr=2e-3, batch_size=16, device="cpu", checkpoint_dir=ckpt,
                         progress=False, log=lambda *_: None)
     assert hist[-1] < hist[0]
-    assert os.path.exists(os.path.join(ckpt, "gfm_model.safetensors"))
+    assert os.path.exists(os.path.join(ckpt, "checkpoint.safetensors"))  # weights + optimizer: one atomic file
     head = student.get_classifier().weight
     assert not head.requires_grad
     # A "crash" after 4 of 6 epochs: the next call resumes at epoch 5 from the checkpoint.

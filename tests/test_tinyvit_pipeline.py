@@ -137,7 +137,8 @@ def test_distill_resume_matches_uninterrupted_run(tmp_path):
     logs = []
     resumed, res_resumed = run(str(tmp_path / "b"), logs.append)
     assert "distill: resuming after epoch 2/4" in logs
-    assert [h["loss"] for h in res_full["history"]] == pytest.approx([h["loss"] for h in res_resumed["history"]])
+    assert [h["train_loss"] for h in res_full["history"]] == pytest.approx(
+        [h["train_loss"] for h in res_resumed["history"]])
     for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(p, q)
     assert len(res_full["history"]) == 4 and "eval_accuracy" in res_full["history"][-1]

@@ -105,6 +105,7 @@ def test_empty_batch(device):
     ((torch.randn(4, 10), 3, 0.0), ValueError, "argument 'temperature'"),
     ((torch.randn(4, 10), 3, -1.0), ValueError, "argument 'temperature'"),
     ((torch.randn(4, 10), 3, float("nan")), ValueError, "argument 'temperature'"),
+    ((torch.randn(4, 10), 3, 1e-39), ValueError, "argument 'temperature' must be at least"),
     ((torch.randn(4, 10), 3, 1.0, torch.bfloat16), TypeError, "argument 'values_dtype'"),
 ])
 def test_bad_arguments_name_the_argument(args, exc, match):
@@ -132,3 +133,37 @@ def test_fake_tensor_shapes():
         assert v.shape == (8, 100) and v.dtype == torch.float16 and i.dtype == torch.int32
         with pytest.raises(ValueError, match="argument 'k'"):
             torch.ops.vitfast.topk_softmax(torch.empty(8, 10), 11)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_values_have_the_softmax_gradient(device, temperature, monkeypatch):
+    """values are differentiable in the logits (before: they required grad, and backward left the
+    logits' grad None); the fused op and the fallback path give the reference's gradient (float32
+    values: tight; float16 values round the incoming gradient itself to float16)."""
+    x = (torch.randn(6, 300, device=device) * 3).requires_grad_()
+    w = torch.randn(6, 10, device=device)
+    x64 = x.detach().cpu().double().requires_grad_()
+    p = torch.softmax(x64 / temperature, -1)
+    idx = torch.sort(x64.detach(), dim=-1, descending=True, stable=True).indices[:, :10]
+    (rg,) = torch.autograd.grad((p.gather(-1, idx) * w.cpu().double()).sum(), x64)
+
+    def grad(values_dtype):
+        (g,) = torch.autograd.grad((topk_softmax(x, 10, temperature, values_dtype)[0].float() * w).sum(), x)
+        return g.cpu().double()
+
+    torch.testing.assert_close(grad(torch.float32), rg, rtol=1e-4, atol=1e-6)
+    g16 = grad(None)
+    assert ((g16 - rg).norm() / rg.norm()).item() < 2e-3
+    import vitfast._ext as ext
+
+    import warnings
+
+    monkeypatch.setattr(ext, "native", lambda device: False)  # the PyTorch fallback path (warns once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(grad(torch.float32), rg, rtol=1e-4, atol=1e-6)
+
+
+def test_opcheck_with_grad(device):
+    x = torch.randn(5, 200, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitfast.topk_softmax.default, (x, 7))

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--out", default=ASSET)
+    p.add_argument("--out", "--output", dest="out", default="digits_vit.safetensors",
+                   help=f"where to write the weights (the shipped teacher is {ASSET}: write there only on purpose)")
     p.set_defaults(func=cmd_train_teacher)
     from .lowrank.cli import add_parser as add_lowrank
 

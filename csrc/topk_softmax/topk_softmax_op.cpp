@@ -23,6 +23,8 @@ TopkSoftmaxCall prepare_topk_softmax(const at::Tensor& logits, int64_t k, double
                  ")] = [1, ", std::min<int64_t>(C, kTopkMaxK), "], got ", k);
   VF_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op, "temperature",
                  "must be finite and > 0, got ", temperature);
+  VF_CHECK_VALUE(std::isfinite(static_cast<float>(1.0 / temperature)), op, "temperature",
+                 "must be at least ~3e-39 (1 / temperature must fit a float32), got ", temperature);
   const at::ScalarType vdt = values_dtype.value_or(at::kHalf);
   VF_CHECK_TYPE(vdt == at::kHalf || vdt == at::kFloat, op, "values_dtype", "must be torch.float16 or torch.float32, got ",
                 dtype_name(vdt));

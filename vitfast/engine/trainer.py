@@ -104,7 +104,7 @@ def autocast_for(device: torch.device, amp_dtype: str):
 def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable], steps_per_epoch: int,
         loss_fn: Callable[[nn.Module, object], tuple], device, out_dir: str | None = None,
         evaluate: Callable[[nn.Module, nn.Module | None, int], dict] | None = None, params=None,
-        log: RunLog | None = None, progress: bool = True, desc: str = "train",
+        log: RunLog | Callable | None = None, progress: bool = True, desc: str = "train",
         on_resume: Callable[[dict], None] | None = None, extra_state: Callable[[], dict] | None = None) -> "FitResult":
     """Train `model` for cfg.epochs; returns the per-epoch history (also in summary.csv) and the
     EMA copy of the model when cfg.ema_decay is set.
@@ -196,7 +196,8 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         history.append(entry)
         log(f"{desc}: epoch {epoch + 1}/{cfg.epochs} " + ", ".join(
             f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch",)))
-        log.summary(epoch + 1, train, evaluation, lr)
+        if hasattr(log, "summary"):  # a RunLog; plain callables (print) just get the lines
+            log.summary(epoch + 1, train, evaluation, lr)
         if ckpt and rank == 0:
             save_training_state(ckpt, model=model, epoch=epoch + 1, optimizer=opt, scheduler=sched,
                                 ema=ema.module if ema is not None else None, scaler=scaler,

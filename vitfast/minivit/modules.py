@@ -124,7 +124,7 @@ class _MiniBlock(nn.Module):
     def attention(self, qkv: torch.Tensor, **kw) -> torch.Tensor:
         if self.capture:
             self.captured_qkv = qkv
-        if self.attn_drop and self.training:  # the fused kernels have no dropout: PyTorch ops
+        if self.eager or (self.attn_drop and self.training):  # PyTorch ops (the fused kernels have no dropout)
             offsets = [0, self.num_heads * self.head_dim, 2 * self.num_heads * self.head_dim]
             return head_mix_attention_reference(
                 qkv, self.num_heads, self.head_dim, self.head_dim, offsets, self.head_dim, self.scale,
@@ -162,6 +162,7 @@ class MiniViTBlock(_MiniBlock):
         self.mlp_transform = MlpTransform(self.norm1.normalized_shape[0], mode=mlp_transform,
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
+        self.eager = False  # True: the attention in PyTorch ops (benchmark baseline, attention dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
@@ -198,6 +199,7 @@ class MiniSwinBlock(_MiniBlock):
         self.mlp_transform = MlpTransform(self.norm1.normalized_shape[0], mode=mlp_transform,
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
+        self.eager = False
 
     def _mask_for(self, Hp: int, Wp: int, like: torch.Tensor):
         if not any(self.shift_size):

@@ -35,6 +35,9 @@ def check_topk_args(logits, k, temperature, values_dtype) -> None:
         fail(ValueError, op, "k", f"must be in [1, min(classes, {TOPK_MAX_K})] = [1, {min(c, TOPK_MAX_K)}], got {k}")
     if not (math.isfinite(temperature) and temperature > 0):
         fail(ValueError, op, "temperature", f"must be finite and > 0, got {temperature}")
+    if not math.isfinite(float(torch.tensor(1.0 / temperature, dtype=torch.float32))):
+        fail(ValueError, op, "temperature", f"must be at least ~3e-39 (1 / temperature must fit a float32), "
+             f"got {temperature}")
     if values_dtype not in (None, torch.float16, torch.float32):
         fail(TypeError, op, "values_dtype", f"must be torch.float16 or torch.float32, got {values_dtype}")
 

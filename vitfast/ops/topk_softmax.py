@@ -17,6 +17,24 @@ if _ext.extension_loaded():
         indices = logits.new_empty((rows, k), dtype=topk_indices_dtype(classes))
         return values, indices
 
+    def _setup_context(ctx, inputs, output):
+        logits, _k, temperature, _values_dtype = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(output[1])
+
+    def _backward(ctx, grad_values, _grad_indices):
+        """d p_i / d x_l = p_i (delta_il - p_l) / T for the selected p_i = softmax(x / T)_i, in
+        float32 from the saved logits (the stored values are only float16)."""
+        logits, indices = ctx.saved_tensors
+        p = torch.softmax(logits.float() / ctx.temperature, -1)
+        idx = indices.long()
+        gv = grad_values.float() * p.gather(-1, idx)
+        grad = torch.zeros_like(p).scatter_add_(-1, idx, gv) - p * gv.sum(-1, keepdim=True)
+        return (grad / ctx.temperature).to(logits.dtype), None, None, None
+
+    torch.library.register_autograd("vitfast::topk_softmax", _backward, setup_context=_setup_context)
+
 
 def topk_softmax(
     logits: torch.Tensor,
@@ -30,14 +48,15 @@ def topk_softmax(
     Args:
         logits: (..., C) float16, bfloat16 or float32; any leading dims; 1 <= C < 2^31.
         k: 1 <= k <= min(C, 2048).
-        temperature: > 0.
+        temperature: > 0 and at least ~3e-39 (1 / temperature must fit a float32).
         values_dtype: torch.float16 (default, TinyViT's storage) or torch.float32.
         check_finite: raise ValueError if any row had NaN/+inf or only -inf logits (costs a
             device sync); otherwise such rows come back as NaN values with indices 0..k-1.
 
     Returns:
         (values, indices), each (..., k), sorted by descending probability; equal logits are
-        ordered by lower class index. indices are int16 when C <= 32768, else int32.
+        ordered by lower class index. indices are int16 when C <= 32768, else int32. values are
+        differentiable in the logits (d softmax, from the logits in float32), on every path.
     """
     lead = logits.shape[:-1]
     x = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits

@@ -113,43 +113,32 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
     return written
 
 
-def _cosine(step, total, warmup):
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size=256, device="cpu") -> float:
-    model.eval()
-    device = torch.device(device)
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(images[i:i + batch_size].to(device))
-        correct += (out.argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
-    return correct / len(images)
+    from ..engine.evaluation import evaluate as engine_evaluate, tensor_batches
+
+    return engine_evaluate(model, tensor_batches(images, labels, batch_size), device)["top1"]
 
 
 def distill(student: nn.Module, dataset, transform, root: str | None, epochs: int, lr: float = 1e-3,
             weight_decay: float = 0.05, batch_size: int = 128, warmup_epochs: int = 1, clip_grad: float | None = 5.0,
             ema_decay: float | None = None, device="cpu", workers: int = 0, checkpoint_dir: str | None = None,
             eval_set=None, labels_only: bool = False, base_seed: int = 0, mixup_args: dict | None = None,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, amp_dtype: str = "bfloat16") -> dict:
     """Train `student` from the store at `root` (no teacher in the loop): sparse soft-target CE on
     the replayed images. Student epoch e replays store epoch e mod (epochs stored), so a store can
     serve longer schedules. labels_only=True trains the same student on ground-truth labels
-    instead (mixed by the same Mixup: the no-teacher baseline). Checkpoints every epoch and
-    resumes from checkpoint_dir. Returns {history, eval_accuracy}."""
-    from safetensors.torch import load_file, save_file
+    instead (mixed by the same Mixup: the no-teacher baseline). The training machinery (schedule,
+    AMP, clipping, EMA, DDP, one atomic checkpoint per epoch in checkpoint_dir, resume) is
+    vitfast.engine.fit. Returns {history, eval_accuracy}; the final weights are also written to
+    checkpoint_dir/student.safetensors."""
+    from ..engine import TrainConfig, fit
 
     rank, world = vdist.rank_world()
     device = torch.device(device)
-    amp = device.type == "cuda"
+    store = None
     if labels_only:
-        meta = None
-        seed = base_seed
-        mix = mixup_args
+        seed, mix = base_seed, mixup_args
     else:
         meta = read_meta(root)
         store = LogitStore(root)
@@ -160,82 +149,53 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
         if len(dataset) != meta.dataset_size:
             raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has {len(dataset)}")
     student = student.to(device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     pairs_per_rank = len(epoch_plan(len(dataset), 0, seed, world)[0]) // world
     steps_per_epoch = math.ceil(pairs_per_rank / max(1, batch_size // 2))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _cosine(s, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch))
-    ema = None
-    if ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(student, decay=ema_decay)
-    start, history = 0, []
-    if checkpoint_dir:
-        wpath, spath = os.path.join(checkpoint_dir, "student.safetensors"), os.path.join(checkpoint_dir, "state.pt")
-        if os.path.exists(wpath) and os.path.exists(spath):
-            student.load_state_dict(load_file(wpath, device=str(device)))
-            st = torch.load(spath, map_location=device, weights_only=False)
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            start, history = st["epoch"], st["history"]
-            if ema is not None and st.get("ema") is not None:
-                ema.module.load_state_dict(st["ema"])
-            log(f"distill: resuming after epoch {start}/{epochs}")
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     augment = ReplayAugment(dataset, transform, mix)
     num_classes = student.num_classes if labels_only else None
-    for epoch in range(start, epochs):
-        model.train()
+
+    def batches(epoch):
         replay = epoch if labels_only else epoch % len(stored)
         plan = rank_slice(epoch_plan(len(dataset), replay, seed, world), rank, world)
-        if not labels_only:
+        if store is not None:
             store.keys(replay)  # open and verify this epoch's shards once, before the workers start
-        total, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for kb, sb, cb, xb, tb, vb, ib in tqdm(
-                _loader(augment, plan, replay, seed, max(1, batch_size // 2), workers, num_classes,
-                        None if labels_only else store),
-                desc=f"distill epoch {epoch}", disable=not progress or rank != 0, leave=False):
-            if not bool(cb.all()):  # padding pairs of the last batch; otherwise the pinned batch as is
-                keep = cb.bool()
-                xb, kb, tb, vb, ib = xb[keep], kb[keep], tb[keep], vb[keep], ib[keep]
-            xb = xb.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(xb)
-            if labels_only:
-                loss = -(tb.to(device, non_blocking=True) * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
-            else:
-                loss = sparse_soft_target_cross_entropy(logits, vb.to(device, non_blocking=True),
-                                                        ib.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(student)
-            total += loss.detach().float() * len(kb)
-            count += len(kb)
-        entry = {"epoch": epoch, "loss": total.item() / max(count, 1)}
-        if eval_set is not None and rank == 0:
-            entry["eval_accuracy"] = evaluate(student, *eval_set, device=device)
-            if ema is not None:
-                entry["eval_accuracy_ema"] = evaluate(ema.module, *eval_set, device=device)
-        history.append(entry)
-        log(f"distill: epoch {epoch + 1}/{epochs} " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
-        if checkpoint_dir and rank == 0:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in student.state_dict().items()}, wpath + ".tmp")
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                        "history": history, "ema": ema.module.state_dict() if ema is not None else None}, spath + ".tmp")
-            os.replace(wpath + ".tmp", wpath)
-            os.replace(spath + ".tmp", spath)
+        return _loader(augment, plan, replay, seed, max(1, batch_size // 2), workers, num_classes, store)
+
+    def loss_fn(model, batch):
+        kb, sb, cb, xb, tb, vb, ib = batch
+        if not bool(cb.all()):  # padding pairs of the last batch; otherwise the pinned batch as is
+            keep = cb.bool()
+            xb, kb, tb, vb, ib = xb[keep], kb[keep], tb[keep], vb[keep], ib[keep]
+        logits = model(xb.to(device, non_blocking=True))
+        if labels_only:
+            loss = -(tb.to(device, non_blocking=True) * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
+        else:
+            loss = sparse_soft_target_cross_entropy(logits, vb.to(device, non_blocking=True),
+                                                    ib.to(device, non_blocking=True))
+        return loss, len(kb), {}
+
+    def evaluate_epoch(model, ema, epoch):
+        if eval_set is None:
+            return None
+        out = {"accuracy": evaluate(model, *eval_set, device=device)}
+        if ema is not None:
+            out["accuracy_ema"] = evaluate(ema, *eval_set, device=device)
+        return out
+
+    cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
+                      ema_decay=ema_decay, amp_dtype=amp_dtype, seed=base_seed)
+    res = fit(student, cfg, batches=batches, steps_per_epoch=steps_per_epoch, loss_fn=loss_fn, device=device,
+              out_dir=checkpoint_dir, evaluate=evaluate_epoch, log=log, progress=progress, desc="distill")
+    if checkpoint_dir and rank == 0:
+        from safetensors.torch import save_file
+
+        from ..engine.checkpoint import atomic_write, state_tensors
+
+        final = res.ema if res.ema is not None else student
+        atomic_write(os.path.join(checkpoint_dir, "student.safetensors"),
+                     lambda tmp: save_file(state_tensors(final), tmp))
     vdist.barrier()
-    result = {"history": history}
+    result = {"history": res.history}
     if eval_set is not None:
         result["eval_accuracy"] = evaluate(student, *eval_set, device=device)
     return result

@@ -1,0 +1,104 @@
+"""MiniViT training steps on the GPU against their peers, in one run (bs 128, 224 x 224, bf16
+autocast, AdamW, random weights and labels: the shapes are the real ones):
+
+* deit_small_patch16_224 compiled vs Mini-DeiT-S (share 2) compiled -- bar: >= 0.8x images/s
+* Mini-DeiT-S compiled, fused head-mixing attention vs the same Mini model with its attention in
+  PyTorch ops (eager talking heads), compiled -- bar: >= 1.5x
+* swin_tiny_patch4_window7_224 compiled vs Mini-Swin-T (share per stage) compiled -- bar: >= 1.1x
+
+    python benchmarks/minivit_gpu.py --json minivit.json --append-markdown benchmarks/RESULTS.md
+    python benchmarks/minivit_gpu.py --device cpu --quick        # smoke test of this script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import timm
+import torch
+
+import vitfast.models  # noqa: F401  (mini_* names)
+from vitfast.minivit import mini_blocks
+from window_models_gpu import measure
+
+BARS = [("mini_deit_small (fused)", "deit_small_patch16_224", 0.8),
+        ("mini_deit_small (fused)", "mini_deit_small (eager talking heads)", 1.5),
+        ("mini_swin_tiny (fused)", "swin_tiny_patch4_window7_224", 1.1)]
+
+
+def build(name, device):
+    if name.startswith("mini_"):
+        base = name.split(" ")[0] + ("_patch16_224" if "deit" in name else "_patch4_window7_224")
+        model = timm.create_model(base)
+        if "eager" in name:
+            for b in mini_blocks(model):
+                b.eager = True
+        return model.to(device)
+    return timm.create_model(name).to(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="bs 2, no compile, 2 repeats (smoke test)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json")
+    ap.add_argument("--append-markdown")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("minivit_gpu.py: no CUDA device; use --device cpu --quick", file=sys.stderr)
+        return 2
+    batch, reps = (2, 2) if args.quick else (128, args.reps)
+    names = ["deit_small_patch16_224", "mini_deit_small (fused)", "mini_deit_small (eager talking heads)",
+             "swin_tiny_patch4_window7_224", "mini_swin_tiny (fused)"]
+    results = {}
+
+    def write():
+        rows = {}
+        for a, b, need in BARS:
+            if a in results and b in results:
+                got = results[a]["train_img_s"] / results[b]["train_img_s"]
+                rows[f"{a} vs {b}"] = {"need": need, "got": got, "pass": got >= need}
+        report = {"results": results, "bars": rows, "device": torch.cuda.get_device_name() if device.type == "cuda"
+                  else "CPU", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "compiled": not args.quick}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
+
+    for name in names:
+        model = build(name, device)
+        if not args.quick:
+            model = torch.compile(model)
+        results[name] = measure(model, device, batch, 224, reps, torch.bfloat16, infer=False)
+        results[name]["params"] = sum(p.numel() for p in model.parameters())
+        print(name, json.dumps(results[name]), flush=True)
+        write()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report = write()
+    lines = ["", "## MiniViT training steps (`benchmarks/minivit_gpu.py`)", "",
+             f"bs {batch}, 224 x 224, bf16 autocast, AdamW, {'torch.compile' if not args.quick else 'eager'}; "
+             f"{report['device']}, torch {report['torch']}, {report['date']}", "",
+             "| model | params | train img/s | peak train MB |", "|---|---|---|---|"]
+    for name, r in results.items():
+        mem = "" if r["peak_train_mb"] is None else f"{r['peak_train_mb']:.0f}"
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.0f} | {mem} |")
+    lines += ["", "| bar | needed | measured | |", "|---|---|---|---|"]
+    for what, b in report["bars"].items():
+        lines.append(f"| {what} | {b['need']:g}x | {b['got']:.2f}x | {'PASS' if b['pass'] else 'FAIL'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.append_markdown:
+        with open(args.append_markdown, "a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
