@@ -138,8 +138,11 @@ setup(
     packages=find_packages(include=["vitfast", "vitfast.*"]),
     package_data={"vitfast": ["assets/*"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "timm", "safetensors", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "report": ["matplotlib"]},
+    # what the default commands need: scikit-learn ships the embedded digits, matplotlib draws the
+    # reports' plots, pyyaml reads --config files
+    install_requires=["torch>=2.4", "numpy", "timm", "safetensors", "tqdm", "scikit-learn", "matplotlib", "pillow",
+                      "pyyaml"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     entry_points={"console_scripts": ["vitfast=vitfast.cli:main"]},

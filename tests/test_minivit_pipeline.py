@@ -120,3 +120,19 @@ def test_missing_folder_and_wrong_checkpoint(folder_and_teacher, tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr
     p = vitfast(*[a if a != "3" else "5" for a in swin_args(data, ckpt, str(tmp_path / "o2"))])
     assert p.returncode == 2 and "3-class head" in p.stderr and "--num-classes 3" in p.stderr
+
+
+def test_randaugment_posterize_zero_bits_no_longer_crashes():
+    """timm's 'inc1' RandAugment draws posterize(bits=0) now and then; Pillow 13 refuses it.
+    vitfast's training transforms install the fix: 0 bits kept = a black image (Pillow <= 12)."""
+    from timm.data import auto_augment
+
+    from vitfast.data.augment import install_posterize_fix
+
+    install_posterize_fix()
+    img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    black = auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 0)
+    assert np.asarray(black).max() == 0
+    tf = auto_augment.rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 10})
+    for _ in range(3000):  # 4 of 3,000 draws failed before
+        tf(img)

@@ -58,6 +58,9 @@ def train_transform(model, input_size=None, aa: str | None = "rand-m9-mstd0.5-in
     """timm's training transform with the model's mean/std, interpolation and input size."""
     from timm.data import create_transform, resolve_model_data_config
 
+    from ..data.augment import install_posterize_fix
+
+    install_posterize_fix()
     cfg = resolve_model_data_config(model)
     size = tuple(input_size) if input_size is not None else cfg["input_size"]
     return create_transform(size, is_training=True, auto_augment=aa, re_prob=reprob, mean=cfg["mean"],

@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="timm model name (default: the embedded digits ViT)")
     p.add_argument("--checkpoint", help="weights for --model (.safetensors, or a torch state_dict file)")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for --model (needs the hub)")
     p.add_argument("--num-classes", type=int, help="classes of --model's head, if not its default")
     p.add_argument("--data", help="ImageFolder directory of unlabeled proxy images")
     p.add_argument("--eval-data", help="ImageFolder directory for accuracy (class folders in the model's order)")
@@ -31,21 +32,20 @@ def add_parser(sub) -> None:
 
 
 def _load_model(args):
-    import timm
-
-    from .. import models  # noqa: F401  (registers vitfast's timm models)
+    """The model to compress, with its weights checked (a randomly initialised model is refused)."""
+    from ..engine.models import create_model
+    from ..errors import UserError
 
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
-    model = timm.create_model(args.model, pretrained=False, **kwargs)
-    if args.checkpoint:
-        if args.checkpoint.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
+                         pretrained=getattr(args, "pretrained", False))
+    if model.vitfast_weights == "random" and args.model != "vitfast_digits_vit":
+        raise UserError(f"argument --model {args.model}: no weights given (--checkpoint FILE or --pretrained); "
+                        "compressing a randomly initialised model would be meaningless")
+    if args.model == "vitfast_digits_vit" and model.vitfast_weights == "random":
+        from ..models.digits_vit import ASSET, load_weights
 
-            state = load_file(args.checkpoint)
-        else:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
-        model.load_state_dict(state)
+        load_weights(model, ASSET)
     return model, kwargs
 
 
@@ -53,12 +53,22 @@ def run(args) -> int:
     from .. import distributed as vdist
     from .pipeline import LowRankConfig, run_lowrank
 
+    from ..engine import RunDir, file_digest, folder_digest
+    from ..errors import UserError
+
+    if args.proxy_size < 1:
+        raise UserError(f"argument --proxy-size must be >= 1, got {args.proxy_size}")
     rank, world, device = vdist.setup(args.device)
     args.device = str(device)
     cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
                         compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
                         progress=rank == 0)
+    cfg.validate()  # every argument before any loading or computing
+    # the output folder remembers what it holds: another configuration or other inputs are refused
+    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out")},
+           {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
+            "eval_data": folder_digest(args.eval_data)}).start(resume=True)
     if args.model is None and args.data is None:
         from ..data.digits import digits_splits
         from ..models.digits_vit import load_digits_teacher

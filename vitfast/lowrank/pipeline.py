@@ -36,14 +36,47 @@ class LowRankConfig:
     seed: int = 0
     progress: bool = True
 
+    def validate(self) -> None:
+        """Every argument, before any work (UserError names the command-line option)."""
+        from ..errors import UserError
 
-def _target_count(total: int, target: float) -> int:
-    if target <= 0:
-        raise ValueError(f"lowrank: argument 'target_params' must be > 0, got {target}")
-    count = int(target * total) if target <= 1 else int(target)
+        t = self.target_params
+        if not (t > 0 and (t < 1 or float(t).is_integer())):
+            raise UserError(f"argument --target-params must be a fraction in (0, 1) or a whole number of parameters, "
+                            f"got {t}")
+        for name, low in (("rank_step", 1), ("batch_size", 1), ("gfm_epochs", 1)):
+            if getattr(self, name) < low:
+                raise UserError(f"argument --{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not self.gfm_lr > 0:
+            raise UserError(f"argument --gfm-lr must be > 0, got {self.gfm_lr}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise UserError(f"argument --memory-budget-mb must be > 0, got {self.memory_budget_mb}")
+
+
+def smallest_reachable(model: nn.Module, layers: dict, rank_step: int) -> int:
+    """The fewest parameters any allocation can reach: every compressible layer at its smallest
+    candidate rank."""
+    from .aafm import candidate_ranks
+    from .layers import LowRankLinear
+
+    total = count_params(model)
+    for lin in layers.values():
+        ranks = candidate_ranks(lin, rank_step)
+        if ranks:
+            full = lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+            total -= full - LowRankLinear.params_for(lin.in_features, lin.out_features, ranks[0], lin.bias is not None)
+    return total
+
+
+def _target_count(total: int, target: float, floor: int | None = None) -> int:
+    from ..errors import UserError
+
+    count = int(target * total) if target < 1 else int(target)
     if count >= total:
-        raise ValueError(f"lowrank: argument 'target_params' asks for {count:,} parameters, not fewer than the model's "
-                         f"{total:,}")
+        raise UserError(f"argument --target-params asks for {count:,} parameters, not fewer than the model's {total:,}")
+    if floor is not None and count < floor:
+        raise UserError(f"argument --target-params asks for {count:,} parameters; the fewest this model can reach with "
+                        f"--rank-step is {floor:,} ({floor / total:.1%})")
     return count
 
 
@@ -54,6 +87,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
 
     Under torchrun every rank calls this with the same inputs: collection is sharded across ranks
     and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes."""
+    cfg.validate()
     rank, world = vdist.rank_world()
     if rank != 0:
         log = lambda *_: None  # noqa: E731
@@ -67,7 +101,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     if not layers:
         raise ValueError("lowrank: the model has no nn.Linear layers to compress")
     total = count_params(original)
-    target = _target_count(total, cfg.target_params)
+    target = _target_count(total, cfg.target_params, smallest_reachable(original, layers, cfg.rank_step))
     log(f"model {base_model}: {total:,} parameters, {len(layers)} linear layers; target {target:,} "
         f"({target / total:.0%})")
 
@@ -90,7 +124,9 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
 
     # 2. sensitivity of each layer at each rank, then greedy ranks under the budget
     search_path = os.path.join(out_dir, "search.json")
-    key = {"base_model": base_model, "rank_step": cfg.rank_step, "proxy": int(_n(proxy)), "seed": cfg.seed}
+    # the search depends on the weights and the proxy data themselves, not just their names and sizes
+    key = {"base_model": base_model, "rank_step": cfg.rank_step, "proxy": int(_n(proxy)), "seed": cfg.seed,
+           "weights": weights_digest(original), "proxy_digest": inputs_digest(proxy)}
     t1 = time.time()
     choices = _load_search(search_path, key)
     vdist.barrier()  # every rank has read search.json before rank 0 may rewrite it
@@ -102,8 +138,9 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
         by_name = {c.name: c for part in vdist.all_gather_objects(found) for c in part}
         choices = [by_name[n] for n in layers]
         if rank == 0:
-            with open(search_path, "w") as f:
-                json.dump({"key": key, "layers": [asdict(c) for c in choices]}, f, indent=2)
+            from ..engine.checkpoint import atomic_write_json
+
+            atomic_write_json(search_path, {"key": key, "layers": [asdict(c) for c in choices]})
     else:
         log("AAFM: reusing the sensitivity search in search.json")
     times["search_s"] = time.time() - t1
@@ -150,6 +187,28 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     return report
 
 
+def weights_digest(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def inputs_digest(inputs) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
+    for t in tensors:
+        if torch.is_tensor(t):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _n(inputs) -> int:
     from .stats import num_samples
 
@@ -159,8 +218,11 @@ def _n(inputs) -> int:
 def _load_search(path, key) -> list[LayerChoice] | None:
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError:  # torn by a crash mid-write (before writes were atomic): search again
+        return None
     if data.get("key") != key:
         return None
     out = []

@@ -9,9 +9,8 @@ from typing import Sequence
 import torch
 
 from .. import _ext
-from ._checks import fail
 from .reference import head_mix_attention_reference
-from .window_attention import _acc, _windows_tokens, qkv_layout
+from .window_attention import _acc, _windows_tokens, normalize_args
 
 OP = "head_mix_attention"
 
@@ -106,15 +105,8 @@ def head_mix_attention(
     bitwise reproducible. Up to 32 heads, head dims 1..256, N up to 4096 tokens per window.
     Returns (..., num_heads * dim_v) with qkv's leading shape.
     """
-    dim_v = dim_k if dim_v is None else dim_v
-    offsets, head_stride = qkv_layout(layout, num_heads, dim_k, dim_v)
-    scale = dim_k ** -0.5 if scale is None else float(scale)
-    if qkv.dim() == 4:
-        if window_size is None:
-            fail(ValueError, OP, "window_size", "is required for a (B, H, W, C) feature map")
-        window_size, shift_size = [int(v) for v in window_size], [int(v) for v in shift_size]
-    else:
-        window_size, shift_size = [], []
+    dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
+        OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
     if _ext.native(qkv.device):
         out, _ = torch.ops.vitfast.head_mix_attention_forward(
             qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,

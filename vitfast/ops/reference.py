@@ -131,27 +131,11 @@ def window_attention_reference(
 
     qkv is (windows, N, C) or a feature map (B, H, W, C) cut into window_size windows after a
     cyclic shift by shift_size; head h's q/k/v sit at offsets[r] + h * head_stride. The output has
-    qkv's leading shape and channels h * dim_v + c. Computed in qkv's dtype with torch ops.
+    qkv's leading shape and channels h * dim_v + c. Computed in qkv's dtype with torch ops: the
+    head-mixing reference without mixes.
     """
-    grid = qkv.dim() == 4
-    x = window_partition_reference(qkv, window_size, shift_size) if grid else qkv
-    windows, n, _ = x.shape
-    heads = torch.arange(num_heads, device=qkv.device)
-
-    def take(off, dim):
-        cols = off + heads[:, None] * head_stride + torch.arange(dim, device=qkv.device)
-        return x[..., cols.reshape(-1)].reshape(windows, n, num_heads, dim).transpose(1, 2)
-
-    q, k, v = take(offsets[0], dim_k), take(offsets[1], dim_k), take(offsets[2], dim_v)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if bias_table is not None:
-        s = s + bias_table[:, bias_index].to(s.dtype)
-    if mask is not None:
-        s = s + mask.to(s.dtype).repeat(windows // mask.shape[0], 1, 1)[:, None]
-    out = (s.softmax(-1) @ v).transpose(1, 2).reshape(windows, n, num_heads * dim_v)
-    if grid:
-        out = window_reverse_reference(out, qkv.shape[1:3], window_size, shift_size)
-    return out
+    return head_mix_attention_reference(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                        bias_index, mask, window_size=window_size, shift_size=shift_size)
 
 
 def head_mix_attention_reference(

@@ -31,6 +31,20 @@ def qkv_layout(layout, num_heads: int, dim_k: int, dim_v: int) -> tuple[list[int
     fail(ValueError, OP, "layout", f"must be 'swin', 'tinyvit' or (q_off, k_off, v_off, head_stride), got {layout!r}")
 
 
+def normalize_args(op: str, qkv, num_heads: int, dim_k: int, dim_v, layout, scale, window_size, shift_size):
+    """(dim_v, offsets, head_stride, scale, window_size, shift_size) as the ops take them."""
+    dim_v = dim_k if dim_v is None else dim_v
+    offsets, head_stride = qkv_layout(layout, num_heads, dim_k, dim_v)
+    scale = dim_k ** -0.5 if scale is None else float(scale)
+    if qkv.dim() == 4:
+        if window_size is None:
+            fail(ValueError, op, "window_size", "is required for a (B, H, W, C) feature map")
+        window_size, shift_size = [int(v) for v in window_size], [int(v) for v in shift_size]
+    else:
+        window_size, shift_size = [], []
+    return dim_v, offsets, head_stride, scale, window_size, shift_size
+
+
 def _windows_tokens(qkv, window_size) -> tuple[int, int]:
     if qkv.dim() == 4:
         wh, ww = window_size
@@ -120,15 +134,8 @@ def window_attention(
     what the projection after attention takes. fp16/bf16/fp32/fp64; table and mask may have
     another float dtype (e.g. float32 parameters under autocast).
     """
-    dim_v = dim_k if dim_v is None else dim_v
-    offsets, head_stride = qkv_layout(layout, num_heads, dim_k, dim_v)
-    scale = dim_k ** -0.5 if scale is None else float(scale)
-    if qkv.dim() == 4:
-        if window_size is None:
-            fail(ValueError, OP, "window_size", "is required for a (B, H, W, C) feature map")
-        window_size, shift_size = [int(v) for v in window_size], [int(v) for v in shift_size]
-    else:
-        window_size, shift_size = [], []
+    dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
+        OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
     if _ext.native(qkv.device):
         out, _ = torch.ops.vitfast.window_attention_forward(
             qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale,

@@ -10,10 +10,15 @@ import torch
 
 def _epochs(spec: str) -> list[int]:
     """'10' -> 0..9; '3:7' -> 3..6 (epochs can be split across jobs)."""
-    if ":" in spec:
-        a, b = spec.split(":")
-        return list(range(int(a), int(b)))
-    return list(range(int(spec)))
+    from ..errors import UserError
+
+    try:
+        a, b = (int(v) for v in spec.split(":")) if ":" in spec else (0, int(spec))
+    except ValueError as exc:
+        raise UserError(f"argument --epochs must be N or A:B (epochs A..B-1), got {spec!r}") from exc
+    if not 0 <= a < b:
+        raise UserError(f"argument --epochs must name at least one epoch (N >= 1, or A:B with 0 <= A < B), got {spec!r}")
+    return list(range(a, b))
 
 
 def add_parser(sub) -> None:
@@ -25,6 +30,7 @@ def add_parser(sub) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--teacher", help="timm model name (default: the embedded digits teacher)")
     s.add_argument("--checkpoint")
+    s.add_argument("--num-classes", type=int, help="classes of the teacher's head, if not its default")
     s.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     s.add_argument("--epochs", default="30", help="N (epochs 0..N-1) or A:B")
     s.add_argument("--topk", type=int, default=None, help="default 100, or 5 on the 10-class default")
@@ -66,6 +72,7 @@ def add_parser(sub) -> None:
     v.add_argument("store")
     v.add_argument("--teacher")
     v.add_argument("--checkpoint")
+    v.add_argument("--num-classes", type=int)
     v.add_argument("--data")
     v.add_argument("--samples", type=int, default=64)
     v.add_argument("--epoch", type=int, default=0)
@@ -81,9 +88,12 @@ def _data_and_transform(args, train: bool = True):
         ds, eval_set = digits_train_set()
         return ds, digits_transform(), MIXUP, eval_set
     from timm.data import create_transform
-    from torchvision import datasets
 
-    ds = datasets.ImageFolder(args.data)
+    from ..data.augment import install_posterize_fix
+    from ..data.folders import image_folder
+
+    install_posterize_fix()
+    ds = image_folder(args.data, what="--data")
     tf = create_transform(224, is_training=train, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
                           interpolation="bicubic")
     mix = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "num_classes": len(ds.classes),
@@ -97,21 +107,33 @@ def _teacher(args):
 
         return load_digits_teacher(), "vitfast_digits_vit"
 
-    from ..lowrank.cli import _load_model
+    from ..engine.models import create_model
+    from ..errors import UserError
 
-    args.model, args.num_classes = args.teacher, None
-    return _load_model(args)[0].eval(), args.teacher
+    model = create_model(args.teacher, num_classes=getattr(args, "num_classes", None), checkpoint=args.checkpoint,
+                         what="--teacher")
+    if model.vitfast_weights == "random":
+        raise UserError(f"argument --teacher {args.teacher}: no weights given (--checkpoint FILE); a random teacher "
+                        "would fill the store with noise")
+    return model.eval(), args.teacher
 
 
 def run_save(args) -> int:
     from .. import distributed as vdist
+    from ..errors import UserError
     from .train import save_logits
 
+    epochs = _epochs(args.epochs)  # checked before the teacher is even loaded
+    if args.batch_size < 2:
+        raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
     rank, world, device = vdist.setup(args.device)
     teacher, name = _teacher(args)
     ds, tf, mix, _ = _data_and_transform(args)
-    k = args.topk or (5 if not args.data else 100)
-    save_logits(teacher, ds, tf, args.out, _epochs(args.epochs), k, args.encoding, args.batch_size, args.seed, mix,
+    k = args.topk if args.topk is not None else (5 if not args.data else 100)
+    classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
+    if getattr(teacher, "num_classes", classes) != classes:
+        raise UserError(f"the teacher has {teacher.num_classes} classes, --data {classes}")
+    save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
                 name, device, args.workers, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))
     vdist.cleanup()
     return 0
@@ -119,8 +141,25 @@ def run_save(args) -> int:
 
 def run_distill(args) -> int:
     from .. import distributed as vdist
+    from ..errors import UserError
     from .train import distill
 
+    if args.epochs < 1:
+        raise UserError(f"argument --epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 2:
+        raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
+    if not args.labels_only and not args.store:
+        raise UserError("--store is required (or --labels-only for the baseline)")
+    from dataclasses import asdict
+
+    from ..engine import RunDir, folder_digest
+    from .store import read_meta
+
+    # the output folder remembers its run: another configuration, store or data is refused
+    store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
+    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers")},
+           {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data)}
+           ).start(resume=True)
     rank, world, device = vdist.setup(args.device)
     ds, tf, mix, eval_set = _data_and_transform(args)
     torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
@@ -143,8 +182,6 @@ def run_distill(args) -> int:
         from ..data.folders import image_folder_tensors
 
         eval_set = image_folder_tensors(args.eval_data, 224)
-    if not args.labels_only and not args.store:
-        raise SystemExit("vitfast tinyvit distill: --store is required (or --labels-only for the baseline)")
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, args.workers, args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))

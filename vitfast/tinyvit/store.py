@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 MAGIC = b"VFLSTORE"
 VERSION = 1
 HEADER = struct.Struct("<8sHBBHHIIIIQII16x")
@@ -43,7 +45,7 @@ LOG_RANGE = 20.0  # compact values: -log(p) quantised over [0, LOG_RANGE] in 255
 REST_LOG_RANGE = 40.0  # compact rest mass: -log(rest) over [0, REST_LOG_RANGE] in 65535 steps
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A shard or store that is missing, truncated, corrupt or inconsistent."""
 
 

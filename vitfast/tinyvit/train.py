@@ -63,6 +63,12 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
     num_classes = teacher.num_classes if hasattr(teacher, "num_classes") else None
     if num_classes is None:
         raise ValueError("save_logits: the teacher must expose num_classes")
+    from ..errors import UserError
+    from ..ops._checks import TOPK_MAX_K
+
+    if not 1 <= k <= min(num_classes, TOPK_MAX_K):  # before store.json exists: a failed start leaves nothing
+        raise UserError(f"argument --topk must lie in [1, min(classes, {TOPK_MAX_K})] = [1, "
+                        f"{min(num_classes, TOPK_MAX_K)}], got {k}")
     meta = StoreMeta(k=k, num_classes=int(num_classes), encoding=encoding, teacher=teacher_name,
                      dataset_size=len(dataset), seed=base_seed,
                      augmentation={"transform": repr(transform), "mixup": mixup_args})
@@ -148,6 +154,10 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
             raise StoreError(f"store '{root}' must hold epochs 0..N-1 without gaps, it holds {stored[:10]}")
         if len(dataset) != meta.dataset_size:
             raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has {len(dataset)}")
+        classes = getattr(student, "num_classes", meta.num_classes)
+        if classes != meta.num_classes:
+            raise StoreError(f"store '{root}' holds {meta.num_classes}-class soft labels, the student has {classes} "
+                             "classes")
     student = student.to(device)
     pairs_per_rank = len(epoch_plan(len(dataset), 0, seed, world)[0]) // world
     steps_per_epoch = math.ceil(pairs_per_rank / max(1, batch_size // 2))

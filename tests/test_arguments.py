@@ -1,0 +1,89 @@
+"""Arguments that make no sense are refused before any expensive work, in one line naming the
+option, with exit status 2 -- and a failed start leaves nothing that blocks the corrected run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def vitfast(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "vitfast", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(p, words):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--rank-step", "0"], "--rank-step"),
+    (["--rank-step", "-32"], "--rank-step"),
+    (["--target-params", "1.5"], "--target-params must be a fraction"),
+    (["--target-params", "0"], "--target-params"),
+    (["--target-params", "0.01"], "the fewest this model can reach"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--proxy-size", "0"], "--proxy-size"),
+    (["--proxy-size", "-1"], "--proxy-size"),
+    (["--gfm-epochs", "0"], "--gfm-epochs"),
+    (["--model", "vit_tiny_patch16_224", "--data", "."], "no weights given"),
+    (["--model", "vit_tiny_patch16_22", "--data", "."], "did you mean"),
+])
+def test_lowrank_refuses(tmp_path, args, words):
+    one_line_error(vitfast("lowrank", "--out", str(tmp_path / "o"), *args), words)
+
+
+def test_lowrank_refuses_another_configuration_in_the_same_folder(tmp_path):
+    """run.json is written before any work: kill the first run once it exists (a crash), then
+    another --target-params into the same folder is refused at once."""
+    import time
+
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "vitfast", "lowrank", "--out", str(out), "--target-params", "0.9"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "run.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    assert (out / "run.json").exists()
+    one_line_error(vitfast("lowrank", "--out", str(out), "--target-params", "0.8"), "target_params")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--topk", "0"], "--topk"),
+    (["--topk", "11"], "--topk"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "3:1"], "--epochs"),
+    (["--epochs", "x"], "--epochs"),
+    (["--batch-size", "1"], "--batch-size"),
+])
+def test_save_logits_refuses_and_leaves_nothing(tmp_path, args, words):
+    store = tmp_path / "store"
+    one_line_error(vitfast("tinyvit", "save-logits", "--out", str(store), *args), words)
+    assert not (store / "store.json").exists()  # the corrected run is not blocked
+
+
+def test_distill_refuses_bad_epochs_and_missing_data(tmp_path):
+    one_line_error(vitfast("tinyvit", "distill", "--labels-only", "--epochs", "0", "--out", str(tmp_path / "d")),
+                   "--epochs")
+    one_line_error(vitfast("tinyvit", "distill", "--labels-only", "--student", "vitfast_digits_vit", "--data",
+                           str(tmp_path / "none"), "--out", str(tmp_path / "d2")), "does not exist")
+
+
+def test_store_of_other_classes_is_refused_up_front(tmp_path):
+    import torch
+
+    from vitfast.models.digits_vit import load_digits_teacher, vitfast_digits_vit
+    from vitfast.tinyvit.defaults import MIXUP, digits_train_set, digits_transform
+    from vitfast.tinyvit.store import StoreError
+    from vitfast.tinyvit.train import distill, save_logits
+
+    ds, _ = digits_train_set()
+    ds = torch.utils.data.Subset(ds, range(40))
+    store = str(tmp_path / "store")
+    save_logits(load_digits_teacher(), ds, digits_transform(), store, range(1), k=5, mixup_args=MIXUP, progress=False,
+                log=lambda *_: None)
+    with pytest.raises(StoreError, match="10-class soft labels, the student has 7 classes"):
+        distill(vitfast_digits_vit(num_classes=7), ds, digits_transform(), store, 1, progress=False, log=lambda *_: None)
