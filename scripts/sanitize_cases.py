@@ -123,6 +123,19 @@ def _head_mix_scratch(dev):  # every accumulator in global scratch
         del os.environ["VITFAST_HEAD_MIX_SCRATCH"]
 
 
+def _empty_batch(dev, mix: bool):  # zero windows / images: nothing launched, empty or zero gradients
+    op = head_mix_attention if mix else window_attention
+    for lead, kw in (((0, 16), {}), ((0, 8, 8), dict(window_size=(4, 4), shift_size=(2, 2)))):
+        qkv = torch.randn(*lead, 3 * 2 * 16, device=dev, requires_grad=True)
+        table = torch.randn(2, 49, device=dev, requires_grad=True)
+        extra = dict(post_mix=torch.eye(2, device=dev, requires_grad=True)) if mix else {}
+        out = op(qkv, 2, 16, bias_table=table, bias_index=torch.zeros(16, 16, dtype=torch.long, device=dev), **kw,
+                 **extra)
+        assert out.shape == (*lead, 32), out.shape
+        grads = torch.autograd.grad(out.sum(), [qkv, table, *extra.values()], allow_unused=True)
+        assert grads[0].shape == qkv.shape and all(g is None or not g.any() for g in grads[1:])
+
+
 H16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 # public op name (vitfast.ops.OPS) -> its cases, smallest first (--smallest runs only that one);
 # every op must have some
@@ -141,6 +154,7 @@ CASES = {
         *[lambda d, t=t: check_ce(torch.randn(3, 1000, device=d).to(t), 10) for t in (BF16, H16, F32, torch.float64)],
         *[lambda d, t=t: check_ce(torch.randn(2, 2003, device=d).to(t)[:, 3:], 50) for t in (BF16, H16, F32)],
         lambda d: check_ce(torch.randn(2, 5, device=d), 5),          # k = C
+        lambda d: check_ce(torch.randn(4, 1000, device=d) * 3 + 1e4, 10),  # large logits: float64 lse
     ],
     "covariance_update": [
         *[lambda d, t=t: check_cov((torch.randn(1500, 70, device=d) + 50).to(t), 700) for t in (F32, BF16, H16)],
@@ -155,6 +169,7 @@ CASES = {
         lambda d: check_window(d, BF16, (2, 30), 3, 16, 64, "tinyvit"),  # dk != dv, partial tiles
         lambda d: check_window(d, H16, (2, 20), 2, 24, 40, "tinyvit"),   # head dims not /16, unaligned
         lambda d: check_window(d, BF16, (1, 200), 1, 32, 32, "swin"),    # several key tiles / chunks
+        lambda d: _empty_batch(d, mix=False),
     ],
     "head_mix_attention": [
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
@@ -162,6 +177,7 @@ CASES = {
         lambda d: check_head_mix(d, F32, (1, 8, 8), 2, 16, (4, 4), (2, 2), mask_types=4, table_len=49),  # grid
         lambda d: check_head_mix(d, BF16, (1, 16), 20, 16),                                  # > 16 heads
         _head_mix_scratch,
+        lambda d: _empty_batch(d, mix=True),
     ],
 }
 

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <string>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "../common/torch_glue.h"
 
 namespace vitfast {
@@ -33,6 +35,19 @@ at::Tensor check_covariance_args(const at::Tensor& count, const at::Tensor& mean
   check_same_device(y, count, op, "y", "count");
   check_same_device(y, mean, op, "y", "mean");
   check_same_device(y, m2, op, "y", "m2");
+  // the state is updated in place from itself and y: overlapping memory would corrupt it silently
+  const at::Tensor* named[4] = {&count, &mean, &m2, &y};
+  const char* names[4] = {"count", "mean", "m2", "y"};
+  for (int i = 1; i < 4; ++i) {
+    for (int j = 0; j < i; ++j) {
+      const auto status = at::get_overlap_status(*named[i], *named[j]);
+      // TooHard (a strided y): overlapping only if the two share a storage at all
+      const bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+                           (status == at::MemOverlapStatus::TooHard &&
+                            named[i]->storage().is_alias_of(named[j]->storage()));
+      VF_CHECK_VALUE(!overlap, op, names[i], "must not share memory with '", names[j], "'");
+    }
+  }
   return rows_unit_stride(y);
 }
 

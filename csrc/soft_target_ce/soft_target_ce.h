@@ -29,13 +29,14 @@ struct SoftTargetCEParams {
   const void* indices;    // (rows, k) contiguous
   DType indices_dtype;    // kInt16, kInt32, kInt64
   int32_t k;              // 1 <= k <= min(cols, kSoftTargetMaxK)
-  // forward outputs, (rows,) in the accumulation type (float64 for float64 logits, else float32)
+  // forward outputs, (rows,): loss in the accumulation type (float64 for float64 logits, else
+  // float32), lse always float64 (what the backward needs at full resolution)
   void* loss;
   void* lse;
   // backward inputs/outputs
   const void* grad_loss;  // (rows,) accumulation type, element stride grad_stride (0: broadcast)
   int64_t grad_stride;
-  const void* lse_in;     // forward's lse
+  const void* lse_in;     // forward's lse (float64)
   void* grad_logits;      // (rows, cols) contiguous, logits dtype
 };
 

@@ -89,7 +89,7 @@ int64_t forward_rows(const SoftTargetCEParams& p, int64_t begin, int64_t end) {
       dot += load_float(p.values, p.values_dtype, r * p.k + i) * xi;
     }
     static_cast<Acc*>(p.loss)[r] = static_cast<Acc>(S * lse - (u * (sum_all - sum_gathered) + dot));
-    static_cast<Acc*>(p.lse)[r] = static_cast<Acc>(lse);
+    static_cast<double*>(p.lse)[r] = lse;
   }
   return 0;
 }
@@ -122,19 +122,22 @@ int64_t backward_rows(const SoftTargetCEParams& p, int64_t begin, int64_t end) {
     }
     load_row(p, r, x);
     const Acc g = static_cast<const Acc*>(p.grad_loss)[r * p.grad_stride];
-    const Acc lse = static_cast<const Acc*>(p.lse_in)[r];
+    // lse = hi + lo: x - hi is exact for every x that matters (Sterbenz), so exp(x - lse) keeps
+    // the logits' full resolution in Acc arithmetic
+    const double lse = static_cast<const double*>(p.lse_in)[r];
+    const Acc lse_hi = static_cast<Acc>(lse), lse_lo = static_cast<Acc>(lse - static_cast<double>(lse_hi));
     double u_d, S_d;
     target_mass(p, r, &u_d, &S_d);
     const Acc u = static_cast<Acc>(u_d), S = static_cast<Acc>(S_d);
     std::vector<Acc> stored(static_cast<size_t>(p.k));
     for (int i = 0; i < p.k; ++i) {  // read before x is overwritten in place
       const int64_t j = load_index(p.indices, p.indices_dtype, r * p.k + i);
-      stored[i] = g * (S * std::exp(x[j] - lse) - static_cast<Acc>(load_float(p.values, p.values_dtype, r * p.k + i)));
+      stored[i] = g * (S * std::exp((x[j] - lse_hi) - lse_lo) - static_cast<Acc>(load_float(p.values, p.values_dtype, r * p.k + i)));
     }
     Acc* xw = x.data();
     const int64_t C = p.cols;
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) xw[j] = g * (S * exp_np(xw[j] - lse) - u);
+    for (int64_t j = 0; j < C; ++j) xw[j] = g * (S * exp_np((xw[j] - lse_hi) - lse_lo) - u);
     for (int i = 0; i < p.k; ++i) x[load_index(p.indices, p.indices_dtype, r * p.k + i)] = stored[i];
     store_row(p, r, x);
   }

@@ -183,9 +183,9 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
     A u, S;
     target_mass<A>(p, row, &u, &S);
     if (lane == 0) {
-      const A lse = m + log(s);
-      static_cast<A*>(p.loss)[row] = S * lse - (u * (sum_all - sum_gathered) + dot);
-      static_cast<A*>(p.lse)[row] = lse;
+      const double lse = static_cast<double>(m) + static_cast<double>(log(s));
+      static_cast<A*>(p.loss)[row] = static_cast<A>(S * lse - (u * (sum_all - sum_gathered) + dot));
+      static_cast<double*>(p.lse)[row] = lse;
     }
   }
 }
@@ -200,10 +200,13 @@ __global__ void soft_target_ce_backward_kernel(SoftTargetCEParams p) {
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
   T* y = static_cast<T*>(p.grad_logits) + row * static_cast<int64_t>(C);
   const A g = static_cast<const A*>(p.grad_loss)[row * p.grad_stride];
-  const A lse = static_cast<const A*>(p.lse_in)[row];
+  // lse = hi + lo: x - hi is exact for every x that matters (Sterbenz), so the per-element math
+  // stays in A at the logits' full resolution
+  const double lse = static_cast<const double*>(p.lse_in)[row];
+  const A lse_hi = static_cast<A>(lse), lse_lo = static_cast<A>(lse - static_cast<double>(lse_hi));
   A u, S;
   target_mass<A>(p, row, &u, &S);
-  auto grad = [&](T xj, A t) { return Num<T>::from_acc(g * (S * Num<A>::exp(Num<T>::to_acc(xj) - lse) - t)); };
+  auto grad = [&](T xj, A t) { return Num<T>::from_acc(g * (S * Num<A>::exp((Num<T>::to_acc(xj) - lse_hi) - lse_lo) - t)); };
 
   // Dense part: every class gets the remaining-mass target u. Stores are 16 bytes wide; loads
   // are too when the input row shares the output's alignment (the usual contiguous case).

@@ -65,7 +65,9 @@ SoftTargetCECall prepare_soft_target_ce_forward(const at::Tensor& logits, const 
                  logits.size(1), ", got ", num_classes);
   const auto opts = logits.options().dtype(acc_type(logits));
   call.loss = at::empty({logits.size(0)}, opts);
-  call.lse = at::empty({logits.size(0)}, opts);
+  // float64 whatever the logits: the backward needs lse to the logits' own resolution, and a
+  // float32 lse around 1e4 is off by ~1e-3, which exp() turns into a relative gradient error
+  call.lse = at::empty({logits.size(0)}, logits.options().dtype(at::kDouble));
   call.params.loss = call.loss.data_ptr();
   call.params.lse = call.lse.data_ptr();
   return call;
@@ -86,7 +88,7 @@ SoftTargetCECall prepare_soft_target_ce_backward(const at::Tensor& grad_loss, co
   // A broadcast scalar gradient (the usual mean/sum reduction) stays stride 0: no copy.
   call.grad_loss = grad_loss.to(acc);
   if (B > 1 && call.grad_loss.stride(0) != 0) call.grad_loss = call.grad_loss.contiguous();
-  call.lse = lse.to(acc).contiguous();
+  call.lse = lse.to(at::kDouble).contiguous();
   call.grad_logits = at::empty({B, logits.size(1)}, logits.options());
   SoftTargetCEParams& p = call.params;
   p.grad_loss = call.grad_loss.data_ptr();

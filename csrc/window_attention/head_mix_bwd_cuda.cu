@@ -9,6 +9,7 @@ int64_t head_mix_attention_backward_workspace(const WindowAttentionBackwardParam
 }
 
 int head_mix_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream) {
+  if (p.fwd.windows == 0) return 0;  // gradients stay as allocated: zeros
   return with_dtype(p.fwd.dtype, [&](auto t) {
     return with_heads_cap(p.fwd.heads, [&](auto cap) {
       return head_mix_backward_typed<decltype(t), decltype(cap)::value>(p, workspace,

@@ -9,6 +9,7 @@ int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p) {
 }
 
 int head_mix_attention_forward_cuda(const WindowAttentionParams& p, void* workspace, void* stream) {
+  if (p.windows == 0) return 0;  // an empty batch launches nothing
   return with_dtype(p.dtype, [&](auto t) {
     return with_heads_cap(p.heads, [&](auto cap) {
       return head_mix_forward_typed<decltype(t), decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));

@@ -45,6 +45,7 @@ int window_attention_segment_sum_cuda(const void* dbias, bool f64, const int64_t
 }
 
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream) {
+  if (p.windows == 0) return 0;  // an empty batch launches nothing (a 0-block grid is an error)
   return with_dtype(p.dtype, [&](auto t) { return forward_typed<decltype(t)>(p, static_cast<cudaStream_t>(stream)); });
 }
 
@@ -53,6 +54,7 @@ int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams&
 }
 
 int window_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream) {
+  if (p.fwd.windows == 0) return 0;  // gradients stay as allocated: zeros
   return with_dtype(p.fwd.dtype, [&](auto t) {
     return backward_typed<decltype(t)>(p, workspace, static_cast<cudaStream_t>(stream));
   });

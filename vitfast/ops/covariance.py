@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _ext
-from ._checks import check_dtype, fail
+from ._checks import check_covariance_args, fail, has_data
 
 # CUDA routes of covariance_update_ (see its docstring)
 METHODS = ("auto", "split_gemm", "tensor_core", "simt")
@@ -14,17 +14,8 @@ if _ext.extension_loaded():
 
     @torch.library.register_fake("vitfast::covariance_update_")
     def _covariance_update_fake(count, mean, m2, y, method="auto"):
+        check_covariance_args(count, mean, m2, y)
         return None
-
-
-def _check(count, mean, m2, y) -> None:
-    op = "covariance_update"
-    if y.dim() != 2:
-        fail(ValueError, op, "y", f"must be 2-D (rows, features), got shape {list(y.shape)}")
-    check_dtype(y, (torch.float16, torch.bfloat16, torch.float32, torch.float64), op, "y")
-    m = y.shape[1]
-    if mean.shape != (m,) or m2.shape != (m, m):
-        fail(ValueError, op, "mean", f"and 'm2' must be ({m},) and ({m}, {m}), got {list(mean.shape)}, {list(m2.shape)}")
 
 
 def covariance_update_reference(count, mean, m2, y) -> None:
@@ -57,8 +48,9 @@ def covariance_update_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
         torch.ops.vitfast.covariance_update_(count, mean, m2, y, method)
         return
     _ext.warn_fallback("covariance_update", y.device)
-    _check(count, mean, m2, y)
-    covariance_update_reference(count, mean, m2, y)
+    check_covariance_args(count, mean, m2, y)
+    if has_data(y):  # meta tensors: shapes checked, nothing to compute
+        covariance_update_reference(count, mean, m2, y)
 
 
 def symmetric_m2(m2: torch.Tensor) -> torch.Tensor:

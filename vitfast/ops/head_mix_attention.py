@@ -9,16 +9,27 @@ from typing import Sequence
 import torch
 
 from .. import _ext
+from ._checks import check_attention_args, check_mix_args
 from .reference import head_mix_attention_reference
 from .window_attention import _acc, _windows_tokens, normalize_args
 
 OP = "head_mix_attention"
+
+
+def _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k, dim_v,
+           offsets, head_stride, scale, window_size, shift_size) -> None:
+    """The native checks, for the fallback path and for meta / traced (fake) tensors."""
+    check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index, mask,
+                         window_size, shift_size)
+    check_mix_args(OP, qkv, num_heads, pre_mix, pre_mix_bias, post_mix, post_mix_bias)
 
 if _ext.extension_loaded():
 
     @torch.library.register_fake("vitfast::head_mix_attention_forward")
     def _forward_fake(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads,
                       dim_k, dim_v, offsets, head_stride, scale, window_size, shift_size):
+        _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
+               dim_v, offsets, head_stride, scale, window_size, shift_size)
         windows, tokens = _windows_tokens(qkv, window_size)
         out = qkv.new_empty((*qkv.shape[:-1], num_heads * dim_v))
         lse = qkv.new_empty((windows, num_heads, tokens), dtype=_acc(qkv.dtype))
@@ -113,6 +124,8 @@ def head_mix_attention(
             dim_v, offsets, head_stride, scale, window_size, shift_size)
         return out
     _ext.warn_fallback(OP, qkv.device)
+    _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k, dim_v,
+           offsets, head_stride, scale, window_size, shift_size)
     return head_mix_attention_reference(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
                                         bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias,
                                         window_size, shift_size)

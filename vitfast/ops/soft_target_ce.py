@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._checks import check_soft_target_args
+from ._checks import check_soft_target_args, fail
 from .reference import reduce_loss, sparse_soft_target_cross_entropy_reference
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -21,7 +21,7 @@ if _ext.extension_loaded():
         check_soft_target_args(logits, values, indices, num_classes)
         rows = logits.shape[0]
         acc = _acc_dtype(logits)
-        return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+        return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=torch.float64)
 
     @torch.library.register_fake("vitfast::sparse_soft_target_ce_backward")
     def _backward_fake(grad_loss, logits, values, indices, lse):
@@ -72,6 +72,9 @@ def sparse_soft_target_cross_entropy(
             f"vitfast.sparse_soft_target_cross_entropy: argument 'reduction' must be one of {REDUCTIONS}, "
             f"got {reduction!r}")
     if num_classes is None:
+        if student_logits.dim() != 2:
+            fail(ValueError, "sparse_soft_target_cross_entropy", "student_logits",
+                 f"must be 2-D (batch, classes), got shape {list(student_logits.shape)}")
         num_classes = student_logits.shape[-1]
     if _ext.native(student_logits.device):
         loss, _ = torch.ops.vitfast.sparse_soft_target_ce_forward(student_logits, values, indices, num_classes)

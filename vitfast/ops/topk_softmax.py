@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._checks import check_topk_args
+from ._checks import check_topk_args, fail
 from .reference import topk_indices_dtype, topk_softmax_reference
 
 if _ext.extension_loaded():
@@ -58,6 +58,9 @@ def topk_softmax(
         ordered by lower class index. indices are int16 when C <= 32768, else int32. values are
         differentiable in the logits (d softmax, from the logits in float32), on every path.
     """
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        fail(ValueError, "topk_softmax", "logits", f"must have a class dim of 1 or more classes (..., classes), got "
+             f"shape {list(logits.shape)}")
     lead = logits.shape[:-1]
     x = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits
     if _ext.native(x.device):

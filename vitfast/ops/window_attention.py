@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import _ext
-from ._checks import fail
+from ._checks import ATTN_MAX_HEAD_DIM, check_attention_args, fail
 from .reference import window_attention_reference
 
 OP = "window_attention"
@@ -34,7 +34,20 @@ def qkv_layout(layout, num_heads: int, dim_k: int, dim_v: int) -> tuple[list[int
 def normalize_args(op: str, qkv, num_heads: int, dim_k: int, dim_v, layout, scale, window_size, shift_size):
     """(dim_v, offsets, head_stride, scale, window_size, shift_size) as the ops take them."""
     dim_v = dim_k if dim_v is None else dim_v
+    # the sizes the defaults below are computed from, named before they are used
+    if num_heads < 1:
+        fail(ValueError, op, "num_heads", f"must be >= 1, got {num_heads}")
+    for arg, d in (("dim_k", dim_k), ("dim_v", dim_v)):
+        if not 1 <= d <= ATTN_MAX_HEAD_DIM:
+            fail(ValueError, op, arg, f"must lie in [1, {ATTN_MAX_HEAD_DIM}], got {d}")
     offsets, head_stride = qkv_layout(layout, num_heads, dim_k, dim_v)
+    if isinstance(layout, str) and qkv.dim() >= 1:
+        # a named layout packs q, k, v of every head densely: other channel counts mean wrong heads/dims
+        per_head = 3 * dim_k if layout == "swin" else 2 * dim_k + dim_v
+        if qkv.shape[-1] != num_heads * per_head:
+            fail(ValueError, op, "num_heads", f"{num_heads} heads x {per_head} channels (layout {layout!r}, dim_k "
+                 f"{dim_k}, dim_v {dim_v}) = {num_heads * per_head} must equal qkv's {qkv.shape[-1]} channels "
+                 "(pass an explicit (q_off, k_off, v_off, head_stride) layout to leave channels unused)")
     scale = dim_k ** -0.5 if scale is None else float(scale)
     if qkv.dim() == 4:
         if window_size is None:
@@ -61,6 +74,9 @@ if _ext.extension_loaded():
     @torch.library.register_fake("vitfast::window_attention_forward")
     def _forward_fake(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale,
                       window_size, shift_size):
+        # meta tensors and torch.compile's tracing refuse what the kernels refuse
+        check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index,
+                             mask, window_size, shift_size)
         windows, tokens = _windows_tokens(qkv, window_size)
         out = qkv.new_empty((*qkv.shape[:-1], num_heads * dim_v))
         lse = qkv.new_empty((windows, num_heads, tokens), dtype=_acc(qkv.dtype))
@@ -142,5 +158,7 @@ def window_attention(
             window_size, shift_size)
         return out
     _ext.warn_fallback(OP, qkv.device)
+    check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index, mask,
+                         window_size, shift_size)
     return window_attention_reference(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
                                       bias_index, mask, window_size, shift_size)
