@@ -220,3 +220,69 @@ def test_torchrun_save_and_distill_across_world_sizes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "held-out accuracy" in proc.stdout
         assert os.path.exists(tmp_path / out / "student.safetensors")
+
+    # rank 1 of epoch 1 lost (a rank that died): every reader names the epoch, one process completes it
+    cli = [sys.executable, "-m", "vitfast", "tinyvit"]
+    os.remove(shard_path(store, 1, 1))
+    proc = subprocess.run(cli + ["inspect", store], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "epoch 1: incomplete: " in proc.stdout and "missing [1]" in proc.stdout
+    proc = subprocess.run(cli + ["distill", "--store", store, "--epochs", "1", "--device", "cpu", "--out",
+                                 str(tmp_path / "refused")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "incomplete epochs (epoch 1" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(cli + ["verify", store, "--samples", "0"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "epoch 0: 1438 records" in proc.stdout and "epoch 1: FAILED" in proc.stdout
+    proc = subprocess.run(cli + ["save-logits", "--out", store, "--epochs", "2", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "epoch 0 already complete" in proc.stdout, proc.stderr[-2000:]
+    s = LogitStore(store)
+    assert s.complete_epochs() == [0, 1] and len(s.keys(1)) == 1438
+    proc = subprocess.run(cli + ["verify", store, "--samples", "8"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "store verified" in proc.stdout, proc.stdout
+    # a corrupt record in the last epoch: verify (every epoch by default) fails and names it
+    path = shard_path(store, 1, 0)
+    data = bytearray(open(path, "rb").read())
+    data[64 + 5] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    proc = subprocess.run(cli + ["verify", store, "--samples", "8"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "epoch 1: FAILED" in proc.stdout and "is corrupt" in proc.stdout
+
+
+def kill_at_random_points(cmd, done, rng, kills=3, env=None):
+    """Start cmd, SIGKILL it after a random delay, `kills` times (each restart resumes), then
+    let it finish. `done()` says whether the run has finished (then no more kills)."""
+    for _ in range(kills):
+        if done():
+            break
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(1.0, 6.0))  # import and start-up take ~1-2 s: some kills land there
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_kills_at_random_points_resume_bit_exact(tmp_path):
+    """save-logits and distill, each SIGKILLed at random moments and restarted into the same
+    folder: the store and the student equal those of uninterrupted runs, byte for byte."""
+    import random
+
+    from conftest import SEED
+
+    rng = random.Random(SEED)
+    cli = [sys.executable, "-m", "vitfast", "tinyvit"]
+    save = cli + ["save-logits", "--epochs", "3", "--device", "cpu"]
+    subprocess.run(save + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    store = str(tmp_path / "killed")
+    kill_at_random_points(save + ["--out", store], lambda: os.path.exists(shard_path(store, 2, 0)), rng)
+    a, b = LogitStore(store), LogitStore(str(tmp_path / "clean"))
+    assert a.complete_epochs() == b.complete_epochs() == [0, 1, 2]
+    for e in range(3):
+        assert open(shard_path(store, e, 0), "rb").read() == open(shard_path(str(tmp_path / "clean"), e, 0), "rb").read()
+
+    distill_cmd = cli + ["distill", "--store", store, "--epochs", "3", "--device", "cpu"]
+    subprocess.run(distill_cmd + ["--out", str(tmp_path / "d_clean")], check=True, capture_output=True)
+    out = str(tmp_path / "d_killed")
+    kill_at_random_points(distill_cmd + ["--out", out],
+                          lambda: os.path.exists(os.path.join(out, "student.safetensors")), rng)
+    assert open(os.path.join(out, "student.safetensors"), "rb").read() == \
+        open(tmp_path / "d_clean" / "student.safetensors", "rb").read()

@@ -94,7 +94,7 @@ def test_duplicate_keys_across_ranks_are_rejected(tmp_path):
 
 def test_truncated_and_corrupt_shards_are_named(tmp_path):
     root = str(tmp_path / "store")
-    meta = StoreMeta(k=3, num_classes=20)
+    meta = StoreMeta(k=3, num_classes=20, dataset_size=10)
     write_meta(root, meta)
     write_epoch(root, meta, 0, 1, [list(range(10))])
     write_epoch(root, meta, 1, 1, [list(range(10))])
@@ -115,14 +115,14 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path):
 
 def test_temp_files_are_never_read_and_meta_must_match(tmp_path):
     root = str(tmp_path / "store")
-    meta = StoreMeta(k=3, num_classes=20)
+    meta = StoreMeta(k=3, num_classes=20, dataset_size=4)
     write_meta(root, meta)
     write_epoch(root, meta, 0, 1, [list(range(4))])
     with open(shard_path(root, 0, 1) + ".tmp", "wb") as f:  # a crashed writer's leftover
         f.write(b"garbage")
     assert len(LogitStore(root).keys(0)) == 4
     with pytest.raises(StoreError, match="differs"):
-        write_meta(root, StoreMeta(k=4, num_classes=20))
+        write_meta(root, StoreMeta(k=4, num_classes=20, dataset_size=4))
     with pytest.raises(StoreError, match="not a logit store"):
         LogitStore(str(tmp_path))
 
@@ -130,7 +130,7 @@ def test_temp_files_are_never_read_and_meta_must_match(tmp_path):
 def test_streaming_writer_async_equals_sync_and_reports_errors(tmp_path):
     from vitfast.tinyvit.store import ShardWriter
 
-    meta = StoreMeta(k=4, num_classes=30, encoding="compact")
+    meta = StoreMeta(k=4, num_classes=30, encoding="compact", dataset_size=35)
     batches = []
     for b in range(5):
         _, v, i = teacher_topk(7, 30, 4)
@@ -155,3 +155,66 @@ def test_streaming_writer_async_equals_sync_and_reports_errors(tmp_path):
     with pytest.raises(ValueError, match="argument 'indices'"):
         w.close()
     assert not os.path.exists(shard_path(root, 0, 0))
+
+
+def test_incomplete_epochs_are_named_by_every_reader(tmp_path):
+    """A rank that died, a writer killed before its rename, shards of two world sizes: the epoch
+    is incomplete, says why, and no reader uses it."""
+    from vitfast.tinyvit.store import epoch_state
+
+    root = str(tmp_path / "store")
+    meta = StoreMeta(k=3, num_classes=20, dataset_size=10)
+    write_meta(root, meta)
+    write_epoch(root, meta, 0, 2, [list(range(5)), list(range(5, 10))])  # complete, 2 ranks
+    write_epoch(root, meta, 1, 2, [list(range(5))])  # rank 1 of 2 died
+    os.makedirs(os.path.dirname(shard_path(root, 2, 0)))
+    with open(shard_path(root, 2, 0) + ".tmp", "wb") as f:  # killed before its rename
+        f.write(b"partial")
+    write_epoch(root, meta, 3, 2, [list(range(5))])
+    write_epoch(root, meta, 3, 1, [list(range(10))])  # rank 0 of a later 1-rank run + rank 1 of 2
+    _, v, i = teacher_topk(5, 20, 3)
+    write_shard(root, meta, 3, 1, 2, np.arange(5, 10), encode(meta, np.arange(5, 10, dtype=np.uint32), v, i))
+    store = LogitStore(root)
+    assert store.epochs() == [0, 1, 2, 3] and store.complete_epochs() == [0]
+    s1, s2, s3 = (epoch_state(root, meta, e) for e in (1, 2, 3))
+    assert "5 of 10 records" in s1.describe() and "missing [1]" in s1.describe()
+    assert "0 of 10" in s2.describe() and "rank_0000.vfl.tmp" in s2.describe()
+    assert "different world sizes" in s3.describe()
+    assert len(store.keys(0)) == 10
+    with pytest.raises(StoreError, match=r"incomplete epochs \(epoch 1 incomplete: 5 of 10 records"):
+        store.lookup(1, [0])
+    with pytest.raises(StoreError, match="epoch 2 incomplete"):
+        store.keys(2)
+    with pytest.raises(StoreError, match="holds sample key|epoch 3 incomplete"):
+        store.keys(3)
+    with pytest.raises(StoreError, match="--epochs 1:4"):
+        store.require_complete(store.epochs())
+
+
+def test_the_header_is_checksummed_and_placed(tmp_path):
+    """A flipped byte anywhere in the header -- even the padding -- is caught; a shard whose
+    header says another epoch or rank than its file name is refused; version-1 shards still read."""
+    import struct
+    import zlib
+
+    from vitfast.tinyvit.store import HEADER
+
+    root = str(tmp_path / "store")
+    meta = StoreMeta(k=3, num_classes=20, dataset_size=6)
+    write_meta(root, meta)
+    write_epoch(root, meta, 0, 1, [list(range(6))])
+    path = shard_path(root, 0, 0)
+    clean = open(path, "rb").read()
+    for offset, words in ((50, "corrupt"), (14, "corrupt"), (20, "says it is epoch 1")):
+        data = bytearray(clean)
+        data[offset] ^= 0x01
+        open(path, "wb").write(bytes(data))
+        with pytest.raises(StoreError, match=words):
+            LogitStore(root).keys(0)
+    # version 1: crc over records and keys only
+    fields = list(HEADER.unpack(clean[:64]))
+    fields[1] = 1
+    fields[-1] = zlib.crc32(clean[64:])
+    open(path, "wb").write(HEADER.pack(*fields) + clean[64:])
+    assert len(LogitStore(root).keys(0)) == 6
+    assert struct.unpack("<H", clean[8:10])[0] == 2  # new shards are version 2

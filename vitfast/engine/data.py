@@ -63,5 +63,10 @@ def train_transform(model, input_size=None, aa: str | None = "rand-m9-mstd0.5-in
     install_posterize_fix()
     cfg = resolve_model_data_config(model)
     size = tuple(input_size) if input_size is not None else cfg["input_size"]
-    return create_transform(size, is_training=True, auto_augment=aa, re_prob=reprob, mean=cfg["mean"],
-                            std=cfg["std"], interpolation=interpolation or cfg.get("interpolation", "bicubic"))
+    tf = create_transform(size, is_training=True, auto_augment=aa, re_prob=reprob, mean=cfg["mean"],
+                          std=cfg["std"], interpolation=interpolation or cfg.get("interpolation", "bicubic"))
+    if size[0] == 1:  # grayscale models (the embedded digits): the folder's RGB images as one channel
+        from torchvision import transforms
+
+        tf = transforms.Compose([transforms.Grayscale(1), tf])
+    return tf

@@ -28,23 +28,31 @@ def add_parser(sub) -> None:
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--teacher", help="timm model name (default: the embedded digits teacher)")
+    s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
     s.add_argument("--checkpoint")
     s.add_argument("--num-classes", type=int, help="classes of the teacher's head, if not its default")
     s.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     s.add_argument("--epochs", default="30", help="N (epochs 0..N-1) or A:B")
+    s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="images the teacher sees (default: its timm data config)")
+    s.add_argument("--aa", default=None, help="timm auto-augment policy ('none' to disable; default TinyViT's "
+                                              "rand-m9-mstd0.5-inc1)")
+    s.add_argument("--reprob", type=float, default=None, help="random erasing probability (default 0.25)")
+    s.add_argument("--mixup", type=float, default=None, help="mixup alpha (default 0.8)")
+    s.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (default 1.0)")
     s.add_argument("--topk", type=int, default=None, help="default 100, or 5 on the 10-class default")
     s.add_argument("--encoding", choices=["exact", "compact"], default="exact")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=d)
-    s.add_argument("--out", required=True, help="store directory")
+    s.add_argument("--out", "--output", dest="out", required=True, help="store directory")
     s.set_defaults(func=run_save)
 
     t = tsub.add_parser("distill", help="train a student from a store (no teacher in the loop)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--student", help="timm model name, e.g. tiny_vit_5m_224 (default: embedded digits student)")
+    t.add_argument("--student", "--model", dest="student",
+                   help="timm model name, e.g. tiny_vit_5m_224 (default: embedded digits student)")
     t.add_argument("--store", help="logit store (omit with --labels-only)")
     t.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     t.add_argument("--eval-data", help="ImageFolder directory for accuracy each epoch")
@@ -61,7 +69,7 @@ def add_parser(sub) -> None:
     t.add_argument("--workers", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=d)
-    t.add_argument("--out", required=True, help="checkpoint directory (resumed if present)")
+    t.add_argument("--out", "--output", dest="out", required=True, help="checkpoint directory (resumed if present)")
     t.set_defaults(func=run_distill)
 
     i = tsub.add_parser("inspect", help="summary of a store")
@@ -75,30 +83,23 @@ def add_parser(sub) -> None:
     v.add_argument("--num-classes", type=int)
     v.add_argument("--data")
     v.add_argument("--samples", type=int, default=64)
-    v.add_argument("--epoch", type=int, default=0)
+    v.add_argument("--epoch", type=int, default=None, help="check only this epoch (default: every epoch)")
     v.add_argument("--device", default=d)
     v.set_defaults(func=run_verify)
 
 
-def _data_and_transform(args, train: bool = True):
-    """(dataset, transform, mixup args, eval set) for the embedded default or an ImageFolder."""
-    if not getattr(args, "data", None):
-        from .defaults import MIXUP, digits_train_set, digits_transform
+def _data_and_transform(args, recipe: dict | None = None):
+    """(dataset, transform, mixup args, eval set) for the embedded default or an ImageFolder,
+    augmented by `recipe` (save-logits: from the teacher and the options; readers: the store's)."""
+    from .defaults import replay_data
 
-        ds, eval_set = digits_train_set()
-        return ds, digits_transform(), MIXUP, eval_set
-    from timm.data import create_transform
+    return replay_data(getattr(args, "data", None), recipe)
 
-    from ..data.augment import install_posterize_fix
-    from ..data.folders import image_folder
 
-    install_posterize_fix()
-    ds = image_folder(args.data, what="--data")
-    tf = create_transform(224, is_training=train, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
-                          interpolation="bicubic")
-    mix = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "num_classes": len(ds.classes),
-           "label_smoothing": 0.0}
-    return ds, tf, mix, None
+def _store_recipe(args):
+    from .defaults import store_recipe
+
+    return store_recipe(args.store) if getattr(args, "data", None) else None
 
 
 def _teacher(args):
@@ -128,13 +129,20 @@ def run_save(args) -> int:
         raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
     rank, world, device = vdist.setup(args.device)
     teacher, name = _teacher(args)
-    ds, tf, mix, _ = _data_and_transform(args)
+    recipe = None
+    if args.data:
+        from .defaults import recipe_for
+
+        recipe = recipe_for(teacher, args.input_size, aa=args.aa, reprob=args.reprob, mixup=args.mixup,
+                            cutmix=args.cutmix)
+    ds, tf, mix, _ = _data_and_transform(args, recipe)
     k = args.topk if args.topk is not None else (5 if not args.data else 100)
     classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
     if getattr(teacher, "num_classes", classes) != classes:
         raise UserError(f"the teacher has {teacher.num_classes} classes, --data {classes}")
     save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
-                name, device, args.workers, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))
+                name, device, args.workers, progress=rank == 0, log=print if rank == 0 else (lambda *_: None),
+                recipe=recipe)
     vdist.cleanup()
     return 0
 
@@ -161,27 +169,30 @@ def run_distill(args) -> int:
            {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data)}
            ).start(resume=True)
     rank, world, device = vdist.setup(args.device)
-    ds, tf, mix, eval_set = _data_and_transform(args)
+    recipe = None
+    if args.data:  # the store's augmentation; labels only: TinyViT's recipe at the student's data config
+        from .defaults import recipe_for, store_recipe
+
+        if args.store and not args.labels_only:
+            recipe = store_recipe(args.store)
+        else:
+            from ..data.folders import image_folder
+
+            recipe = recipe_for(_student(args, len(image_folder(args.data, what="--data").classes)))
+    ds, tf, mix, eval_set = _data_and_transform(args, recipe)
     torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
-    if args.student:
-        import timm
-
-        classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
-        student = timm.create_model(args.student, pretrained=False, num_classes=classes)
-    else:
-        from .defaults import digits_student
-
-        student = digits_student()
+    student = _student(args, len(ds.classes) if hasattr(ds, "classes") else 10)  # the embedded digits have 10
     if not args.no_patch:
         from ..patching import patch, patched_modules
 
         patch(student)  # the fused window attention (tiny_vit_*, swin_*); other students are unchanged
         if patched_modules(student) and rank == 0:
             print(f"distill: fused window attention in {len(patched_modules(student))} modules")
-    if args.eval_data:
-        from ..data.folders import image_folder_tensors
+    if args.eval_data:  # streamed through the student's own timm data config (timm's validate.py)
+        from ..engine.evaluation import folder_loader
 
-        eval_set = image_folder_tensors(args.eval_data, 224)
+        loader = folder_loader(args.eval_data, student, max(args.batch_size, 64), args.workers)
+        eval_set = lambda: loader  # noqa: E731
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, args.workers, args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))
@@ -197,50 +208,91 @@ def run_distill(args) -> int:
     return 0
 
 
+def _student(args, classes: int):
+    if args.student:
+        from ..engine.models import create_model
+
+        return create_model(args.student, num_classes=classes, what="--student")
+    from .defaults import digits_student
+
+    return digits_student()
+
+
 def run_inspect(args) -> int:
+    """What the store holds, epoch by epoch; exit 1 when any epoch is incomplete."""
     from .store import LogitStore
 
     store = LogitStore(args.store)
     m = store.meta
     print(f"store {args.store}: teacher {m.teacher!r}, {m.num_classes} classes, top-{m.k}, {m.encoding} encoding, "
           f"{m.record_bytes} bytes/record, data set of {m.dataset_size}, seed {m.seed}")
+    incomplete = 0
     for e in store.epochs():
-        keys = store.keys(e)
-        _, vals, _ = store.lookup(e, keys[: min(len(keys), 1000)])
-        print(f"  epoch {e}: {len(keys)} records in {len(store._index(e)[0])} shard(s), "
-              f"mean top-{m.k} mass {vals.sum(-1).mean().item():.4f}")
-    return 0
+        state = store.epoch_state(e)
+        line = f"  epoch {e}: {state.describe()}"
+        if state.complete:
+            keys = store.keys(e)
+            _, vals, _ = store.lookup(e, keys[: min(len(keys), 1000)])
+            line += f", mean top-{m.k} mass {vals.sum(-1).mean().item():.4f}"
+        else:
+            incomplete += 1
+        print(line)
+    if incomplete:
+        print(f"{incomplete} incomplete epoch(s): re-run save-logits with the same --out to complete them")
+    return 1 if incomplete else 0
 
 
 def run_verify(args) -> int:
-    """Re-run the teacher on a sample of stored (epoch, key)s with the replayed augmentation."""
+    """Every epoch's shards (checksums, counts, keys), then the teacher re-run on a sample of
+    stored (epoch, key)s with the replayed augmentation."""
     from ..ops import topk_softmax
     from .replay import ReplayAugment, epoch_plan
-    from .store import LogitStore
+    from .store import LogitStore, StoreError
 
     store = LogitStore(args.store)
     m = store.meta
-    teacher, _ = _teacher(args)
-    device = torch.device(args.device)
-    teacher = teacher.to(device).eval()
-    ds, tf, mix, _ = _data_and_transform(args)
-    pairs, canonical = epoch_plan(m.dataset_size, args.epoch, m.seed, 1)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(pairs), size=min(args.samples // 2 + 1, len(pairs)), replace=False)
-    augment = ReplayAugment(ds, tf, (m.augmentation or {}).get("mixup"))
-    keys, images = [], []
-    for p in pick:
-        seeds, _, _ = store.lookup(args.epoch, pairs[p][canonical[p]])
-        if canonical[p].all():
-            x, _ = augment.pair(pairs[p], seeds.tolist())
-            keys += pairs[p].tolist()
-            images += [x[0], x[1]]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = teacher(torch.stack(images).to(device))  # the same precision save-logits used
-    v, i = topk_softmax(logits, m.k, values_dtype=torch.float32)
-    _, sv, si = store.lookup(args.epoch, keys)
-    mismatch = (i.cpu().long() != si).float().mean().item()
-    err = (v.cpu() - sv).abs().max().item()
-    print(f"verified {len(keys)} records of epoch {args.epoch}: index mismatch rate {mismatch:.4f}, "
-          f"max |value error| {err:.2e}")
-    return 0 if mismatch < 0.02 else 1
+    epochs = store.epochs() if args.epoch is None else [args.epoch]
+    if not epochs:
+        raise StoreError(f"store '{args.store}' holds no epochs")
+    failed = []
+    for e in epochs:
+        try:
+            store.require_complete([e])
+            n = len(store.keys(e))  # opens every shard: size, crc32, duplicate and missing keys
+            print(f"epoch {e}: {n} records, checksums and keys OK")
+        except StoreError as exc:
+            failed.append(e)
+            print(f"epoch {e}: FAILED: {exc}")
+    good = [e for e in epochs if e not in failed]
+    if good and args.samples > 0:
+        teacher, _ = _teacher(args)
+        device = torch.device(args.device)
+        teacher = teacher.to(device).eval()
+        ds, tf, _, _ = _data_and_transform(args, _store_recipe(args))
+        augment = ReplayAugment(ds, tf, (m.augmentation or {}).get("mixup"))
+        rng = np.random.default_rng(0)
+        pairs_each = max(1, args.samples // (2 * len(good)))  # spread over every epoch checked
+        keys, epochs_of, images = [], [], []
+        for e in good:
+            pairs, canonical = epoch_plan(m.dataset_size, e, m.seed, 1)
+            for p in rng.choice(len(pairs), size=min(pairs_each, len(pairs)), replace=False):
+                if canonical[p].all():
+                    seeds, _, _ = store.lookup(e, pairs[p])
+                    x, _ = augment.pair(pairs[p], seeds.tolist())
+                    keys += pairs[p].tolist()
+                    epochs_of += [e, e]
+                    images += [x[0], x[1]]
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = teacher(torch.stack(images).to(device))  # the same precision save-logits used
+        v, i = topk_softmax(logits, m.k, values_dtype=torch.float32)
+        sv = torch.cat([store.lookup(e, [k])[1] for e, k in zip(epochs_of, keys)])
+        si = torch.cat([store.lookup(e, [k])[2] for e, k in zip(epochs_of, keys)])
+        mismatch = (i.cpu().long() != si).float().mean().item()
+        err = (v.cpu() - sv).abs().max().item()
+        print(f"teacher re-run on {len(keys)} records of {len(good)} epoch(s): index mismatch rate {mismatch:.4f}, "
+              f"max |value error| {err:.2e}")
+        if mismatch >= 0.02:
+            print("teacher check FAILED: the store does not match this teacher and data (or its augmentation)")
+            failed.append("teacher")
+    print("store verified" if not failed else f"store FAILED verification: {failed}")
+    return 1 if failed else 0

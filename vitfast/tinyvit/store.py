@@ -10,7 +10,8 @@ per (epoch, rank): STORE/epoch_EEEE/rank_RRRR.vfl. A shard is
     count fixed-size records: seed u32 | indices | values
     count sample keys: int64
 
-crc32 covers the records and keys. Encodings:
+crc32 covers the header (its crc field zeroed), the records and the keys (version 1 shards, whose
+crc covers records and keys only, are still read). Encodings:
     exact    int16 indices (int32 past 32,768 classes) + float16 values: 4k + 4 bytes (TinyViT's own)
     compact  indices bit-packed at ceil(log2 C) bits; values 2..k as uint8 steps of -log(p) over
              [0, 20]; the mass outside the top k as a uint16 step of -log over [0, 40]; the largest
@@ -21,6 +22,11 @@ crc32 covers the records and keys. Encodings:
 Writes are crash-safe: a shard is written to "<name>.tmp", fsynced and renamed, so a final name
 always holds a complete shard; the writer skips shards already complete (resume). Readers verify
 size and crc32 of every shard they open and name the shard when either is wrong.
+
+Completeness: every epoch holds exactly one record per sample, keys 0..dataset_size-1, in the
+shards of ranks 0..world-1 of one world size. An epoch that falls short (a rank that died, a
+writer killed before its rename, shards of two world sizes) is incomplete: `epoch_state` says
+why, every reader refuses it by name, and save-logits completes it on the next run.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ import torch
 from ..errors import UserError
 
 MAGIC = b"VFLSTORE"
-VERSION = 1
+VERSION = 1  # store.json's format
+SHARD_VERSION = 2  # 2: the crc covers the header too; 1: records and keys only (still read)
 HEADER = struct.Struct("<8sHBBHHIIIIQII16x")
 assert HEADER.size == 64
 ENCODINGS = {"exact": 0, "compact": 1}
@@ -162,8 +169,46 @@ def read_meta(root: str) -> StoreMeta:
     return StoreMeta(**d)
 
 
-def shard_complete(root: str, epoch: int, rank: int) -> bool:
-    return os.path.exists(shard_path(root, epoch, rank))
+def shard_complete(root: str, meta: StoreMeta, epoch: int, rank: int, world: int) -> bool:
+    """A finished, intact shard of this rank written by a run of the same world size."""
+    path = shard_path(root, epoch, rank)
+    if not os.path.exists(path):
+        return False
+    try:
+        shard = Shard(path, meta)
+    except StoreError:
+        return False
+    return shard.world == world
+
+
+def epoch_state(root: str, meta: StoreMeta, epoch: int) -> EpochState:
+    d = os.path.join(root, f"epoch_{epoch:04d}")
+    state = EpochState(epoch, meta.dataset_size, [], [], [])
+    if not os.path.isdir(d):
+        return state
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".tmp"):
+            state.pending.append(name)
+        elif name.endswith(".vfl"):
+            try:
+                _, _, rank, world, count, _, _ = read_header(os.path.join(d, name), meta)
+                state.shards.append((rank, world, count))
+            except StoreError as exc:
+                state.problems.append(str(exc))
+    return state
+
+
+def remove_stale_shards(root: str, meta: StoreMeta, epoch: int, world: int) -> list[str]:
+    """Shards of an incomplete epoch that a `world`-rank run will not overwrite (ranks >= world):
+    removed, so the epoch cannot mix two runs' partitions. Returns what was removed."""
+    d = os.path.join(root, f"epoch_{epoch:04d}")
+    removed = []
+    if os.path.isdir(d):
+        for name in sorted(os.listdir(d)):
+            if name.startswith("rank_") and name.endswith(".vfl") and int(name[5:9]) >= world:
+                os.remove(os.path.join(d, name))
+                removed.append(name)
+    return removed
 
 
 class ShardWriter:
@@ -225,11 +270,11 @@ class ShardWriter:
             raise self._error
         keys = np.concatenate(self._keys) if self._keys else np.zeros(0, "<i8")
         self._f.write(keys.tobytes())
-        crc = zlib.crc32(keys, self._crc)
+        fields = (MAGIC, SHARD_VERSION, ENCODINGS[self.meta.encoding], self.meta.index_bits, self.meta.k, 0,
+                  self.meta.num_classes, self.epoch, self.rank, self.world, keys.shape[0], self.meta.record_bytes)
+        crc = zlib.crc32(HEADER.pack(*fields, 0), zlib.crc32(keys, self._crc))
         self._f.seek(0)
-        self._f.write(HEADER.pack(MAGIC, VERSION, ENCODINGS[self.meta.encoding], self.meta.index_bits, self.meta.k, 0,
-                                  self.meta.num_classes, self.epoch, self.rank, self.world, keys.shape[0],
-                                  self.meta.record_bytes, crc))
+        self._f.write(HEADER.pack(*fields, crc))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -256,30 +301,80 @@ def write_shard(root: str, meta: StoreMeta, epoch: int, rank: int, world: int, k
     return w.close()
 
 
+def read_header(path: str, meta: StoreMeta) -> tuple:
+    """The checked header fields (version, epoch, rank, world, count, crc, raw header bytes)."""
+    size = os.path.getsize(path)
+    if size < HEADER.size:
+        raise StoreError(f"shard '{path}' is truncated ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
+    (magic, version, enc, bits, k, _, classes, epoch, rank, world, count, rbytes, crc) = HEADER.unpack(raw)
+    if magic != MAGIC or version not in (1, SHARD_VERSION):
+        raise StoreError(f"shard '{path}' is not a vitfast shard (version 1 or {SHARD_VERSION})")
+    if (k, classes, enc, rbytes) != (meta.k, meta.num_classes, ENCODINGS[meta.encoding], meta.record_bytes):
+        raise StoreError(f"shard '{path}' (k={k}, classes={classes}) does not match store.json")
+    expected = HEADER.size + count * (rbytes + 8)
+    if size != expected:
+        raise StoreError(f"shard '{path}' is truncated or padded: {size} bytes, header says {expected}")
+    where = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+    if where != os.path.join(f"epoch_{epoch:04d}", f"rank_{rank:04d}.vfl") or not rank < world:
+        raise StoreError(f"shard '{path}' says it is epoch {epoch} rank {rank} of {world}: it was moved or its header "
+                         "is corrupt")
+    return version, epoch, rank, world, count, crc, raw
+
+
 class Shard:
     """A memory-mapped, verified shard."""
 
     def __init__(self, path: str, meta: StoreMeta, verify: bool = True):
         self.path = path
-        size = os.path.getsize(path)
-        if size < HEADER.size:
-            raise StoreError(f"shard '{path}' is truncated ({size} bytes, no header)")
-        with open(path, "rb") as f:
-            (magic, version, enc, bits, k, _, classes, epoch, rank, world, count, rbytes, crc) = HEADER.unpack(
-                f.read(HEADER.size))
-        if magic != MAGIC or version != VERSION:
-            raise StoreError(f"shard '{path}' is not a version-{VERSION} vitfast shard")
-        if (k, classes, enc, rbytes) != (meta.k, meta.num_classes, ENCODINGS[meta.encoding], meta.record_bytes):
-            raise StoreError(f"shard '{path}' (k={k}, classes={classes}) does not match store.json")
-        expected = HEADER.size + count * (rbytes + 8)
-        if size != expected:
-            raise StoreError(f"shard '{path}' is truncated or padded: {size} bytes, header says {expected}")
+        version, epoch, rank, world, count, crc, raw = read_header(path, meta)
         self.epoch, self.rank, self.world, self.count = epoch, rank, world, count
         mm = np.memmap(path, dtype=np.uint8, mode="r")
+        rbytes = meta.record_bytes
         self.records = mm[HEADER.size:HEADER.size + count * rbytes].reshape(count, rbytes)
         self.keys = mm[HEADER.size + count * rbytes:].view("<i8")
-        if verify and zlib.crc32(self.keys, zlib.crc32(self.records)) != crc:
-            raise StoreError(f"shard '{path}' is corrupt: crc32 mismatch")
+        if verify:
+            body = zlib.crc32(self.keys, zlib.crc32(self.records))
+            whole = body if version == 1 else zlib.crc32(raw[:-20] + b"\0\0\0\0" + raw[-16:], body)
+            if whole != crc:
+                raise StoreError(f"shard '{path}' is corrupt: crc32 mismatch")
+
+
+@dataclass
+class EpochState:
+    """What an epoch's directory holds, from the shard headers (no records read)."""
+    epoch: int
+    expected: int  # records a complete epoch holds: one per sample
+    shards: list  # (rank, world, count) of every finished shard
+    pending: list  # names of .tmp files (writers that never finished)
+    problems: list  # unreadable shards
+
+    @property
+    def records(self) -> int:
+        return sum(c for _, _, c in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        worlds = {w for _, w, _ in self.shards}
+        return (not self.problems and len(worlds) == 1 and {r for r, _, _ in self.shards} == set(range(worlds.pop()))
+                and self.records == self.expected)
+
+    def describe(self) -> str:
+        if self.complete:
+            return f"complete: {self.records} records in {len(self.shards)} shard(s)"
+        worlds = sorted({w for _, w, _ in self.shards})
+        parts = [f"incomplete: {self.records} of {self.expected} records"]
+        for w in worlds:
+            ranks = sorted(r for r, ww, _ in self.shards if ww == w)
+            parts.append(f"ranks {ranks} of a {w}-rank run" + (f" (missing {sorted(set(range(w)) - set(ranks))})"
+                                                               if set(ranks) != set(range(w)) else ""))
+        if len(worlds) > 1:
+            parts.append("shards of different world sizes")
+        if self.pending:
+            parts.append(f"unfinished {', '.join(self.pending)}")
+        parts += self.problems
+        return "; ".join(parts)
 
 
 class LogitStore:
@@ -301,11 +396,29 @@ class LogitStore:
         return state
 
     def epochs(self) -> list[int]:
+        """Every epoch with a directory, complete or not (see `epoch_state`)."""
         out = []
         for name in sorted(os.listdir(self.root)):
-            if name.startswith("epoch_") and any(f.endswith(".vfl") for f in os.listdir(os.path.join(self.root, name))):
+            if name.startswith("epoch_") and name[len("epoch_"):].isdigit() and \
+                    os.path.isdir(os.path.join(self.root, name)):
                 out.append(int(name[len("epoch_"):]))
         return out
+
+    def epoch_state(self, epoch: int) -> EpochState:
+        return epoch_state(self.root, self.meta, epoch)
+
+    def complete_epochs(self) -> list[int]:
+        return [e for e in self.epochs() if self.epoch_state(e).complete]
+
+    def require_complete(self, epochs) -> None:
+        """StoreError naming every incomplete epoch among `epochs`, and how to complete it."""
+        bad = [self.epoch_state(e) for e in epochs]
+        bad = [s for s in bad if not s.complete]
+        if bad:
+            lines = "; ".join(f"epoch {s.epoch} {s.describe()}" for s in bad[:5])
+            raise StoreError(f"store '{self.root}' has incomplete epochs ({lines}); complete them with "
+                             f"'vitfast tinyvit save-logits --out {self.root} --epochs {bad[0].epoch}:{bad[-1].epoch + 1}' "
+                             "and the same teacher and data")
 
     def _index(self, epoch: int):
         if epoch not in self._epochs:
@@ -323,6 +436,10 @@ class LogitStore:
             if keys.size > 1 and (keys[1:] == keys[:-1]).any():
                 dup = keys[1:][keys[1:] == keys[:-1]][0]
                 raise StoreError(f"store '{self.root}' epoch {epoch} holds sample key {dup} twice")
+            n = self.meta.dataset_size
+            if keys.size != n or (n and (keys[0] != 0 or keys[-1] != n - 1)):  # distinct + sorted: == 0..n-1
+                self.require_complete([epoch])  # names what is missing
+                raise StoreError(f"store '{self.root}' epoch {epoch} holds keys outside 0..{n - 1} (dataset_size {n})")
             self._epochs[epoch] = (shards, keys, shard_of, row_of)
         return self._epochs[epoch]
 

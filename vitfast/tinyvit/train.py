@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .. import distributed as vdist
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
-from .store import LogitStore, ShardWriter, StoreError, StoreMeta, read_meta, shard_complete, write_meta
+from .store import (LogitStore, ShardWriter, StoreError, StoreMeta, epoch_state, read_meta, remove_stale_shards,
+                    shard_complete, write_meta)
 
 
 class StoreCollate:
@@ -54,7 +55,7 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: int = 100, encoding: str = "exact",
                 batch_size: int = 256, base_seed: int = 0, mixup_args: dict | None = None, teacher_name: str = "",
-                device="cpu", workers: int = 0, progress: bool = True, log=print) -> list[str]:
+                device="cpu", workers: int = 0, progress: bool = True, log=print, recipe: dict | None = None) -> list[str]:
     """Write one shard per (epoch, rank) for `epochs` (an iterable: epochs can be split across jobs).
     Complete shards are skipped, so a killed run resumes where it stopped."""
     rank, world = vdist.rank_world()
@@ -71,7 +72,8 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
                         f"{min(num_classes, TOPK_MAX_K)}], got {k}")
     meta = StoreMeta(k=k, num_classes=int(num_classes), encoding=encoding, teacher=teacher_name,
                      dataset_size=len(dataset), seed=base_seed,
-                     augmentation={"transform": repr(transform), "mixup": mixup_args})
+                     augmentation={"transform": repr(transform), "mixup": mixup_args,
+                                   **({"recipe": recipe} if recipe is not None else {})})
     if rank == 0:
         write_meta(root, meta)
     vdist.barrier()
@@ -79,9 +81,18 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
     augment = ReplayAugment(dataset, transform, mixup_args)
     amp = device.type == "cuda"
     written = []
+    epochs = list(epochs)
     for epoch in epochs:
-        if shard_complete(root, epoch, rank):
-            log(f"save-logits: epoch {epoch} rank {rank} already complete, skipped")
+        vdist.barrier()  # every rank judges the epoch before any rank changes it
+        if epoch_state(root, meta, epoch).complete:
+            log(f"save-logits: epoch {epoch} already complete, skipped")
+            continue
+        vdist.barrier()
+        if rank == 0:  # a run of another world size left shards this run will not overwrite
+            for name in remove_stale_shards(root, meta, epoch, world):
+                log(f"save-logits: epoch {epoch}: removed {name} of an earlier run with more ranks")
+        if shard_complete(root, meta, epoch, rank, world):
+            log(f"save-logits: epoch {epoch} rank {rank} already written, skipped")
             continue
         plan = rank_slice(epoch_plan(len(dataset), epoch, base_seed, world), rank, world)
         writer = ShardWriter(root, meta, epoch, rank, world, asynchronous=True)
@@ -116,7 +127,60 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
         written.append(writer.close())
         log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {time.time() - t0:.1f}s")
     vdist.barrier()
+    if rank == 0:  # what this run was asked for is complete, or it says which part is not
+        LogitStore(root, verify=False).require_complete(epochs)
     return written
+
+
+class StoreReplay:
+    """A store's training data, replayed: `replay(epoch)` is this rank's loader of (keys, seeds,
+    canonical, images, soft labels, values (n, k), indices (n, k)), the images augmented exactly as
+    when the teacher saw them. Student epoch e replays store epoch e mod (epochs stored). With
+    root=None, the same replay without a store (labels only, seeded by base_seed / mixup_args).
+    Every check runs here, before training: complete epochs, the data set's size, the
+    augmentation the store was written with."""
+
+    def __init__(self, root: str | None, dataset, transform, batch_size: int, workers: int = 0, base_seed: int = 0,
+                 mixup_args: dict | None = None, num_classes: int | None = None):
+        self.rank, self.world = vdist.rank_world()
+        self.store, self.root = None, root
+        self.seed, self.mix, self.stored = base_seed, mixup_args, None
+        if root is not None:
+            meta = read_meta(root)
+            self.meta, self.store = meta, LogitStore(root)
+            self.seed, self.mix = meta.seed, (meta.augmentation or {}).get("mixup")
+            stored = self.store.epochs()
+            if stored != list(range(len(stored))) or not stored:
+                raise StoreError(f"store '{root}' must hold epochs 0..N-1 without gaps, it holds {stored[:10]}")
+            self.store.require_complete(stored)  # an incomplete epoch is named, never skipped or cycled
+            self.stored = len(stored)
+            if len(dataset) != meta.dataset_size:
+                raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has "
+                                 f"{len(dataset)}")
+            written, here = (meta.augmentation or {}).get("transform"), repr(transform)
+            comparable = written is not None and " at 0x" not in written + here  # reprs with addresses vary
+            if comparable and written != here:
+                raise StoreError(f"store '{root}' was written with another augmentation than this replay's "
+                                 f"(stored: {written[:200]}...; here: {here[:200]}...)")
+        self.dataset, self.workers, self.num_classes = dataset, workers, num_classes
+        self.batch_pairs = max(1, batch_size // 2)
+        pairs_per_rank = len(epoch_plan(len(dataset), 0, self.seed, self.world)[0]) // self.world
+        self.steps_per_epoch = math.ceil(pairs_per_rank / self.batch_pairs)
+        self.augment = ReplayAugment(dataset, transform, self.mix)
+
+    def check_classes(self, student: nn.Module) -> None:
+        classes = getattr(student, "num_classes", self.meta.num_classes)
+        if classes != self.meta.num_classes:
+            raise StoreError(f"store '{self.root}' holds {self.meta.num_classes}-class soft labels, the student has "
+                             f"{classes} classes")
+
+    def __call__(self, epoch: int):
+        replay = epoch if self.store is None else epoch % self.stored
+        plan = rank_slice(epoch_plan(len(self.dataset), replay, self.seed, self.world), self.rank, self.world)
+        if self.store is not None:
+            self.store.keys(replay)  # open and verify this epoch's shards once, before the workers start
+        return _loader(self.augment, plan, replay, self.seed, self.batch_pairs, self.workers, self.num_classes,
+                       self.store)
 
 
 @torch.no_grad()
@@ -124,6 +188,15 @@ def evaluate(model, images, labels, batch_size=256, device="cpu") -> float:
     from ..engine.evaluation import evaluate as engine_evaluate, tensor_batches
 
     return engine_evaluate(model, tensor_batches(images, labels, batch_size), device)["top1"]
+
+
+def _accuracy(model, eval_set, device) -> float:
+    """Top-1 on (images, labels) tensors or on a batches factory (a streamed folder)."""
+    if callable(eval_set):
+        from ..engine.evaluation import evaluate as engine_evaluate
+
+        return engine_evaluate(model, eval_set(), device)["top1"]
+    return evaluate(model, *eval_set, device=device)
 
 
 def distill(student: nn.Module, dataset, transform, root: str | None, epochs: int, lr: float = 1e-3,
@@ -140,36 +213,13 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
     checkpoint_dir/student.safetensors."""
     from ..engine import TrainConfig, fit
 
-    rank, world = vdist.rank_world()
     device = torch.device(device)
-    store = None
-    if labels_only:
-        seed, mix = base_seed, mixup_args
-    else:
-        meta = read_meta(root)
-        store = LogitStore(root)
-        seed, mix = meta.seed, (meta.augmentation or {}).get("mixup")
-        stored = store.epochs()
-        if stored != list(range(len(stored))) or not stored:
-            raise StoreError(f"store '{root}' must hold epochs 0..N-1 without gaps, it holds {stored[:10]}")
-        if len(dataset) != meta.dataset_size:
-            raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has {len(dataset)}")
-        classes = getattr(student, "num_classes", meta.num_classes)
-        if classes != meta.num_classes:
-            raise StoreError(f"store '{root}' holds {meta.num_classes}-class soft labels, the student has {classes} "
-                             "classes")
+    replay = StoreReplay(None if labels_only else root, dataset, transform, batch_size, workers, base_seed, mixup_args,
+                         num_classes=student.num_classes if labels_only else None)
+    if not labels_only:
+        replay.check_classes(student)
     student = student.to(device)
-    pairs_per_rank = len(epoch_plan(len(dataset), 0, seed, world)[0]) // world
-    steps_per_epoch = math.ceil(pairs_per_rank / max(1, batch_size // 2))
-    augment = ReplayAugment(dataset, transform, mix)
-    num_classes = student.num_classes if labels_only else None
-
-    def batches(epoch):
-        replay = epoch if labels_only else epoch % len(stored)
-        plan = rank_slice(epoch_plan(len(dataset), replay, seed, world), rank, world)
-        if store is not None:
-            store.keys(replay)  # open and verify this epoch's shards once, before the workers start
-        return _loader(augment, plan, replay, seed, max(1, batch_size // 2), workers, num_classes, store)
+    steps_per_epoch, batches, rank = replay.steps_per_epoch, replay, replay.rank
 
     def loss_fn(model, batch):
         kb, sb, cb, xb, tb, vb, ib = batch
@@ -187,9 +237,9 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
     def evaluate_epoch(model, ema, epoch):
         if eval_set is None:
             return None
-        out = {"accuracy": evaluate(model, *eval_set, device=device)}
+        out = {"accuracy": _accuracy(model, eval_set, device)}
         if ema is not None:
-            out["accuracy_ema"] = evaluate(ema, *eval_set, device=device)
+            out["accuracy_ema"] = _accuracy(ema, eval_set, device)
         return out
 
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
@@ -207,5 +257,5 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
     vdist.barrier()
     result = {"history": res.history}
     if eval_set is not None:
-        result["eval_accuracy"] = evaluate(student, *eval_set, device=device)
+        result["eval_accuracy"] = _accuracy(student, eval_set, device)
     return result
