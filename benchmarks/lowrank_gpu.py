@@ -18,7 +18,9 @@ import timm
 import torch
 
 from vitfast.lowrank import collect_linear_stats, linear_layers, pca
-from vitfast.lowrank.aafm import LogitRunner, apply_structure, greedy_allocation, sensitivities
+from vitfast.lowrank.aafm import apply_structure, greedy_allocation, sensitivities
+from vitfast.lowrank.block_cache import SearchRunner
+from vitfast.lowrank.outputs import _logits
 from vitfast.lowrank.report import count_params, throughput
 
 
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--target", type=float, default=0.67)
+    ap.add_argument("--search-batch", type=int, default=1000, help="samples per search forward (ranks x batch)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -57,11 +60,13 @@ def main(argv=None) -> int:
     res["eigh_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    runner = LogitRunner(model, images, args.batch_size, dev, amp=True)
+    runner = SearchRunner(model, images, args.batch_size, dev, True, _logits, True, lambda b: None,
+                          search_batch=args.search_batch)
     choices = sensitivities(model, runner, layers, bases, means, 32, progress=False)
     torch.cuda.synchronize()
     res["search_s"] = time.perf_counter() - t
     res["evaluations"] = sum(len(c.ranks) for c in choices)
+    res["ranks_per_forward"] = runner.replicas
     del runner
 
     total = count_params(model)

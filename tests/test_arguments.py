@@ -87,3 +87,16 @@ def test_store_of_other_classes_is_refused_up_front(tmp_path):
                 log=lambda *_: None)
     with pytest.raises(StoreError, match="10-class soft labels, the student has 7 classes"):
         distill(vitfast_digits_vit(num_classes=7), ds, digits_transform(), store, 1, progress=False, log=lambda *_: None)
+
+
+def test_lowrank_reads_a_config_file(tmp_path):
+    """timm's --config FILE.yaml: its values are the defaults, checked like options."""
+    cfg = tmp_path / "lowrank.yaml"
+    cfg.write_text("target-params: 1.5\nrank_step: 16\n")
+    proc = subprocess.run([sys.executable, "-m", "vitfast", "lowrank", "--config", str(cfg), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "argument --target-params" in proc.stderr and "1.5" in proc.stderr, proc.stderr
+    cfg.write_text("gfm_epochz: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "vitfast", "lowrank", "--config", str(cfg)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "unknown option(s) gfm_epochz" in proc.stderr, proc.stderr

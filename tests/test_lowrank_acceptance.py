@@ -76,3 +76,34 @@ def test_cli_with_model_checkpoint_and_imagefolder(tmp_path):
 
     model = vitfast.load_compressed(os.path.join(out, "compressed"))
     assert sum(p.numel() for p in model.parameters()) == r["aafm+gfm"]["params"]
+
+
+@pytest.mark.slow
+def test_kills_at_random_points_resume_bit_exact(tmp_path):
+    """`vitfast lowrank` SIGKILLed at random moments (collection, search, GFM, the reports) and
+    restarted into the same folder ends with the compressed weights of an uninterrupted run."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SEED
+
+    rng = random.Random(SEED)
+    cmd = [sys.executable, "-m", "vitfast", "lowrank", "--device", "cpu", "--gfm-epochs", "2", "--no-svd-baseline",
+           "--target-params", "0.8"]
+    clean = str(tmp_path / "clean")
+    subprocess.run(cmd + ["--out", clean], check=True, capture_output=True, timeout=900)
+    out = str(tmp_path / "killed")
+    weights = os.path.join(out, "compressed", "model.safetensors")
+    for _ in range(3):
+        if os.path.exists(os.path.join(out, "report.md")):
+            break
+        proc = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 20.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = subprocess.run(cmd + ["--out", out], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert open(weights, "rb").read() == open(os.path.join(clean, "compressed", "model.safetensors"), "rb").read()

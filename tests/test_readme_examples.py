@@ -14,7 +14,7 @@ def python_blocks(section: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
 
 
-@pytest.mark.parametrize("section", ["## MiniViT weight multiplexing"])
+@pytest.mark.parametrize("section", ["## MiniViT weight multiplexing", "## Low-rank compression"])
 def test_readme_python_examples_run(section, tmp_path, monkeypatch):
     blocks = python_blocks(section)
     assert blocks, f"no python example under {section}"

@@ -11,6 +11,9 @@ import torch
 def add_parser(sub) -> None:
     p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..engine.cli_args import add_config_arg
+
+    add_config_arg(p)
     p.add_argument("--model", help="timm model name (default: the embedded digits ViT)")
     p.add_argument("--checkpoint", help="weights for --model (.safetensors, or a torch state_dict file)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for --model (needs the hub)")
@@ -21,13 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--target-params", type=float, default=0.67, help="fraction of parameters to keep (or a count)")
     p.add_argument("--rank-step", type=int, default=32, help="ranks are multiples of this")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--gfm-epochs", type=int, default=30)
-    p.add_argument("--gfm-lr", type=float, default=5e-4)
+    p.add_argument("--gfm-epochs", "--epochs", dest="gfm_epochs", type=int, default=30, help="GFM fine-tuning epochs")
+    p.add_argument("--gfm-lr", "--lr", dest="gfm_lr", type=float, default=5e-4, help="GFM learning rate")
+    p.add_argument("--search-batch", type=int, default=None,
+                   help="samples per forward in the AAFM search (batch size x candidate ranks run together; "
+                        "default: the batch size on CPU, 1024 on CUDA)")
     p.add_argument("--memory-budget-mb", type=float, help="cap on the statistics held at once (more passes if needed)")
     p.add_argument("--no-svd-baseline", action="store_true", help="skip the weight-SVD comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="lowrank_out")
+    p.add_argument("--out", "--output", dest="out", default="lowrank_out")
     p.set_defaults(func=run)
 
 
@@ -63,10 +69,12 @@ def run(args) -> int:
     cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
                         compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
-                        progress=rank == 0)
+                        progress=rank == 0, search_batch=args.search_batch)
     cfg.validate()  # every argument before any loading or computing
     # the output folder remembers what it holds: another configuration or other inputs are refused
-    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out")},
+    # (search_batch changes the speed of the search, not its result)
+    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "search_batch",
+                                                                          "config")},
            {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
             "eval_data": folder_digest(args.eval_data)}).start(resume=True)
     if args.model is None and args.data is None:

@@ -6,18 +6,21 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from .. import distributed as vdist
-from .aafm import LayerChoice, LogitRunner, apply_structure, greedy_allocation, sensitivities
+from .aafm import LayerChoice, apply_structure, greedy_allocation, sensitivities
+from .block_cache import SearchRunner
 from .checkpoint import save_compressed
 from .gfm import gfm_finetune
 from .layers import linear_layers
-from .report import count_macs, count_params, evaluate, logits_of, plot_energy_and_ranks, throughput
-from .stats import collect_linear_stats, dims_for_energy, pca, take
+from .outputs import resolve_output
+from .report import count_macs, count_params, evaluate, outputs_of, plot_energy_and_ranks, throughput
+from .stats import collect_linear_stats, dims_for_energy, num_samples, pca, take, to_device
+from .tokens import resolve_token_mask
 
 
 @dataclass
@@ -35,6 +38,14 @@ class LowRankConfig:
     amp: bool = True
     seed: int = 0
     progress: bool = True
+    # what counts and what to reproduce (see lowrank.tokens / lowrank.outputs): padding never
+    # enters statistics or losses; any model, not only timm classifiers
+    token_mask: object = "auto"      # "auto" (attention_mask of dict inputs), None, or batch -> (B, N) bool
+    output: object = "auto"          # the sensitivity's output: "auto" | "logits" | "tokens" | "pooled" | fn
+    features: object = "auto"        # GFM's target: "auto" (= "tokens") | "logits" | "pooled" | fn
+    blocks: object = None            # the repeated blocks (modules or names); None: found automatically
+    search_batch: int | None = None  # samples per search forward (batch_size x candidate ranks run together);
+    #                                  None: batch_size on CPU (measured: no gain there), 1024 on CUDA
 
     def validate(self) -> None:
         """Every argument, before any work (UserError names the command-line option)."""
@@ -44,6 +55,8 @@ class LowRankConfig:
         if not (t > 0 and (t < 1 or float(t).is_integer())):
             raise UserError(f"argument --target-params must be a fraction in (0, 1) or a whole number of parameters, "
                             f"got {t}")
+        if self.search_batch is not None and self.search_batch < 1:
+            raise UserError(f"argument --search-batch must be >= 1, got {self.search_batch}")
         for name, low in (("rank_step", 1), ("batch_size", 1), ("gfm_epochs", 1)):
             if getattr(self, name) < low:
                 raise UserError(f"argument --{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
@@ -51,6 +64,15 @@ class LowRankConfig:
             raise UserError(f"argument --gfm-lr must be > 0, got {self.gfm_lr}")
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             raise UserError(f"argument --memory-budget-mb must be > 0, got {self.memory_budget_mb}")
+        from .outputs import SPECS
+        from .tokens import resolve_token_mask
+
+        for name in ("output", "features"):
+            spec = getattr(self, name)
+            if not (callable(spec) or spec in SPECS):
+                raise ValueError(f"lowrank: argument '{name}': an output must be one of {SPECS} or a function "
+                                 f"(model, batch) -> tensor, got {spec!r}")
+        resolve_token_mask(self.token_mask)  # raises for anything else
 
 
 def smallest_reachable(model: nn.Module, layers: dict, rank_step: int) -> int:
@@ -108,7 +130,8 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     # 1. statistics of every layer's outputs (and inputs, for the energy plot) in one pass
     shard = take(proxy, slice(rank, None, world)) if world > 1 else proxy
     outs, ins = collect_linear_stats(original, shard, layers, cfg.batch_size, device, with_inputs=True,
-                                     memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp, progress=cfg.progress)
+                                     memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp, progress=cfg.progress,
+                                     token_mask=cfg.token_mask)
     times["collect_s"] = time.time() - t0
     bases, means, energy_rows = {}, {}, []
     for name, lin in layers.items():
@@ -125,13 +148,20 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     # 2. sensitivity of each layer at each rank, then greedy ranks under the budget
     search_path = os.path.join(out_dir, "search.json")
     # the search depends on the weights and the proxy data themselves, not just their names and sizes
+    mask_fn = resolve_token_mask(cfg.token_mask)
+    output_fn, is_logits = resolve_output(cfg.output, original, to_device(take(proxy, slice(0, 1)), device))
     key = {"base_model": base_model, "rank_step": cfg.rank_step, "proxy": int(_n(proxy)), "seed": cfg.seed,
-           "weights": weights_digest(original), "proxy_digest": inputs_digest(proxy)}
+           "weights": weights_digest(original), "proxy_digest": inputs_digest(proxy),
+           "output": _spec_name(cfg.output), "token_mask": _spec_name(cfg.token_mask)}
     t1 = time.time()
     choices = _load_search(search_path, key)
     vdist.barrier()  # every rank has read search.json before rank 0 may rewrite it
     if choices is None:
-        runner = LogitRunner(original, proxy, cfg.batch_size, device, cfg.amp)
+        search_batch = cfg.search_batch or (1024 if device.type == "cuda" else cfg.batch_size)
+        runner = SearchRunner(original, proxy, cfg.batch_size, device, cfg.amp, output_fn, is_logits, mask_fn,
+                              cfg.blocks, search_batch)
+        if rank == 0 and not runner.blockwise:
+            log("AAFM: no repeated blocks found (give LowRankConfig.blocks): every candidate re-runs the whole model")
         mine = {n: lin for i, (n, lin) in enumerate(layers.items()) if i % world == rank}
         found = sensitivities(original, runner, mine, bases, means, cfg.rank_step, cfg.progress and rank == 0)
         del runner
@@ -151,22 +181,27 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     if cfg.compare_svd:
         variants["svd"] = apply_structure(copy.deepcopy(original), ranks, "svd")
     eval_x = eval_inputs if eval_inputs is not None else proxy
-    ref_logits = logits_of(original, eval_x, cfg.batch_size, device, cfg.amp)
+    measure = dict(output_fn=output_fn, is_logits=is_logits, mask_fn=mask_fn)
+    reference = outputs_of(original, eval_x, cfg.batch_size, device, cfg.amp, output_fn, mask_fn)
     example = take(eval_x, slice(0, min(cfg.batch_size, _n(eval_x))))
-    results = {"original": _measure(original, eval_x, eval_labels, ref_logits, example, cfg, device)}
+    results = {"original": _measure(original, eval_x, eval_labels, reference, example, cfg, device, measure)}
     for vname, vmodel in variants.items():
-        results[f"{vname}"] = _measure(vmodel, eval_x, eval_labels, ref_logits, example, cfg, device)
+        results[f"{vname}"] = _measure(vmodel, eval_x, eval_labels, reference, example, cfg, device, measure)
     t2 = time.time()
     for vname, vmodel in variants.items():
         log(f"GFM ({vname}): {cfg.gfm_epochs} epochs on {_n(proxy)} unlabeled inputs")
         hist = gfm_finetune(vmodel, original, proxy, cfg.gfm_epochs, cfg.gfm_lr, cfg.batch_size, cfg.gfm_weight_decay,
                             device=device, amp=cfg.amp, checkpoint_dir=os.path.join(out_dir, f"gfm_{vname}"),
-                            seed=cfg.seed, progress=cfg.progress, log=log)
-        results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, ref_logits, example, cfg, device)
+                            seed=cfg.seed, progress=cfg.progress, log=log, features=cfg.features,
+                            token_mask=cfg.token_mask)
+        results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, reference, example, cfg, device, measure)
         results[f"{vname}+gfm"]["gfm_final_mse"] = hist[-1] if hist else None
     times["gfm_s"] = time.time() - t2
     report = {"base_model": base_model, "target_params": target, "original_params": total, "ranks": ranks,
-              "results": results, "energy": energy_rows, "times": times, "config": asdict(cfg), "world_size": world}
+              "results": results, "energy": energy_rows, "times": times,
+              "config": {f.name: _spec_name(getattr(cfg, f.name)) for f in fields(cfg)}, "world_size": world,
+              "measured_on": "held-out inputs" if eval_inputs is not None else
+              "the proxy inputs GFM trained on (no held-out set given)"}
     if rank != 0:
         vdist.barrier()
         return report
@@ -232,8 +267,17 @@ def _load_search(path, key) -> list[LayerChoice] | None:
     return out
 
 
-def _measure(model, eval_x, eval_labels, ref_logits, example, cfg, device) -> dict:
-    res = evaluate(model, eval_x, eval_labels, ref_logits, cfg.batch_size, device, cfg.amp)
+def _spec_name(spec):
+    """A JSON-able name for a config value that may be a function or modules."""
+    if callable(spec) and not isinstance(spec, type):
+        return f"function {getattr(spec, '__qualname__', type(spec).__name__)}"
+    if isinstance(spec, (list, tuple)):
+        return [s if isinstance(s, (str, int, float)) else type(s).__name__ for s in spec]
+    return spec
+
+
+def _measure(model, eval_x, eval_labels, reference, example, cfg, device, measure) -> dict:
+    res = evaluate(model, eval_x, eval_labels, reference, cfg.batch_size, device, cfg.amp, **measure)
     res["params"] = count_params(model)
     res["macs"] = count_macs(model, example[:1]) if torch.is_tensor(example) else None
     res["images_per_s"] = throughput(model, example, device, cfg.amp) if torch.is_tensor(example) else None
@@ -241,15 +285,21 @@ def _measure(model, eval_x, eval_labels, ref_logits, example, cfg, device) -> di
 
 
 def markdown_table(report: dict) -> str:
-    rows = ["| model | params | MACs / image | images/s | KL to original | accuracy |", "|---|---|---|---|---|---|"]
+    logits = "kl_to_original" in report["results"]["original"]
+    d1, d2 = ("KL to original", "accuracy") if logits else ("rel. error to original", "cosine to original")
+    rows = [f"| model | params | MACs / image | images/s | {d1} | {d2} |", "|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
-        acc = f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "n/a"
+        if logits:
+            first = f"{r['kl_to_original']:.2e}"
+            second = f"{r['accuracy'] * 100:.2f}%" if "accuracy" in r else "n/a"
+        else:
+            first, second = f"{r['rel_error_to_original']:.2e}", f"{r['cosine_to_original']:.4f}"
         macs = f"{r['macs'] / 1e6:.2f} M" if r.get("macs") else "n/a"
         ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "n/a"
         rows.append(f"| {name} | {r['params']:,} ({r['params'] / report['original_params']:.1%}) | {macs} | {ips} | "
-                    f"{r['kl_to_original']:.2e} | {acc} |")
+                    f"{first} | {second} |")
     ranks = ", ".join(f"{k}: {v}" for k, v in report["ranks"].items())
     return (f"# Low-rank compression of {report['base_model']}\n\nTarget: {report['target_params']:,} parameters "
-            f"of {report['original_params']:,}.\n\n" + "\n".join(rows) +
-            f"\n\nRanks chosen by AAFM: {ranks}\n\nTimes: " +
+            f"of {report['original_params']:,}. Measured on {report['measured_on']}.\n\n" + "\n".join(rows) +
+            f"\n\nRanks chosen by AAFM: {ranks}\n\nTimes (s): " +
             ", ".join(f"{k} {v:.1f}" for k, v in report["times"].items()) + "\n\n![energy and ranks](energy_and_ranks.png)\n")

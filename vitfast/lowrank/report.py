@@ -7,26 +7,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.measure import count_macs, count_params, throughput  # noqa: F401  (re-exported)
-from .stats import batches
+from .stats import batches, to_device
+from .tokens import select_tokens
 
 
 @torch.no_grad()
-def logits_of(model, images, batch_size, device, amp) -> torch.Tensor:
+def outputs_of(model, inputs, batch_size, device, amp, output_fn, mask_fn=None) -> list:
+    """[(output, mask)] per batch, on the CPU in float32."""
     model.eval()
     out = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        for xb in batches(images, batch_size):
-            out.append(model(xb.to(device)).float().cpu())
-    return torch.cat(out)
+        for xb in batches(inputs, batch_size):
+            xb = to_device(xb, device)
+            mask = mask_fn(xb) if mask_fn is not None else None
+            out.append((output_fn(model, xb).float().cpu(), None if mask is None else mask.cpu()))
+    return out
 
 
-def evaluate(model, images, labels, reference_logits, batch_size, device, amp=True) -> dict:
-    logits = logits_of(model, images, batch_size, device, amp)
-    res = {"kl_to_original": F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference_logits, -1), log_target=True,
-                                      reduction="batchmean").item()}
-    if labels is not None:
-        res["accuracy"] = (logits.argmax(-1) == labels).float().mean().item()
-    return res
+def logits_of(model, images, batch_size, device, amp) -> torch.Tensor:
+    from .outputs import _logits
+
+    return torch.cat([o for o, _ in outputs_of(model, images, batch_size, device, amp, _logits)])
+
+
+def evaluate(model, inputs, labels, reference, batch_size, device, amp=True, output_fn=None, is_logits=True,
+             mask_fn=None) -> dict:
+    """Against the original's outputs `reference` (from `outputs_of`): KL and accuracy for logits;
+    relative squared error and mean cosine similarity (over the tokens that count) otherwise."""
+    from .outputs import _logits
+
+    cur = outputs_of(model, inputs, batch_size, device, amp, output_fn or _logits, mask_fn)
+    if is_logits:
+        logits, ref = torch.cat([o for o, _ in cur]), torch.cat([o for o, _ in reference])
+        res = {"kl_to_original": F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                                          reduction="batchmean").item()}
+        if labels is not None:
+            res["accuracy"] = (logits.argmax(-1) == labels).float().mean().item()
+        return res
+    c = torch.cat([select_tokens(o, m, "the output") for o, m in cur])
+    r = torch.cat([select_tokens(o, m, "the output") for o, m in reference])
+    return {"rel_error_to_original": ((c - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)).item(),
+            "cosine_to_original": F.cosine_similarity(c.double(), r.double(), dim=-1).mean().item()}
 
 
 def plot_energy_and_ranks(rows: list[dict], path: str) -> str:

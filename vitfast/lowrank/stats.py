@@ -57,14 +57,24 @@ def _groups(layers: dict[str, nn.Linear], with_inputs: bool, budget_bytes: int |
     return groups
 
 
+def _stat_dtype(y: torch.Tensor) -> torch.Tensor:
+    """float32 for the kernels, except a float64 model on the CPU, whose statistics stay float64."""
+    return y if (y.dtype == torch.float64 and y.device.type == "cpu") else y.float()
+
+
 @torch.no_grad()
 def collect_linear_stats(model: nn.Module, images, layers: dict[str, nn.Linear], batch_size: int = 128,
                          device=None, with_inputs: bool = False, memory_budget_mb: float | None = None,
-                         amp: bool = True, progress: bool = True):
+                         amp: bool = True, progress: bool = True, token_mask="auto"):
     """Returns ({name: output CovarianceAccumulator}, {name: input CovarianceAccumulator} or {}).
 
     One forward pass over `images` (a tensor or a dict of tensors) for all layers, unless the
-    memory budget forces several."""
+    memory budget forces several. `token_mask` (see `lowrank.tokens`): only the tokens it keeps
+    enter the statistics -- by default, a dict input's `attention_mask` excludes padding."""
+    from .tokens import resolve_token_mask, select_tokens
+
+    mask_fn = resolve_token_mask(token_mask)
+    current = {"mask": None}
     if not layers:
         raise ValueError("collect: the model has no nn.Linear layers to compress")
     device = torch.device(device or next(model.parameters()).device)
@@ -80,16 +90,19 @@ def collect_linear_stats(model: nn.Module, images, layers: dict[str, nn.Linear],
                 ins[name] = CovarianceAccumulator(lin.in_features, device)
 
             def hook(mod, inp, out, name=name):
-                outs[name].update(out.float())
+                mask = current["mask"]
+                outs[name].update(_stat_dtype(select_tokens(out, mask, f"layer '{name}'")))
                 if with_inputs:
-                    ins[name].update(inp[0].float())
+                    ins[name].update(_stat_dtype(select_tokens(inp[0], mask, f"layer '{name}'")))
 
             handles.append(lin.register_forward_hook(hook))
         try:
             use_amp = amp and device.type == "cuda"
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 for xb in tqdm(list(batches(images, batch_size)), desc="collect", disable=not progress, leave=False):
-                    call(model, to_device(xb, device))
+                    xb = to_device(xb, device)
+                    current["mask"] = mask_fn(xb)
+                    call(model, xb)
         finally:
             for h in handles:
                 h.remove()
