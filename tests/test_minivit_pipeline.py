@@ -136,3 +136,48 @@ def test_randaugment_posterize_zero_bits_no_longer_crashes():
     tf = auto_augment.rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 10})
     for _ in range(3000):  # 4 of 3,000 draws failed before
         tf(img)
+
+
+def test_predictions_from_a_tinyvit_store(tmp_path):
+    """--store: the prediction term reads a TinyViT logit store (images replayed with the store's
+    augmentation); with no relation losses the teacher never runs in training, with them it runs
+    for the relations only."""
+    from dataclasses import replace
+
+    from vitfast.cli import main
+    from vitfast.errors import UserError
+    from vitfast.minivit.pipeline import digits_config, load_data, load_teacher, train_mini
+
+    store = str(tmp_path / "store")
+    assert main(["tinyvit", "save-logits", "--out", store, "--epochs", "1", "--device", "cpu"]) == 0
+    calls = []
+    for attn, out in ((0.0, "logits_only"), (1.0, "with_relations")):
+        cfg = digits_config(store=store, attn_weight=attn, hidden_weight=0.0, device="cpu", progress=False,
+                            train=replace(digits_config().train, epochs=1))
+        teacher, name, kwargs = load_teacher(cfg)
+        calls.clear()
+        # (the Mini model is built from a copy of the teacher, hooks included: count the teacher only)
+        teacher.register_forward_pre_hook(lambda m, a, t=teacher: calls.append(1) if m is t else None)
+        dataset, eval_batches, _ = load_data(cfg, teacher)
+        res = train_mini(cfg, teacher, name, kwargs, dataset, eval_batches, str(tmp_path / out))
+        assert res["eval_top1"] > 0.7 and "train_kd" in res["history"][-1]  # 1 epoch: ~0.86 measured
+        assert (len(calls) > 0) == (attn > 0), (attn, len(calls))
+    with pytest.raises(UserError, match="--store feeds the prediction"):
+        digits_config(store=store, alpha=1.0).validate()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_swin(folder_and_teacher, tmp_path):
+    """`torchrun -m vitfast minivit` (2 CPU processes, gloo DDP): the Swin path with relations on
+    the ImageFolder trains, one Mini model and one report come from rank 0, and it loads."""
+    data, ckpt, _ = folder_and_teacher
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitfast", *swin_args(data, ckpt, out, epochs=2)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert len(report["history"]) == 2 and "train_attn_rel" in report["history"][-1]
+    mini = load_mini(os.path.join(out, "mini_model"))
+    assert mini(torch.randn(1, 3, 32, 32)).shape == (1, 3)

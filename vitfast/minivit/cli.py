@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     g.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="hidden-relation loss weight")
     g.add_argument("--relation-heads", type=int, default=d.relation_heads)
     g.add_argument("--layer-pairs", help="student:teacher layer pairs, e.g. '1:1,3:3' (default: the official rule)")
+    g.add_argument("--store", help="a TinyViT logit store (vitfast tinyvit save-logits) for the prediction term: "
+                                   "images replayed with the store's augmentation, no teacher run for predictions")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder training directory (default: the embedded digits)")
     g.add_argument("--eval-data", help="ImageFolder directory evaluated each epoch (streamed)")
@@ -70,6 +72,7 @@ def config_from_args(a):
                   mlp_transform=None if a.mlp_transform == "none" else a.mlp_transform, alpha=a.alpha,
                   distill_predictions=a.distill_predictions, temperature=a.temperature, attn_weight=a.attn_weight,
                   hidden_weight=a.hidden_weight, relation_heads=a.relation_heads, layer_pairs=a.layer_pairs,
+                  store=a.store,
                   data=a.data, eval_data=a.eval_data, input_size=input_size(a.input_size), output=a.output,
                   resume=a.resume, device=a.device, progress=a.progress)
     # the embedded default keeps its own recipe unless an option was given explicitly

@@ -50,6 +50,10 @@ class MiniViTConfig:
     hidden_weight: float = 0.1          # hidden-state relations
     relation_heads: int = 1
     layer_pairs: str | None = None      # "1:1,3:3" (student:teacher); default: default_pairs
+    # a TinyViT logit store (vitfast tinyvit save-logits) as the prediction term's teacher: the
+    # images are replayed with the store's augmentation and mixup, and the teacher itself runs
+    # only for the relation losses (none at all with --attn-weight 0 --hidden-weight 0)
+    store: str | None = None
     # data (ImageFolder; None: embedded digits)
     data: str | None = None
     eval_data: str | None = None
@@ -84,12 +88,17 @@ class MiniViTConfig:
             raise UserError(f"argument --batch-size must be >= 2, got {self.batch_size}")
         if self.workers < 0:
             raise UserError(f"argument --workers must be >= 0, got {self.workers}")
+        if self.store is not None and not (self.distill_predictions and self.alpha < 1):
+            raise UserError("--store feeds the prediction distillation term: it needs --alpha < 1 and no "
+                            "--no-prediction-distillation")
         if (self.teacher is None) != (self.data is None):
             raise UserError("give both --teacher and --data (an ImageFolder), or neither (the embedded default)")
 
     @property
     def uses_teacher(self) -> bool:
-        return (self.distill_predictions and self.alpha < 1) or self.attn_weight > 0 or self.hidden_weight > 0
+        """Whether the teacher runs in the training step (a store replaces it for predictions)."""
+        predictions = self.distill_predictions and self.alpha < 1 and self.store is None
+        return predictions or self.attn_weight > 0 or self.hidden_weight > 0
 
 
 def parse_pairs(text: str | None, student, teacher) -> list[tuple[int, int]]:
@@ -179,19 +188,56 @@ def _loss_fn(cfg: MiniViTConfig, teacher, cap_s, cap_t, mixup, device, num_class
             kd = soft_cross_entropy(out, t_out, cfg.temperature)
             total = total + (1 - cfg.alpha) * kd
             parts["kd"] = kd.detach()
-        if cap_s is not None:
-            sq, sh = cap_s.take()
-            tq, th = cap_t.take()
-            if cfg.attn_weight > 0:
-                rel = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
-                total = total + cfg.attn_weight * rel
-                parts["attn_rel"] = rel.detach()
-            if cfg.hidden_weight > 0:
-                hid = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
-                total = total + cfg.hidden_weight * hid
-                parts["hidden_rel"] = hid.detach()
+        _relation_terms(cfg, cap_s, cap_t, parts)
+        for name in ("attn_rel", "hidden_rel"):
+            if name in parts:
+                total = total + (cfg.attn_weight if name == "attn_rel" else cfg.hidden_weight) * parts[name]
+                parts[name] = parts[name].detach()
         return total, len(x), parts
     return loss_fn
+
+
+def _store_loss_fn(cfg: MiniViTConfig, teacher, cap_s, cap_t, device):
+    """The loss on a store's replayed batches: the stored top-k soft labels (fused sparse CE) for
+    the prediction term, the mixed labels for the CE term, the teacher only for the relations."""
+    from ..ops import sparse_soft_target_cross_entropy
+
+    def loss_fn(model, batch):
+        kb, _, cb, xb, tb, vb, ib = batch
+        if not bool(cb.all()):  # padding pairs of the last batch
+            keep = cb.bool()
+            xb, kb, tb, vb, ib = xb[keep], kb[keep], tb[keep], vb[keep], ib[keep]
+        x = xb.to(device, non_blocking=True)
+        out = model(x)
+        parts, total = {}, torch.zeros((), device=device)
+        if cfg.uses_teacher:
+            with torch.no_grad():
+                teacher(x)  # fills the relation captures
+        if cfg.alpha > 0:
+            ce = -(tb.to(device, non_blocking=True) * F.log_softmax(out.float(), -1)).sum(-1).mean()
+            total = total + cfg.alpha * ce
+            parts["ce"] = ce.detach()
+        kd = sparse_soft_target_cross_entropy(out, vb.to(device, non_blocking=True), ib.to(device, non_blocking=True))
+        total = total + (1 - cfg.alpha) * kd
+        parts["kd"] = kd.detach()
+        _relation_terms(cfg, cap_s, cap_t, parts)
+        for name in ("attn_rel", "hidden_rel"):
+            if name in parts:
+                total = total + (cfg.attn_weight if name == "attn_rel" else cfg.hidden_weight) * parts[name]
+                parts[name] = parts[name].detach()
+        return total, len(kb), parts
+    return loss_fn
+
+
+def _relation_terms(cfg, cap_s, cap_t, parts) -> None:
+    if cap_s is None:
+        return
+    sq, sh = cap_s.take()
+    tq, th = cap_t.take()
+    if cfg.attn_weight > 0:
+        parts["attn_rel"] = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
+    if cfg.hidden_weight > 0:
+        parts["hidden_rel"] = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
 
 
 def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
@@ -202,8 +248,12 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     rank, world = vdist.rank_world()
     log = log or RunLog(out_dir, rank == 0)
     device = torch.device(cfg.device)
+    from ..tinyvit.store import read_meta
+
+    store_id = asdict(read_meta(cfg.store)) if cfg.store else None
     run = RunDir(out_dir, {**asdict(cfg), "train": asdict(cfg.train)},
-                 {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data)},
+                 {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
+                  "store": store_id},
                  volatile=("workers", "progress", "output", "device", "resume"))
     resumed = run.start(cfg.resume)
     torch.manual_seed(cfg.train.seed)  # the init ("random") and the first epoch's augmentation
@@ -224,6 +274,16 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                       num_classes=num_classes)
     steps = steps_per_epoch(len(dataset), cfg.batch_size)
+    batches = lambda e: epoch_loader(dataset, cfg.batch_size, e, cfg.train.seed, cfg.workers)  # noqa: E731
+    loss_fn = _loss_fn(cfg, teacher, cap_s, cap_t, mixup, device, num_classes)
+    if cfg.store is not None:  # the store's replayed images and soft labels instead of the teacher's
+        from ..tinyvit.defaults import replay_data, store_recipe
+        from ..tinyvit.train import StoreReplay
+
+        raw, transform, _, _ = replay_data(cfg.data, store_recipe(cfg.store) if cfg.data else None)
+        replay = StoreReplay(cfg.store, raw, transform, cfg.batch_size, cfg.workers)
+        replay.check_classes(student)
+        batches, steps, loss_fn = replay, replay.steps_per_epoch, _store_loss_fn(cfg, teacher, cap_s, cap_t, device)
 
     def evaluate_epoch(model, ema, epoch):
         if eval_batches is None:
@@ -236,11 +296,9 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
 
     log(f"minivit: {teacher_name} {count_params(teacher):,} parameters -> Mini {count_params(student):,} "
         f"(groups {student.minivit['groups']}, {len(dataset)} training images, {steps} steps/epoch"
-        f"{', resuming' if resumed else ''})")
+        f"{', predictions from the store ' + cfg.store if cfg.store else ''}{', resuming' if resumed else ''})")
     try:
-        result = fit(student, cfg.train, batches=lambda e: epoch_loader(dataset, cfg.batch_size, e, cfg.train.seed,
-                                                                         cfg.workers),
-                     steps_per_epoch=steps, loss_fn=_loss_fn(cfg, teacher, cap_s, cap_t, mixup, device, num_classes),
+        result = fit(student, cfg.train, batches=batches, steps_per_epoch=steps, loss_fn=loss_fn,
                      device=device, out_dir=out_dir, evaluate=evaluate_epoch, log=log, progress=cfg.progress,
                      desc="minivit", params=param_groups(student, cfg.train.weight_decay))
     finally:
@@ -326,10 +384,11 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
     os.makedirs(cfg.output, exist_ok=True)
     log = RunLog(cfg.output, rank == 0)
     if ablation is None:
-        ablation = cfg.teacher is None
+        ablation = cfg.teacher is None and cfg.store is None
     if ablation:
-        if cfg.teacher is not None:
-            raise UserError("the ablation runs on the embedded default only; drop --ablation or --teacher/--data")
+        if cfg.teacher is not None or cfg.store is not None:
+            raise UserError("the ablation runs on the embedded default only, without a store; drop --ablation or "
+                            "--teacher/--data/--store")
         ab = run_ablation(cfg, seeds, shares, log)
         if rank == 0:
             curves = {f"{v} [share {s}]": h for (s, v, seed), h in ab["histories"].items() if seed == seeds[0]}
