@@ -29,6 +29,12 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # only the GPU that is here (sm_90 
   TORCH_CUDA_ARCH_LIST="$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo 9.0)"
   export TORCH_CUDA_ARCH_LIST
 fi
+# the parity fuzz (tests/test_check_parity.py) needs hypothesis, which the device lacks and cannot
+# download: carry its pure-Python wheels (`pip download --no-deps -d gpu_wheels hypothesis==6.155.2
+# sortedcontainers==2.4.0`, run(carry=["gpu_wheels"])); without them those tests skip
+if [ -d gpu_wheels ] && ! $PY -c 'import hypothesis' 2>/dev/null; then
+  $PY -m pip install -q --no-index --find-links gpu_wheels hypothesis >/dev/null 2>&1 || echo "gpu_wheels: install failed"
+fi
 T0=$SECONDS
 declare -a ORDER
 declare -A STATUS
@@ -75,7 +81,8 @@ case "$PHASE" in
     # (torch.compile of the ops on CUDA costs tens of seconds per test: the "later" phase)
     step tests-ops 100 $PY -m pytest -q -rs -m cuda -k "not torch_compile" --maxfail=20 \
       tests/test_head_mix_attention.py tests/test_window_attention.py tests/test_topk_softmax.py \
-      tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py
+      tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py tests/test_op_edges.py \
+      tests/test_check_parity.py
     step tests-models 110 $PY -m pytest -q -rs -m cuda --maxfail=20 tests/test_patch.py tests/test_patch_cait.py
     # (3) sanitizers: every kernel's small cases under memcheck; racecheck on one case per kernel
     step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
