@@ -166,13 +166,21 @@ def test_pipeline_bad_inputs(tmp_path):
 
 
 def test_image_folder_loading(tmp_path):
-    from vitfast.data import export_digits_imagefolder, image_folder_tensors
+    """The proxy set: a random subset of an ImageFolder through the model's timm eval transform."""
+    import vitfast.models  # noqa: F401  (registers vitfast_digits_vit)
+    from vitfast.data import export_digits_imagefolder
+    from vitfast.engine.evaluation import folder_tensors
+    from vitfast.errors import UserError
+    from vitfast.models.digits_vit import vitfast_digits_vit
 
+    model = vitfast_digits_vit()
     root = export_digits_imagefolder(str(tmp_path / "digits"), split="test")
-    x, y = image_folder_tensors(root, 16, channels=1, limit=50)
+    x, y = folder_tensors(root, model, limit=50)
     assert x.shape == (50, 1, 16, 16) and y.max() <= 9
+    x2, _ = folder_tensors(root, model, limit=50)
+    assert torch.equal(x, x2)  # the subset is fixed by the seed
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
-        image_folder_tensors(str(tmp_path / "empty"), 16)
-    with pytest.raises(FileNotFoundError):
-        image_folder_tensors(str(tmp_path / "missing"), 16)
+    with pytest.raises(UserError, match="empty"):
+        folder_tensors(str(tmp_path / "empty"), model)
+    with pytest.raises(UserError, match="does not exist"):
+        folder_tensors(str(tmp_path / "missing"), model)

@@ -18,6 +18,21 @@ def eval_transform(model: nn.Module, input_size=None):
     return create_transform(**cfg, is_training=False), cfg
 
 
+def folder_tensors(root: str, model: nn.Module, limit: int | None = None, seed: int = 0, input_size=None,
+                   workers: int = 0):
+    """(images, labels) of an ImageFolder (a random subset of `limit`, fixed by `seed`) through the
+    model's timm evaluation transform, in memory: for small sets that every stage reuses (the
+    low-rank proxy set)."""
+    loader = folder_loader(root, model, 256, workers, input_size)
+    ds = loader.dataset
+    idx = list(range(len(ds)))
+    if limit is not None and limit < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
+    sub = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256, num_workers=workers)
+    xs, ys = zip(*sub)
+    return torch.cat(xs), torch.cat(ys)
+
+
 def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: int = 4, input_size=None):
     from ..data.folders import image_folder
 

@@ -89,16 +89,17 @@ def run(args) -> int:
     else:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
-        from ..data.folders import image_folder_tensors
+        from ..engine.evaluation import folder_loader, folder_tensors
 
         model, kwargs = _load_model(args)
         name = args.model
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-        mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
-        proxy, _ = image_folder_tensors(args.data, size[-1], size[0], mean, std, limit=args.proxy_size, seed=args.seed)
+        # the few-shot proxy set (reused by every stage: in memory) and the streamed evaluation set,
+        # both through the model's own timm data configuration (timm's validate.py transform)
+        proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed)
         eval_x = eval_y = None
         if args.eval_data:
-            eval_x, eval_y = image_folder_tensors(args.eval_data, size[-1], size[0], mean, std)
+            loader = folder_loader(args.eval_data, model, args.batch_size, workers=min(4, os.cpu_count() or 1))
+            eval_x = lambda: loader  # noqa: E731
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
     vdist.cleanup()
     if rank != 0:

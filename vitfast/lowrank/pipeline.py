@@ -107,6 +107,10 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     """Compress `model` (left untouched) using the unlabeled `proxy` inputs; write the compressed
     checkpoint, structure, report and plots to out_dir; return the report.
 
+    `eval_inputs` (optional, with `eval_labels`): held-out inputs for the report, as tensors, or a
+    zero-argument function giving (inputs, labels) batches -- a DataLoader over an ImageFolder,
+    streamed, memory bounded whatever its size (the CLI's --eval-data).
+
     Under torchrun every rank calls this with the same inputs: collection is sharded across ranks
     and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes."""
     cfg.validate()
@@ -181,9 +185,13 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     if cfg.compare_svd:
         variants["svd"] = apply_structure(copy.deepcopy(original), ranks, "svd")
     eval_x = eval_inputs if eval_inputs is not None else proxy
+    if callable(eval_x):  # a streamed evaluation set: labels come with its batches
+        from .report import labels_of
+
+        eval_labels = labels_of(eval_x, eval_labels)
     measure = dict(output_fn=output_fn, is_logits=is_logits, mask_fn=mask_fn)
     reference = outputs_of(original, eval_x, cfg.batch_size, device, cfg.amp, output_fn, mask_fn)
-    example = take(eval_x, slice(0, min(cfg.batch_size, _n(eval_x))))
+    example = next(iter(eval_x()))[0] if callable(eval_x) else take(eval_x, slice(0, min(cfg.batch_size, _n(eval_x))))
     results = {"original": _measure(original, eval_x, eval_labels, reference, example, cfg, device, measure)}
     for vname, vmodel in variants.items():
         results[f"{vname}"] = _measure(vmodel, eval_x, eval_labels, reference, example, cfg, device, measure)

@@ -11,13 +11,28 @@ from .stats import batches, to_device
 from .tokens import select_tokens
 
 
+def input_batches(inputs, batch_size):
+    """Batches of model inputs: from a tensor / dict of tensors, or from a streamed evaluation set
+    (a zero-argument function giving (inputs, labels) batches, e.g. an ImageFolder DataLoader)."""
+    if callable(inputs):
+        return (xb for xb, _ in inputs())
+    return batches(inputs, batch_size)
+
+
+def labels_of(inputs, labels):
+    """The labels of an evaluation set: given, or streamed with the inputs."""
+    if labels is not None or not callable(inputs):
+        return labels
+    return torch.cat([yb for _, yb in inputs()])
+
+
 @torch.no_grad()
 def outputs_of(model, inputs, batch_size, device, amp, output_fn, mask_fn=None) -> list:
-    """[(output, mask)] per batch, on the CPU in float32."""
+    """[(output, mask)] per batch, on the CPU in float32 (inputs: see `input_batches`)."""
     model.eval()
     out = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        for xb in batches(inputs, batch_size):
+        for xb in input_batches(inputs, batch_size):
             xb = to_device(xb, device)
             mask = mask_fn(xb) if mask_fn is not None else None
             out.append((output_fn(model, xb).float().cpu(), None if mask is None else mask.cpu()))

@@ -21,7 +21,8 @@ def vitfast_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
                mlp_ratio=4.0)
     cfg.update(kwargs)
     model = VisionTransformer(**cfg)
-    model.pretrained_cfg = {"input_size": (1, 16, 16), "mean": (DIGITS_MEAN,), "std": (DIGITS_STD,),
+    # the digits are rendered at exactly 16 x 16: timm's eval transform must not resize and crop them
+    model.pretrained_cfg = {"input_size": (1, 16, 16), "crop_pct": 1.0, "mean": (DIGITS_MEAN,), "std": (DIGITS_STD,),
                             "num_classes": cfg["num_classes"]}
     if pretrained:
         load_weights(model, ASSET)
