@@ -100,3 +100,16 @@ def test_lowrank_reads_a_config_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vitfast", "lowrank", "--config", str(cfg)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown option(s) gfm_epochz" in proc.stderr, proc.stderr
+
+
+def test_tinyvit_commands_read_a_config_file(tmp_path):
+    """--config works for nested commands too (tinyvit save-logits / distill)."""
+    cfg = tmp_path / "save.yaml"
+    cfg.write_text("topk: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", "save-logits", "--config", str(cfg), "--out",
+                           str(tmp_path / "store")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "argument --topk" in proc.stderr, proc.stderr
+    cfg.write_text("epochs: 0\nlabels_only: true\n")
+    proc = subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", "distill", "--config", str(cfg), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "argument --epochs must be >= 1" in proc.stderr, proc.stderr

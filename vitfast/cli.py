@@ -122,6 +122,18 @@ def _user_message(exc: BaseException) -> str:
     return msg
 
 
+def _command_parser(parser, argv):
+    """The (sub)parser of the command named in argv ("lowrank", "tinyvit distill", ...) and the
+    arguments after its name: --config FILE.yaml fills that parser's defaults."""
+    rest = list(argv)
+    while rest and parser._subparsers is not None:
+        choices = parser._subparsers._group_actions[0].choices
+        if rest[0] not in choices:
+            break
+        parser, rest = choices[rest[0]], rest[1:]
+    return parser, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine.cli_args import apply_config_file
     from .errors import UserError
@@ -129,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        if argv and argv[0] in parser._subparsers._group_actions[0].choices:
-            apply_config_file(parser._subparsers._group_actions[0].choices[argv[0]], argv[1:])
+        command, rest = _command_parser(parser, argv)
+        if command is not parser:
+            apply_config_file(command, rest)
         args = parser.parse_args(argv)
         return args.func(args)
     except UserError as exc:

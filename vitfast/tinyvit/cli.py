@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..engine.cli_args import add_config_arg
+
+    add_config_arg(s)
     s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
     s.add_argument("--checkpoint")
     s.add_argument("--num-classes", type=int, help="classes of the teacher's head, if not its default")
@@ -53,6 +56,7 @@ def add_parser(sub) -> None:
 
     t = tsub.add_parser("distill", help="train a student from a store (no teacher in the loop)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arg(t)
     t.add_argument("--student", "--model", dest="student",
                    help="timm model name, e.g. tiny_vit_5m_224 (default: embedded digits student)")
     t.add_argument("--store", help="logit store (omit with --labels-only)")
@@ -68,6 +72,8 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup-epochs", type=int, default=1)
     t.add_argument("--clip-grad", type=float, default=5.0)
     t.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999")
+    t.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="autocast dtype on CUDA (float16 uses a GradScaler; float32: no autocast)")
     t.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: min(4, CPUs - 2))")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=d)
@@ -180,7 +186,7 @@ def run_distill(args) -> int:
 
     # the output folder remembers its run: another configuration, store or data is refused
     store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
-    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers")},
+    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config")},
            {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data)}
            ).start(resume=True)
     rank, world, device = vdist.setup(args.device)
@@ -210,7 +216,8 @@ def run_distill(args) -> int:
         eval_set = lambda: loader  # noqa: E731
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
-                  args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None))
+                  args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None),
+                  amp_dtype=args.amp_dtype)
     if rank == 0:
         import os
 
