@@ -33,3 +33,20 @@ def device(request):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(params=["native", "fallback"])
+def op_path(request, monkeypatch):
+    """Run a test on the native kernels and again on the fallback path (the references, as without
+    the extension): argument checks must be the same on both."""
+    import warnings
+
+    from vitfast import _ext
+
+    if request.param == "fallback":
+        monkeypatch.setattr(_ext, "native", lambda device: False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield request.param
+    else:
+        yield request.param

@@ -104,7 +104,7 @@ def test_torch_compile_fullgraph(device):
     (lambda c, mu, m2, y: torch.ops.vitfast.covariance_update_(c, mu, m2, y, "fast"), ValueError, "argument 'method'"),
     (lambda c, mu, m2, y: CovarianceAccumulator(5, method="gemm"), ValueError, "argument 'method'"),
 ])
-def test_bad_arguments_name_the_argument(call, exc, match):
+def test_bad_arguments_name_the_argument(call, exc, match, op_path):
     c, mu, m2 = torch.zeros((), dtype=torch.float64), torch.zeros(5, dtype=torch.float64), torch.zeros(5, 5, dtype=torch.float64)
     with pytest.raises(exc, match=match):
         call(c, mu, m2, torch.randn(10, 5))

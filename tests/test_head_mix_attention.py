@@ -230,7 +230,7 @@ def test_fully_masked_row_is_nan_like_softmax(device):
     (dict(bias_table=torch.zeros(2, 9)), ValueError, "'bias_index'"),
     (dict(mask=torch.zeros(3, 4, 4)), ValueError, "'mask'"),
 ])
-def test_bad_arguments_are_named(bad, exc, words):
+def test_bad_arguments_are_named(bad, exc, words, op_path):
     kw = dict(qkv=torch.zeros(2, 4, 48), num_heads=2, dim_k=8)
     kw.update(bad)
     qkv, heads, dk = kw.pop("qkv"), kw.pop("num_heads"), kw.pop("dim_k")

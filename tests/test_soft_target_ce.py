@@ -168,7 +168,7 @@ def test_bad_indices_cpu():
     (lambda x, v, i: sparse_soft_target_cross_entropy(x, v, i, 49), ValueError, "argument 'num_classes'"),
     (lambda x, v, i: sparse_soft_target_cross_entropy(x, v, i, reduction="avg"), ValueError, "argument 'reduction'"),
 ])
-def test_bad_arguments_name_the_argument(call, exc, match):
+def test_bad_arguments_name_the_argument(call, exc, match, op_path):
     values, indices = teacher(4, 50, 5, "cpu")
     with pytest.raises(exc, match=match):
         call(torch.randn(4, 50), values, indices)

@@ -108,7 +108,7 @@ def test_empty_batch(device):
     ((torch.randn(4, 10), 3, 1e-39), ValueError, "argument 'temperature' must be at least"),
     ((torch.randn(4, 10), 3, 1.0, torch.bfloat16), TypeError, "argument 'values_dtype'"),
 ])
-def test_bad_arguments_name_the_argument(args, exc, match):
+def test_bad_arguments_name_the_argument(args, exc, match, op_path):
     x = args[0]
     if x.dim() == 1:  # the wrapper flattens leading dims; call the op itself for the 1-D case
         with pytest.raises((exc, RuntimeError), match=match):

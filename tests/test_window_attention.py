@@ -242,7 +242,7 @@ def test_fully_masked_row_is_nan_like_softmax(device):
     (dict(qkv=torch.zeros(1, 4, 6, 24), window_size=(2, 3), shift_size=(4, 0)), ValueError, "'shift_size'"),
     (dict(qkv=torch.zeros(1, 4, 6, 24), window_size=(2, 3), mask=torch.zeros(3, 6, 6)), ValueError, "'mask'"),
 ])
-def test_bad_arguments_are_named(bad, exc, words):
+def test_bad_arguments_are_named(bad, exc, words, op_path):
     kw = dict(qkv=torch.zeros(2, 4, 24), num_heads=1, dim_k=8, layout="swin")
     kw.update(bad)
     qkv, heads, dk = kw.pop("qkv"), kw.pop("num_heads"), kw.pop("dim_k")
