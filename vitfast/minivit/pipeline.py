@@ -188,11 +188,7 @@ def _loss_fn(cfg: MiniViTConfig, teacher, cap_s, cap_t, mixup, device, num_class
             kd = soft_cross_entropy(out, t_out, cfg.temperature)
             total = total + (1 - cfg.alpha) * kd
             parts["kd"] = kd.detach()
-        _relation_terms(cfg, cap_s, cap_t, parts)
-        for name in ("attn_rel", "hidden_rel"):
-            if name in parts:
-                total = total + (cfg.attn_weight if name == "attn_rel" else cfg.hidden_weight) * parts[name]
-                parts[name] = parts[name].detach()
+        total = _add_relations(cfg, cap_s, cap_t, parts, total)
         return total, len(x), parts
     return loss_fn
 
@@ -220,24 +216,27 @@ def _store_loss_fn(cfg: MiniViTConfig, teacher, cap_s, cap_t, device):
         kd = sparse_soft_target_cross_entropy(out, vb.to(device, non_blocking=True), ib.to(device, non_blocking=True))
         total = total + (1 - cfg.alpha) * kd
         parts["kd"] = kd.detach()
-        _relation_terms(cfg, cap_s, cap_t, parts)
-        for name in ("attn_rel", "hidden_rel"):
-            if name in parts:
-                total = total + (cfg.attn_weight if name == "attn_rel" else cfg.hidden_weight) * parts[name]
-                parts[name] = parts[name].detach()
+        total = _add_relations(cfg, cap_s, cap_t, parts, total)
         return total, len(kb), parts
     return loss_fn
 
 
-def _relation_terms(cfg, cap_s, cap_t, parts) -> None:
+def _add_relations(cfg, cap_s, cap_t, parts, total):
+    """total + the weighted attention- and hidden-relation losses of the captured layer pairs
+    (recorded, detached, in parts)."""
     if cap_s is None:
-        return
+        return total
     sq, sh = cap_s.take()
     tq, th = cap_t.take()
     if cfg.attn_weight > 0:
-        parts["attn_rel"] = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
+        rel = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
+        total = total + cfg.attn_weight * rel
+        parts["attn_rel"] = rel.detach()
     if cfg.hidden_weight > 0:
-        parts["hidden_rel"] = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
+        hid = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
+        total = total + cfg.hidden_weight * hid
+        parts["hidden_rel"] = hid.detach()
+    return total
 
 
 def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
