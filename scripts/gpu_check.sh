@@ -10,6 +10,8 @@
 #       Compute sections of every kernel at its bar shape -> profiles.txt
 #   bash scripts/gpu_check.sh second [OUTDIR]   # <= 4 min, same warm machine (reuses the build):
 #       Swin / TinyViT end to end, train and inference, eager and compiled -> appended to RESULTS.md
+#   bash scripts/gpu_check.sh recheck [OUTDIR]  # after fixing what "first" found, fresh machine: build, the op
+#       tests, the head-mix no-fit check (cuda-gdb backtrace if it crashes), bench, kernel times, memcheck, models
 #   bash scripts/gpu_check.sh later  [OUTDIR]   # a later session: CaiT and MiniViT models end to end, the
 #       torch.compile tests and op baselines, synccheck/initcheck, pipeline timings
 #
@@ -38,8 +40,16 @@ fi
 T0=$SECONDS
 declare -a ORDER
 declare -A STATUS
+# GPU_CHECK_DEADLINE (s): steps are cut to end by then and skipped when under 15 s would be left, so
+# the summary and the packed logs are always written before the device call's own limit
+DEADLINE="${GPU_CHECK_DEADLINE:-100000}"
 step() {  # step NAME LIMIT_S CMD...: run with a time limit, log, remember pass/fail and seconds
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - T0)))
+  if [ "$left" -lt 15 ]; then
+    ORDER+=("$name"); STATUS[$name]="SKIPPED (deadline)"; echo "=== $name: skipped (deadline)"; return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS log="$OUTDIR/logs/$name.log"
   echo "=== [$((SECONDS - T0))s] $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
@@ -87,6 +97,7 @@ case "$PHASE" in
     # (3) sanitizers: every kernel's small cases under memcheck; racecheck on one case per kernel
     step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
     step racecheck 50 "${SAN[@]}" --tool racecheck --racecheck-report all $PY scripts/sanitize_cases.py --smallest
+    step nofit 40 $PY scripts/head_mix_nofit_check.py
     # (4) op benchmarks against same-run baselines (no torch.compile: that is the "later" phase)
     step bench 90 $PY benchmarks/run_gpu.py --no-compile --json "$OUTDIR/results.json" --markdown "$OUTDIR/RESULTS.md"
     # (5) Nsight Compute: each kernel once at its bar shape, the sections the tuning plan needs
@@ -96,6 +107,19 @@ case "$PHASE" in
         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --log-file "$OUTDIR/profiles.txt" \
         $PY benchmarks/ncu_cases.py
     fi
+    ;;
+  recheck)
+    # after fixing what a "first" run found, on a fresh machine: the fixed paths first
+    step tests-ops 100 $PY -m pytest -q -rfs -m cuda -k "not torch_compile" --tb=short \
+      tests/test_head_mix_attention.py tests/test_window_attention.py tests/test_topk_softmax.py \
+      tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py tests/test_op_edges.py \
+      tests/test_check_parity.py
+    step nofit 40 $PY scripts/head_mix_nofit_check.py || \
+      step nofit-gdb 90 cuda-gdb -batch -ex run -ex bt -ex quit --args $PY scripts/head_mix_nofit_check.py
+    step bench 90 $PY benchmarks/run_gpu.py --no-compile --json "$OUTDIR/results.json" --markdown "$OUTDIR/RESULTS.md"
+    step kernel-times 60 $PY benchmarks/kernel_times.py --json "$OUTDIR/kernel_times.json"
+    step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
+    step tests-models 110 $PY -m pytest -q -rfs -m cuda --tb=short tests/test_patch.py tests/test_patch_cait.py
     ;;
   second)
     # (6) models end to end; appends to the first command's RESULTS.md when it is here
@@ -117,7 +141,7 @@ case "$PHASE" in
     step tinyvit 200 $PY benchmarks/tinyvit_gpu.py --json "$OUTDIR/tinyvit_gpu.json"
     ;;
   *)
-    echo "gpu_check.sh: phase must be first, second or later, got '$PHASE'" >&2
+    echo "gpu_check.sh: phase must be first, recheck, second or later, got '$PHASE'" >&2
     exit 2
     ;;
 esac

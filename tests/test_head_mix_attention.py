@@ -141,6 +141,52 @@ def test_gradcheck_cpu():
         (x, t, w1, w2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fits", [(False, False), (True, False)], ids=["forward_too", "backward_only"])
+def test_shapes_the_kernels_cannot_hold_run_the_composite(monkeypatch, dtype, fits):
+    """Where the fused kernels have no launch configuration (the H100 run found float32 with 20
+    heads, and CaiT-M36's 16 heads of 48 in float32), the op still answers: the forward, or only the
+    backward, runs the float32-or-wider composite, with one warning per shape."""
+    import sys
+
+    from vitfast import _ext
+    hm = sys.modules["vitfast.ops.head_mix_attention"]  # the package exports the function under that name
+
+    asked = []
+    monkeypatch.setattr(_ext, "head_mix_fits", lambda *a: asked.append(a) or fits)
+    monkeypatch.setattr(hm, "_composite_warned", set())
+    case = make_case("cpu", dtype, windows=2, heads=3, dk=8, wh=3, ww=3, mask_types=2)
+    with pytest.warns(RuntimeWarning, match="composite") as seen:
+        run_and_compare(case, make_mix(3, "cpu", dtype=param_dtype(dtype)), dtype)
+        run_and_compare(case, make_mix(3, "cpu", dtype=param_dtype(dtype)), dtype)
+    # one warning per shape, not per call, naming what runs as the composite
+    msgs = [str(w.message) for w in seen if "composite" in str(w.message)]
+    assert len(msgs) == 1 and ("fused CUDA forward" if not fits[0] else "fused CUDA backward") in msgs[0]
+    assert asked and asked[0][1:5] == (dtype, 3, 8, 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype,heads,dk", [(torch.float32, 20, 16), (torch.float32, 16, 48), (torch.float64, 32, 64),
+                                            (torch.bfloat16, 16, 48)])
+def test_kernel_fit_query_on_gpu(dtype, heads, dk):
+    """The planner's answer (vitfast._C.head_mix_fits) and the op agree: a shape that fits runs
+    fused without a warning, one that does not runs the composite with one; both match float64."""
+    import warnings as w
+    from vitfast import _ext
+
+    fwd, bwd = _ext.head_mix_fits(torch.device("cuda"), dtype, heads, dk, dk, True, False)
+    if dtype == torch.bfloat16:
+        assert fwd and bwd  # CaiT-M36 under autocast: fused
+    if (dtype, heads) == (torch.float32, 20):
+        assert not bwd  # measured: no backward configuration on an H100 (227 KB per block)
+    case = make_case("cuda", dtype, windows=2, heads=heads, dk=dk, wh=1, ww=20, bias=False)
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        run_and_compare(case, make_mix(heads, "cuda", dtype=param_dtype(dtype)), dtype)
+    assert any("composite" in str(x.message) for x in seen) == (not (fwd and bwd))
+
+
 def _op_args(case, mix, heads, dk):
     offsets, hs = qkv_layout("swin", heads, dk, dk)
     window = list(case["window_size"]) if case["window_size"] else []

@@ -158,8 +158,14 @@ def test_ddp_patched_model_matches_single_process(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("name", MODELS)
-def test_every_timm_model_is_a_peer_on_gpu_at_224(name):
-    """GPU acceptance: every model at 224, float32 (SIMT kernels) and bf16 autocast (tensor cores)."""
+def test_every_timm_model_is_a_peer_on_gpu_at_224(name, monkeypatch):
+    """GPU acceptance: every model at 224, float32 (SIMT kernels) and bf16 autocast (tensor cores).
+    cuDNN convolutions run in TF32 by default: the float32 check turns that off. The first H100 run
+    failed the five TinyViT models here (their messages were lost to a crash later in that run) and
+    passed every Swin: TinyViT's convolutions (MBConv, every block's local conv) see the attention's
+    ~1e-7 differences, which TF32 rounding can turn into ~1e-3 flips; Swin's one convolution sees
+    identical inputs. The suspected cause, to be confirmed by the next run."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = build(name, 224).cuda()
     x = torch.randn(2, 3, 224, 224, device="cuda")

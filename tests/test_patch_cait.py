@@ -134,9 +134,10 @@ def test_patch_warns_when_nothing_to_patch():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("name", MODELS)
-def test_every_cait_model_is_a_peer_on_gpu_at_native_resolution(name):
+def test_every_cait_model_is_a_peer_on_gpu_at_native_resolution(name, monkeypatch):
     """GPU acceptance: native resolution, float32 (SIMT kernels) and bf16 autocast (tensor cores);
     depth cut to 4 blocks to bound memory (the blocks are identical in structure)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 means float32 (see test_patch.py)
     torch.manual_seed(0)
     model = timm.create_model(name, drop_path_rate=0.0, depth=4).cuda()
     size = model.patch_embed.img_size[0]

@@ -7,6 +7,7 @@ fallback path.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -44,8 +45,39 @@ def build_info() -> dict:
     return info
 
 
-def cuda_kernels_built() -> bool:
+def _has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.build_info()["cuda"])
+
+
+# Asked on every op call (native()): build_info() walks and sorts every op name the dispatcher
+# knows, ~0.4 ms, which the first H100 run measured as a fixed cost on every vitfast op. The
+# answer cannot change while the process runs.
+_CUDA_KERNELS_BUILT = _has_cuda_kernels()
+
+
+def cuda_kernels_built() -> bool:
+    return _CUDA_KERNELS_BUILT
+
+
+@functools.lru_cache(maxsize=None)
+def _head_mix_fits_cuda(index: int, dtype: str, heads: int, dim_k: int, dim_v: int, mix_grad: bool,
+                        bias_grad: bool) -> tuple[bool, bool]:
+    with torch.cuda.device(index):
+        fwd, bwd = _C.head_mix_fits(dtype, heads, dim_k, dim_v, mix_grad, bias_grad)
+    return bool(fwd), bool(bwd)
+
+
+@torch.compiler.assume_constant_result
+def head_mix_fits(device: torch.device, dtype: torch.dtype, heads: int, dim_k: int, dim_v: int, mix_grad: bool,
+                  bias_grad: bool) -> tuple[bool, bool]:
+    """(forward, backward): whether head_mix_attention's fused CUDA kernels have a launch
+    configuration for this shape on `device` (a block holds every head of a window; float32 /
+    float64 with many or wide heads can exceed the shared memory). Always true off CUDA."""
+    if device.type != "cuda" or not cuda_kernels_built():
+        return True, True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _head_mix_fits_cuda(index, str(dtype).removeprefix("torch."), int(heads), int(dim_k), int(dim_v),
+                               bool(mix_grad), bool(bias_grad))
 
 
 def native(device: torch.device) -> bool:

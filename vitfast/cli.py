@@ -19,8 +19,9 @@ def _gpu_lines() -> list[str]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         cc = float(f"{p.major}.{p.minor}")
-        sass = any(a.split("+")[0] == f"{p.major}.{p.minor}" for a in archs)
-        ptx = any(a.endswith("+PTX") and float(a.split("+")[0]) <= cc for a in archs)
+        # "9.0a" / "10.0f": arch-specific / family code for that same compute capability
+        sass = any(a.split("+")[0].rstrip("af") == f"{p.major}.{p.minor}" for a in archs)
+        ptx = any(a.endswith("+PTX") and float(a.split("+")[0].rstrip("af")) <= cc for a in archs)
         note = "native code" if sass else ("PTX, JIT-compiled at first use" if ptx else "NOT COVERED by this build")
         lines.append(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB ({note})")
     return lines

@@ -86,7 +86,7 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
   using A = typename Num<T>::Acc;
   VF_DYNAMIC_SMEM(smem);
   int64_t* sidx = reinterpret_cast<int64_t*>(smem);  // kpad sorted indices
-  A* red = reinterpret_cast<A*>(sidx + kpad);         // 5 x 32 partials
+  double* red = reinterpret_cast<double*>(sidx + kpad);  // 5 x 32 partials
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int64_t row = blockIdx.x;
@@ -94,10 +94,14 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
   const int k = p.k;
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
 
-  A m = -INFINITY, s = 0, sum_all = 0;
+  // The linear terms sum in double (as on the CPU): the loss is S lse - sum_j t_j x_j, a small
+  // difference of two large numbers when the logits are large (a float32 sum of 1e4-sized logits
+  // loses ~1e-3 absolute).
+  A m = -INFINITY, s = 0;
+  double sum_all = 0;
   for_each_global<T>(x, C, aligned_head(x, C), [&](int, T b) {
     const A v = Num<T>::to_acc(b);
-    sum_all += v;
+    sum_all += static_cast<double>(v);
     if (v == -INFINITY) {
       // probability 0; keeps exp(-inf - -inf) out of the sum
     } else if (v > m) {
@@ -110,7 +114,7 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
 
   // Stored classes: validate, gather, and stage for the duplicate check.
   bool bad_range = false;
-  A sum_gathered = 0, dot = 0;
+  double sum_gathered = 0, dot = 0;
   for (int i = tid; i < kpad; i += blockDim.x) {
     if (i < k) {
       const int64_t j = load_index(p.indices, p.indices_dtype, row * k + i);
@@ -118,9 +122,9 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
       if (j < 0 || j >= C) {
         bad_range = true;
       } else {
-        const A xj = Num<T>::to_acc(x[j]);
+        const double xj = static_cast<double>(Num<T>::to_acc(x[j]));
         sum_gathered += xj;
-        dot += load_as<A>(p.values, p.values_dtype, row * k + i) * xj;
+        dot += static_cast<double>(load_as<A>(p.values, p.values_dtype, row * k + i)) * xj;
       }
     } else {
       sidx[i] = INT64_MAX;  // pads sort last and never equal a real index
@@ -171,20 +175,21 @@ __global__ void soft_target_ce_forward_kernel(SoftTargetCEParams p, int kpad) {
   }
 
   if (warp == 0) {
-    m = lane < nwarps ? red[lane] : A(-INFINITY);
-    s = lane < nwarps ? red[32 + lane] : A(0);
+    m = lane < nwarps ? static_cast<A>(red[lane]) : A(-INFINITY);
+    s = lane < nwarps ? static_cast<A>(red[32 + lane]) : A(0);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       merge_softmax<A>(m, s, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, s, off));
     }
-    sum_all = warp_sum(lane < nwarps ? red[64 + lane] : A(0));
-    sum_gathered = warp_sum(lane < nwarps ? red[96 + lane] : A(0));
-    dot = warp_sum(lane < nwarps ? red[128 + lane] : A(0));
-    A u, S;
-    target_mass<A>(p, row, &u, &S);
+    sum_all = warp_sum(lane < nwarps ? red[64 + lane] : 0.0);
+    sum_gathered = warp_sum(lane < nwarps ? red[96 + lane] : 0.0);
+    dot = warp_sum(lane < nwarps ? red[128 + lane] : 0.0);
+    double u, S;  // S multiplies the lse: in double, as the linear terms
+    target_mass<double>(p, row, &u, &S);
     if (lane == 0) {
       const double lse = static_cast<double>(m) + static_cast<double>(log(s));
-      static_cast<A*>(p.loss)[row] = static_cast<A>(S * lse - (u * (sum_all - sum_gathered) + dot));
+      static_cast<A*>(p.loss)[row] =
+          static_cast<A>(S * lse - (u * (sum_all - sum_gathered) + dot));
       static_cast<double*>(p.lse)[row] = lse;
     }
   }
@@ -254,7 +259,7 @@ int round_up_pow2(int v) {
 template <typename T>
 cudaError_t launch_forward(const SoftTargetCEParams& p, cudaStream_t stream) {
   const int kpad = round_up_pow2(p.k);
-  const size_t bytes = static_cast<size_t>(kpad) * 8 + 5 * 32 * sizeof(typename Num<T>::Acc);
+  const size_t bytes = static_cast<size_t>(kpad) * 8 + 5 * 32 * sizeof(double);
   VF_LAUNCH(soft_target_ce_forward_kernel<T>, static_cast<unsigned>(p.rows), threads_for(p.cols), bytes, stream, p,
             kpad);
   return cudaGetLastError();

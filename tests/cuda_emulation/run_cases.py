@@ -64,6 +64,7 @@ WINDOW_CASES = {
     "unaligned_rows_fp16_scalar_path": (torch.float16, dict(windows=3, heads=2, dk=24, dv=40, wh=3, ww=5,
                                                             layout="tinyvit", row_pad=3)),
     "one_token_bf16": (torch.bfloat16, dict(windows=2, heads=1, dk=16, wh=1, ww=1)),
+    "tinyvit5m_stage4_fp32": (torch.float32, dict(windows=2, heads=10, dk=32, dv=32, wh=7, ww=7, layout="tinyvit")),
     "key_chunks_fp64_n400": (torch.float64, dict(windows=1, heads=1, dk=32, wh=20, ww=20)),
 }
 # opt-in (about 100 s emulated): python tests/cuda_emulation/run_cases.py key_chunks_bf16_n1024
@@ -83,6 +84,8 @@ HEAD_MIX_CASES = {
                                                      mask_types=4), {}),
     "mix_fp64_keys_70": (torch.float64, dict(windows=1, heads=3, dk=16, wh=7, ww=10), {}),
     "mix_bf16_20_heads_cap32": (torch.bfloat16, dict(windows=1, heads=20, dk=16, wh=4, ww=4, bias=False), {}),
+    # float32 SIMT with CaiT's head dim 48 (8 heads fit a block; 16 -- CaiT-M36 -- do not: composite)
+    "mix_fp32_cait_n50_dk48": (torch.float32, dict(windows=2, heads=8, dk=48, wh=1, ww=50, bias=False), {}),
     "mix_bf16_unaligned_scalar_loads": (torch.bfloat16, dict(windows=2, heads=2, dk=24, dv=40, wh=3, ww=5,
                                                              layout="tinyvit", row_pad=3), {}),
     "mix_bf16_global_scratch_keys_80": (torch.bfloat16, dict(windows=3, heads=4, dk=32, wh=8, ww=10, mask_types=3),
@@ -199,6 +202,8 @@ KERNEL_CASES = {
     "ce_bf16": (torch.bfloat16, ce_case(lambda: torch.randn(3, 1000).bfloat16(), 10)),
     "ce_fp16_misaligned": (torch.float16, ce_case(lambda: torch.randn(2, 2003).half()[:, 3:], 50)),
     "ce_fp32": (torch.float32, ce_case(lambda: torch.randn(3, 1000), 10)),
+    # logits near 1e4: the loss is a small difference of large sums (found on the H100)
+    "ce_fp32_large_logits": (torch.float32, ce_case(lambda: torch.randn(4, 1000) * 3 + 1e4, 10)),
     "ce_fp64_k_equals_c": (torch.float64, ce_case(lambda: torch.randn(2, 5).double(), 5)),
     # one-kernel route: 3xTF32 tensor cores (forced where auto would pick the split GEMM) or SIMT
     "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
