@@ -85,7 +85,7 @@ def test_padding_leaves_sensitivities_and_ranks_unchanged(tmp_path):
     model = bert()
     seqs = sequences(24, torch.Generator().manual_seed(2))
     cfg = LowRankConfig(target_params=0.85, rank_step=8, batch_size=8, gfm_epochs=1, compare_svd=False,
-                        progress=False, amp=False)
+                        progress=False, amp_dtype="float32")
     runs = {}
     for length, side in ((12, "right"), (25, "left")):
         out = str(tmp_path / f"{side}{length}")
@@ -216,7 +216,7 @@ def test_configurable_outputs_and_features(tmp_path):
         return m(**batch).pooler_output
 
     cfg = LowRankConfig(target_params=0.85, rank_step=8, batch_size=8, gfm_epochs=2, compare_svd=False,
-                        progress=False, amp=False, output="pooled", features=pooled)
+                        progress=False, amp_dtype="float32", output="pooled", features=pooled)
     report = run_lowrank(model, inputs, cfg, str(tmp_path / "out"), "bert", log=lambda *_: None)
     assert seen, "GFM did not use the given feature function"
     assert report["config"]["features"].startswith("function")

@@ -134,11 +134,19 @@ __global__ void __launch_bounds__(kBwdWarps * 32)
           const int r = lane >> 1, c0 = (lane & 1) * 8;
           const int i = q0 + r;
           const Acc* brow = bias_row<Acc>(p, w, h, i);
-          for (int c = c0; c < c0 + 8; ++c) {
+          Acc bias_v[8];  // loads first, all in flight (see the forward's softmax step)
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int j = key_base + kk * 16 + c0 + t;
+            bias_v[t] = (i < N && j < N) ? bias_of<Acc>(p, brow, w, h, i, j) : Acc(0);
+          }
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int c = c0 + t;
             const int j = key_base + kk * 16 + c;
             Acc pv = 0, dsv = 0;
             if (i < N && j < N) {
-              const Acc sv = s_w[r * kLdS + c] * scale + bias_of<Acc>(p, brow, w, h, i, j);
+              const Acc sv = s_w[r * kLdS + c] * scale + bias_v[t];
               pv = wa::acc_exp(sv - sm.lse[gh * 16 + r]);
               dsv = pv * (dp_w[r * kLdS + c] - sm.dd[gh * 16 + r]);
               if (dbias != nullptr) dbias[(static_cast<int64_t>(h) * N + i) * N + j] += dsv;

@@ -22,8 +22,9 @@
 // Files: window_attention_device.cuh (shared access, tile loads, planning helpers),
 // window_attention_fwd.cuh / window_attention_bwd.cuh (plain kernels), head_mix_fwd.cuh /
 // head_mix_bwd.cuh (the head-mixing variants), window_attention_dispatch.cuh (run-time dtype and
-// head count -> template parameters). Entry points: this file (plain), head_mix_fwd_cuda.cu and
-// head_mix_bwd_cuda.cu -- three translation units, so the build compiles them in parallel.
+// head count -> template parameters). Entry points: this file (plain) and head_mix_cuda.cu, whose
+// kernels are compiled one dtype and direction per unit (head_mix_{fwd,bwd}_<dtype>_cuda.cu), so
+// the build compiles them in parallel.
 #include "window_attention_bwd.cuh"
 #include "window_attention_dispatch.cuh"
 #include "window_attention_fwd.cuh"

@@ -100,11 +100,25 @@ __global__ void __launch_bounds__(kFwdWarps * 32)
       Acc mx = wa::neg_inf<Acc>();
       const int c_begin = half * (kKeyTile / 2), c_end = min(c_begin + kKeyTile / 2, nsub * 16);
       const Acc* brow = bias_row<Acc>(p, w, h, i);
-      for (int c = c_begin; c < c_end; ++c) {
-        Acc sv = wa::neg_inf<Acc>();
-        if (i < p.tokens && c < ncols) sv = s_w[r * L.lds + c] * scale + bias_of<Acc>(p, brow, w, h, i, key0 + c);
-        s_w[r * L.lds + c] = sv;
-        mx = max(mx, sv);
+      // The lane's bias values first, all loads in flight at once (a register array: the loop is
+      // unrolled), then the scores: loads interleaved with the shared-memory stores below would
+      // wait one L2 round trip each, as the compiler cannot tell the two pointers apart.
+      constexpr int kHalf = kKeyTile / 2;
+      Acc bias_v[kHalf];
+#pragma unroll
+      for (int t = 0; t < kHalf; ++t) {
+        const int c = c_begin + t;
+        bias_v[t] = (i < p.tokens && c < ncols) ? bias_of<Acc>(p, brow, w, h, i, key0 + c) : Acc(0);
+      }
+#pragma unroll
+      for (int t = 0; t < kHalf; ++t) {
+        const int c = c_begin + t;
+        if (c < c_end) {
+          Acc sv = wa::neg_inf<Acc>();
+          if (i < p.tokens && c < ncols) sv = s_w[r * L.lds + c] * scale + bias_v[t];
+          s_w[r * L.lds + c] = sv;
+          mx = max(mx, sv);
+        }
       }
       mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       const Acc m_new = max(m_old, mx);

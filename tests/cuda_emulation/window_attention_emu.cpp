@@ -3,8 +3,15 @@
 
 #include "window_attention/window_attention_op.h"
 #include "window_attention/window_attention_cuda.cu"
-#include "window_attention/head_mix_fwd_cuda.cu"
-#include "window_attention/head_mix_bwd_cuda.cu"
+#include "window_attention/head_mix_cuda.cu"
+#include "window_attention/head_mix_fwd_f16_cuda.cu"
+#include "window_attention/head_mix_fwd_bf16_cuda.cu"
+#include "window_attention/head_mix_fwd_f32_cuda.cu"
+#include "window_attention/head_mix_fwd_f64_cuda.cu"
+#include "window_attention/head_mix_bwd_f16_cuda.cu"
+#include "window_attention/head_mix_bwd_bf16_cuda.cu"
+#include "window_attention/head_mix_bwd_f32_cuda.cu"
+#include "window_attention/head_mix_bwd_f64_cuda.cu"
 
 namespace {
 

@@ -51,12 +51,14 @@ def add_train_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay, e.g. 0.9998 (off by default)")
     g.add_argument("--amp-dtype", choices=list(AMP_DTYPES), default=d.amp_dtype,
                    help="autocast dtype on CUDA (float32: off; CPU runs in float32)")
+    g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile the model's training steps")
     g.add_argument("--seed", type=int, default=d.seed)
 
 
 def train_config(a) -> TrainConfig:
     cfg = TrainConfig(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
-                      min_lr=a.min_lr, clip_grad=a.clip_grad, ema_decay=a.ema, amp_dtype=a.amp_dtype, seed=a.seed)
+                      min_lr=a.min_lr, clip_grad=a.clip_grad, ema_decay=a.ema, amp_dtype=a.amp_dtype,
+                      compile=a.compile, seed=a.seed)
     cfg.validate()
     return cfg
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..timing import time_ms
+from .trainer import autocast_for
 
 
 def count_params(model: nn.Module) -> int:
@@ -29,7 +30,7 @@ def throughput(model: nn.Module, example_batch: torch.Tensor, device, amp=True) 
     model.eval()
 
     def run():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.no_grad(), autocast_for(device, amp):
             model(x)
 
     ms = time_ms(run, device, warmup=3, reps=10 if device.type == "cpu" else 50)

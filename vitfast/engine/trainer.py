@@ -36,6 +36,7 @@ class TrainConfig:
     clip_grad: float | None = 5.0
     ema_decay: float | None = None
     amp_dtype: str = "bfloat16"  # on CUDA; "float32" turns autocast off (CPU runs float32 always)
+    compile: bool = False  # torch.compile the model for the training steps
     opt: str = "adamw"
     seed: int = 0
 
@@ -96,8 +97,21 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     random.seed(s)
 
 
-def autocast_for(device: torch.device, amp_dtype: str):
-    dtype = AMP_DTYPES[amp_dtype]
+def amp_name(amp) -> str:
+    """An autocast setting as a dtype name: True -> bfloat16 (the default), False / None -> float32."""
+    if amp is True:
+        return "bfloat16"
+    if amp is False or amp is None:
+        return "float32"
+    if amp not in AMP_DTYPES:
+        raise UserError(f"argument --amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    return amp
+
+
+def autocast_for(device: torch.device, amp_dtype):
+    """Autocast in `amp_dtype` (a name of AMP_DTYPES, or a bool: see amp_name) on CUDA; off elsewhere."""
+    dtype = AMP_DTYPES[amp_name(amp_dtype)]
+    device = torch.device(device)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=device.type == "cuda" and dtype is not None)
 
 
@@ -147,6 +161,8 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the steps run compiled; checkpoints, EMA and evaluation use `model` (same parameters)
+        wrapped = torch.compile(wrapped)
     train_params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     for epoch in range(start, cfg.epochs):
         seed_epoch(cfg.seed, epoch, rank)  # an epoch's randomness depends on (seed, epoch, rank) only: exact resume

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.trainer import amp_name, autocast_for
 from .stats import batches, num_samples, to_device
 from .tokens import MaskFn, select_tokens
 
@@ -74,11 +75,11 @@ def output_distance(cur: torch.Tensor, ref: torch.Tensor, is_logits: bool, mask)
 class SearchRunner:
     """Runs the model over the proxy set for the sensitivity search (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, inputs, batch_size: int, device, amp: bool, output_fn, is_logits: bool,
+    def __init__(self, model: nn.Module, inputs, batch_size: int, device, amp, output_fn, is_logits: bool,
                  mask_fn: MaskFn, blocks=None, search_batch: int = 256):
         self.model, self.inputs, self.batch_size = model, inputs, batch_size
         self.device = torch.device(device)
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp_name(amp)  # a dtype name, or a bool (True: bfloat16)
         self.output_fn, self.is_logits, self.mask_fn = output_fn, is_logits, mask_fn
         self.replicas = max(1, search_batch // batch_size)
         self.blocks = find_blocks(model, blocks)
@@ -113,7 +114,7 @@ class SearchRunner:
     def _outputs(self, before_batch) -> list[torch.Tensor]:
         self.model.eval()
         out = []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast_for(self.device, self.amp):
             for i, xb in enumerate(self.batches):
                 before_batch(i)
                 out.append(self.output_fn(self.model, xb))
@@ -173,7 +174,7 @@ class SearchRunner:
         handle = layer.register_forward_hook(project)
         try:
             with self._replayed(upto, reps, batch_index), \
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    autocast_for(self.device, self.amp):
                 self.model.eval()
                 for i, xb in enumerate(self.batches):
                     batch_index[0] = i

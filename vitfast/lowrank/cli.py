@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-budget-mb", type=float, help="cap on the statistics held at once (more passes if needed)")
     p.add_argument("--no-svd-baseline", action="store_true", help="skip the weight-SVD comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="autocast dtype on CUDA for statistics, search, GFM and evaluation (float32: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student for GFM's training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "--output", dest="out", default="lowrank_out")
     p.set_defaults(func=run)
@@ -69,12 +72,13 @@ def run(args) -> int:
     cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
                         compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
-                        progress=rank == 0, search_batch=args.search_batch)
+                        progress=rank == 0, search_batch=args.search_batch, amp_dtype=args.amp_dtype,
+                        compile=args.compile)
     cfg.validate()  # every argument before any loading or computing
     # the output folder remembers what it holds: another configuration or other inputs are refused
-    # (search_batch changes the speed of the search, not its result)
+    # (search_batch and compile change the speed, not what is computed)
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "search_batch",
-                                                                          "config")},
+                                                                          "config", "compile")},
            {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
             "eval_data": folder_digest(args.eval_data)}).start(resume=True)
     if args.model is None and args.data is None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..distributed import rank_world
+from ..engine.trainer import amp_name, autocast_for
 from .outputs import resolve_output
 from .stats import batches, num_samples, take, to_device
 from .tokens import resolve_token_mask, select_tokens
@@ -34,10 +35,10 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def teacher_features(teacher: nn.Module, inputs, batch_size: int, device, amp: bool, feature_fn) -> torch.Tensor:
+def teacher_features(teacher: nn.Module, inputs, batch_size: int, device, amp, feature_fn) -> torch.Tensor:
     teacher.eval()
     out = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with autocast_for(device, amp):
         for xb in batches(inputs, batch_size):
             out.append(feature_fn(teacher, to_device(xb, device)).float())
     return torch.cat(out)
@@ -50,8 +51,8 @@ def masked_mse(feats: torch.Tensor, target: torch.Tensor, mask) -> torch.Tensor:
 
 def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 30, lr: float = 5e-4,
                  batch_size: int = 64, weight_decay: float = 0.01, warmup_epochs: int = 1, device="cpu",
-                 amp: bool = True, checkpoint_dir: str | None = None, seed: int = 0, progress: bool = True,
-                 log=print, features="auto", token_mask="auto") -> list[float]:
+                 amp="bfloat16", checkpoint_dir: str | None = None, seed: int = 0, progress: bool = True,
+                 log=print, features="auto", token_mask="auto", compile: bool = False) -> list[float]:
     """Returns the mean loss of each epoch. `images`: a tensor or a dict of tensors (batch first).
     Training machinery (schedule, AMP, clipping, DDP, one atomic checkpoint per epoch in
     checkpoint_dir and resume) is vitfast.engine.fit."""
@@ -63,7 +64,7 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 3
     n = num_samples(images)
     feature_fn, _ = resolve_output(features, teacher, to_device(take(images, slice(0, 1)), device), for_gfm=True)
     mask_fn = resolve_token_mask(token_mask)
-    target = teacher_features(teacher, images, batch_size, device, amp and device.type == "cuda", feature_fn)
+    target = teacher_features(teacher, images, batch_size, device, amp, feature_fn)
     for p in head_parameters(student):
         p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -85,7 +86,7 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 3
         return masked_mse(feats, target[idx.to(target.device)], mask_fn(xb)), len(idx), {}
 
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=5.0,
-                      amp_dtype="bfloat16" if amp else "float32", seed=seed)
+                      amp_dtype=amp_name(amp), compile=compile, seed=seed)
     steps = math.ceil(math.ceil(n / world) / batch_size)
     result = fit(FeatureModel(student, feature_fn), cfg, batches=epoch_batches, steps_per_epoch=steps,
                  loss_fn=loss_fn, device=device, out_dir=checkpoint_dir, params=params, log=log, progress=progress,

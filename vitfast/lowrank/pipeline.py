@@ -35,7 +35,8 @@ class LowRankConfig:
     memory_budget_mb: float | None = None
     compare_svd: bool = True
     device: str = "cpu"
-    amp: bool = True
+    amp_dtype: str = "bfloat16"      # autocast on CUDA for every stage ("float32": off; CPU runs float32)
+    compile: bool = False            # torch.compile the student for GFM's training steps
     seed: int = 0
     progress: bool = True
     # what counts and what to reproduce (see lowrank.tokens / lowrank.outputs): padding never
@@ -60,6 +61,9 @@ class LowRankConfig:
         for name, low in (("rank_step", 1), ("batch_size", 1), ("gfm_epochs", 1)):
             if getattr(self, name) < low:
                 raise UserError(f"argument --{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        from ..engine.trainer import amp_name
+
+        amp_name(self.amp_dtype)  # raises UserError naming --amp-dtype
         if not self.gfm_lr > 0:
             raise UserError(f"argument --gfm-lr must be > 0, got {self.gfm_lr}")
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
@@ -134,7 +138,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     # 1. statistics of every layer's outputs (and inputs, for the energy plot) in one pass
     shard = take(proxy, slice(rank, None, world)) if world > 1 else proxy
     outs, ins = collect_linear_stats(original, shard, layers, cfg.batch_size, device, with_inputs=True,
-                                     memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp, progress=cfg.progress,
+                                     memory_budget_mb=cfg.memory_budget_mb, amp=cfg.amp_dtype, progress=cfg.progress,
                                      token_mask=cfg.token_mask)
     times["collect_s"] = time.time() - t0
     bases, means, energy_rows = {}, {}, []
@@ -162,7 +166,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     vdist.barrier()  # every rank has read search.json before rank 0 may rewrite it
     if choices is None:
         search_batch = cfg.search_batch or (1024 if device.type == "cuda" else cfg.batch_size)
-        runner = SearchRunner(original, proxy, cfg.batch_size, device, cfg.amp, output_fn, is_logits, mask_fn,
+        runner = SearchRunner(original, proxy, cfg.batch_size, device, cfg.amp_dtype, output_fn, is_logits, mask_fn,
                               cfg.blocks, search_batch)
         if rank == 0 and not runner.blockwise:
             log("AAFM: no repeated blocks found (give LowRankConfig.blocks): every candidate re-runs the whole model")
@@ -190,7 +194,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
 
         eval_labels = labels_of(eval_x, eval_labels)
     measure = dict(output_fn=output_fn, is_logits=is_logits, mask_fn=mask_fn)
-    reference = outputs_of(original, eval_x, cfg.batch_size, device, cfg.amp, output_fn, mask_fn)
+    reference = outputs_of(original, eval_x, cfg.batch_size, device, cfg.amp_dtype, output_fn, mask_fn)
     example = next(iter(eval_x()))[0] if callable(eval_x) else take(eval_x, slice(0, min(cfg.batch_size, _n(eval_x))))
     results = {"original": _measure(original, eval_x, eval_labels, reference, example, cfg, device, measure)}
     for vname, vmodel in variants.items():
@@ -199,9 +203,9 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     for vname, vmodel in variants.items():
         log(f"GFM ({vname}): {cfg.gfm_epochs} epochs on {_n(proxy)} unlabeled inputs")
         hist = gfm_finetune(vmodel, original, proxy, cfg.gfm_epochs, cfg.gfm_lr, cfg.batch_size, cfg.gfm_weight_decay,
-                            device=device, amp=cfg.amp, checkpoint_dir=os.path.join(out_dir, f"gfm_{vname}"),
+                            device=device, amp=cfg.amp_dtype, checkpoint_dir=os.path.join(out_dir, f"gfm_{vname}"),
                             seed=cfg.seed, progress=cfg.progress, log=log, features=cfg.features,
-                            token_mask=cfg.token_mask)
+                            token_mask=cfg.token_mask, compile=cfg.compile)
         results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, reference, example, cfg, device, measure)
         results[f"{vname}+gfm"]["gfm_final_mse"] = hist[-1] if hist else None
     times["gfm_s"] = time.time() - t2
@@ -285,10 +289,10 @@ def _spec_name(spec):
 
 
 def _measure(model, eval_x, eval_labels, reference, example, cfg, device, measure) -> dict:
-    res = evaluate(model, eval_x, eval_labels, reference, cfg.batch_size, device, cfg.amp, **measure)
+    res = evaluate(model, eval_x, eval_labels, reference, cfg.batch_size, device, cfg.amp_dtype, **measure)
     res["params"] = count_params(model)
     res["macs"] = count_macs(model, example[:1]) if torch.is_tensor(example) else None
-    res["images_per_s"] = throughput(model, example, device, cfg.amp) if torch.is_tensor(example) else None
+    res["images_per_s"] = throughput(model, example, device, cfg.amp_dtype) if torch.is_tensor(example) else None
     return res
 
 

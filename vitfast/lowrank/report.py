@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.measure import count_macs, count_params, throughput  # noqa: F401  (re-exported)
+from ..engine.trainer import autocast_for
 from .stats import batches, to_device
 from .tokens import select_tokens
 
@@ -31,7 +32,7 @@ def outputs_of(model, inputs, batch_size, device, amp, output_fn, mask_fn=None) 
     """[(output, mask)] per batch, on the CPU in float32 (inputs: see `input_batches`)."""
     model.eval()
     out = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with autocast_for(device, amp):
         for xb in input_batches(inputs, batch_size):
             xb = to_device(xb, device)
             mask = mask_fn(xb) if mask_fn is not None else None

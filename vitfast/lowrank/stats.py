@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.trainer import autocast_for
 from ..ops import CovarianceAccumulator
 
 
@@ -97,8 +98,7 @@ def collect_linear_stats(model: nn.Module, images, layers: dict[str, nn.Linear],
 
             handles.append(lin.register_forward_hook(hook))
         try:
-            use_amp = amp and device.type == "cuda"
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast_for(device, amp):
                 for xb in tqdm(list(batches(images, batch_size)), desc="collect", disable=not progress, leave=False):
                     xb = to_device(xb, device)
                     current["mask"] = mask_fn(xb)

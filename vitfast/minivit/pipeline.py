@@ -250,7 +250,8 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     from ..tinyvit.store import read_meta
 
     store_id = asdict(read_meta(cfg.store)) if cfg.store else None
-    run = RunDir(out_dir, {**asdict(cfg), "train": asdict(cfg.train)},
+    # compile changes the speed, not the run: not part of its identity
+    run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
                   "store": store_id},
                  volatile=("workers", "progress", "output", "device", "resume"))

@@ -74,6 +74,7 @@ def add_parser(sub) -> None:
     t.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999")
     t.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="autocast dtype on CUDA (float16 uses a GradScaler; float32: no autocast)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the student's training steps")
     t.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: min(4, CPUs - 2))")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=d)
@@ -186,7 +187,8 @@ def run_distill(args) -> int:
 
     # the output folder remembers its run: another configuration, store or data is refused
     store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
-    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config")},
+    RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config",
+                                                                                 "compile")},
            {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data)}
            ).start(resume=True)
     rank, world, device = vdist.setup(args.device)
@@ -217,7 +219,7 @@ def run_distill(args) -> int:
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None),
-                  amp_dtype=args.amp_dtype)
+                  amp_dtype=args.amp_dtype, compile=args.compile)
     if rank == 0:
         import os
 

@@ -1,0 +1,47 @@
+// One storage dtype's head-mixing kernels (forward when VF_HM_FWD is defined, else backward):
+// included by the head_mix_{fwd,bwd}_<dtype>_cuda.cu units with VF_HM_T (the storage type) and
+// VF_HM_NAME (the suffix of head_mix_entry.h) defined. No include guard: the CUDA emulator binding
+// includes every unit into one file.
+#include "head_mix_entry.h"
+#include "window_attention_dispatch.cuh"
+#ifdef VF_HM_FWD
+#include "head_mix_fwd.cuh"
+#else
+#include "head_mix_bwd.cuh"
+#endif
+
+#ifndef VF_HM_CAT
+#define VF_HM_CAT2(a, b) a##b
+#define VF_HM_CAT(a, b) VF_HM_CAT2(a, b)
+#endif
+
+namespace vitfast {
+
+#ifdef VF_HM_FWD
+int64_t VF_HM_CAT(head_mix_fwd_workspace_, VF_HM_NAME)(const WindowAttentionParams& p) {
+  return head_mix_forward_workspace_typed<VF_HM_T>(p);
+}
+
+int VF_HM_CAT(head_mix_fwd_launch_, VF_HM_NAME)(const WindowAttentionParams& p, void* workspace, void* stream) {
+  return with_heads_cap(p.heads, [&](auto cap) {
+    return head_mix_forward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
+  });
+}
+#else
+int64_t VF_HM_CAT(head_mix_bwd_workspace_, VF_HM_NAME)(const WindowAttentionBackwardParams& p) {
+  return head_mix_backward_workspace_typed<VF_HM_T>(p);
+}
+
+int VF_HM_CAT(head_mix_bwd_launch_, VF_HM_NAME)(const WindowAttentionBackwardParams& p, void* workspace,
+                                                void* stream) {
+  return with_heads_cap(p.fwd.heads, [&](auto cap) {
+    return head_mix_backward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
+  });
+}
+#endif
+
+}  // namespace vitfast
+
+#undef VF_HM_T
+#undef VF_HM_NAME
+#undef VF_HM_FWD

@@ -1,0 +1,5 @@
+// head_mix_attention's forward kernels for double (one dtype per unit: see head_mix_entry.h).
+#define VF_HM_FWD
+#define VF_HM_T double
+#define VF_HM_NAME f64
+#include "head_mix_dtype.cuh"
