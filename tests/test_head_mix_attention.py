@@ -165,6 +165,24 @@ def test_shapes_the_kernels_cannot_hold_run_the_composite(monkeypatch, dtype, fi
     assert asked and asked[0][1:5] == (dtype, 3, 8, 8)
 
 
+def test_fit_query_is_a_compile_time_constant_without_importing_dynamo():
+    """vitfast marks head_mix_fits the way torch.compiler.assume_constant_result does (so traced
+    graphs do not break on it), without that import's 1.7 s at `import vitfast`."""
+    import subprocess
+    import sys
+
+    from vitfast import _ext
+
+    def probe():
+        return 1
+
+    torch.compiler.assume_constant_result(probe)
+    marks = {k for k in vars(probe)}
+    assert marks and marks <= set(vars(_ext.head_mix_fits)), marks
+    code = "import sys, vitfast; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype,heads,dk", [(torch.float32, 20, 16), (torch.float32, 16, 48), (torch.float64, 32, 64),
