@@ -46,6 +46,31 @@ def test_replay_is_bit_identical_across_world_sizes_and_workers():
     assert not torch.equal(a[0], d[0])  # another epoch, another augmentation
 
 
+def test_a_pair_draws_what_its_seeds_draw_and_leaves_the_callers_rng_alone():
+    """pair() saves and restores the RNG states once for its three seeded steps: the images equal
+    those drawn one seed at a time (image()), the mix is the pair seed's, and the caller's Python,
+    NumPy and torch streams continue as if nothing had run."""
+    import random
+
+    from timm.data import Mixup
+
+    from vitfast.tinyvit.replay import seeded
+
+    ds, _ = digits_train_set()
+    aug = ReplayAugment(ds, digits_transform(), MIXUP)
+    seeds = [1234567, 89]
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    x, t = aug.pair([3, 8], seeds, num_classes=10)
+    after = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    assert after == (random.random(), np.random.rand(), torch.rand(1))
+    a, la = aug.image(3, seeds[0])
+    b, lb = aug.image(8, seeds[1])
+    with seeded(seeds[0] ^ seeds[1]):
+        want, want_t = Mixup(**{**MIXUP, "mode": "batch"})(torch.stack([a, b]), torch.tensor([la, lb]))
+    assert torch.equal(x, want) and torch.equal(t, want_t)
+
+
 def test_replay_with_stock_timm_imagenet_transforms(tmp_path):
     """RandomResizedCrop + flip + RandAugment + RandomErasing (timm.create_transform) and
     Mixup/CutMix, on PIL images from an ImageFolder."""

@@ -28,23 +28,36 @@ def sample_seed(base_seed: int, epoch: int, key: int) -> int:
     return x & MASK32
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block with Python, NumPy and torch (CPU) RNGs seeded from `seed`, restoring the
-    caller's RNG states afterwards."""
-    py, np_state, th = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+def reseed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU) RNGs from `seed` (the caller restores them: preserved_rng)."""
     random.seed(seed)
     np.random.seed(seed & MASK32)
-    # the CPU generator alone (what the transforms draw from, and all that is restored below):
+    # the CPU generator alone (what the transforms draw from, and all that preserved_rng restores):
     # torch.manual_seed would also queue lazy CUDA/XPU/MTIA seeding, each capturing a Python stack
     # trace -- 63% of save-logits' time on the embedded default -- and change the CUDA RNG unrestored
     torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block that reseeds the RNGs, restoring the caller's RNG states afterwards (saving and
+    restoring them costs more than seeding: once per pair, not per seed)."""
+    py, np_state, th = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     try:
         yield
     finally:
         random.setstate(py)
         np.random.set_state(np_state)
         torch.random.set_rng_state(th)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with Python, NumPy and torch (CPU) RNGs seeded from `seed`, restoring the
+    caller's RNG states afterwards."""
+    with preserved_rng():
+        reseed(seed)
+        yield
 
 
 def epoch_plan(dataset_size: int, epoch: int, base_seed: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,24 +93,31 @@ class ReplayAugment:
         self.mixup_args = mixup_args
 
     def image(self, key: int, seed: int) -> tuple[torch.Tensor, int]:
+        with preserved_rng():
+            return self._image(key, seed)
+
+    def _image(self, key: int, seed: int) -> tuple[torch.Tensor, int]:
         img, label = self.dataset[int(key)]
-        with seeded(seed):
-            return self.transform(img), int(label)
+        reseed(seed)
+        return self.transform(img), int(label)
 
     def pair(self, keys, seeds, num_classes: int | None = None):
         """Augmented (and, with mixup, mixed) images of the two samples of a pair, (2, ...), and,
-        when num_classes is given, their soft labels (2, num_classes) as timm's Mixup makes them."""
-        (a, la), (b, lb) = self.image(keys[0], seeds[0]), self.image(keys[1], seeds[1])
-        x, y = torch.stack([a, b]), torch.tensor([la, lb])
-        if not self.mixup_args:
-            t = torch.nn.functional.one_hot(y, num_classes).float() if num_classes else None
-            return x, t
-        from timm.data import Mixup
+        when num_classes is given, their soft labels (2, num_classes) as timm's Mixup makes them.
+        Each image is drawn under its own seed, the mix under the pair's: the same draws as
+        seeding each step separately, with the caller's RNG states saved and restored once."""
+        with preserved_rng():
+            (a, la), (b, lb) = self._image(keys[0], seeds[0]), self._image(keys[1], seeds[1])
+            x, y = torch.stack([a, b]), torch.tensor([la, lb])
+            if not self.mixup_args:
+                t = torch.nn.functional.one_hot(y, num_classes).float() if num_classes else None
+                return x, t
+            from timm.data import Mixup
 
-        mix = Mixup(**{**self.mixup_args, "mode": "batch"})
-        with seeded(int(seeds[0]) ^ int(seeds[1])):
+            mix = Mixup(**{**self.mixup_args, "mode": "batch"})
+            reseed(int(seeds[0]) ^ int(seeds[1]))
             x, t = mix(x, y)
-        return x, (t if num_classes else None)
+            return x, (t if num_classes else None)
 
 
 class PairDataset(torch.utils.data.Dataset):
