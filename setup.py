@@ -96,6 +96,21 @@ def write_build_config(with_cuda: bool, archs: str) -> str:
     return out
 
 
+def shared_libstdcxx() -> list[str]:
+    """Link flags that bind vitfast._C to the libstdc++.so this Python process runs (the one torch
+    loaded), found in /proc/self/maps. The first H100 run's toolchain (/opt/gcc, gcc 13) linked
+    libstdc++ into _C statically: its private, never-initialised iostream/locale copy crashed
+    (SIGSEGV) the first time an error message formatted an int. Naming the shared library first on
+    the link line resolves those symbols there, so no archive member is pulled in. Linux only."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return []
+    paths = sorted(p for p in paths if os.path.isabs(p) and os.path.exists(p))
+    return [paths[0]] if paths else []
+
+
 def extensions():
     with_cuda = want_cuda()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -121,10 +136,12 @@ def extensions():
         if debug:
             nvcc += ["-G", "-O0"]
         ext = cpp_extension.CUDAExtension(
-            "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=shared_libstdcxx())
     else:
         ext = cpp_extension.CppExtension(
-            "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+            "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+            extra_link_args=shared_libstdcxx())
     what = f"CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}" if with_cuda else "CPU kernels only"
     print(f"vitfast: building vitfast._C with {what}; {len(ext.sources)} sources, MAX_JOBS={os.environ['MAX_JOBS']}",
           flush=True)

@@ -103,5 +103,25 @@ PYBIND11_MODULE(_C, m) {
                               vitfast::head_mix_attention_backward_workspace(b) >= 0);
       },
       "(forward fits, backward fits) for (dtype name, heads, dim_k, dim_v, mix_grad, bias_grad) on the current GPU.");
+  // The same for window_attention (float64 with head dims past ~100 exceeds a block's shared memory).
+  m.def(
+      "window_attention_fits",
+      [](const std::string& dtype, int heads, int dim_k, int dim_v, bool bias_grad) {
+        vitfast::WindowAttentionBackwardParams b{};
+        b.fwd.dtype = dtype == "float16"    ? vitfast::DType::kFloat16
+                      : dtype == "bfloat16" ? vitfast::DType::kBFloat16
+                      : dtype == "float64"  ? vitfast::DType::kFloat64
+                                            : vitfast::DType::kFloat32;
+        b.fwd.heads = heads;
+        b.fwd.dim_k = dim_k;
+        b.fwd.dim_v = dim_v;
+        b.fwd.tokens = 16;
+        b.fwd.windows = 1;
+        static char flag;
+        if (bias_grad) b.dbias = &flag;
+        return py::make_tuple(vitfast::window_attention_forward_fits(b.fwd),
+                              vitfast::window_attention_backward_workspace(b) >= 0);
+      },
+      "(forward fits, backward fits) for (dtype name, heads, dim_k, dim_v, bias_grad) on the current GPU.");
 #endif
 }

@@ -81,12 +81,16 @@ else
   step build 240 $PY setup.py build_ext --inplace || { finish; }
 fi
 $PY -m vitfast info >"$OUTDIR/logs/info.log" 2>&1
+{ echo "stream code of libstdc++ defined inside _C (must be 0): $(nm -C --defined-only vitfast/_C*.so 2>/dev/null \
+    | grep -c 'std::ostream::_M_insert')"; echo "CXX=${CXX:-} libstdc++.so: $(${CXX:-c++} -print-file-name=libstdc++.so)"; } \
+  >>"$OUTDIR/logs/info.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv \
   >>"$OUTDIR/logs/info.log" 2>&1
 
 SAN=(compute-sanitizer --error-exitcode 1 --kernel-name kns=vitfast)
 case "$PHASE" in
   first)
+    step toolchain 60 $PY -m pytest -q -rfs --tb=short tests/test_build.py
     # (2) correctness, fail-early: the ops against float64, then the timm peer checks
     # (torch.compile of the ops on CUDA costs tens of seconds per test: the "later" phase)
     step tests-ops 100 $PY -m pytest -q -rs -m cuda -k "not torch_compile" --maxfail=20 \
@@ -109,7 +113,9 @@ case "$PHASE" in
     fi
     ;;
   recheck)
-    # after fixing what a "first" run found, on a fresh machine: the fixed paths first
+    # after fixing what a "first" run found, on a fresh machine: the fixed paths first; the
+    # build's own checks (a native error message formats, no embedded libstdc++) before anything
+    step toolchain 60 $PY -m pytest -q -rfs --tb=short tests/test_build.py
     step tests-ops 100 $PY -m pytest -q -rfs -m cuda -k "not torch_compile" --tb=short \
       tests/test_head_mix_attention.py tests/test_window_attention.py tests/test_topk_softmax.py \
       tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py tests/test_op_edges.py \

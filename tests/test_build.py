@@ -45,3 +45,22 @@ def test_info_cli_text():
     out = subprocess.run([sys.executable, "-m", "vitfast", "info"], capture_output=True, text=True, check=True).stdout
     assert "extension: vitfast._C loaded" in out
     assert "topk_softmax" in out and "CUDA kernels:" in out
+
+
+def test_extension_uses_the_shared_libstdcxx():
+    """vitfast._C defines no libstdc++ stream code of its own: a toolchain that links libstdc++
+    statically (the first H100 run's /opt/gcc) gave _C a private, uninitialised iostream copy and
+    every error message with a number in it crashed the process. setup.py names the shared library
+    torch runs on; this checks the result, and that a native error message with numbers formats."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("nm") is None:
+        pytest.skip("no nm")
+    so = vitfast._C.__file__
+    defined = subprocess.run(["nm", "-C", "--defined-only", so], capture_output=True, text=True).stdout
+    embedded = [line for line in defined.splitlines() if "std::ostream::_M_insert" in line or "std::locale::locale" in line]
+    assert not embedded, embedded[:5]
+    with pytest.raises(ValueError, match="k"):
+        torch.ops.vitfast.topk_softmax(torch.randn(2, 3), 5)  # the C++ check formats ints into its message

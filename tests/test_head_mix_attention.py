@@ -147,14 +147,12 @@ def test_shapes_the_kernels_cannot_hold_run_the_composite(monkeypatch, dtype, fi
     """Where the fused kernels have no launch configuration (the H100 run found float32 with 20
     heads, and CaiT-M36's 16 heads of 48 in float32), the op still answers: the forward, or only the
     backward, runs the float32-or-wider composite, with one warning per shape."""
-    import sys
-
     from vitfast import _ext
-    hm = sys.modules["vitfast.ops.head_mix_attention"]  # the package exports the function under that name
+    from vitfast.ops import _composite
 
     asked = []
     monkeypatch.setattr(_ext, "head_mix_fits", lambda *a: asked.append(a) or fits)
-    monkeypatch.setattr(hm, "_composite_warned", set())
+    monkeypatch.setattr(_composite, "_warned", set())
     case = make_case("cpu", dtype, windows=2, heads=3, dk=8, wh=3, ww=3, mask_types=2)
     with pytest.warns(RuntimeWarning, match="composite") as seen:
         run_and_compare(case, make_mix(3, "cpu", dtype=param_dtype(dtype)), dtype)
@@ -178,7 +176,7 @@ def test_fit_query_is_a_compile_time_constant_without_importing_dynamo():
 
     torch.compiler.assume_constant_result(probe)
     marks = {k for k in vars(probe)}
-    assert marks and marks <= set(vars(_ext.head_mix_fits)), marks
+    assert marks and marks <= set(vars(_ext.head_mix_fits)) and marks <= set(vars(_ext.window_attention_fits)), marks
     code = "import sys, vitfast; print('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
@@ -187,11 +185,14 @@ def test_fit_query_is_a_compile_time_constant_without_importing_dynamo():
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("dtype,heads,dk", [(torch.float32, 20, 16), (torch.float32, 16, 48), (torch.float64, 32, 64),
                                             (torch.bfloat16, 16, 48)])
-def test_kernel_fit_query_on_gpu(dtype, heads, dk):
+def test_kernel_fit_query_on_gpu(dtype, heads, dk, monkeypatch):
     """The planner's answer (vitfast._C.head_mix_fits) and the op agree: a shape that fits runs
     fused without a warning, one that does not runs the composite with one; both match float64."""
     import warnings as w
     from vitfast import _ext
+    from vitfast.ops import _composite
+
+    monkeypatch.setattr(_composite, "_warned", set())  # earlier tests may have warned for this shape
 
     fwd, bwd = _ext.head_mix_fits(torch.device("cuda"), dtype, heads, dk, dk, True, False)
     if dtype == torch.bfloat16:

@@ -261,3 +261,35 @@ def test_cuda_matches_cpu_kernel_bitwise_layout():
     gpu = window_attention(case["qkv"].cuda(), 3, 32, **{k: (v.cuda() if torch.is_tensor(v) else v)
                                                           for k, v in kw.items()})
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fits", [(False, False), (True, False)], ids=["forward_too", "backward_only"])
+def test_shapes_the_kernels_cannot_hold_run_the_composite(monkeypatch, dtype, fits):
+    """Where the fused kernels have no launch configuration (the H100 run: float64 with head dim
+    128), the op still answers: the forward, or only the backward, runs the float32-or-wider
+    composite, with one warning per shape, and matches float64."""
+    from vitfast import _ext
+    from vitfast.ops import _composite
+
+    asked = []
+    monkeypatch.setattr(_ext, "window_attention_fits", lambda *a: asked.append(a) or fits)
+    monkeypatch.setattr(_composite, "_warned", set())
+    case = make_case("cpu", dtype, windows=3, heads=2, dk=8, wh=3, ww=3, mask_types=3)
+    with pytest.warns(RuntimeWarning, match="composite") as seen:
+        run_and_compare(case, dtype)
+        run_and_compare(case, dtype)
+    msgs = [str(w.message) for w in seen if "composite" in str(w.message)]
+    assert len(msgs) == 1 and ("fused CUDA forward" if not fits[0] else "fused CUDA backward") in msgs[0]
+    assert asked and asked[0][1:5] == (dtype, 2, 8, 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_kernel_fit_query_on_gpu():
+    """float64 with head dim 128 has no fused configuration on an H100 (measured: the process died
+    there before the composite route existed); Swin's bf16 shapes do."""
+    from vitfast import _ext
+
+    assert _ext.window_attention_fits(torch.device("cuda"), torch.float64, 2, 128, 128, True) != (True, True)
+    assert _ext.window_attention_fits(torch.device("cuda"), torch.bfloat16, 3, 32, 32, True) == (True, True)

@@ -79,10 +79,31 @@ def head_mix_fits(device: torch.device, dtype: torch.dtype, heads: int, dim_k: i
                                bool(mix_grad), bool(bias_grad))
 
 
+@functools.lru_cache(maxsize=None)
+def _window_attention_fits_cuda(index: int, dtype: str, heads: int, dim_k: int, dim_v: int,
+                                bias_grad: bool) -> tuple[bool, bool]:
+    with torch.cuda.device(index):
+        fwd, bwd = _C.window_attention_fits(dtype, heads, dim_k, dim_v, bias_grad)
+    return bool(fwd), bool(bwd)
+
+
+def window_attention_fits(device: torch.device, dtype: torch.dtype, heads: int, dim_k: int, dim_v: int,
+                          bias_grad: bool) -> tuple[bool, bool]:
+    """(forward, backward): whether window_attention's fused CUDA kernels have a launch
+    configuration for this shape on `device` (float64 with wide heads can exceed a block's shared
+    memory). Always true off CUDA."""
+    if device.type != "cuda" or not cuda_kernels_built():
+        return True, True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _window_attention_fits_cuda(index, str(dtype).removeprefix("torch."), int(heads), int(dim_k), int(dim_v),
+                                       bool(bias_grad))
+
+
 # torch.compile folds the answer into the graph (a constant for given shapes): what
 # torch.compiler.assume_constant_result does, without importing torch._dynamo at `import vitfast`
 # (1.7 s); tests/test_head_mix_attention.py checks that the decorator still sets this attribute.
 head_mix_fits._dynamo_marked_constant = True
+window_attention_fits._dynamo_marked_constant = True
 
 
 def native(device: torch.device) -> bool:

@@ -139,7 +139,8 @@ void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64
 // CUDA (stream is a cudaStream_t): returns a cudaError_t as int. The backward needs a float32
 // (float64 for fp64) workspace of window_attention_backward_workspace(p) elements.
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream);
-int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams& p);
+int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams& p);  // < 0: no configuration fits
+bool window_attention_forward_fits(const WindowAttentionParams& p);  // a launch configuration fits this GPU
 int window_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
 
 // Head-mixing attention, same conventions. p.lse holds the log-sum-exp of the mixed scores S'.

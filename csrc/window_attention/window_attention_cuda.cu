@@ -45,6 +45,15 @@ int window_attention_segment_sum_cuda(const void* dbias, bool f64, const int64_t
   return static_cast<int>(cudaGetLastError());
 }
 
+bool window_attention_forward_fits(const WindowAttentionParams& p) {
+  return with_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    size_t smem = 0;
+    plan_fwd<T, typename wa::AccOf<T>::type>(p, device_smem_optin(), &smem);
+    return smem != 0;
+  });
+}
+
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream) {
   if (p.windows == 0) return 0;  // an empty batch launches nothing (a 0-block grid is an error)
   return with_dtype(p.dtype, [&](auto t) { return forward_typed<decltype(t)>(p, static_cast<cudaStream_t>(stream)); });

@@ -4,13 +4,13 @@ in memory -- on the window-attention kernels' layouts (plain sequences, windows,
 Swin's shift, a relative-position bias table)."""
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 
 from .. import _ext
 from ._checks import check_attention_args, check_mix_args
+from ._composite import composite_backward, warn_composite, wide
 from .reference import head_mix_attention_reference
 from .window_attention import _acc, _windows_tokens, normalize_args
 
@@ -24,27 +24,11 @@ def _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, p
                          window_size, shift_size)
     check_mix_args(OP, qkv, num_heads, pre_mix, pre_mix_bias, post_mix, post_mix_bias)
 
-_composite_warned: set[tuple] = set()
-
-
-def _warn_composite(what: str, qkv: torch.Tensor, num_heads: int, dim_k: int, dim_v: int) -> None:
-    key = (what, qkv.dtype, num_heads, dim_k, dim_v)
-    if key in _composite_warned:
-        return
-    _composite_warned.add(key)
-    warnings.warn(
-        f"vitfast.head_mix_attention: the fused CUDA {what} for {str(qkv.dtype).removeprefix('torch.')} with "
-        f"{num_heads} heads (dim_k {dim_k}, dim_v {dim_v}) needs more shared memory per block than this GPU has "
-        "(a block holds every head of a window); this shape runs the PyTorch composite in float32 or wider, which "
-        "materialises (windows, heads, N, N) tensors. 16-bit inputs (autocast) or fewer / narrower heads run fused.",
-        RuntimeWarning, stacklevel=3)
-
-
 def _composite(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
                dim_v, offsets, head_stride, scale, window_size, shift_size):
     """The reference computation (differentiable) in float32 or wider, cast back to qkv's dtype:
     the route for shapes the fused kernels cannot hold."""
-    x = qkv if qkv.dtype in (torch.float32, torch.float64) else qkv.float()
+    x = wide(qkv)
     # pre_mix_bias cancels in the softmax: left out, so its gradient is exactly zero, as fused
     out = head_mix_attention_reference(x, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
                                        bias_index, mask, pre_mix, None, post_mix, post_mix_bias,
@@ -96,7 +80,7 @@ if _ext.extension_loaded():
             return (None,) * 16
         num_heads, dim_k, dim_v = ctx.args[:3]
         if not _ext.head_mix_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, mix_grad, table_grad)[1]:
-            _warn_composite("backward", qkv, num_heads, dim_k, dim_v)
+            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v)
             return _composite_backward(ctx, grad_out, need)
         grad_qkv, g_table, g_pre, g_post, g_post_bias = torch.ops.vitfast.head_mix_attention_backward(
             grad_out, qkv, lse, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias,
@@ -110,19 +94,12 @@ if _ext.extension_loaded():
 
     def _composite_backward(ctx, grad_out, need):
         """Gradients through the composite (the forward ran fused; only the backward does not fit)."""
-        saved = list(ctx.saved_tensors[:8])
         wants = [need[0], need[1], False, False, need[4], False, need[6], need[7]]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None and w else t for t, w in zip(saved, wants)]
-            out = _composite(*leaves, *ctx.args)
-            wanted = [i for i, (t, w) in enumerate(zip(leaves, wants)) if t is not None and w]
-            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, allow_unused=True)
-        result = [None] * 16
-        for i, g in zip(wanted, grads):
-            result[i] = g if g is not None else torch.zeros_like(leaves[i])
-        if saved[5] is not None and need[5]:
-            result[5] = torch.zeros_like(saved[5])  # cancels in the softmax
-        return tuple(result)
+        result = composite_backward(_composite, list(ctx.saved_tensors[:8]), ctx.args, grad_out, wants)
+        saved_pre_bias = ctx.saved_tensors[5]
+        if saved_pre_bias is not None and need[5]:
+            result[5] = torch.zeros_like(saved_pre_bias)  # cancels in the softmax
+        return tuple(result) + (None,) * 8
 
     torch.library.register_autograd("vitfast::head_mix_attention_forward", _backward, setup_context=_setup_context)
 
@@ -171,7 +148,7 @@ def head_mix_attention(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
     if _ext.native(qkv.device) and not _ext.head_mix_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, False,
                                                            False)[0]:
-        _warn_composite("forward", qkv, num_heads, dim_k, dim_v)
+        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v)
         _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
                dim_v, offsets, head_stride, scale, window_size, shift_size)
         return _composite(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads,

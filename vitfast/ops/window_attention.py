@@ -8,6 +8,7 @@ import torch
 
 from .. import _ext
 from ._checks import ATTN_MAX_HEAD_DIM, check_attention_args, fail
+from ._composite import composite_backward, warn_composite, wide
 from .reference import window_attention_reference
 
 OP = "window_attention"
@@ -65,6 +66,13 @@ def _windows_tokens(qkv, window_size) -> tuple[int, int]:
     return qkv.shape[0], qkv.shape[1]
 
 
+def _composite(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale, window_size,
+               shift_size):
+    """The reference in float32 or wider, cast back: shapes the fused kernels cannot hold."""
+    return window_attention_reference(wide(qkv), num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                      bias_index, mask, window_size, shift_size).to(qkv.dtype)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -104,6 +112,12 @@ if _ext.extension_loaded():
         table_grad = bias_table is not None and ctx.needs_input_grad[1]
         if not (ctx.needs_input_grad[0] or table_grad):
             return (None,) * 12
+        num_heads, dim_k, dim_v = ctx.args[:3]
+        if not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, table_grad)[1]:
+            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v)
+            wants = [ctx.needs_input_grad[0], table_grad, False, False]
+            result = composite_backward(_composite, [qkv, bias_table, bias_index, mask], ctx.args, grad_out, wants)
+            return tuple(result[:2]) + (None,) * 10
         grad_qkv, grad_table = torch.ops.vitfast.window_attention_backward(
             grad_out, qkv, out, lse, bias_table, bias_index, mask, *ctx.args, table_grad)
         return (grad_qkv if ctx.needs_input_grad[0] else None, grad_table if table_grad else None) + (None,) * 10
@@ -152,6 +166,13 @@ def window_attention(
     """
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
+    if _ext.native(qkv.device) and not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v,
+                                                                  False)[0]:
+        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v)
+        check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index,
+                             mask, window_size, shift_size)
+        return _composite(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale,
+                          window_size, shift_size)
     if _ext.native(qkv.device):
         out, _ = torch.ops.vitfast.window_attention_forward(
             qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale,
