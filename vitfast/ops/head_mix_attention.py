@@ -141,7 +141,9 @@ def head_mix_attention(
 
     Every float parameter may have its own dtype (float32 parameters under autocast); their
     gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are
-    bitwise reproducible. Up to 32 heads, head dims 1..256, N up to 4096 tokens per window.
+    bitwise reproducible. Up to 32 heads, head dims 1..256, N up to 4096 tokens per window. On
+    CUDA, shapes whose heads do not fit one block's shared memory (float32 / float64 with many or
+    wide heads) run the float32-or-wider PyTorch composite, with a RuntimeWarning once per shape.
     Returns (..., num_heads * dim_v) with qkv's leading shape.
     """
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(

@@ -150,7 +150,9 @@ def window_attention(
             (Swin's torch.roll(x, -shift)); window partition, reverse and shift are then index
             arithmetic, not copies, and the output comes back as a (B, H, W, heads*dim_v) map.
         num_heads, dim_k, dim_v: heads and q/k and v head dims (dim_v defaults to dim_k;
-            TinyViT's attn_ratio makes them differ). Head dims 1..256, N up to 4096 tokens.
+            TinyViT's attn_ratio makes them differ). Head dims 1..256, N up to 4096 tokens. On
+            CUDA, shapes whose tiles do not fit a block's shared memory (float64 with wide
+            heads) run the float32-or-wider PyTorch composite, with a RuntimeWarning once.
         layout: where each head's q, k, v sit in the channels: "swin" (3, heads, d), "tinyvit"
             (heads, 2*dim_k + dim_v) or (q_offset, k_offset, v_offset, head_stride).
         scale: defaults to dim_k ** -0.5.
