@@ -47,6 +47,30 @@ TORCH_LIBRARY(vitfast, m) {
 
 namespace py = pybind11;
 
+#ifdef VITFAST_WITH_CUDA
+namespace {
+// The sizes the launch planners read (one 16-token window); non-null gradient pointers only say
+// which gradients are wanted.
+vitfast::WindowAttentionBackwardParams fit_query(const std::string& dtype, int heads, int dim_k, int dim_v,
+                                                 bool mix_grad, bool bias_grad) {
+  static char flag;
+  vitfast::WindowAttentionBackwardParams b{};
+  b.fwd.dtype = dtype == "float16"    ? vitfast::DType::kFloat16
+                : dtype == "bfloat16" ? vitfast::DType::kBFloat16
+                : dtype == "float64"  ? vitfast::DType::kFloat64
+                                      : vitfast::DType::kFloat32;
+  b.fwd.heads = heads;
+  b.fwd.dim_k = dim_k;
+  b.fwd.dim_v = dim_v;
+  b.fwd.tokens = 16;
+  b.fwd.windows = 1;
+  if (mix_grad) b.grad_pre_mix = &flag;
+  if (bias_grad) b.dbias = &flag;
+  return b;
+}
+}  // namespace
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vitfast compiled kernels; the ops themselves live under torch.ops.vitfast";
   m.def("build_info", []() {
@@ -80,45 +104,21 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "Version, compiled CUDA architectures and the ops this build registers.");
 #ifdef VITFAST_WITH_CUDA
-  // Whether head_mix_attention's fused kernels have a launch configuration on the current GPU
-  // (every head of a window sits in one block's shared memory; float32 / float64 with many or wide
-  // heads can exceed it). The smallest tile always competes, so the answer does not depend on N.
+  // Whether the attention kernels have a launch configuration on the current GPU (head mixing holds
+  // every head of a window in one block; float32 / float64 with many or wide heads can exceed its
+  // shared memory). The smallest tile always competes, so the answer does not depend on N.
   m.def(
       "head_mix_fits",
       [](const std::string& dtype, int heads, int dim_k, int dim_v, bool mix_grad, bool bias_grad) {
-        vitfast::WindowAttentionBackwardParams b{};
-        b.fwd.dtype = dtype == "float16"    ? vitfast::DType::kFloat16
-                      : dtype == "bfloat16" ? vitfast::DType::kBFloat16
-                      : dtype == "float64"  ? vitfast::DType::kFloat64
-                                            : vitfast::DType::kFloat32;
-        b.fwd.heads = heads;
-        b.fwd.dim_k = dim_k;
-        b.fwd.dim_v = dim_v;
-        b.fwd.tokens = 16;
-        b.fwd.windows = 1;
-        static char flag;  // non-null: the planners only ask whether these gradients are wanted
-        if (mix_grad) b.grad_pre_mix = &flag;
-        if (bias_grad) b.dbias = &flag;
+        const vitfast::WindowAttentionBackwardParams b = fit_query(dtype, heads, dim_k, dim_v, mix_grad, bias_grad);
         return py::make_tuple(vitfast::head_mix_attention_forward_workspace(b.fwd) >= 0,
                               vitfast::head_mix_attention_backward_workspace(b) >= 0);
       },
       "(forward fits, backward fits) for (dtype name, heads, dim_k, dim_v, mix_grad, bias_grad) on the current GPU.");
-  // The same for window_attention (float64 with head dims past ~100 exceeds a block's shared memory).
   m.def(
       "window_attention_fits",
       [](const std::string& dtype, int heads, int dim_k, int dim_v, bool bias_grad) {
-        vitfast::WindowAttentionBackwardParams b{};
-        b.fwd.dtype = dtype == "float16"    ? vitfast::DType::kFloat16
-                      : dtype == "bfloat16" ? vitfast::DType::kBFloat16
-                      : dtype == "float64"  ? vitfast::DType::kFloat64
-                                            : vitfast::DType::kFloat32;
-        b.fwd.heads = heads;
-        b.fwd.dim_k = dim_k;
-        b.fwd.dim_v = dim_v;
-        b.fwd.tokens = 16;
-        b.fwd.windows = 1;
-        static char flag;
-        if (bias_grad) b.dbias = &flag;
+        const vitfast::WindowAttentionBackwardParams b = fit_query(dtype, heads, dim_k, dim_v, false, bias_grad);
         return py::make_tuple(vitfast::window_attention_forward_fits(b.fwd),
                               vitfast::window_attention_backward_workspace(b) >= 0);
       },
