@@ -5,6 +5,8 @@ autocast, AdamW, random weights and labels: the shapes are the real ones):
 * Mini-DeiT-S compiled, fused head-mixing attention vs the same Mini model with its attention in
   PyTorch ops (eager talking heads), compiled -- bar: >= 1.5x
 * swin_tiny_patch4_window7_224 compiled vs Mini-Swin-T (share per stage) compiled -- bar: >= 1.1x
+* each Mini model again with head_mix_attention's impl="sdpa" route ("sdpa route"), against the
+  same bars: the faster route becomes the default
 
     python benchmarks/minivit_gpu.py --json minivit.json --append-markdown benchmarks/RESULTS.md
     python benchmarks/minivit_gpu.py --device cpu --quick        # smoke test of this script
@@ -25,16 +27,19 @@ from window_models_gpu import measure
 
 BARS = [("mini_deit_small (fused)", "deit_small_patch16_224", 0.8),
         ("mini_deit_small (fused)", "mini_deit_small (eager talking heads)", 1.5),
-        ("mini_swin_tiny (fused)", "swin_tiny_patch4_window7_224", 1.1)]
+        ("mini_swin_tiny (fused)", "swin_tiny_patch4_window7_224", 1.1),
+        ("mini_deit_small (sdpa route)", "deit_small_patch16_224", 0.8),
+        ("mini_deit_small (sdpa route)", "mini_deit_small (eager talking heads)", 1.5),
+        ("mini_swin_tiny (sdpa route)", "swin_tiny_patch4_window7_224", 1.1)]
 
 
 def build(name, device):
     if name.startswith("mini_"):
         base = name.split(" ")[0] + ("_patch16_224" if "deit" in name else "_patch4_window7_224")
         model = timm.create_model(base)
-        if "eager" in name:
-            for b in mini_blocks(model):
-                b.eager = True
+        for b in mini_blocks(model):
+            b.eager = "eager" in name
+            b.head_mix_impl = "sdpa" if "sdpa" in name else "fused"
         return model.to(device)
     return timm.create_model(name).to(device)
 
@@ -53,7 +58,8 @@ def main(argv=None) -> int:
         return 2
     batch, reps = (2, 2) if args.quick else (128, args.reps)
     names = ["deit_small_patch16_224", "mini_deit_small (fused)", "mini_deit_small (eager talking heads)",
-             "swin_tiny_patch4_window7_224", "mini_swin_tiny (fused)"]
+             "swin_tiny_patch4_window7_224", "mini_swin_tiny (fused)", "mini_deit_small (sdpa route)",
+             "mini_swin_tiny (sdpa route)"]
     results = {}
 
     def write():

@@ -43,13 +43,15 @@ def cases(device, small):
     seq = torch.randn(128 // s, 197, 3 * 384, device=device).bfloat16().requires_grad_()
     mix = [(torch.eye(6, device=device) + 0.1 * torch.randn(6, 6, device=device)).requires_grad_() for _ in range(2)]
     bias = torch.zeros(6, device=device, requires_grad=True)
-    out["head_mix_attention B128 H6 N197 d64 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
-        head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias).float().sum(),
-        [seq, *mix, bias])
     mix3 = [(torch.eye(3, device=device) + 0.1 * torch.randn(3, 3, device=device)).requires_grad_() for _ in range(2)]
-    out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
-        head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table, bias_index=index,
-                           mask=mask).float().sum(), [qkv, table, *mix3])
+    for impl in ("fused", "sdpa"):  # the SDPA route's kernels are not vitfast's: kernel_times.py splits them
+        tag = "" if impl == "fused" else " impl=sdpa"
+        out[f"head_mix_attention B128 H6 N197 d64 bf16 fwd+bwd{tag}"] = lambda impl=impl: torch.autograd.grad(
+            head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias,
+                               impl=impl).float().sum(), [seq, *mix, bias])
+        out[f"head_mix_attention mini_swin_t stage1 bf16 fwd+bwd{tag}"] = lambda impl=impl: torch.autograd.grad(
+            head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table, bias_index=index,
+                               mask=mask, impl=impl).float().sum(), [qkv, table, *mix3])
     return out
 
 

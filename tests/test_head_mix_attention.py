@@ -31,14 +31,14 @@ def make_mix(heads, device, which=MIX_NAMES, dtype=torch.float32):
     return mix
 
 
-def run_and_compare(case, mix, dtype):
+def run_and_compare(case, mix, dtype, impl="fused"):
     qkv = case["qkv"].detach().clone().requires_grad_()
     table = case["table"].clone().requires_grad_() if case["table"] is not None else None
     params = {k: v.clone().requires_grad_() for k, v in mix.items()}
     kw = dict(layout=case["layout"], bias_table=table, bias_index=case["index"], mask=case["mask"], **params)
     if case["window_size"]:
         kw.update(window_size=case["window_size"], shift_size=case["shift"])
-    out = head_mix_attention(qkv, case["heads"], case["dk"], case["dv"], **kw)
+    out = head_mix_attention(qkv, case["heads"], case["dk"], case["dv"], impl=impl, **kw)
     assert out.dtype == dtype and out.shape == (*qkv.shape[:-1], case["heads"] * case["dv"])
     grad = torch.randn_like(out)
     inputs = [qkv] + ([table] if table is not None else []) + list(params.values())
@@ -139,6 +139,62 @@ def test_gradcheck_cpu():
         lambda x, t, w1, w2: head_mix_attention(x, 2, 3, bias_table=t, bias_index=grid["index"], mask=grid["mask"],
                                                 window_size=(2, 3), shift_size=(1, 2), pre_mix=w1, post_mix=w2),
         (x, t, w1, w2))
+
+
+# --- impl="sdpa": the mixes folded into scaled_dot_product_attention calls ---
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [
+    dict(grid=(2, 8, 12), wh=4, ww=6, shift=(1, 5), heads=3, dk=16, mask_types=4),  # shifted feature map
+    dict(windows=8, heads=2, dk=8, wh=3, ww=3, mask_types=4),  # two groups of four window types
+])
+def test_sdpa_route_matches_reference(device, dtype, shape):
+    case = make_case(device, dtype, **shape)
+    run_and_compare(case, make_mix(case["heads"], device, dtype=param_dtype(dtype)), dtype, impl="sdpa")
+
+
+@pytest.mark.parametrize("which", [("pre_mix",), ("post_mix",), ("post_mix_bias",), ("pre_mix", "pre_mix_bias"), ()])
+def test_sdpa_route_optional_transforms(device, which):
+    case = make_case(device, torch.float64, windows=4, heads=3, dk=8, wh=3, ww=3, mask_types=2)
+    run_and_compare(case, make_mix(3, device, which, torch.float64), torch.float64, impl="sdpa")
+
+
+def test_sdpa_route_gradcheck_and_fused_agree():
+    case = make_case("cpu", torch.float64, windows=4, heads=3, dk=4, dv=3, wh=2, ww=3, layout="tinyvit",
+                     mask_types=2)
+    mix = make_mix(3, "cpu", dtype=torch.float64)
+    leaves = [case["qkv"].detach().requires_grad_(), case["table"].detach().requires_grad_()] + \
+             [mix[k].requires_grad_() for k in ("pre_mix", "post_mix", "post_mix_bias")]
+
+    def fn(impl):
+        return lambda qkv, table, pre, post, post_bias: head_mix_attention(
+            qkv, 3, 4, 3, layout="tinyvit", bias_table=table, bias_index=case["index"], mask=case["mask"],
+            pre_mix=pre, post_mix=post, post_mix_bias=post_bias, impl=impl)
+
+    assert torch.autograd.gradcheck(fn("sdpa"), leaves)
+    torch.testing.assert_close(fn("sdpa")(*leaves), fn("fused")(*leaves), rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_route_torch_compile_fullgraph(device):
+    case = make_case(device, torch.float32, windows=4, heads=2, dk=16, wh=4, ww=4, mask_types=2)
+    mix = make_mix(2, device)
+    leaves = [case["qkv"].clone().requires_grad_(), case["table"].clone().requires_grad_(),
+              mix["pre_mix"].clone().requires_grad_(), mix["post_mix"].clone().requires_grad_()]
+
+    def step(qkv, table, pre, post):
+        return head_mix_attention(qkv, 2, 16, bias_table=table, bias_index=case["index"], mask=case["mask"],
+                                  pre_mix=pre, post_mix=post, impl="sdpa").square().mean()
+
+    grads = torch.autograd.grad(torch.compile(step, fullgraph=True)(*leaves), leaves)
+    ref = torch.autograd.grad(step(*leaves), leaves)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_impl_is_named():
+    qkv = torch.randn(1, 4, 3 * 2 * 8)
+    with pytest.raises(ValueError, match="argument 'impl' must be 'fused' or 'sdpa'"):
+        head_mix_attention(qkv, 2, 8, impl="flash")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

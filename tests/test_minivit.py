@@ -130,6 +130,27 @@ def test_mini_attention_runs_on_the_fused_op(monkeypatch):
     assert calls == {"mix": 4, "plain": 4}
 
 
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_sdpa_route_matches_the_fused_op(make):
+    """head_mix_impl="sdpa" on every block: same outputs and gradients as the fused op (float64)."""
+    torch.manual_seed(0)
+    mini = multiplex(make(), 2, init="random").double().eval()  # eval: timm Swin has drop_path
+    for m in mini.modules():  # transforms away from the identity, so the mixes matter
+        if isinstance(m, HeadMix):
+            for p in m.parameters():
+                p.data.add_(0.2 * torch.randn_like(p))
+    other = copy.deepcopy(mini)
+    for b in mini_blocks(other):
+        b.head_mix_impl = "sdpa"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    a, b = mini(x), other(x)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ga = torch.autograd.grad(a.square().sum(), list(mini.parameters()))
+    gb = torch.autograd.grad(b.square().sum(), list(other.parameters()))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
+
+
 def test_training_step_gradients_reach_shared_and_per_layer_parameters():
     # average pooling: with the class-token head, the last block's patch tokens never reach the loss
     mini = multiplex(tiny_vit(global_pool="avg"), 2, init="random").train()

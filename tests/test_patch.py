@@ -34,8 +34,8 @@ def grads_close(a, b, rtol):
     assert worst < rtol, worst
 
 
-def peer_check(model, x, rtol_out, rtol_grad, train):
-    patched = vitfast.patch(copy.deepcopy(model))
+def peer_check(model, x, rtol_out, rtol_grad, train, **patch_kw):
+    patched = vitfast.patch(copy.deepcopy(model), **patch_kw)
     assert vitfast.patched_modules(patched)
     model.train(train)
     patched.train(train)

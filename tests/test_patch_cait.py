@@ -44,6 +44,28 @@ def test_every_cait_model_is_a_peer(name, train):
     assert len(fused) == len(model.blocks)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_sdpa_route_is_a_peer(train, monkeypatch):
+    """patch(model, head_mix_impl="sdpa") runs the SDPA route (and only it) and stays a peer."""
+    import sys
+
+    hm = sys.modules["vitfast.ops.head_mix_attention"]  # the module (the package attribute is the function)
+    torch.manual_seed(0)
+    model = build("cait_xxs24_224", 48, depth=3)
+    for m in model.modules():
+        if hasattr(m, "gamma_1"):
+            m.gamma_1.data.fill_(1.0)
+            m.gamma_2.data.fill_(1.0)
+    calls = []
+    real = hm.head_mix_attention_sdpa
+    monkeypatch.setattr(hm, "head_mix_attention_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    patched = peer_check(model, torch.randn(2, 3, 48, 48), 1e-5, 1e-4, train, head_mix_impl="sdpa")
+    assert len(calls) == 3
+    assert all(m.vitfast_head_mix_impl == "sdpa" for m in patched.modules() if isinstance(m, FusedTalkingHeadAttn))
+    with pytest.raises(ValueError, match="argument 'head_mix_impl'"):
+        vitfast.patch(model, head_mix_impl="flash")
+
+
 def test_state_dict_identical_and_unpatch_restores():
     model = build("cait_xxs24_224", 48, depth=2)
     reference = copy.deepcopy(model.state_dict())
@@ -144,6 +166,24 @@ def test_every_cait_model_is_a_peer_on_gpu_at_native_resolution(name, monkeypatc
     x = torch.randn(2, 3, size, size, device="cuda")
     peer_check(model, x, 1e-4, 1e-3, train=True)
     patched = vitfast.patch(copy.deepcopy(model))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = model(x), patched(x)
+    assert ((a.float() - b.float()).norm() / a.float().norm()).item() < 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("name", ["cait_xxs24_224", "cait_s24_384"])
+def test_sdpa_route_is_a_peer_on_gpu(name, monkeypatch):
+    """head_mix_impl="sdpa" at native resolution: float32 and bf16 autocast (SDPA's fused backends)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=0.0, depth=4).cuda()
+    size = model.patch_embed.img_size[0]
+    x = torch.randn(2, 3, size, size, device="cuda")
+    peer_check(model, x, 1e-4, 1e-3, train=True, head_mix_impl="sdpa")
+    patched = vitfast.patch(copy.deepcopy(model), head_mix_impl="sdpa")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = model(x), patched(x)
     assert ((a.float() - b.float()).norm() / a.float().norm()).item() < 3e-2

@@ -133,7 +133,8 @@ class _MiniBlock(nn.Module):
                 dropout_p=self.attn_drop, **(self.mix.kwargs() if self.mix is not None else {}))
         if self.mix is None:
             return window_attention(qkv, self.num_heads, self.head_dim, scale=self.scale, **kw)
-        return head_mix_attention(qkv, self.num_heads, self.head_dim, scale=self.scale, **kw, **self.mix.kwargs())
+        return head_mix_attention(qkv, self.num_heads, self.head_dim, scale=self.scale, impl=self.head_mix_impl, **kw,
+                                  **self.mix.kwargs())
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
@@ -163,6 +164,7 @@ class MiniViTBlock(_MiniBlock):
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
         self.eager = False  # True: the attention in PyTorch ops (benchmark baseline, attention dropout)
+        self.head_mix_impl = "fused"  # or "sdpa": head_mix_attention's impl (which is faster is per GPU and shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
@@ -200,6 +202,7 @@ class MiniSwinBlock(_MiniBlock):
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
         self.eager = False
+        self.head_mix_impl = "fused"
 
     def _mask_for(self, Hp: int, Wp: int, like: torch.Tensor):
         if not any(self.shift_size):

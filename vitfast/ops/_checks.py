@@ -78,8 +78,10 @@ def _same_device(a: torch.Tensor, b: torch.Tensor, op: str, arg_a: str, arg_b: s
 
 
 def check_attention_args(op, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index, mask,
-                         window_size, shift_size) -> None:
-    """What the native path refuses, refused the same way (type, argument, words) on the fallback."""
+                         window_size, shift_size, check_values: bool = True) -> None:
+    """What the native path refuses, refused the same way (type, argument, words) on the fallback.
+    check_values=False leaves out the one check that reads tensor data (bias_index's range: a
+    device sync on CUDA)."""
     check_dtype(qkv, FLOATS, op, "qkv")
     grid = qkv.dim() == 4
     if qkv.dim() not in (3, 4):
@@ -149,7 +151,7 @@ def check_attention_args(op, qkv, num_heads, dim_k, dim_v, offsets, head_stride,
         if tuple(bias_index.shape) != (tokens, tokens):
             fail(ValueError, op, "bias_index", f"must be (tokens, tokens) = ({tokens}, {tokens}), got "
                  f"{list(bias_index.shape)}")
-        lo, hi = (int(bias_index.min()), int(bias_index.max())) if has_data(bias_index) else (0, 0)
+        lo, hi = (int(bias_index.min()), int(bias_index.max())) if check_values and has_data(bias_index) else (0, 0)
         if lo < 0 or hi >= bias_table.shape[1]:
             fail(ValueError, op, "bias_index", f"entries must lie in [0, {bias_table.shape[1]}) (the table's length), "
                  f"got [{lo}, {hi}]")
@@ -183,7 +185,10 @@ def check_mix_args(op, qkv, num_heads, pre_mix, pre_mix_bias, post_mix, post_mix
 
 
 def has_data(t: torch.Tensor) -> bool:
-    """False for meta and fake tensors (shape-only tracing): value checks are skipped there."""
+    """False for meta and fake tensors and while torch.compile traces (shapes only): value checks
+    are skipped there."""
+    if torch.compiler.is_compiling():
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type != "meta" and not is_fake(t)

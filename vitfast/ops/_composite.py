@@ -10,16 +10,18 @@ import torch
 _warned: set[tuple] = set()
 
 
-def warn_composite(op: str, what: str, qkv: torch.Tensor, num_heads: int, dim_k: int, dim_v: int) -> None:
+def warn_composite(op: str, what: str, qkv: torch.Tensor, num_heads: int, dim_k: int, dim_v: int,
+                   route: str = "the PyTorch composite in float32 or wider, which materialises (windows, heads, N, N) "
+                                "tensors") -> None:
     key = (op, what, qkv.dtype, num_heads, dim_k, dim_v)
     if key in _warned:
         return
     _warned.add(key)
     warnings.warn(
         f"vitfast.{op}: the fused CUDA {what} for {str(qkv.dtype).removeprefix('torch.')} with {num_heads} heads "
-        f"(dim_k {dim_k}, dim_v {dim_v}) needs more shared memory per block than this GPU has; this shape runs the "
-        "PyTorch composite in float32 or wider, which materialises (windows, heads, N, N) tensors. 16-bit inputs "
-        "(autocast) or fewer / narrower heads run fused.", RuntimeWarning, stacklevel=4)
+        f"(dim_k {dim_k}, dim_v {dim_v}) needs more shared memory per block than this GPU has; this shape runs "
+        f"{route} (a composite). 16-bit inputs (autocast) or fewer / narrower heads run fused.",
+        RuntimeWarning, stacklevel=4)
 
 
 def wide(qkv: torch.Tensor) -> torch.Tensor:

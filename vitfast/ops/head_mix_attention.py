@@ -9,33 +9,31 @@ from typing import Sequence
 import torch
 
 from .. import _ext
-from ._checks import check_attention_args, check_mix_args
+from ._checks import check_attention_args, check_mix_args, fail
 from ._composite import composite_backward, warn_composite, wide
+from .head_mix_sdpa import head_mix_attention_sdpa
 from .reference import head_mix_attention_reference
 from .window_attention import _acc, _windows_tokens, normalize_args
 
 OP = "head_mix_attention"
+ROUTE = "the SDPA route (impl='sdpa') in float32 or wider"
 
 
 def _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k, dim_v,
-           offsets, head_stride, scale, window_size, shift_size) -> None:
+           offsets, head_stride, scale, window_size, shift_size, check_values=True) -> None:
     """The native checks, for the fallback path and for meta / traced (fake) tensors."""
     check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index, mask,
-                         window_size, shift_size)
+                         window_size, shift_size, check_values)
     check_mix_args(OP, qkv, num_heads, pre_mix, pre_mix_bias, post_mix, post_mix_bias)
 
 def _composite(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
                dim_v, offsets, head_stride, scale, window_size, shift_size):
-    """The reference computation (differentiable) in float32 or wider, cast back to qkv's dtype:
-    the route for shapes the fused kernels cannot hold."""
-    x = wide(qkv)
-    # pre_mix_bias cancels in the softmax: left out, so its gradient is exactly zero, as fused
-    out = head_mix_attention_reference(x, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
-                                       bias_index, mask, pre_mix, None, post_mix, post_mix_bias,
-                                       window_size, shift_size)
-    if pre_mix_bias is not None and pre_mix_bias.requires_grad:
-        out = out + 0 * pre_mix_bias.sum()  # in the graph with an exactly zero gradient
-    return out.to(qkv.dtype)
+    """The SDPA route (differentiable) in float32 or wider, cast back to qkv's dtype: the route for
+    shapes the fused kernels cannot hold."""
+    # pre_mix_bias cancels in the softmax: the route keeps it in the graph with an exactly zero gradient
+    return head_mix_attention_sdpa(wide(qkv), num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                   bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, window_size,
+                                   shift_size).to(qkv.dtype)
 
 
 if _ext.extension_loaded():
@@ -80,7 +78,7 @@ if _ext.extension_loaded():
             return (None,) * 16
         num_heads, dim_k, dim_v = ctx.args[:3]
         if not _ext.head_mix_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, mix_grad, table_grad)[1]:
-            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v)
+            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v, ROUTE)
             return _composite_backward(ctx, grad_out, need)
         grad_qkv, g_table, g_pre, g_post, g_post_bias = torch.ops.vitfast.head_mix_attention_backward(
             grad_out, qkv, lse, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias,
@@ -121,6 +119,7 @@ def head_mix_attention(
     mask: torch.Tensor | None = None,
     window_size: Sequence[int] | None = None,
     shift_size: Sequence[int] = (0, 0),
+    impl: str = "fused",
 ) -> torch.Tensor:
     """Multi-head attention whose heads talk to each other, fused (forward and backward).
 
@@ -138,6 +137,12 @@ def head_mix_attention(
         pre_mix_bias, post_mix_bias: (num_heads,) biases (`proj_l.bias`, `proj_w.bias`). The
             bias before the softmax cancels in it: accepted for drop-in use, its gradient is zero.
         The shift mask is added after the pre-softmax mix (Mini-Swin's order).
+        impl: "fused" (vitfast's kernels; the PyTorch reference where the extension is missing)
+            or "sdpa": the same computation as H calls' worth of F.scaled_dot_product_attention
+            with the mixes folded into queries of H * dim_k channels and values of H * dim_v
+            (`vitfast.ops.head_mix_sdpa`; no (B, H, N, N) tensor when SDPA picks a fused backend,
+            ~H times SDPA's FLOPs). Which is faster depends on the shape and the GPU:
+            `benchmarks/head_mix_cases.py` times both.
 
     Every float parameter may have its own dtype (float32 parameters under autocast); their
     gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are
@@ -148,9 +153,19 @@ def head_mix_attention(
     """
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
+    if impl == "sdpa":
+        # bias_index's range is checked on the CPU only (on CUDA it would cost a sync per call; an
+        # index out of range trips the gather's device-side assert there)
+        _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
+               dim_v, offsets, head_stride, scale, window_size, shift_size, qkv.device.type == "cpu")
+        return head_mix_attention_sdpa(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                       bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, window_size,
+                                       shift_size)
+    if impl != "fused":
+        fail(ValueError, OP, "impl", f"must be 'fused' or 'sdpa', got {impl!r}")
     if _ext.native(qkv.device) and not _ext.head_mix_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, False,
                                                            False)[0]:
-        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v)
+        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v, ROUTE)
         _check(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads, dim_k,
                dim_v, offsets, head_stride, scale, window_size, shift_size)
         return _composite(qkv, bias_table, bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, num_heads,

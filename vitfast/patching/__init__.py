@@ -49,10 +49,14 @@ def _load_builtin() -> None:
     cait.register()
 
 
-def patch(model: nn.Module, grid: bool = True) -> nn.Module:
+def patch(model: nn.Module, grid: bool = True, head_mix_impl: str = "fused") -> nn.Module:
     """Swap every known attention module (timm swin_* v1, tiny_vit_*, cait_*, registered ones)
     for its fused version in place; returns the model. grid=False keeps the blocks' own window
-    partition (the attention alone is fused). Warns when the model has nothing to patch."""
+    partition (the attention alone is fused). head_mix_impl: "fused" or "sdpa", the
+    head_mix_attention route of the talking-heads modules (CaiT). Warns when the model has
+    nothing to patch."""
+    if head_mix_impl not in ("fused", "sdpa"):
+        raise ValueError(f"vitfast.patch: argument 'head_mix_impl' must be 'fused' or 'sdpa', got {head_mix_impl!r}")
     _load_builtin()
     swapped = 0
     for m in model.modules():
@@ -62,6 +66,7 @@ def patch(model: nn.Module, grid: bool = True) -> nn.Module:
             swapped += 1
         if type(m) in _ORIGINAL:
             m.vitfast_grid = grid
+            m.vitfast_head_mix_impl = head_mix_impl
     if swapped == 0 and not patched_modules(model):
         known = sorted({cls.__name__ for cls in _FUSED})
         warnings.warn(f"vitfast.patch: {type(model).__name__} has no module vitfast can fuse (known: "
@@ -76,6 +81,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if original is not None:
             m.__class__ = original
             m.__dict__.pop("vitfast_grid", None)
+            m.__dict__.pop("vitfast_head_mix_impl", None)
     return model
 
 
