@@ -44,7 +44,16 @@ def test_minivit_benchmark_quick_on_cpu(tmp_path):
     p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert len(report["results"]) == 5 and len(report["bars"]) == 3
+    assert len(report["results"]) == 7 and len(report["bars"]) == 6
+    assert "mini_deit_small (sdpa route)" in report["results"]
+
+
+def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
+    p = run("benchmarks/cpu_save_logits.py", "--workers", "1", "--images", "20", "--epochs", "1", "--teacher",
+            "vit_tiny_patch16_224", "--markdown", str(tmp_path / "s.md"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = (tmp_path / "s.md").read_text()
+    assert table.count("| 1 |") == 2 and "waiting for data" in table
 
 
 def test_gpu_check_script_parses_and_rejects_unknown_phases():

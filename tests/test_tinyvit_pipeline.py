@@ -177,11 +177,18 @@ def test_loader_workers_change_nothing(tmp_path):
     ds, _ = small_setup(60)
     from vitfast.models.digits_vit import load_digits_teacher
 
-    stores = {}
+    stores, logs = {}, []
     for workers in (0, 2):
         stores[workers] = str(tmp_path / f"store{workers}")
         save_logits(load_digits_teacher(), ds, digits_transform(), stores[workers], range(1), k=5, mixup_args=MIXUP,
-                    workers=workers, progress=False, log=lambda *_: None)
+                    workers=workers, progress=False, log=logs.append)
+    # each epoch says where its time went: waiting on the data path, or the teacher's
+    import re
+
+    for line in logs:
+        m = re.search(r"(\d+) records in ([\d.]+)s \(\d+ img/s; waiting for data ([\d.]+)s = (\d+)%, "
+                      r"(data|teacher)-bound\)", line)
+        assert m and int(m.group(1)) == 60 and float(m.group(3)) <= float(m.group(2)) + 0.05, line
     a, b = LogitStore(stores[0]), LogitStore(stores[2])
     keys = a.keys(0)
     assert np.array_equal(keys, b.keys(0))

@@ -107,8 +107,8 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
             writer.add(kb[keep], sb[keep], v.numpy()[keep], i.numpy()[keep])
             return int(keep.sum())
 
-        for kb, sb, cb, xb, *_ in tqdm(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers),
-                                       desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0,
+        batches = _Waited(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers))
+        for kb, sb, cb, xb, *_ in tqdm(batches, desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0,
                                        leave=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = teacher(xb.to(device, non_blocking=True))
@@ -125,11 +125,38 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
         if pending is not None:
             count += hand_over(pending)
         written.append(writer.close())
-        log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {time.time() - t0:.1f}s")
+        took = time.time() - t0
+        # where the time went: blocked on the data path (augmentation, in the workers) or not (the
+        # teacher, top-k, the hand-over); the larger part is what to scale (--workers vs the teacher)
+        log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {took:.1f}s ({count / max(took, 1e-9):.0f} "
+            f"img/s; waiting for data {batches.waited:.1f}s = {100 * batches.waited / max(took, 1e-9):.0f}%, "
+            f"{'data' if batches.waited > took / 2 else 'teacher'}-bound)")
     vdist.barrier()
     if rank == 0:  # what this run was asked for is complete, or it says which part is not
         LogitStore(root, verify=False).require_complete(epochs)
     return written
+
+
+class _Waited:
+    """An iterable's items, with the time spent waiting for them summed in `waited`."""
+
+    def __init__(self, iterable):
+        self.iterable, self.waited = iterable, 0.0
+
+    def __len__(self):
+        return len(self.iterable)
+
+    def __iter__(self):
+        it = iter(self.iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.waited += time.perf_counter() - t
+                return
+            self.waited += time.perf_counter() - t
+            yield item
 
 
 class StoreReplay:
