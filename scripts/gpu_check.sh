@@ -137,7 +137,9 @@ case "$PHASE" in
     [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
     step head-mix-models 300 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
-    step minivit 300 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
+    step minivit 420 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
+    step minivit-relations 120 $PY benchmarks/minivit_relations.py --json "$OUTDIR/minivit_relations.json" \
+      --append-markdown "$OUTDIR/RESULTS.md"
     step tests-compile 240 $PY -m pytest -q -rs -m cuda -k torch_compile tests
     step bench-compiled 300 $PY benchmarks/run_gpu.py --json "$OUTDIR/results_compiled.json" \
       --markdown "$OUTDIR/RESULTS_compiled.md"

@@ -48,6 +48,15 @@ def test_minivit_benchmark_quick_on_cpu(tmp_path):
     assert "mini_deit_small (sdpa route)" in report["results"]
 
 
+def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
+    out = tmp_path / "rel.json"
+    p = run("benchmarks/minivit_relations.py", "--device", "cpu", "--quick", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["results"]
+    assert 0 < r["predictions only"]["step_ms"] and -1 < r["relation_share"] < 1
+    assert set(r["losses_alone"]) == {"chunked", "autograd"} and r["width"] == 384
+
+
 def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
     p = run("benchmarks/cpu_save_logits.py", "--workers", "1", "--images", "20", "--epochs", "1", "--teacher",
             "vit_tiny_patch16_224", "--markdown", str(tmp_path / "s.md"))

@@ -206,6 +206,48 @@ def test_relation_loss_matches_direct_formula():
     torch.testing.assert_close(got, (total / 9).float(), rtol=1e-5, atol=1e-6)
 
 
+def _attention_relations_f64(s, t, heads):
+    """The attention-relation loss in float64 with autograd (the direct formula)."""
+    total = 0
+    for i in range(3):
+        for j in range(3):
+            def rel(x):
+                c = x.shape[-1] // 3
+                xs = x[..., i * c:(i + 1) * c].unflatten(-1, (heads, c // heads)).transpose(1, 2)
+                ys = x[..., j * c:(j + 1) * c].unflatten(-1, (heads, c // heads)).transpose(1, 2)
+                return xs @ ys.transpose(-1, -2) / (c / heads) ** 0.5
+            total = total - (rel(t).softmax(-1) * rel(s).log_softmax(-1)).sum(-1).mean()
+    return total / 9
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 60])  # one chunk; a few windows per chunk
+@pytest.mark.parametrize("heads", [1, 2])
+def test_lean_relation_losses_match_the_formulas(chunk, heads, monkeypatch):
+    """The recomputing relation losses (vitfast.minivit.relations) give the direct formulas'
+    values and gradients in float64, chunked or not, and pass gradcheck."""
+    from vitfast.minivit import relations
+
+    monkeypatch.setattr(relations, "CHUNK_ENTRIES", chunk)
+    s = torch.randn(5, 7, 3 * 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 7, 3 * 12, dtype=torch.float64)  # a wider teacher: its own scale
+    got, ref = relations.attention_relation_loss_lean(s, t, heads), _attention_relations_f64(s, t, heads)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-10,
+                               atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: relations.attention_relation_loss_lean(x, t, heads), (s,))
+    h, ht = torch.randn(4, 6, 10, dtype=torch.float64, requires_grad=True), torch.randn(4, 6, 14, dtype=torch.float64)
+    n = lambda v: torch.nn.functional.normalize(v, dim=-1)  # noqa: E731
+    ref = ((n(h) @ n(h).transpose(-1, -2) - n(ht) @ n(ht).transpose(-1, -2)) ** 2).mean() * 6
+    got = relations.hidden_relation_loss_lean(h, ht)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(ref, h)[0], rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: relations.hidden_relation_loss_lean(x, ht), (h,))
+    with pytest.raises(UserError, match="same windows and tokens"):
+        relations.attention_relation_loss_lean(s, t[:, :5], heads)
+    with pytest.raises(UserError, match="relation heads"):
+        relations.attention_relation_loss_lean(s, t, 5)
+
+
 def test_hidden_relation_and_soft_ce():
     x = torch.randn(2, 5, 8)
     assert hidden_relation_loss(x, x).item() < 1e-10

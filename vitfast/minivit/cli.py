@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     g.add_argument("--attn-weight", type=float, default=d.attn_weight, help="attention-relation loss weight")
     g.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="hidden-relation loss weight")
     g.add_argument("--relation-heads", type=int, default=d.relation_heads)
+    g.add_argument("--relation-impl", choices=["chunked", "autograd"], default=d.relation_impl,
+                   help="chunked (default): each relation loss computes value and gradient together, a chunk of "
+                        "windows at a time, keeping no (B, heads, N, N) relation for the backward (autograd keeps "
+                        "GBs of them at ImageNet shapes); same values")
     g.add_argument("--layer-pairs", help="student:teacher layer pairs, e.g. '1:1,3:3' (default: the official rule)")
     g.add_argument("--store", help="a TinyViT logit store (vitfast tinyvit save-logits) for the prediction term: "
                                    "images replayed with the store's augmentation, no teacher run for predictions")
@@ -71,7 +75,8 @@ def config_from_args(a):
                   share=a.share, init=a.init, heads_mix=a.heads_mix,
                   mlp_transform=None if a.mlp_transform == "none" else a.mlp_transform, alpha=a.alpha,
                   distill_predictions=a.distill_predictions, temperature=a.temperature, attn_weight=a.attn_weight,
-                  hidden_weight=a.hidden_weight, relation_heads=a.relation_heads, layer_pairs=a.layer_pairs,
+                  hidden_weight=a.hidden_weight, relation_heads=a.relation_heads, relation_impl=a.relation_impl,
+                  layer_pairs=a.layer_pairs,
                   store=a.store,
                   data=a.data, eval_data=a.eval_data, input_size=input_size(a.input_size), output=a.output,
                   resume=a.resume, device=a.device, progress=a.progress)

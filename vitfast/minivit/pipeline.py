@@ -25,6 +25,7 @@ from ..engine.measure import count_macs, count_params, throughput
 from ..errors import UserError
 from .distill import Capture, attention_relation_loss, default_pairs, hidden_relation_loss, soft_cross_entropy
 from .multiplex import multiplex, param_groups, save_mini
+from .relations import attention_relation_loss_lean, hidden_relation_loss_lean
 
 DIGITS = "vitfast_digits_vit"
 
@@ -49,6 +50,11 @@ class MiniViTConfig:
     attn_weight: float = 1.0            # attention relations (MiniLMv2)
     hidden_weight: float = 0.1          # hidden-state relations
     relation_heads: int = 1
+    # "chunked": each relation loss computes its value and its gradient together, a chunk of
+    # windows at a time, and keeps only the (B, N, C) gradient (vitfast.minivit.relations);
+    # "autograd": the direct formulas, whose saved (B, heads, N, N) relations grow to GBs at
+    # ImageNet shapes. Same values.
+    relation_impl: str = "chunked"
     layer_pairs: str | None = None      # "1:1,3:3" (student:teacher); default: default_pairs
     # a TinyViT logit store (vitfast tinyvit save-logits) as the prediction term's teacher: the
     # images are replayed with the store's augmentation and mixup, and the teacher itself runs
@@ -82,6 +88,8 @@ class MiniViTConfig:
         for name in ("attn_weight", "hidden_weight", "mixup", "cutmix", "reprob", "smoothing"):
             if getattr(self, name) < 0:
                 raise UserError(f"argument --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.relation_impl not in ("chunked", "autograd"):
+            raise UserError(f"argument --relation-impl must be 'chunked' or 'autograd', got {self.relation_impl!r}")
         if self.relation_heads < 1:
             raise UserError(f"argument --relation-heads must be >= 1, got {self.relation_heads}")
         if self.batch_size < 2:
@@ -228,12 +236,14 @@ def _add_relations(cfg, cap_s, cap_t, parts, total):
         return total
     sq, sh = cap_s.take()
     tq, th = cap_t.take()
+    attn_loss, hidden_loss = (attention_relation_loss_lean, hidden_relation_loss_lean) \
+        if cfg.relation_impl == "chunked" else (attention_relation_loss, hidden_relation_loss)
     if cfg.attn_weight > 0:
-        rel = sum(attention_relation_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
+        rel = sum(attn_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
         total = total + cfg.attn_weight * rel
         parts["attn_rel"] = rel.detach()
     if cfg.hidden_weight > 0:
-        hid = sum(hidden_relation_loss(a, b) for a, b in zip(sh, th)) / len(sh)
+        hid = sum(hidden_loss(a, b) for a, b in zip(sh, th)) / len(sh)
         total = total + cfg.hidden_weight * hid
         parts["hidden_rel"] = hid.detach()
     return total
@@ -254,7 +264,7 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
                   "store": store_id},
-                 volatile=("workers", "progress", "output", "device", "resume"))
+                 volatile=("workers", "progress", "output", "device", "resume", "relation_impl"))
     resumed = run.start(cfg.resume)
     torch.manual_seed(cfg.train.seed)  # the init ("random") and the first epoch's augmentation
     student = multiplex(teacher, cfg.share, init=cfg.init, heads_mix=cfg.heads_mix, mlp_transform=cfg.mlp_transform)
