@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfast.timing import time_ms
+from markdown_out import emit
 
 
 def median_ms(fn, warmup=3, reps=15):
@@ -87,10 +88,7 @@ def main(argv=None) -> int:
     lines += ["", f"| model (batch {args.batch}, 224) | | train step ms | inference ms |", "|---|---|---|---|"]
     lines += [f"| {m} | {l} | {t:.0f} | {i:.0f} |" for m, l, t, i in model_rows(args.batch)]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    emit(text, args.markdown, append=False)
     return 0
 
 

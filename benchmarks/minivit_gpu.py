@@ -24,6 +24,7 @@ import torch
 import vitfast.models  # noqa: F401  (mini_* names)
 from vitfast.minivit import mini_blocks
 from window_models_gpu import measure
+from markdown_out import emit
 
 BARS = [("mini_deit_small (fused)", "deit_small_patch16_224", 0.8),
         ("mini_deit_small (fused)", "mini_deit_small (eager talking heads)", 1.5),
@@ -99,10 +100,7 @@ def main(argv=None) -> int:
     for what, b in report["bars"].items():
         lines.append(f"| {what} | {b['need']:g}x | {b['got']:.2f}x | {'PASS' if b['pass'] else 'FAIL'} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append_markdown:
-        with open(args.append_markdown, "a") as f:
-            f.write(text)
+    emit(text, args.append_markdown)
     return 0
 
 

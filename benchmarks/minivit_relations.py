@@ -34,6 +34,7 @@ from vitfast.minivit.distill import Capture, attention_relation_loss, hidden_rel
 from vitfast.minivit.relations import attention_relation_loss_lean, hidden_relation_loss_lean
 from vitfast.minivit.pipeline import MiniViTConfig, _loss_fn, parse_pairs
 from vitfast.timing import peak_memory_mb, time_ms
+from markdown_out import emit
 
 VARIANTS = {"predictions only": (0.0, 0.0, "chunked"), "+ attention relations": (1.0, 0.0, "chunked"),
             "+ hidden relations (full)": (1.0, 0.1, "chunked"),
@@ -141,10 +142,7 @@ def main(argv=None) -> int:
         mem = "" if v["peak_mb"] is None else f"{v['peak_mb']:.0f}"
         lines.append(f"| {name} | {v['ms']:.1f} | {mem} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append_markdown:
-        with open(args.append_markdown, "a") as f:
-            f.write(text)
+    emit(text, args.append_markdown)
     return 0
 
 

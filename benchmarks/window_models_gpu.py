@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import vitfast
 from vitfast.timing import peak_memory_mb, time_ms
+from markdown_out import emit
 
 MODELS = ("swin_tiny_patch4_window7_224", "tiny_vit_21m_224")
 # patched+compiled vs compiled: window attention (issue 3), CaiT talking heads (issue 12)
@@ -153,10 +154,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     text = markdown(write(True))
-    print(text)
-    if args.append_markdown:
-        with open(args.append_markdown, "a") as f:
-            f.write(text)
+    emit(text, args.append_markdown)
     return 0
 
 
