@@ -1,6 +1,7 @@
 """The route for attention shapes the fused CUDA kernels cannot hold (a block holds every head of a
 window, or a whole head's tiles: float32 / float64 with many or wide heads can exceed a block's
-shared memory): the reference computation in float32 or wider, with one warning per shape."""
+shared memory): scaled_dot_product_attention in float32 or wider (vitfast.ops.head_mix_sdpa),
+with one warning per shape."""
 from __future__ import annotations
 
 import warnings
@@ -11,8 +12,7 @@ _warned: set[tuple] = set()
 
 
 def warn_composite(op: str, what: str, qkv: torch.Tensor, num_heads: int, dim_k: int, dim_v: int,
-                   route: str = "the PyTorch composite in float32 or wider, which materialises (windows, heads, N, N) "
-                                "tensors") -> None:
+                   route: str) -> None:
     key = (op, what, qkv.dtype, num_heads, dim_k, dim_v)
     if key in _warned:
         return

@@ -9,9 +9,11 @@ import torch
 from .. import _ext
 from ._checks import ATTN_MAX_HEAD_DIM, check_attention_args, fail
 from ._composite import composite_backward, warn_composite, wide
+from .head_mix_sdpa import head_mix_attention_sdpa
 from .reference import window_attention_reference
 
 OP = "window_attention"
+ROUTE = "scaled_dot_product_attention with the bias, in float32 or wider"
 
 
 def qkv_layout(layout, num_heads: int, dim_k: int, dim_v: int) -> tuple[list[int], int]:
@@ -68,9 +70,10 @@ def _windows_tokens(qkv, window_size) -> tuple[int, int]:
 
 def _composite(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale, window_size,
                shift_size):
-    """The reference in float32 or wider, cast back: shapes the fused kernels cannot hold."""
-    return window_attention_reference(wide(qkv), num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
-                                      bias_index, mask, window_size, shift_size).to(qkv.dtype)
+    """Shapes the fused kernels cannot hold: scaled_dot_product_attention with the bias (head_mix's
+    SDPA route without mixes) in float32 or wider, cast back."""
+    return head_mix_attention_sdpa(wide(qkv), num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                   bias_index, mask, window_size=window_size, shift_size=shift_size).to(qkv.dtype)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +117,7 @@ if _ext.extension_loaded():
             return (None,) * 12
         num_heads, dim_k, dim_v = ctx.args[:3]
         if not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, table_grad)[1]:
-            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v)
+            warn_composite(OP, "backward", qkv, num_heads, dim_k, dim_v, ROUTE)
             wants = [ctx.needs_input_grad[0], table_grad, False, False]
             result = composite_backward(_composite, [qkv, bias_table, bias_index, mask], ctx.args, grad_out, wants)
             return tuple(result[:2]) + (None,) * 10
@@ -170,7 +173,7 @@ def window_attention(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
     if _ext.native(qkv.device) and not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v,
                                                                   False)[0]:
-        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v)
+        warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v, ROUTE)
         check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index,
                              mask, window_size, shift_size)
         return _composite(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offsets, head_stride, scale,
