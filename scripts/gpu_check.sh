@@ -135,7 +135,7 @@ case "$PHASE" in
     ;;
   later)
     [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
-    step head-mix-models 300 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
+    step head-mix-models 420 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
     step minivit 420 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
     step minivit-relations 120 $PY benchmarks/minivit_relations.py --json "$OUTDIR/minivit_relations.json" \
