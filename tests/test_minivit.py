@@ -248,6 +248,24 @@ def test_lean_relation_losses_match_the_formulas(chunk, heads, monkeypatch):
         relations.attention_relation_loss_lean(s, t, 5)
 
 
+def test_lean_attention_relations_under_autocast():
+    """Under bf16 autocast the relation products run in bf16 (softmaxes and loss in float32): the
+    loss and gradient stay within bf16 rounding of the float64 formula; the gradient is float32."""
+    from vitfast.minivit import relations
+
+    s = torch.randn(6, 9, 3 * 16, requires_grad=True)
+    t = torch.randn(6, 9, 3 * 24)
+    ref = _attention_relations_f64(s.double(), t.double(), 2)
+    ref_grad = torch.autograd.grad(_attention_relations_f64(s.double(), t.double(), 2), s)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relations.attention_relation_loss_lean(s.bfloat16(), t.bfloat16(), 2)
+    assert got.dtype == torch.float32
+    (g,) = torch.autograd.grad(got, s)
+    assert g.dtype == torch.float32
+    assert abs(got.item() - ref.item()) / ref.item() < 2e-2
+    assert ((g.double() - ref_grad).norm() / ref_grad.norm()).item() < 5e-2
+
+
 def test_hidden_relation_and_soft_ce():
     x = torch.randn(2, 5, 8)
     assert hidden_relation_loss(x, x).item() < 1e-10

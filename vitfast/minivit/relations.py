@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import UserError
 
-# windows per chunk: at most this many relation entries (float32: 64 MB) alive at once
+# windows per chunk: at most this many relation entries (float32: 64 MB per tensor) alive at once
 CHUNK_ENTRIES = 1 << 24
 
 
@@ -33,42 +33,56 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(w, n, heads, c // heads).transpose(1, 2)
 
 
+def _tokens_stacked(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(W, N, 3C) qkv -> (W, heads, 3N, C / heads): q, k and v tokens stacked, so one product
+    X X^T holds all 9 relations (block (i, j) = X_i X_j^T)."""
+    return torch.cat([_split_heads(x, heads) for x in x.chunk(3, -1)], dim=2)
+
+
 class _AttentionRelationCE(torch.autograd.Function):
     """mean over the 9 (i, j) pairs of q, k, v and over rows of
     -sum_k softmax(T_i T_j^T / sqrt(d_T))[k] log_softmax(S_i S_j^T / sqrt(d_S))[k].
 
-    The loss is a scalar, so its gradient is known up to the incoming factor while each relation
-    is at hand: the forward computes it, chunk by chunk, and keeps only that (W, N, 3C) tensor."""
+    The 9 relations of a chunk are one product per side (q, k, v tokens stacked: (3N, 3N) blocks),
+    in `mm_dtype` (the autocast dtype in a mixed-precision step, like every other product of it),
+    softmaxes and cross-entropy in float32 or wider. The loss is a scalar, so its gradient is known
+    up to the incoming factor while the relations are at hand: the forward computes it too, as one
+    more product per chunk (the 18 of autograd's backward become one), and keeps only that
+    (W, N, 3C) tensor."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, heads: int, want_grad: bool) -> torch.Tensor:
-        s = [_split_heads(x, heads) for x in student.chunk(3, -1)]
-        t = [_split_heads(x, heads) for x in teacher.chunk(3, -1)]
-        w, h, n, d = s[0].shape
-        scale, t_scale = d ** -0.5, t[0].shape[-1] ** -0.5  # each side by its own head width
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, heads: int, want_grad: bool,
+                mm_dtype: torch.dtype) -> torch.Tensor:
+        acc = torch.promote_types(student.dtype, torch.float32)
+        s = _tokens_stacked(student, heads).to(mm_dtype)  # (W, h, 3N, d)
+        t = _tokens_stacked(teacher, heads).to(mm_dtype)
+        w, h, n3, d = s.shape
+        n = n3 // 3
+        scale, t_scale = d ** -0.5, t.shape[-1] ** -0.5  # each side by its own head width
         rows = 9 * w * h * n
-        total = student.new_zeros(())
-        gs = [torch.zeros_like(x) for x in s] if want_grad else None
-        for a, b in _chunks(w, h, n):
-            for i in range(3):
-                for j in range(3):
-                    pt = F.softmax(t[i][a:b] @ t[j][a:b].transpose(-1, -2) * t_scale, -1)
-                    ls = F.log_softmax(s[i][a:b] @ s[j][a:b].transpose(-1, -2) * scale, -1)
-                    total = total - (pt * ls).sum()
-                    if want_grad:
-                        # d/dr of -sum_k pt_k log_softmax(r)_k = softmax(r) sum_k pt_k - pt
-                        g = (ls.exp_() * pt.sum(-1, keepdim=True) - pt) * (scale / rows)
-                        gs[i][a:b] += g @ s[j][a:b]
-                        gs[j][a:b] += g.transpose(-1, -2) @ s[i][a:b]
+        total = torch.zeros((), dtype=acc, device=student.device)
+        gs = torch.empty(s.shape, dtype=acc, device=s.device) if want_grad else None
+        for a, b in _chunks(w, 9 * h, n):
+            sc, tc = s[a:b], t[a:b]
+            # (c, h, 3N, 3, N): row (i, r) of block j is relation row r of pair (i, j)
+            pt = F.softmax((tc @ tc.transpose(-1, -2)).to(acc).mul_(t_scale).unflatten(-1, (3, n)), -1)
+            ls = F.log_softmax((sc @ sc.transpose(-1, -2)).to(acc).mul_(scale).unflatten(-1, (3, n)), -1)
+            total = total - (pt * ls).sum()
+            if want_grad:
+                # d/dr of -sum_k pt_k log_softmax(r)_k = softmax(r) sum_k pt_k - pt; the relations
+                # are scale S S^T, so dS = scale (g + g^T) S
+                g = (ls.exp_().mul_(pt.sum(-1, keepdim=True)).sub_(pt)).flatten(-2).mul_(scale / rows)
+                gs[a:b] = ((g + g.transpose(-1, -2)).to(mm_dtype) @ sc).to(acc)
         if want_grad:
-            ctx.save_for_backward(torch.cat([x.transpose(1, 2).reshape(w, n, -1) for x in gs], -1))
+            gq, gk, gv = gs.split(n, dim=2)
+            ctx.save_for_backward(torch.cat([x.transpose(1, 2).reshape(w, n, -1) for x in (gq, gk, gv)], -1))
         return total / rows
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (gs,) = ctx.saved_tensors
-        return gs * grad, None, None, None
+        return gs * grad, None, None, None, None
 
 
 class _HiddenRelationMSE(torch.autograd.Function):
@@ -96,18 +110,28 @@ class _HiddenRelationMSE(torch.autograd.Function):
         return gs * grad, None, None
 
 
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the relation products: the autocast dtype inside a mixed-precision region (as
+    MiniViT's official AMP training computes them), else float32 or wider."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def attention_relation_loss_lean(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int = 1) -> torch.Tensor:
-    """distill.attention_relation_loss, recomputing the relations in the backward (float32 or wider)."""
+    """distill.attention_relation_loss as one product per side and chunk, its gradient computed
+    with it; products in the autocast dtype under autocast, softmaxes and the loss in float32."""
     if student_qkv.shape[:2] != teacher_qkv.shape[:2]:
         raise UserError(f"attention relations need the same windows and tokens on both sides: student "
                         f"{tuple(student_qkv.shape[:2])}, teacher {tuple(teacher_qkv.shape[:2])}")
     for side, x in (("student", student_qkv), ("teacher", teacher_qkv)):
         if x.shape[-1] % (3 * heads):
             raise UserError(f"relation heads ({heads}) must divide the {side}'s qkv width ({x.shape[-1] // 3})")
-    dtype = torch.promote_types(student_qkv.dtype, torch.float32)
+    mm_dtype = _mm_dtype(student_qkv)
+    acc = torch.promote_types(student_qkv.dtype, torch.float32)
     with torch.autocast(student_qkv.device.type, enabled=False):
         want = torch.is_grad_enabled() and student_qkv.requires_grad
-        return _AttentionRelationCE.apply(student_qkv.to(dtype), teacher_qkv.detach().to(dtype), heads, want)
+        return _AttentionRelationCE.apply(student_qkv.to(acc), teacher_qkv.detach(), heads, want, mm_dtype)
 
 
 def hidden_relation_loss_lean(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
