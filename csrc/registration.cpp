@@ -1,7 +1,8 @@
 // The vitfast op library (schemas) and the pybind11 module vitfast._C (build information).
 //
 // Implementations register per device in the *_op.cpp (CPU) and *_op_cuda.cpp (CUDA) files;
-// Python adds fake (meta) kernels and autograd in vitfast/ops.
+// Python adds fake (meta) kernels and autograd in vitfast/ops (the soft-target CE: autograd in C++,
+// soft_target_ce/soft_target_ce_autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 

@@ -124,6 +124,7 @@ case "$PHASE" in
       step nofit-gdb 90 cuda-gdb -batch -ex run -ex bt -ex quit --args $PY scripts/head_mix_nofit_check.py
     step bench 90 $PY benchmarks/run_gpu.py --no-compile --json "$OUTDIR/results.json" --markdown "$OUTDIR/RESULTS.md"
     step kernel-times 60 $PY benchmarks/kernel_times.py --json "$OUTDIR/kernel_times.json"
+    step host-overhead 30 $PY benchmarks/host_overhead.py --reps 500 --json "$OUTDIR/host_overhead.json"
     step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
     step tests-models 110 $PY -m pytest -q -rfs -m cuda --tb=short tests/test_patch.py tests/test_patch_cait.py
     ;;

@@ -57,6 +57,14 @@ def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
     assert set(r["losses_alone"]) == {"chunked", "autograd"} and r["width"] == 384
 
 
+def test_host_overhead_benchmark_on_cpu(tmp_path):
+    out = tmp_path / "h.json"
+    p = run("benchmarks/host_overhead.py", "--device", "cpu", "--reps", "20", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["results"]
+    assert len(r) == 4 and all(v["vitfast_us"] > 0 and v["baseline_us"] > 0 for v in r.values())
+
+
 def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
     p = run("benchmarks/cpu_save_logits.py", "--workers", "1", "--images", "20", "--epochs", "1", "--teacher",
             "vit_tiny_patch16_224", "--markdown", str(tmp_path / "s.md"))
