@@ -187,3 +187,24 @@ def test_torchrun_two_processes_swin(folder_and_teacher, tmp_path):
     assert len(report["history"]) == 2 and "train_attn_rel" in report["history"][-1]
     mini = load_mini(os.path.join(out, "mini_model"))
     assert mini(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_relation_impl_option_reaches_the_config_and_is_checked():
+    """--relation-impl maps onto MiniViTConfig (a speed/memory choice: not part of a run's
+    identity, so a resume may switch it); anything else is refused by name."""
+    import argparse
+
+    from vitfast.errors import UserError
+    from vitfast.minivit.cli import add_parser, config_from_args
+    from vitfast.minivit.pipeline import MiniViTConfig
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for impl in ("chunked", "autograd"):
+        a = parser.parse_args(["minivit", "--relation-impl", impl, "--no-ablation"])
+        assert config_from_args(a).relation_impl == impl
+    assert MiniViTConfig().relation_impl == "chunked"
+    with pytest.raises(UserError, match="--relation-impl"):
+        MiniViTConfig(relation_impl="fused").validate()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["minivit", "--relation-impl", "fused"])
