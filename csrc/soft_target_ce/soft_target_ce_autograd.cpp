@@ -1,7 +1,7 @@
 // Autograd for vitfast::sparse_soft_target_ce_forward in C++, for every device: the loss is called
 // once per training step on small tensors, where a Python autograd wrapper (torch.library's
-// register_autograd) cost ~4x the op itself on the host (CPU: ~75 us vs ~18 us per forward +
-// backward). The fake kernels stay in Python (vitfast/ops/soft_target_ce.py); torch.compile traces
+// register_autograd) cost several times the op itself on the host (benchmarks/NOTES.md, CE host
+// cost). The fake kernels stay in Python (vitfast/ops/soft_target_ce.py); torch.compile traces
 // through this kernel like through torchvision's C++ autograd ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

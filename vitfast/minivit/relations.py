@@ -5,8 +5,8 @@ relation matrix, its log-softmax and the teacher's softmax until the backward: ~
 (B, heads, N, N) float32 tensors (Mini-DeiT-S at bs 128, 6 layer pairs: ~3 GB). A relation loss is
 a scalar, so its gradient is known (up to the incoming factor) while each relation is at hand:
 these functions compute loss and gradient together, a chunk of windows at a time, and keep only
-the (B, N, C) gradient -- at most one chunk's (chunk, heads, N, N) relation exists at once, and no
-relation is read back in the backward. The math and the results are those of
+the (B, N, C) gradient -- at most one chunk's relations exist at once ((chunk, heads, 3N, 3N) for
+the 9 attention relations side by side), and no relation is read back in the backward. The math and the results are those of
 `distill.attention_relation_loss` / `hidden_relation_loss` (tests compare them in float64,
 gradcheck).
 """
@@ -135,7 +135,8 @@ def attention_relation_loss_lean(student_qkv: torch.Tensor, teacher_qkv: torch.T
 
 
 def hidden_relation_loss_lean(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """distill.hidden_relation_loss, recomputing the relations in the backward (float32 or wider)."""
+    """distill.hidden_relation_loss with its gradient computed in the forward, a chunk at a time
+    (float32 or wider: the difference of two Gram matrices would lose too much in bf16)."""
     if student.shape[:2] != teacher.shape[:2]:
         raise UserError(f"hidden relations need the same windows and tokens on both sides: student "
                         f"{tuple(student.shape[:2])}, teacher {tuple(teacher.shape[:2])}")

@@ -28,7 +28,7 @@ if _ext.extension_loaded():
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     # autograd: a C++ kernel (csrc/soft_target_ce/soft_target_ce_autograd.cpp) -- a Python wrapper
-    # cost ~4x the op itself on the host, once per training step
+    # cost several times the op itself on the host, once per training step
 
 
 def sparse_soft_target_cross_entropy(
