@@ -15,7 +15,7 @@ import torch
 
 from vitfast import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
 from vitfast.ops import CovarianceAccumulator
-from window_attention_cases import swin_index
+from window_attention_cases import forced_route, swin_index
 
 
 def cases(device, small):
@@ -40,6 +40,12 @@ def cases(device, small):
     mask = torch.where(torch.rand(64, 49, 49, device=device) < 0.5, -100.0, 0.0)
     out["window_attention swin_t stage1 bf16 fwd+bwd"] = lambda: torch.autograd.grad(
         window_attention(qkv, 3, 32, bias_table=table, bias_index=index, mask=mask).float().sum(), (qkv, table))
+
+    def tiles():  # the same call on the shared-memory-tile kernels (the register kernels' predecessor)
+        with forced_route("tiles"):
+            torch.autograd.grad(window_attention(qkv, 3, 32, bias_table=table, bias_index=index,
+                                                 mask=mask).float().sum(), (qkv, table))
+    out["window_attention swin_t stage1 bf16 fwd+bwd (tile kernels)"] = tiles
     seq = torch.randn(128 // s, 197, 3 * 384, device=device).bfloat16().requires_grad_()
     mix = [(torch.eye(6, device=device) + 0.1 * torch.randn(6, 6, device=device)).requires_grad_() for _ in range(2)]
     bias = torch.zeros(6, device=device, requires_grad=True)

@@ -6,14 +6,21 @@ two paths on the same shapes, forward and forward+backward (grads of qkv and the
 * "eager (timm)": q*scale @ k^T + bias (+ mask), softmax, @ v.
 * "vitfast grid": the same attention fed the whole (B, H, W, C) map with the shift done inside the
   kernel (the baselines' roll + partition copies are not even counted for them).
+* "vitfast (tile kernels)": where the register kernels run by default (16-bit, <= 64 tokens), the
+  same call on the shared-memory-tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles), to measure
+  what the register kernels changed.
 
 Floor: bytes the forward must move (qkv read, output written, lse) over the measured copy bandwidth.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 
+from vitfast import _ext
 from vitfast.ops import qkv_layout, window_attention
 from vitfast.timing import peak_memory_mb, time_ms
 
@@ -29,6 +36,28 @@ SHAPES = {
     "swin_t_stage1": (128, (56, 56), 7, 3, 32, 32, "swin", 3),
     "tinyvit_21m_stage3": (128, (14, 14), 14, 12, 32, 32, "tinyvit", 0),
 }
+
+
+def route_of(dtype, tokens, heads, dk, dv) -> str:
+    """'registers' or 'tiles': the CUDA kernels window_attention runs for this shape."""
+    return _ext.window_attention_route(torch.device("cuda"), dtype, tokens, heads, dk, dv)
+
+
+@contextlib.contextmanager
+def forced_route(route):
+    """VITFAST_WINDOW_ATTENTION_ROUTE=route inside the block (None: leave the default)."""
+    if route is None:
+        yield
+        return
+    old = os.environ.get("VITFAST_WINDOW_ATTENTION_ROUTE")
+    os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = route
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"]
+        else:
+            os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = old
 
 
 def make_inputs(device, dtype, images, grid, ws, heads, dk, dv, layout, shift):
@@ -99,22 +128,26 @@ def bench_window_attention(device, name, dtype, reps, bw_gbs, quick=False):
 
     impls = {"vitfast": ours_windows, "vitfast grid": ours_grid, "SDPA + materialised bias": sdpa,
              "eager (timm)": eager}
+    if device == "cuda" and route_of(dtype, ws * ws, heads, dk, dv) == "registers":
+        impls["vitfast (tile kernels)"] = ours_windows  # the same call, VITFAST_WINDOW_ATTENTION_ROUTE=tiles
     fwd, fwd_bwd, mem = {}, {}, {}
     for label, fn in impls.items():
         x = fmap if label == "vitfast grid" else qkv_w
-        grad = torch.randn_like(fn())
+        with forced_route("tiles" if label == "vitfast (tile kernels)" else None):
+            grad = torch.randn_like(fn())
 
-        def step(fn=fn, x=x, grad=grad):
-            torch.autograd.grad(fn(), (x, inp["table"]), grad)
+            def step(fn=fn, x=x, grad=grad):
+                torch.autograd.grad(fn(), (x, inp["table"]), grad)
 
-        with torch.no_grad():
-            fwd[label] = time_ms(fn, device, 5, reps)
-        fwd_bwd[label] = time_ms(step, device, 5, reps)
-        mem[label] = peak_memory_mb(step, device)
+            with torch.no_grad():
+                fwd[label] = time_ms(fn, device, 5, reps)
+            fwd_bwd[label] = time_ms(step, device, 5, reps)
+            mem[label] = peak_memory_mb(step, device)
     elem = torch.finfo(dtype).bits // 8
     tokens = n_windows * ws * ws
     bytes_fwd = tokens * heads * (2 * dk + dv) * elem + tokens * heads * dv * elem + tokens * heads * 4
     return {
+        "route": route_of(dtype, ws * ws, heads, dk, dv) if device == "cuda" else "cpu",
         "op": "window_attention", "shape": f"{name} ({n_windows} windows, H{heads}, N{ws * ws}, dk{dk}, dv{dv}"
         f"{', shift mask' if shift else ''})", "dtype": str(dtype).replace("torch.", ""),
         "times_ms": {f"{k} fwd": v for k, v in fwd.items()} | {f"{k} fwd+bwd": v for k, v in fwd_bwd.items()},
@@ -155,7 +188,9 @@ def window_markdown(cases) -> list[str]:
     for c in rows:
         t = c["times_ms"]
         ours = t["vitfast fwd+bwd"]
-        for impl in ("vitfast", "vitfast grid", "SDPA + materialised bias", "eager (timm)"):
+        for impl in ("vitfast", "vitfast grid", "vitfast (tile kernels)", "SDPA + materialised bias", "eager (timm)"):
+            if impl + " fwd" not in t:
+                continue
             mem = c["peak_mem_mb"].get(impl)
             lines.append(f"| {c['shape']} | {c['dtype']} | {impl} | {t[impl + ' fwd']:.4f} | "
                          f"{t[impl + ' fwd+bwd']:.4f} | {t[impl + ' fwd+bwd'] / ours:.2f}x | "

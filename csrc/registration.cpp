@@ -124,5 +124,14 @@ PYBIND11_MODULE(_C, m) {
                               vitfast::window_attention_backward_workspace(b) >= 0);
       },
       "(forward fits, backward fits) for (dtype name, heads, dim_k, dim_v, bias_grad) on the current GPU.");
+  m.def(
+      "window_attention_route",
+      [](const std::string& dtype, int tokens, int heads, int dim_k, int dim_v) {
+        vitfast::WindowAttentionBackwardParams b = fit_query(dtype, heads, dim_k, dim_v, false, false);
+        b.fwd.tokens = tokens;
+        return std::string(vitfast::window_attention_cuda_route(b.fwd));
+      },
+      "'registers' or 'tiles': the kernels window_attention runs for (dtype name, tokens, heads, dim_k, dim_v) "
+      "on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
 #endif
 }

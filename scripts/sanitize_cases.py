@@ -115,6 +115,14 @@ def _cov_split_gemm(dev, dtype):  # split GEMM: several chunks, short last one, 
         del os.environ["VITFAST_COVARIANCE_GEMM_ROWS"]
 
 
+def _window_tiles(dev):  # the tile kernels on a shape the register kernels take by default
+    os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = "tiles"
+    try:
+        check_window(dev, torch.bfloat16, (4, 49), 3, 32, 32, "swin", mask_types=2)
+    finally:
+        del os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"]
+
+
 def _head_mix_scratch(dev):  # every accumulator in global scratch
     os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
     try:
@@ -169,6 +177,10 @@ CASES = {
         lambda d: check_window(d, BF16, (2, 30), 3, 16, 64, "tinyvit"),  # dk != dv, partial tiles
         lambda d: check_window(d, H16, (2, 20), 2, 24, 40, "tinyvit"),   # head dims not /16, unaligned
         lambda d: check_window(d, BF16, (1, 200), 1, 32, 32, "swin"),    # several key tiles / chunks
+        # register kernels: head dim 64; more windows than bias-gradient slots (each block loops)
+        lambda d: check_window(d, BF16, (3, 64), 2, 64, 64, "swin", mask_types=3),
+        lambda d: check_window(d, BF16, (1440, 49), 3, 32, 32, "swin", mask_types=4),
+        _window_tiles,
         lambda d: _empty_batch(d, mix=False),
     ],
     "head_mix_attention": [

@@ -141,6 +141,9 @@ void window_attention_backward_cpu(const WindowAttentionBackwardParams& p, int64
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream);
 int64_t window_attention_backward_workspace(const WindowAttentionBackwardParams& p);  // < 0: no configuration fits
 bool window_attention_forward_fits(const WindowAttentionParams& p);  // a launch configuration fits this GPU
+// Which CUDA kernels run these arguments on the current GPU: "registers" (fp16/bf16, <= 64 tokens,
+// head dims <= 64, sm_80+; window_attention_reg.cuh) or "tiles" (everything else).
+const char* window_attention_cuda_route(const WindowAttentionParams& p);
 int window_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
 
 // Head-mixing attention, same conventions. p.lse holds the log-sum-exp of the mixed scores S'.

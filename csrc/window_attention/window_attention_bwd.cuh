@@ -3,6 +3,7 @@
 #pragma once
 
 #include "window_attention_device.cuh"
+#include "window_attention_reg.cuh"
 
 namespace vitfast {
 namespace {  // one translation unit: window_attention_cuda.cu (or the CUDA emulator binding)
@@ -299,16 +300,48 @@ BwdWorkspace<T> workspace_for(const WindowAttentionBackwardParams& b, const BwdL
 template <typename T>
 int64_t workspace_typed(const WindowAttentionBackwardParams& b) {
   using Acc = typename wa::AccOf<T>::type;
+  const WindowAttentionParams& p = b.fwd;
+  if constexpr (sizeof(T) == 2) {
+    if (reg_route_ok<T>(p)) {  // D (dO . O), then the per-slot bias gradients
+      const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
+      return p.windows * p.heads * p.tokens + (b.dbias != nullptr ? reg_bwd_slots(b) * p.heads * nn : 0);
+    }
+  }
   size_t smem = 0;
   const BwdLayout L = plan_bwd<T, Acc>(b, device_smem_optin(), &smem);
   if (smem == 0) return -1;
   return workspace_for<T>(b, L).total();
 }
 
+// The register kernels' backward (16-bit, windows <= 64 tokens): D = rowsum(dO * O), the kernel
+// (per-slot bias gradients), the in-order slot sum. Workspace: D, then the slots.
+template <typename T>
+int backward_reg_route(const WindowAttentionBackwardParams& b, float* workspace, cudaStream_t stream) {
+  const WindowAttentionParams& p = b.fwd;
+  constexpr int kThreads = 256;
+  const int64_t nd = p.windows * p.heads * p.tokens, nn = static_cast<int64_t>(p.tokens) * p.tokens;
+  const int64_t slots = reg_bwd_slots(b);
+  float* slot_buf = b.dbias != nullptr ? workspace + nd : nullptr;
+  fill_bias_buffer<float>(p, stream);
+  auto dot_kernel = window_attention_bwd_dot_kernel<T, float>;
+  VF_LAUNCH(dot_kernel, blocks_for(nd, kThreads), kThreads, 0, stream, b, workspace);
+  const int err = reg_head_dim(p) == 32 ? backward_reg<T, 32>(b, workspace, slot_buf, slots, stream)
+                                        : backward_reg<T, 64>(b, workspace, slot_buf, slots, stream);
+  if (err != 0 || slot_buf == nullptr) return err;
+  auto reduce = window_attention_slot_reduce_kernel<float>;
+  VF_LAUNCH(reduce, blocks_for(p.heads * nn, kThreads), kThreads, 0, stream, slot_buf, slots, p.heads * nn,
+            static_cast<float*>(b.dbias));
+  return static_cast<int>(cudaGetLastError());
+}
+
 template <typename T>
 int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cudaStream_t stream) {
   using Acc = typename wa::AccOf<T>::type;
   const WindowAttentionParams& p = b.fwd;
+  constexpr int kThreads = 256;
+  if constexpr (sizeof(T) == 2) {
+    if (reg_route_ok<T>(p)) return backward_reg_route<T>(b, static_cast<float*>(workspace), stream);
+  }
   size_t smem = 0;
   const BwdLayout L = plan_bwd<T, Acc>(b, device_smem_optin(), &smem);
   if (smem == 0) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -317,7 +350,6 @@ int backward_typed(const WindowAttentionBackwardParams& b, void* workspace, cuda
   Acc* dd = static_cast<Acc*>(workspace);
   Acc* slots = ws.slots ? dd + ws.dd : nullptr;
   Acc* dq = ws.dq ? dd + ws.dd + ws.slots : nullptr;
-  constexpr int kThreads = 256;
   auto dot_kernel = window_attention_bwd_dot_kernel<T, Acc>;
   VF_LAUNCH(dot_kernel, blocks_for(ws.dd, kThreads), kThreads, 0, stream, b, dd);
   if (slots != nullptr) {

@@ -1,5 +1,8 @@
 // Windowed attention with a gathered bias on CUDA (torch-free).
 //
+// fp16/bf16 windows of at most 64 tokens (Swin, TinyViT) run the register-resident kernels of
+// window_attention_reg.cuh instead (see there); what follows describes the tile kernels.
+//
 // Forward: one block per (window, head group, query chunk); all heads of a window sit in one
 // block whenever shared memory allows (small windows then get enough work per block, and a
 // head-mixing transform across heads could run in the same block). Keys stream through shared memory in tiles of 64; each warp owns 16-query-row work
@@ -20,6 +23,7 @@
 // mixes need every head's final softmax statistics (head_mix_common.cuh explains why).
 //
 // Files: window_attention_device.cuh (shared access, tile loads, planning helpers),
+// window_attention_reg.cuh (register kernels, small windows),
 // window_attention_fwd.cuh / window_attention_bwd.cuh (plain kernels), head_mix_fwd.cuh /
 // head_mix_bwd.cuh (the head-mixing variants), window_attention_dispatch.cuh (run-time dtype and
 // head count -> template parameters). Entry points: this file (plain) and head_mix_cuda.cu, whose
@@ -52,6 +56,10 @@ bool window_attention_forward_fits(const WindowAttentionParams& p) {
     plan_fwd<T, typename wa::AccOf<T>::type>(p, device_smem_optin(), &smem);
     return smem != 0;
   });
+}
+
+const char* window_attention_cuda_route(const WindowAttentionParams& p) {
+  return with_dtype(p.dtype, [&](auto t) { return reg_route_ok<decltype(t)>(p) ? "registers" : "tiles"; });
 }
 
 int window_attention_forward_cuda(const WindowAttentionParams& p, void* stream) {

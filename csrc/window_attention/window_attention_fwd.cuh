@@ -3,6 +3,7 @@
 #pragma once
 
 #include "window_attention_device.cuh"
+#include "window_attention_reg.cuh"
 
 namespace vitfast {
 namespace {  // one translation unit: window_attention_cuda.cu (or the CUDA emulator binding)
@@ -218,6 +219,9 @@ template <typename T>
 int forward_typed(const WindowAttentionParams& p, cudaStream_t stream) {
   using Acc = typename wa::AccOf<T>::type;
   fill_bias_buffer<Acc>(p, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (reg_route_ok<T>(p)) return reg_head_dim(p) == 32 ? forward_reg<T, 32>(p, stream) : forward_reg<T, 64>(p, stream);
+  }
   size_t smem = 0;
   const FwdLayout L = plan_fwd<T, Acc>(p, device_smem_optin(), &smem);
   if (smem == 0) return static_cast<int>(cudaErrorInvalidConfiguration);

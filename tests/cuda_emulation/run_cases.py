@@ -66,6 +66,16 @@ WINDOW_CASES = {
     "one_token_bf16": (torch.bfloat16, dict(windows=2, heads=1, dk=16, wh=1, ww=1)),
     "tinyvit5m_stage4_fp32": (torch.float32, dict(windows=2, heads=10, dk=32, dv=32, wh=7, ww=7, layout="tinyvit")),
     "key_chunks_fp64_n400": (torch.float64, dict(windows=1, heads=1, dk=32, wh=20, ww=20)),
+    # register kernels (window_attention_reg.cuh): fp16/bf16, <= 64 tokens, head dims <= 64
+    "reg_bf16_d64_n64_mask": (torch.bfloat16, dict(windows=6, heads=2, dk=64, wh=8, ww=8, mask_types=2)),
+    "reg_fp16_dk48_n20_no_bias": (torch.float16, dict(windows=3, heads=2, dk=48, wh=4, ww=5, bias=False)),
+    "reg_bf16_tinyvit_dk16_dv64": (torch.bfloat16, dict(windows=2, heads=3, dk=16, dv=64, wh=7, ww=7,
+                                                         layout="tinyvit")),
+    # the tile kernels on shapes the register kernels take by default (forced)
+    "tiles_bf16_mask_slots": (torch.bfloat16, dict(windows=20, heads=3, dk=32, wh=7, ww=7, mask_types=4,
+                                                   route="tiles")),
+    "tiles_fp16_unaligned_scalar": (torch.float16, dict(windows=3, heads=2, dk=24, dv=40, wh=3, ww=5,
+                                                        layout="tinyvit", row_pad=3, route="tiles")),
 }
 # opt-in (about 100 s emulated): python tests/cuda_emulation/run_cases.py key_chunks_bf16_n1024
 EXTRA = {"key_chunks_bf16_n1024": (torch.bfloat16, dict(windows=1, heads=1, dk=32, wh=32, ww=32))}
@@ -238,6 +248,16 @@ def rel(a, b):
 def run_window(mod, dtype, kw):
     kw = dict(kw)
     bias_buffer = kw.pop("bias_buffer", True)  # as the CUDA glue does; False: per-score gathers
+    forced = kw.pop("route", None)  # "tiles": VITFAST_WINDOW_ATTENTION_ROUTE=tiles
+    if forced:
+        os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = forced
+    try:
+        return _run_window(mod, dtype, kw, bias_buffer)
+    finally:
+        os.environ.pop("VITFAST_WINDOW_ATTENTION_ROUTE", None)
+
+
+def _run_window(mod, dtype, kw, bias_buffer):
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -246,17 +266,23 @@ def run_window(mod, dtype, kw):
     shift = list(case["shift"]) if case["window_size"] else []
     table = case["table"].t().contiguous().t() if case["table"] is not None else None  # Swin-like strides
     args = (table, case["index"], case["mask"], heads, dk, dv, offsets, hs, dk ** -0.5, window, shift)
+    n = case["window_size"][0] * case["window_size"][1] if case["window_size"] else case["qkv"].shape[1]
+    route = mod.window_attention_route(case["qkv"], heads, dk, dv, n)
     out, lse = mod.window_attention_forward(bias_buffer, case["qkv"], *args)
     grad = torch.randn_like(out)
     gq, gt = mod.window_attention_backward(bias_buffer, grad, case["qkv"], out, lse, *args)
     gq2, gt2 = mod.window_attention_backward(bias_buffer, grad, case["qkv"], out, lse, *args)
     deterministic = float(torch.equal(gq, gq2) and torch.equal(gt, gt2))  # threads interleave differently
     q64 = case["qkv"].double().requires_grad_()
-    t64 = case["table"].double().requires_grad_()
+    t64 = case["table"].double().requires_grad_() if case["table"] is not None else None
     ref = window_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5, t64, case["index"],
                                      case["mask"], window, shift)
-    rq, rt = torch.autograd.grad(ref, (q64, t64), grad.double())
-    return {"out": rel(out, ref), "grad_qkv": rel(gq, rq), "grad_table": rel(gt, rt), "deterministic": deterministic}
+    rq, *rt = torch.autograd.grad(ref, [q64] + ([t64] if t64 is not None else []), grad.double())
+    rt = rt[0] if rt else None
+    res = {"out": rel(out, ref), "grad_qkv": rel(gq, rq), "deterministic": deterministic, "route": route}
+    if case["table"] is not None:
+        res["grad_table"] = rel(gt, rt)
+    return res
 
 
 def main():

@@ -1,6 +1,7 @@
 // Emulator binding of the window-attention CUDA kernels (see module.cpp).
 #include <torch/extension.h>
 
+#include "common/torch_glue.h"
 #include "window_attention/window_attention_op.h"
 #include "window_attention/window_attention_cuda.cu"
 #include "window_attention/head_mix_cuda.cu"
@@ -50,9 +51,20 @@ std::tuple<at::Tensor, at::Tensor> backward(bool bias_buffer, const at::Tensor& 
   return {call.grad_qkv, grad_table.defined() ? grad_table : at::empty({0})};
 }
 
+std::string route(const at::Tensor& qkv, int64_t heads, int64_t dk, int64_t dv, int64_t tokens) {
+  vitfast::WindowAttentionParams p{};
+  p.dtype = vitfast::to_kernel_dtype(qkv.scalar_type());
+  p.heads = static_cast<int32_t>(heads);
+  p.dim_k = static_cast<int32_t>(dk);
+  p.dim_v = static_cast<int32_t>(dv);
+  p.tokens = static_cast<int32_t>(tokens);
+  return vitfast::window_attention_cuda_route(p);
+}
+
 }  // namespace
 
 void register_window_attention(pybind11::module_& m) {
+  m.def("window_attention_route", &route);
   m.def("window_attention_forward", &forward);
   m.def("window_attention_backward", &backward);
 }

@@ -1,0 +1,473 @@
+// Plain window attention for windows of at most 64 tokens in fp16/bf16 (Swin's 7 x 7 and 8 x 8,
+// TinyViT's 7 x 7): register-resident kernels in the FlashAttention-2 style. Included by
+// window_attention_cuda.cu only.
+//
+// Why a second family: the shared-memory-tile kernels (window_attention_fwd/bwd.cuh) run every
+// product through WMMA fragments stored to shared memory and back, keep O and dK/dV in shared
+// memory, and need ~100-150 KB per block, so an SM holds one or two blocks of a few warps. On the
+// H100 they took 1.55 ms (forward) and 5.9 ms (backward) at Swin-T stage 1 against a ~0.2 ms
+// floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK, dV and the bias gradient live in
+// registers (mma.sync m16n8k16 with ldmatrix, common/mma_sm80.cuh), shared memory holds only one
+// head's Q, K, V (and dO, dS^T and the bias gradient in the backward) of one window: 15 KB
+// (forward) / 45 KB (backward) per block at head dim 32.
+//
+// Forward: one block of 4 warps per (window, head); warp w owns query rows 16w..16w+15 and sees
+// all (<= 64) keys at once, so the softmax needs no online rescaling.
+// Backward: one block per (window slot, head) loops over windows w = slot, slot + slots, ...; warp
+// w owns keys 16w..16w+15: S^T and dP^T (keys x queries) are recomputed in registers, dV += P^T dO
+// and dK += dS^T Q accumulate in registers, dS^T goes to shared memory, and after a barrier warp w
+// computes dQ of query rows 16w.. as dS K over all keys -- complete, no partials, no atomics. The
+// bias gradient of the block's head accumulates across its windows and is written
+// once per slot (kept in shared memory: registers are the scarce resource here); the in-order slot
+// reduction makes it deterministic, like the tile kernels.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/mma_sm80.cuh"
+#include "window_attention_device.cuh"
+
+namespace vitfast {
+namespace {  // one translation unit: window_attention_cuda.cu (or the CUDA emulator binding)
+
+constexpr int kRegTokens = 64;  // most tokens per window (4 warps x 16 rows)
+constexpr int kRegWarps = 4;
+constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
+// Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
+// most that compile without spills (sm_90a, nvcc 13.0: forward 104-108 registers, backward 156 at
+// head dim 32 and 206 at 64; a cap of 5 / 4 blocks spilled 140-600 bytes).
+constexpr int kRegFwdBlocksPerSM = 4;  // <= 128 registers
+template <int D>
+constexpr int reg_bwd_blocks_per_sm() { return D <= 32 ? 3 : 2; }  // <= 170 / 255 registers
+
+// Padded head dim of the register kernels: q/k/v/dO tiles are D wide, zero beyond the real dim.
+inline int reg_head_dim(const WindowAttentionParams& p) { return std::max(p.dim_k, p.dim_v) <= 32 ? 32 : 64; }
+
+// VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the shared-memory-tile kernels on any shape (tests,
+// benchmarks comparing the two).
+inline bool reg_route_disabled() {
+  const char* v = std::getenv("VITFAST_WINDOW_ATTENTION_ROUTE");
+  return v != nullptr && std::strcmp(v, "tiles") == 0;
+}
+
+template <typename T>
+bool reg_route_ok(const WindowAttentionParams& p) {
+  if (sizeof(T) != 2 || reg_route_disabled()) return false;
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 8 && p.tokens <= kRegTokens && p.dim_k <= 64 && p.dim_v <= 64;
+}
+
+template <typename T, int D>
+struct RegSmem {
+  static constexpr int ld = D + 8;
+  T *q, *k, *v, *dout, *dst;  // dout, dst, dbias: backward only
+  float* dbias;                // [key][query], summed over the block's windows
+};
+
+template <typename T, int D>
+__host__ __device__ RegSmem<T, D> carve_reg(SmemCarver& sc, bool backward) {
+  constexpr int ld = RegSmem<T, D>::ld;
+  RegSmem<T, D> s{};
+  s.q = sc.take<T>(kRegTokens * ld);
+  s.k = sc.take<T>(kRegTokens * ld);
+  s.v = sc.take<T>(kRegTokens * ld);
+  if (backward) {
+    s.dout = sc.take<T>(kRegTokens * ld);
+    s.dst = sc.take<T>(kRegTokens * kRegLdS);
+    s.dbias = sc.take<float>(kRegTokens * kRegTokens);
+  }
+  return s;
+}
+
+template <typename T, int D>
+size_t reg_smem(bool backward) {
+  SmemCarver sc{nullptr};
+  carve_reg<T, D>(sc, backward);
+  return sc.offset;
+}
+
+// Columns [round16(dim), D) of a tile stay zero for the whole kernel (the loads never write them),
+// so padded channels add nothing to the products.
+template <typename T, int D>
+__device__ void zero_pad_columns(T* tile, int dim) {
+  constexpr int ld = D + 8;
+  const int c0 = round16(dim), w = D - c0;
+  for (int e = threadIdx.x; e < kRegTokens * w; e += blockDim.x) tile[(e / w) * ld + c0 + e % w] = wa::zero<T>();
+}
+
+// Stores a 16 x D fp32 register tile (C fragments acc[D/8][4], rows row0 + g and row0 + g + 8)
+// times `mul` into dst(row, c) for rows < tokens and c < dim. kVec: dim % 8 == 0 and 16-byte
+// aligned rows, so each (row, 2t) pair is one 32-bit store.
+template <typename T, int D, bool kVec, typename RowPtr>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float mul, int row0, int tokens, int dim,
+                                           RowPtr row_ptr) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + g + 8 * half;
+    if (r >= tokens) continue;
+    T* dst = row_ptr(r);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int c = 8 * n + 2 * t;
+      if (c >= dim) continue;
+      const float x0 = acc[n][2 * half] * mul, x1 = acc[n][2 * half + 1] * mul;
+      if constexpr (kVec) {
+        *reinterpret_cast<uint32_t*>(dst + c) = mma::pack2<T>(x0, x1);
+      } else {
+        dst[c] = wa::from_acc<T>(x0);
+        if (c + 1 < dim) dst[c + 1] = wa::from_acc<T>(x1);
+      }
+    }
+  }
+}
+
+// Head h's bias for window w as a row-major N x N array (the precomputed buffer), or null when
+// there is no buffer (then reg_bias gathers table and mask per score).
+__device__ __forceinline__ const float* reg_bias_base(const WindowAttentionParams& p, int64_t w, int h) {
+  if (p.bias_buffer == nullptr) return nullptr;
+  const int64_t type = p.mask != nullptr ? w % p.mask_windows : 0;
+  return static_cast<const float*>(p.bias_buffer) + (type * p.heads + h) * p.tokens * p.tokens;
+}
+__device__ __forceinline__ float reg_bias(const WindowAttentionParams& p, const float* base, int64_t w, int h, int i,
+                                          int j) {
+  return base != nullptr ? base[i * p.tokens + j] : bias_at<float>(p, w, h, i, j);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T, int D, bool kVec>
+__global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_attention_fwd_reg_kernel(const WindowAttentionParams p) {
+  VF_DYNAMIC_SMEM(smem_raw);
+  SmemCarver sc{smem_raw};
+  const RegSmem<T, D> sm = carve_reg<T, D>(sc, false);
+  constexpr int ld = RegSmem<T, D>::ld;
+  const int N = p.tokens;
+  const int h = static_cast<int>(blockIdx.x % p.heads);
+  const int64_t w = blockIdx.x / p.heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  zero_pad_columns<T, D>(sm.q, p.dim_k);
+  zero_pad_columns<T, D>(sm.k, p.dim_k);
+  zero_pad_columns<T, D>(sm.v, p.dim_v);
+  load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
+  load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
+  load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
+  __syncthreads();
+
+  const int q0 = warp * 16;
+  if (q0 >= N) return;  // no barrier follows
+  const int keys16 = round16(N);
+
+  // S = Q K^T: 16 rows x 64 keys, eight n8 tiles
+  float s[8][4] = {};
+#pragma unroll
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    uint32_t a[4];
+    mma::ldmatrix_x4(a, sm.q + (q0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+#pragma unroll
+    for (int n0 = 0; n0 < kRegTokens; n0 += 16) {
+      if (n0 >= keys16) continue;
+      uint32_t b[4];
+      mma::ldmatrix_x4(b, sm.k + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma::mma_16816<T>(s[n0 / 8], a, b0);
+      mma::mma_16816<T>(s[n0 / 8 + 1], a, b1);
+    }
+  }
+
+  // Bias (all loads first, in flight together), scale, softmax over the row: a row's 64 scores sit
+  // in the 4 lanes of a quad (lanes 4g .. 4g+3), 16 each.
+  const int rows[2] = {q0 + g, q0 + g + 8};
+  const float* bbase = reg_bias_base(p, w, h);
+  float bias[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = rows[e >> 1], c = 8 * j + 2 * t + (e & 1);
+      bias[j][e] = (i < N && c < N) ? reg_bias(p, bbase, w, h, i, c) : 0.0f;
+    }
+  }
+  const float scale = static_cast<float>(p.scale);
+  float mx[2] = {wa::neg_inf<float>(), wa::neg_inf<float>()};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = 8 * j + 2 * t + (e & 1);
+      s[j][e] = c < N ? s[j][e] * scale + bias[j][e] : wa::neg_inf<float>();
+      mx[e >> 1] = max(mx[e >> 1], s[j][e]);
+    }
+  }
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+  }
+  // A row whose every score is -inf (a fully masked row) keeps P = 0, l = 0, like the tile kernel.
+  const float base[2] = {mx[0] == wa::neg_inf<float>() ? 0.0f : mx[0], mx[1] == wa::neg_inf<float>() ? 0.0f : mx[1]};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = wa::acc_exp(s[j][e] - base[e >> 1]);
+      sum[e >> 1] += s[j][e];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+  }
+
+  // O = P V: P's C tiles repacked as A fragments (16 keys per k step), V through ldmatrix.trans
+  float o[D / 8][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kRegTokens / 16; ++kk) {
+    if (kk * 16 >= keys16) continue;
+    const uint32_t a[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                           mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int n0 = 0; n0 < D; n0 += 16) {
+      uint32_t b[4];
+      mma::ldmatrix_x4_trans(b, sm.v + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma::mma_16816<T>(o[n0 / 8], a, b0);
+      mma::mma_16816<T>(o[n0 / 8 + 1], a, b1);
+    }
+  }
+
+  // Epilogue: out = O / l in the output's channel layout; lse = m + log(l).
+  const Strides3& os = p.out_strides;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = rows[r];
+    if (i >= N) continue;
+    const float inv_l = 1.0f / sum[r];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][2 * r] *= inv_l;
+      o[n][2 * r + 1] *= inv_l;
+    }
+    if (t == 0) static_cast<float*>(p.lse)[(w * p.heads + h) * N + i] = mx[r] + wa::acc_log(sum[r]);
+  }
+  store_rows<T, D, kVec>(o, 1.0f, q0, N, p.dim_v, [&](int i) {
+    return static_cast<T*>(p.out) + token_offset(p.grid, os.img, os.y, os.x, w, i) + h * p.dim_v;
+  });
+}
+
+template <typename T, int D>
+int forward_reg(const WindowAttentionParams& p, cudaStream_t stream) {
+  auto kernel = window_attention_fwd_reg_kernel<T, D, false>;
+  if (vec_ok<T>(p, nullptr)) kernel = window_attention_fwd_reg_kernel<T, D, true>;
+  const size_t smem = reg_smem<T, D>(false);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  VF_LAUNCH(kernel, static_cast<unsigned>(p.windows * p.heads), kRegWarps * 32, smem, stream, p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename T, int D, bool kVec>
+__global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
+    window_attention_bwd_reg_kernel(const WindowAttentionBackwardParams b, int64_t slots, const float* dd,
+                                    float* dbias_slots) {
+  VF_DYNAMIC_SMEM(smem_raw);
+  SmemCarver sc{smem_raw};
+  const RegSmem<T, D> sm = carve_reg<T, D>(sc, true);
+  constexpr int ld = RegSmem<T, D>::ld;
+  const WindowAttentionParams& p = b.fwd;
+  const int N = p.tokens;
+  const int h = static_cast<int>(blockIdx.x % p.heads);
+  const int64_t slot = blockIdx.x / p.heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float scale = static_cast<float>(p.scale);
+  const Strides3& gs = b.grad_qkv_strides;
+  const int j0 = warp * 16;  // this warp's keys
+  const bool keys_active = j0 < N;
+  const int keys16 = round16(N);
+
+  zero_pad_columns<T, D>(sm.q, p.dim_k);
+  zero_pad_columns<T, D>(sm.k, p.dim_k);
+  zero_pad_columns<T, D>(sm.v, p.dim_v);
+  zero_pad_columns<T, D>(sm.dout, p.dim_v);
+  // dS^T entries no warp writes (keys of idle warps, query tiles past N) stay zero
+  for (int e = threadIdx.x; e < kRegTokens * kRegLdS; e += blockDim.x) sm.dst[e] = wa::zero<T>();
+  // The bias gradient of the block's head, summed over its windows: each entry belongs to one lane
+  // (its C-fragment position), so the lanes add without synchronising; shared memory rather than
+  // registers keeps the kernel's registers for the products.
+  for (int e = threadIdx.x; e < kRegTokens * kRegTokens; e += blockDim.x) sm.dbias[e] = 0.0f;
+
+  for (int64_t w = slot; w < p.windows; w += slots) {
+    __syncthreads();  // previous window fully consumed (and the zero fills done)
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
+    load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
+    __syncthreads();
+
+    if (keys_active) {
+      const float* lse = static_cast<const float*>(p.lse) + (w * p.heads + h) * N;
+      const float* dd_w = dd + (w * p.heads + h) * N;
+      uint32_t ka[D / 16][4], va[D / 16][4];  // K and V rows of this warp as A fragments
+#pragma unroll
+      for (int kc = 0; kc < D / 16; ++kc) {
+        mma::ldmatrix_x4(ka[kc], sm.k + (j0 + (lane & 15)) * ld + kc * 16 + (lane >> 4) * 8);
+        mma::ldmatrix_x4(va[kc], sm.v + (j0 + (lane & 15)) * ld + kc * 16 + (lane >> 4) * 8);
+      }
+      const float* bbase = reg_bias_base(p, w, h);
+      float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+#pragma unroll 1
+      for (int I = 0; I * 16 < keys16; ++I) {
+        // S^T = K Q^T and dP^T = V dO^T for queries 16I .. 16I+15
+        float st[2][4] = {}, dpt[2][4] = {};
+#pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc) {
+          const int off = (I * 16 + (lane & 7) + (lane >> 4) * 8) * ld + kc * 16 + ((lane >> 3) & 1) * 8;
+          uint32_t bq[4], bo[4];
+          mma::ldmatrix_x4(bq, sm.q + off);
+          mma::ldmatrix_x4(bo, sm.dout + off);
+          const uint32_t q0[2] = {bq[0], bq[1]}, q1[2] = {bq[2], bq[3]};
+          const uint32_t o0[2] = {bo[0], bo[1]}, o1[2] = {bo[2], bo[3]};
+          mma::mma_16816<T>(st[0], ka[kc], q0);
+          mma::mma_16816<T>(st[1], ka[kc], q1);
+          mma::mma_16816<T>(dpt[0], va[kc], o0);
+          mma::mma_16816<T>(dpt[1], va[kc], o1);
+        }
+        // lane's entries: key j0 + g (+8 for e >= 2), query 16I + 8n + 2t (+1 for odd e)
+        float bias[2][4], lse_v[2][2], dd_v[2][2];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int i = I * 16 + 8 * n + 2 * t + c;
+            lse_v[n][c] = i < N ? lse[i] : 0.0f;
+            dd_v[n][c] = i < N ? dd_w[i] : 0.0f;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = I * 16 + 8 * n + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
+            bias[n][e] = (i < N && j < N) ? reg_bias(p, bbase, w, h, i, j) : 0.0f;
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = I * 16 + 8 * n + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
+            float pv = 0.0f, ds = 0.0f;
+            if (i < N && j < N) {
+              pv = wa::acc_exp(st[n][e] * scale + bias[n][e] - lse_v[n][e & 1]);
+              ds = pv * (dpt[n][e] - dd_v[n][e & 1]);
+            }
+            st[n][e] = pv;
+            dpt[n][e] = ds;
+            if (dbias_slots != nullptr) sm.dbias[j * kRegTokens + i] += ds;
+          }
+        }
+        // dV += P^T dO, dK += dS^T Q (the score scale is applied at the end)
+        const uint32_t pa[4] = {mma::pack2<T>(st[0][0], st[0][1]), mma::pack2<T>(st[0][2], st[0][3]),
+                                mma::pack2<T>(st[1][0], st[1][1]), mma::pack2<T>(st[1][2], st[1][3])};
+        const uint32_t da[4] = {mma::pack2<T>(dpt[0][0], dpt[0][1]), mma::pack2<T>(dpt[0][2], dpt[0][3]),
+                                mma::pack2<T>(dpt[1][0], dpt[1][1]), mma::pack2<T>(dpt[1][2], dpt[1][3])};
+#pragma unroll
+        for (int n0 = 0; n0 < D; n0 += 16) {
+          const int off = (I * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+          uint32_t bo[4], bq[4];
+          mma::ldmatrix_x4_trans(bo, sm.dout + off);
+          mma::ldmatrix_x4_trans(bq, sm.q + off);
+          const uint32_t o0[2] = {bo[0], bo[1]}, o1[2] = {bo[2], bo[3]};
+          const uint32_t q0[2] = {bq[0], bq[1]}, q1[2] = {bq[2], bq[3]};
+          mma::mma_16816<T>(dv[n0 / 8], pa, o0);
+          mma::mma_16816<T>(dv[n0 / 8 + 1], pa, o1);
+          mma::mma_16816<T>(dk[n0 / 8], da, q0);
+          mma::mma_16816<T>(dk[n0 / 8 + 1], da, q1);
+        }
+        // dS^T (keys x queries) for the dQ product after the barrier
+        T* d0 = sm.dst + (j0 + g) * kRegLdS + I * 16 + 2 * t;
+        T* d1 = d0 + 8 * kRegLdS;
+        *reinterpret_cast<uint32_t*>(d0) = da[0];
+        *reinterpret_cast<uint32_t*>(d1) = da[1];
+        *reinterpret_cast<uint32_t*>(d0 + 8) = da[2];
+        *reinterpret_cast<uint32_t*>(d1 + 8) = da[3];
+      }
+      store_rows<T, D, kVec>(dk, scale, j0, N, p.dim_k, [&](int j) {
+        return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.k_off +
+               h * p.head_stride;
+      });
+      store_rows<T, D, kVec>(dv, 1.0f, j0, N, p.dim_v, [&](int j) {
+        return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.v_off +
+               h * p.head_stride;
+      });
+    }
+    __syncthreads();  // dS^T complete
+
+    // dQ of query rows 16 warp .. = dS K over every key (A: dS^T through ldmatrix.trans)
+    const int i0 = warp * 16;
+    if (i0 < N) {
+      float dq[D / 8][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kRegTokens / 16; ++kk) {
+        if (kk * 16 >= keys16) continue;
+        uint32_t a[4];
+        mma::ldmatrix_x4_trans(a, sm.dst + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * kRegLdS + i0 +
+                                      ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int n0 = 0; n0 < D; n0 += 16) {
+          uint32_t bk[4];
+          mma::ldmatrix_x4_trans(bk, sm.k + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+          const uint32_t k0[2] = {bk[0], bk[1]}, k1[2] = {bk[2], bk[3]};
+          mma::mma_16816<T>(dq[n0 / 8], a, k0);
+          mma::mma_16816<T>(dq[n0 / 8 + 1], a, k1);
+        }
+      }
+      store_rows<T, D, kVec>(dq, scale, i0, N, p.dim_k, [&](int i) {
+        return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off +
+               h * p.head_stride;
+      });
+    }
+  }
+
+  if (dbias_slots != nullptr) {
+    __syncthreads();
+    float* out = dbias_slots + (slot * p.heads + h) * static_cast<int64_t>(N) * N;
+    for (int e = threadIdx.x; e < N * N; e += blockDim.x) {
+      const int i = e / N, j = e - i * N;
+      out[e] = sm.dbias[j * kRegTokens + i];
+    }
+  }
+}
+
+// Windows per block when a bias gradient is wanted: enough (slot, head) blocks for several waves
+// of resident blocks; each keeps its head's bias gradient in registers over its windows.
+inline int64_t reg_bwd_slots(const WindowAttentionBackwardParams& b) {
+  const WindowAttentionParams& p = b.fwd;
+  if (b.dbias == nullptr) return p.windows;
+  const int64_t want = (8LL * device_sms() + p.heads - 1) / p.heads;
+  return std::max<int64_t>(1, std::min<int64_t>(p.windows, want));
+}
+
+template <typename T, int D>
+int backward_reg(const WindowAttentionBackwardParams& b, const float* dd, float* slots_buf, int64_t slots,
+                 cudaStream_t stream) {
+  const WindowAttentionParams& p = b.fwd;
+  auto kernel = window_attention_bwd_reg_kernel<T, D, false>;
+  if (vec_ok<T>(p, b.grad_out)) kernel = window_attention_bwd_reg_kernel<T, D, true>;
+  const size_t smem = reg_smem<T, D>(true);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  VF_LAUNCH(kernel, static_cast<unsigned>(slots * p.heads), kRegWarps * 32, smem, stream, b, slots, dd, slots_buf);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace vitfast
