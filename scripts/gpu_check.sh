@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh second [OUTDIR]   # <= 4 min, same warm machine (reuses the build):
 #       Swin / TinyViT end to end, train and inference, eager and compiled -> appended to RESULTS.md
 #   bash scripts/gpu_check.sh recheck [OUTDIR]  # after fixing what "first" found, fresh machine: build, the op
-#       tests, the head-mix no-fit check (cuda-gdb backtrace if it crashes), bench, kernel times, memcheck, models
+#       tests, the head-mix no-fit check (cuda-gdb backtrace if it crashes), bench, kernel times,
+#       memcheck, racecheck (smallest cases), models
 #   bash scripts/gpu_check.sh later  [OUTDIR]   # a later session: CaiT and MiniViT models end to end, the
 #       torch.compile tests and op baselines, synccheck/initcheck, pipeline timings
 #
@@ -126,6 +127,8 @@ case "$PHASE" in
     step kernel-times 60 $PY benchmarks/kernel_times.py --json "$OUTDIR/kernel_times.json"
     step host-overhead 30 $PY benchmarks/host_overhead.py --reps 500 --json "$OUTDIR/host_overhead.json"
     step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
+    # the register kernels' shared dS^T / bias-gradient buffers (its first window case runs them)
+    step racecheck 50 "${SAN[@]}" --tool racecheck --racecheck-report all $PY scripts/sanitize_cases.py --smallest
     step tests-models 110 $PY -m pytest -q -rfs -m cuda --tb=short tests/test_patch.py tests/test_patch_cait.py
     ;;
   second)

@@ -293,3 +293,43 @@ def test_kernel_fit_query_on_gpu():
 
     assert _ext.window_attention_fits(torch.device("cuda"), torch.float64, 2, 128, 128, True) != (True, True)
     assert _ext.window_attention_fits(torch.device("cuda"), torch.bfloat16, 3, 32, 32, True) == (True, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(windows=1440, heads=3, dk=32, wh=7, ww=7, mask_types=4),  # more windows than bias-gradient slots
+    dict(windows=6, heads=2, dk=64, wh=8, ww=8, mask_types=2),     # 64 tokens, head dim 64
+    dict(windows=4, heads=3, dk=16, dv=64, wh=7, ww=7, layout="tinyvit"),
+    dict(windows=3, heads=2, dk=40, wh=4, ww=5, bias=False),        # head dim not /16, 20 tokens
+])
+def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shape):
+    """16-bit windows of <= 64 tokens run the register kernels by default; forced onto the tile
+    kernels the same case must agree with float64 too, and the register backward is bitwise
+    reproducible (bias gradient summed over slots in a fixed order)."""
+    from vitfast import _ext
+
+    case = make_case("cuda", dtype, **shape)
+    n = shape["wh"] * shape["ww"]
+    dv = shape.get("dv", shape["dk"])
+    assert _ext.window_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "registers"
+    run_and_compare(case, dtype)
+    qkv = case["qkv"].detach().clone().requires_grad_()
+    table = case["table"].clone().requires_grad_() if case["table"] is not None else None
+    kw = dict(layout=case["layout"], bias_table=table, bias_index=case["index"], mask=case["mask"])
+    out = window_attention(qkv, case["heads"], case["dk"], case["dv"], **kw)
+    g = torch.randn_like(out)
+    inputs = [qkv] + ([table] if table is not None else [])
+    first = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, g)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setenv("VITFAST_WINDOW_ATTENTION_ROUTE", "tiles")
+    assert _ext.window_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "tiles"
+    run_and_compare(case, dtype)
+
+
+def test_route_query_off_cuda():
+    from vitfast import _ext
+
+    assert _ext.window_attention_route(torch.device("cpu"), torch.bfloat16, 49, 3, 32, 32) == "cpu"

@@ -302,9 +302,9 @@ int64_t workspace_typed(const WindowAttentionBackwardParams& b) {
   using Acc = typename wa::AccOf<T>::type;
   const WindowAttentionParams& p = b.fwd;
   if constexpr (sizeof(T) == 2) {
-    if (reg_route_ok<T>(p)) {  // D (dO . O), then the per-slot bias gradients
+    if (reg_route_ok<T>(p)) {  // the per-slot bias gradients
       const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
-      return p.windows * p.heads * p.tokens + (b.dbias != nullptr ? reg_bwd_slots(b) * p.heads * nn : 0);
+      return b.dbias != nullptr ? reg_bwd_slots(b) * p.heads * nn : 0;
     }
   }
   size_t smem = 0;
@@ -313,20 +313,18 @@ int64_t workspace_typed(const WindowAttentionBackwardParams& b) {
   return workspace_for<T>(b, L).total();
 }
 
-// The register kernels' backward (16-bit, windows <= 64 tokens): D = rowsum(dO * O), the kernel
-// (per-slot bias gradients), the in-order slot sum. Workspace: D, then the slots.
+// The register kernels' backward (16-bit, windows <= 64 tokens): the kernel (per-slot bias
+// gradients in the workspace), then the in-order slot sum.
 template <typename T>
 int backward_reg_route(const WindowAttentionBackwardParams& b, float* workspace, cudaStream_t stream) {
   const WindowAttentionParams& p = b.fwd;
   constexpr int kThreads = 256;
-  const int64_t nd = p.windows * p.heads * p.tokens, nn = static_cast<int64_t>(p.tokens) * p.tokens;
+  const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
   const int64_t slots = reg_bwd_slots(b);
-  float* slot_buf = b.dbias != nullptr ? workspace + nd : nullptr;
+  float* slot_buf = b.dbias != nullptr ? workspace : nullptr;
   fill_bias_buffer<float>(p, stream);
-  auto dot_kernel = window_attention_bwd_dot_kernel<T, float>;
-  VF_LAUNCH(dot_kernel, blocks_for(nd, kThreads), kThreads, 0, stream, b, workspace);
-  const int err = reg_head_dim(p) == 32 ? backward_reg<T, 32>(b, workspace, slot_buf, slots, stream)
-                                        : backward_reg<T, 64>(b, workspace, slot_buf, slots, stream);
+  const int err = reg_head_dim(p) == 32 ? backward_reg<T, 32>(b, slot_buf, slots, stream)
+                                        : backward_reg<T, 64>(b, slot_buf, slots, stream);
   if (err != 0 || slot_buf == nullptr) return err;
   auto reduce = window_attention_slot_reduce_kernel<float>;
   VF_LAUNCH(reduce, blocks_for(p.heads * nn, kThreads), kThreads, 0, stream, slot_buf, slots, p.heads * nn,

@@ -8,13 +8,14 @@
 // H100 they took 1.55 ms (forward) and 5.9 ms (backward) at Swin-T stage 1 against a ~0.2 ms
 // floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK, dV and the bias gradient live in
 // registers (mma.sync m16n8k16 with ldmatrix, common/mma_sm80.cuh), shared memory holds only one
-// head's Q, K, V (and dO, dS^T and the bias gradient in the backward) of one window: 15 KB
-// (forward) / 45 KB (backward) per block at head dim 32.
+// head's Q, K, V (and dO, O, dS^T and the bias gradient in the backward) of one window: 15 KB
+// (forward) / 50 KB (backward) per block at head dim 32.
 //
 // Forward: one block of 4 warps per (window, head); warp w owns query rows 16w..16w+15 and sees
 // all (<= 64) keys at once, so the softmax needs no online rescaling.
 // Backward: one block per (window slot, head) loops over windows w = slot, slot + slots, ...; warp
-// w owns keys 16w..16w+15: S^T and dP^T (keys x queries) are recomputed in registers, dV += P^T dO
+// w owns keys 16w..16w+15 (D = rowsum(dO * O) is computed in the block from O and dO in shared
+// memory, no separate pass): S^T and dP^T (keys x queries) are recomputed in registers, dV += P^T dO
 // and dK += dS^T Q accumulate in registers, dS^T goes to shared memory, and after a barrier warp w
 // computes dQ of query rows 16w.. as dS K over all keys -- complete, no partials, no atomics. The
 // bias gradient of the block's head accumulates across its windows and is written
@@ -35,8 +36,8 @@ constexpr int kRegTokens = 64;  // most tokens per window (4 warps x 16 rows)
 constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
-// most that compile without spills (sm_90a, nvcc 13.0: forward 104-108 registers, backward 156 at
-// head dim 32 and 206 at 64; a cap of 5 / 4 blocks spilled 140-600 bytes).
+// most that compile without spills (sm_90a, nvcc 13.0: forward 104-108 registers, backward 151 at
+// head dim 32 and 210 at 64; a cap of 5 / 4 blocks spilled 140-600 bytes).
 constexpr int kRegFwdBlocksPerSM = 4;  // <= 128 registers
 template <int D>
 constexpr int reg_bwd_blocks_per_sm() { return D <= 32 ? 3 : 2; }  // <= 170 / 255 registers
@@ -63,8 +64,9 @@ bool reg_route_ok(const WindowAttentionParams& p) {
 template <typename T, int D>
 struct RegSmem {
   static constexpr int ld = D + 8;
-  T *q, *k, *v, *dout, *dst;  // dout, dst, dbias: backward only
-  float* dbias;                // [key][query], summed over the block's windows
+  T *q, *k, *v, *dout, *o, *dst;  // dout, o, dst, dd, dbias: backward only
+  float* dd;                       // D[i] = dO[i] . O[i] of the window's rows
+  float* dbias;                    // [key][query], summed over the block's windows
 };
 
 template <typename T, int D>
@@ -76,7 +78,9 @@ __host__ __device__ RegSmem<T, D> carve_reg(SmemCarver& sc, bool backward) {
   s.v = sc.take<T>(kRegTokens * ld);
   if (backward) {
     s.dout = sc.take<T>(kRegTokens * ld);
+    s.o = sc.take<T>(kRegTokens * ld);
     s.dst = sc.take<T>(kRegTokens * kRegLdS);
+    s.dd = sc.take<float>(kRegTokens);
     s.dbias = sc.take<float>(kRegTokens * kRegTokens);
   }
   return s;
@@ -279,8 +283,7 @@ int forward_reg(const WindowAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, int D, bool kVec>
 __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
-    window_attention_bwd_reg_kernel(const WindowAttentionBackwardParams b, int64_t slots, const float* dd,
-                                    float* dbias_slots) {
+    window_attention_bwd_reg_kernel(const WindowAttentionBackwardParams b, int64_t slots, float* dbias_slots) {
   VF_DYNAMIC_SMEM(smem_raw);
   SmemCarver sc{smem_raw};
   const RegSmem<T, D> sm = carve_reg<T, D>(sc, true);
@@ -313,11 +316,21 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
     load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
     load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
     load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
+    load_tile<T, kVec>(p, p.out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.o, ld, 0);
+    __syncthreads();
+    {  // D = rowsum(dO * O), the softmax backward's row term: two threads per row (128 = 64 x 2)
+      const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+      const int c_end = min(p.dim_v, (half + 1) * ((p.dim_v + 1) / 2));
+      float acc = 0.0f;
+      for (int c = half * ((p.dim_v + 1) / 2); c < c_end; ++c)
+        acc += wa::to_acc(sm.o[r * ld + c]) * wa::to_acc(sm.dout[r * ld + c]);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      if (half == 0) sm.dd[r] = acc;
+    }
     __syncthreads();
 
     if (keys_active) {
       const float* lse = static_cast<const float*>(p.lse) + (w * p.heads + h) * N;
-      const float* dd_w = dd + (w * p.heads + h) * N;
       uint32_t ka[D / 16][4], va[D / 16][4];  // K and V rows of this warp as A fragments
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
@@ -351,7 +364,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
           for (int c = 0; c < 2; ++c) {
             const int i = I * 16 + 8 * n + 2 * t + c;
             lse_v[n][c] = i < N ? lse[i] : 0.0f;
-            dd_v[n][c] = i < N ? dd_w[i] : 0.0f;
+            dd_v[n][c] = sm.dd[i];
           }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -457,15 +470,14 @@ inline int64_t reg_bwd_slots(const WindowAttentionBackwardParams& b) {
 }
 
 template <typename T, int D>
-int backward_reg(const WindowAttentionBackwardParams& b, const float* dd, float* slots_buf, int64_t slots,
-                 cudaStream_t stream) {
+int backward_reg(const WindowAttentionBackwardParams& b, float* slots_buf, int64_t slots, cudaStream_t stream) {
   const WindowAttentionParams& p = b.fwd;
   auto kernel = window_attention_bwd_reg_kernel<T, D, false>;
   if (vec_ok<T>(p, b.grad_out)) kernel = window_attention_bwd_reg_kernel<T, D, true>;
   const size_t smem = reg_smem<T, D>(true);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
-  VF_LAUNCH(kernel, static_cast<unsigned>(slots * p.heads), kRegWarps * 32, smem, stream, b, slots, dd, slots_buf);
+  VF_LAUNCH(kernel, static_cast<unsigned>(slots * p.heads), kRegWarps * 32, smem, stream, b, slots, slots_buf);
   return static_cast<int>(cudaGetLastError());
 }
 
