@@ -9,6 +9,8 @@ two paths on the same shapes, forward and forward+backward (grads of qkv and the
 * "vitfast (tile kernels)": where the register kernels run by default (16-bit, <= 64 tokens), the
   same call on the shared-memory-tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles), to measure
   what the register kernels changed.
+* "vitfast (fused)": where impl="auto" picks SDPA (16-bit windows over 64 tokens), vitfast's own
+  kernels on the same shape.
 
 Floor: bytes the forward must move (qkv read, output written, lse) over the measured copy bandwidth.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from vitfast import _ext
 from vitfast.ops import qkv_layout, window_attention
+from vitfast.ops.window_attention import auto_impl
 from vitfast.timing import peak_memory_mb, time_ms
 
 
@@ -106,9 +109,9 @@ def bench_window_attention(device, name, dtype, reps, bw_gbs, quick=False):
     fmap = inp["fmap"].requires_grad_()
     n_windows = qkv_w.shape[0]
 
-    def ours_windows():
+    def ours_windows(impl="auto"):
         return window_attention(qkv_w, heads, dk, dv, layout=layout, bias_table=inp["table"],
-                                bias_index=inp["index"], mask=inp["mask"])
+                                bias_index=inp["index"], mask=inp["mask"], impl=impl)
 
     def ours_grid():
         return window_attention(fmap, heads, dk, dv, layout=layout, bias_table=inp["table"],
@@ -128,8 +131,12 @@ def bench_window_attention(device, name, dtype, reps, bw_gbs, quick=False):
 
     impls = {"vitfast": ours_windows, "vitfast grid": ours_grid, "SDPA + materialised bias": sdpa,
              "eager (timm)": eager}
-    if device == "cuda" and route_of(dtype, ws * ws, heads, dk, dv) == "registers":
-        impls["vitfast (tile kernels)"] = ours_windows  # the same call, VITFAST_WINDOW_ATTENTION_ROUTE=tiles
+    auto = auto_impl(qkv_w, dk, dv, None)
+    if device == "cuda" and auto == "fused" and route_of(dtype, ws * ws, heads, dk, dv) == "registers":
+        # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
+        impls["vitfast (tile kernels)"] = lambda: ours_windows("fused")
+    if auto != "fused":  # auto took SDPA: what vitfast's own kernels do on this shape
+        impls["vitfast (fused)"] = lambda: ours_windows("fused")
     fwd, fwd_bwd, mem = {}, {}, {}
     for label, fn in impls.items():
         x = fmap if label == "vitfast grid" else qkv_w
@@ -147,7 +154,7 @@ def bench_window_attention(device, name, dtype, reps, bw_gbs, quick=False):
     tokens = n_windows * ws * ws
     bytes_fwd = tokens * heads * (2 * dk + dv) * elem + tokens * heads * dv * elem + tokens * heads * 4
     return {
-        "route": route_of(dtype, ws * ws, heads, dk, dv) if device == "cuda" else "cpu",
+        "route": route_of(dtype, ws * ws, heads, dk, dv) if device == "cuda" else "cpu", "auto_impl": auto,
         "op": "window_attention", "shape": f"{name} ({n_windows} windows, H{heads}, N{ws * ws}, dk{dk}, dv{dv}"
         f"{', shift mask' if shift else ''})", "dtype": str(dtype).replace("torch.", ""),
         "times_ms": {f"{k} fwd": v for k, v in fwd.items()} | {f"{k} fwd+bwd": v for k, v in fwd_bwd.items()},
@@ -183,12 +190,17 @@ def window_markdown(cases) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Window attention (ms; speed-up = baseline / vitfast, fwd+bwd)", "",
+             "\"vitfast\" is the default (impl=\"auto\"); its route per shape: "
+             + "; ".join(f"{c['shape'].split(' ')[0]} {c['dtype']}: {c.get('auto_impl', 'fused')}"
+                         f"{' (' + c['route'] + ' kernels)' if c.get('auto_impl', 'fused') == 'fused' else ''}"
+                         for c in rows) + ".", "",
              "| shape | dtype | impl | fwd | fwd+bwd | speed-up fwd+bwd | peak MB fwd+bwd | fwd floor |",
              "|---|---|---|---|---|---|---|---|"]
     for c in rows:
         t = c["times_ms"]
         ours = t["vitfast fwd+bwd"]
-        for impl in ("vitfast", "vitfast grid", "vitfast (tile kernels)", "SDPA + materialised bias", "eager (timm)"):
+        for impl in ("vitfast", "vitfast grid", "vitfast (tile kernels)", "vitfast (fused)", "SDPA + materialised bias",
+                     "eager (timm)"):
             if impl + " fwd" not in t:
                 continue
             mem = c["peak_mem_mb"].get(impl)

@@ -47,10 +47,10 @@ def make_case(device, dtype, *, windows=4, heads=3, dk=32, dv=None, wh=7, ww=7, 
                 window_size=(wh, ww) if grid else None, shift=shift)
 
 
-def run_and_compare(case, dtype):
+def run_and_compare(case, dtype, impl="auto"):
     qkv = case["qkv"].detach().clone().requires_grad_()
     table = case["table"].clone().requires_grad_() if case["table"] is not None else None
-    kw = dict(layout=case["layout"], bias_table=table, bias_index=case["index"], mask=case["mask"])
+    kw = dict(layout=case["layout"], bias_table=table, bias_index=case["index"], mask=case["mask"], impl=impl)
     if case["window_size"]:
         kw.update(window_size=case["window_size"], shift_size=case["shift"])
     out = window_attention(qkv, case["heads"], case["dk"], case["dv"], **kw)
@@ -241,13 +241,51 @@ def test_fully_masked_row_is_nan_like_softmax(device):
     (dict(qkv=torch.zeros(1, 4, 6, 24), window_size=(3, 4)), ValueError, "'window_size'"),
     (dict(qkv=torch.zeros(1, 4, 6, 24), window_size=(2, 3), shift_size=(4, 0)), ValueError, "'shift_size'"),
     (dict(qkv=torch.zeros(1, 4, 6, 24), window_size=(2, 3), mask=torch.zeros(3, 6, 6)), ValueError, "'mask'"),
+    (dict(impl="flash"), ValueError, "'impl'"),
 ])
-def test_bad_arguments_are_named(bad, exc, words, op_path):
-    kw = dict(qkv=torch.zeros(2, 4, 24), num_heads=1, dim_k=8, layout="swin")
+@pytest.mark.parametrize("impl", ["auto", "sdpa"])
+def test_bad_arguments_are_named(bad, exc, words, op_path, impl):
+    kw = dict(qkv=torch.zeros(2, 4, 24), num_heads=1, dim_k=8, layout="swin", impl=impl)
     kw.update(bad)
     qkv, heads, dk = kw.pop("qkv"), kw.pop("num_heads"), kw.pop("dim_k")
     with pytest.raises(exc, match=words):
         window_attention(qkv, heads, dk, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [
+    dict(windows=6, heads=3, dk=32, wh=7, ww=7, mask_types=3),
+    dict(windows=2, heads=5, dk=16, dv=64, wh=14, ww=14, layout="tinyvit"),
+    dict(grid=(2, 14, 21), wh=7, ww=7, shift=(3, 3), mask_types=6),
+    dict(windows=3, heads=2, dk=24, dv=40, wh=3, ww=5, layout="tinyvit", row_pad=3, bias=False),
+])
+def test_sdpa_impl_matches_reference(device, dtype, shape):
+    """impl="sdpa": scaled_dot_product_attention with the gathered bias, in qkv's dtype (the
+    shift mask broadcast over window groups, not copied per window)."""
+    run_and_compare(make_case(device, dtype, **shape), dtype, impl="sdpa")
+
+
+def test_auto_impl_rule():
+    """auto: vitfast's kernels everywhere except 16-bit CUDA shapes the register kernels do not
+    take (there SDPA measured faster than the tile kernels)."""
+    from vitfast.ops.window_attention import auto_impl
+
+    class Fake:  # device and dtype are all the rule reads, besides the shape
+        def __init__(self, device, dtype, shape):
+            self.device, self.dtype, self.shape = torch.device(device), dtype, shape
+
+        def dim(self):
+            return len(self.shape)
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert auto_impl(Fake("cpu", bf16, (8, 196, 288)), 32, 32, None) == "fused"
+    assert auto_impl(Fake("cuda", f32, (8, 196, 288)), 32, 32, None) == "fused"
+    assert auto_impl(Fake("cuda", bf16, (8, 49, 288)), 32, 32, None) == "fused"
+    assert auto_impl(Fake("cuda", bf16, (8, 64, 384)), 64, 64, None) == "fused"
+    assert auto_impl(Fake("cuda", bf16, (8, 196, 288)), 32, 32, None) == "sdpa"   # TinyViT stage 3
+    assert auto_impl(Fake("cuda", bf16, (8, 49, 768)), 128, 128, None) == "sdpa"  # head dim 128
+    assert auto_impl(Fake("cuda", bf16, (2, 24, 24, 288)), 32, 32, [12, 12]) == "sdpa"  # Swin @384 map
+    assert auto_impl(Fake("cuda", bf16, (2, 56, 56, 288)), 32, 32, [7, 7]) == "fused"
 
 
 @pytest.mark.cuda
@@ -314,6 +352,8 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
     assert _ext.window_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "registers"
+    from vitfast.ops.window_attention import auto_impl  # the Python rule agrees with the C++ one
+    assert auto_impl(case["qkv"], shape["dk"], dv, None) == "fused"
     run_and_compare(case, dtype)
     qkv = case["qkv"].detach().clone().requires_grad_()
     table = case["table"].clone().requires_grad_() if case["table"] is not None else None
@@ -326,7 +366,25 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     monkeypatch.setenv("VITFAST_WINDOW_ATTENTION_ROUTE", "tiles")
     assert _ext.window_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "tiles"
-    run_and_compare(case, dtype)
+    run_and_compare(case, dtype, impl="fused")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_auto_runs_sdpa_beyond_the_register_kernels(monkeypatch):
+    """16-bit windows of more than 64 tokens take the SDPA route by default on CUDA, the fused tile
+    kernels with impl="fused"; both match float64."""
+    from vitfast.ops import window_attention as wa_mod
+
+    calls = []
+    real = wa_mod.head_mix_attention_sdpa
+    monkeypatch.setattr(wa_mod, "head_mix_attention_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = make_case("cuda", torch.bfloat16, windows=2, heads=4, dk=32, wh=14, ww=14, layout="tinyvit")
+    run_and_compare(case, torch.bfloat16)
+    assert calls
+    calls.clear()
+    run_and_compare(case, torch.bfloat16, impl="fused")
+    assert not calls
 
 
 def test_route_query_off_cuda():

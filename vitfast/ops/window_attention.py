@@ -76,6 +76,25 @@ def _composite(qkv, bias_table, bias_index, mask, num_heads, dim_k, dim_v, offse
                                    bias_index, mask, window_size=window_size, shift_size=shift_size).to(qkv.dtype)
 
 
+# The register kernels' limits (csrc/window_attention/window_attention_reg.cuh; a CUDA test checks
+# that _ext.window_attention_route agrees): 16-bit, <= 64 tokens, head dims <= 64.
+REGISTER_MAX_TOKENS = 64
+REGISTER_MAX_HEAD_DIM = 64
+IMPLS = ("auto", "fused", "sdpa")
+
+
+def auto_impl(qkv: torch.Tensor, dim_k: int, dim_v: int, window_size) -> str:
+    """impl="auto": the fused kernels, except for 16-bit CUDA windows the register kernels do not
+    take (more than 64 tokens or head dims over 64), which run on SDPA: there the tile kernels
+    measured 6x slower than SDPA with the bias (H100, TinyViT-21M stage 3, N196: 5.3 vs 0.88 ms
+    fwd+bwd; benchmarks/NOTES.md)."""
+    if qkv.device.type != "cuda" or qkv.dtype not in (torch.float16, torch.bfloat16):
+        return "fused"
+    tokens = window_size[0] * window_size[1] if qkv.dim() == 4 else qkv.shape[1]
+    small = tokens <= REGISTER_MAX_TOKENS and max(dim_k, dim_v) <= REGISTER_MAX_HEAD_DIM
+    return "fused" if small else "sdpa"
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -141,6 +160,7 @@ def window_attention(
     mask: torch.Tensor | None = None,
     window_size: Sequence[int] | None = None,
     shift_size: Sequence[int] = (0, 0),
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Multi-head attention inside windows with a relative-position bias table, fused.
 
@@ -164,13 +184,27 @@ def window_attention(
             gets a gradient (accumulated in float32, deterministic).
         mask: (types, N, N) additive mask; window w uses mask[w % types] (Swin's shifted-window
             mask, types = windows per image). No gradient.
+        impl: "fused" (vitfast's kernels: on CUDA, register-resident ones for 16-bit windows of
+            <= 64 tokens and head dims <= 64, shared-memory tiles otherwise), "sdpa"
+            (F.scaled_dot_product_attention with the gathered bias, in qkv's dtype; the shift
+            mask broadcast, not copied per window) or "auto" (default: "fused", except "sdpa"
+            for 16-bit CUDA shapes outside the register kernels, where it measured faster).
 
     Returns (..., num_heads * dim_v) with qkv's leading shape, channels ordered (head, dim_v):
     what the projection after attention takes. fp16/bf16/fp32/fp64; table and mask may have
     another float dtype (e.g. float32 parameters under autocast).
     """
+    if impl not in IMPLS:
+        fail(ValueError, OP, "impl", f"must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
+    if impl == "auto":
+        impl = auto_impl(qkv, dim_k, dim_v, window_size)
+    if impl == "sdpa":
+        check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index,
+                             mask, window_size, shift_size)
+        return head_mix_attention_sdpa(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
+                                       bias_index, mask, window_size=window_size, shift_size=shift_size)
     if _ext.native(qkv.device) and not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v,
                                                                   False)[0]:
         warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v, ROUTE)
