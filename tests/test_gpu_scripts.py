@@ -78,3 +78,17 @@ def test_gpu_check_script_parses_and_rejects_unknown_phases():
     text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
     for phase in ("first)", "second)", "later)"):
         assert phase in text
+
+
+def test_window_models_benchmark_quick_on_cpu(tmp_path):
+    """`gpu_check.sh second` (Swin / TinyViT end to end) and `later` (CaiT) run this script; a crash
+    there would cost a device call."""
+    out = tmp_path / "models.json"
+    p = run("benchmarks/window_models_gpu.py", "--device", "cpu", "--quick", "--json", str(out),
+            "--models", "swin_tiny_patch4_window7_224", "tiny_vit_21m_224", "cait_xxs24_224")
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and set(report["results"]) == {"swin_tiny_patch4_window7_224", "tiny_vit_21m_224",
+                                                              "cait_xxs24_224"}
+    assert all(set(r) >= {"eager", "patched"} for r in report["results"].values())
+    assert {b["what"].split(" ")[0] for b in report["bars"]} == {"swin_tiny_patch4_window7_224", "tiny_vit_21m_224"}
