@@ -38,8 +38,9 @@ def variant_models(name, device, use_compile):
     if use_compile:
         out["compiled"] = torch.compile(copy.deepcopy(base))
         out["patched+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base)))
-        if name.startswith("cait_"):  # talking heads: head_mix_attention's SDPA route too
+        if name.startswith("cait_"):  # talking heads: both head_mix_attention routes explicitly ("auto" is sdpa here)
             out["patched(sdpa)+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base), head_mix_impl="sdpa"))
+            out["patched(fused)+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base), head_mix_impl="fused"))
     return out
 
 

@@ -2,6 +2,8 @@
 gradients of q/k/v, the bias table and all four mixing parameters, for every layout of
 window_attention (sequences, windows, shifted feature maps, Swin / TinyViT packing), gradcheck,
 registration, torch.compile, determinism and bad input."""
+import importlib
+
 import pytest
 import torch
 
@@ -193,8 +195,42 @@ def test_sdpa_route_torch_compile_fullgraph(device):
 
 def test_unknown_impl_is_named():
     qkv = torch.randn(1, 4, 3 * 2 * 8)
-    with pytest.raises(ValueError, match="argument 'impl' must be 'fused' or 'sdpa'"):
+    with pytest.raises(ValueError, match="argument 'impl' must be one of 'auto', 'fused', 'sdpa'"):
         head_mix_attention(qkv, 2, 8, impl="flash")
+
+
+def test_auto_impl_rule():
+    """auto: the SDPA route for CUDA windows over 64 tokens (DeiT / CaiT sequences: the fused
+    kernels measured slower than eager there), the fused kernels elsewhere."""
+    from vitfast.ops.head_mix_attention import auto_impl
+
+    class Fake:
+        def __init__(self, device, shape):
+            self.device, self.shape = torch.device(device), shape
+
+        def dim(self):
+            return len(self.shape)
+
+    assert auto_impl(Fake("cpu", (8, 197, 1152)), None) == "fused"
+    assert auto_impl(Fake("cuda", (8, 197, 1152)), None) == "sdpa"
+    assert auto_impl(Fake("cuda", (8, 49, 288)), None) == "fused"
+    assert auto_impl(Fake("cuda", (2, 56, 56, 288)), [7, 7]) == "fused"
+    assert auto_impl(Fake("cuda", (2, 24, 24, 288)), [12, 12]) == "sdpa"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_auto_takes_the_sdpa_route_for_sequences_on_cuda(monkeypatch):
+    hm_mod = importlib.import_module("vitfast.ops.head_mix_attention")  # the module (the package exports the op)
+    calls = []
+    real = hm_mod.head_mix_attention_sdpa
+    monkeypatch.setattr(hm_mod, "head_mix_attention_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qkv = torch.randn(2, 80, 3 * 4 * 16, device="cuda", dtype=torch.bfloat16)
+    head_mix_attention(qkv, 4, 16, pre_mix=torch.eye(4, device="cuda"))
+    assert calls
+    calls.clear()
+    head_mix_attention(qkv, 4, 16, pre_mix=torch.eye(4, device="cuda"), impl="fused")
+    assert not calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -164,7 +164,7 @@ class MiniViTBlock(_MiniBlock):
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
         self.eager = False  # True: the attention in PyTorch ops (benchmark baseline, attention dropout)
-        self.head_mix_impl = "fused"  # or "sdpa": head_mix_attention's impl (which is faster is per GPU and shape)
+        self.head_mix_impl = "auto"  # or "fused" / "sdpa": head_mix_attention's impl (faster is per GPU and shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
@@ -202,7 +202,7 @@ class MiniSwinBlock(_MiniBlock):
                                           eps=self.norm1.eps) if mlp_transform else None
         self.capture = False
         self.eager = False
-        self.head_mix_impl = "fused"
+        self.head_mix_impl = "auto"
 
     def _mask_for(self, Hp: int, Wp: int, like: torch.Tensor):
         if not any(self.shift_size):

@@ -102,6 +102,20 @@ if _ext.extension_loaded():
     torch.library.register_autograd("vitfast::head_mix_attention_forward", _backward, setup_context=_setup_context)
 
 
+IMPLS = ("auto", "fused", "sdpa")
+# auto: windows longer than this run the SDPA route on CUDA (see head_mix_attention's impl)
+AUTO_SDPA_MIN_TOKENS = 65
+
+
+def auto_impl(qkv: torch.Tensor, window_size) -> str:
+    """impl="auto": "sdpa" for CUDA windows of more than 64 tokens, where the fused kernels measured
+    slower than eager talking heads (H100, DeiT-S/B shapes: benchmarks/NOTES.md); "fused" elsewhere."""
+    if qkv.device.type != "cuda":
+        return "fused"
+    tokens = window_size[0] * window_size[1] if qkv.dim() == 4 else qkv.shape[1]
+    return "sdpa" if tokens >= AUTO_SDPA_MIN_TOKENS else "fused"
+
+
 def head_mix_attention(
     qkv: torch.Tensor,
     num_heads: int,
@@ -119,7 +133,7 @@ def head_mix_attention(
     mask: torch.Tensor | None = None,
     window_size: Sequence[int] | None = None,
     shift_size: Sequence[int] = (0, 0),
-    impl: str = "fused",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Multi-head attention whose heads talk to each other, fused (forward and backward).
 
@@ -142,7 +156,10 @@ def head_mix_attention(
             with the mixes folded into queries of H * dim_k channels and values of H * dim_v
             (`vitfast.ops.head_mix_sdpa`; no (B, H, N, N) tensor when SDPA picks a fused backend,
             ~H times SDPA's FLOPs). Which is faster depends on the shape and the GPU:
-            `benchmarks/head_mix_cases.py` times both.
+            `benchmarks/head_mix_cases.py` times both. "auto" (default): "sdpa" for CUDA windows
+            of more than 64 tokens (DeiT / CaiT sequences, where the fused kernels measured ~2x
+            slower than even eager talking heads on the H100: 8.2 vs 4.3 ms at DeiT-S), "fused"
+            elsewhere (CPU; Mini-Swin's 7 x 7 windows).
 
     Every float parameter may have its own dtype (float32 parameters under autocast); their
     gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are
@@ -151,8 +168,12 @@ def head_mix_attention(
     wide heads) run the float32-or-wider PyTorch composite, with a RuntimeWarning once per shape.
     Returns (..., num_heads * dim_v) with qkv's leading shape.
     """
+    if impl not in IMPLS:
+        fail(ValueError, OP, "impl", f"must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
+    if impl == "auto":
+        impl = auto_impl(qkv, window_size)
     if impl == "sdpa":
         # bias_index's range is checked on the CPU only (on CUDA it would cost a sync per call; an
         # index out of range trips the gather's device-side assert there)
@@ -161,8 +182,6 @@ def head_mix_attention(
         return head_mix_attention_sdpa(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
                                        bias_index, mask, pre_mix, pre_mix_bias, post_mix, post_mix_bias, window_size,
                                        shift_size)
-    if impl != "fused":
-        fail(ValueError, OP, "impl", f"must be 'fused' or 'sdpa', got {impl!r}")
     if _ext.native(qkv.device) and not _ext.head_mix_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v, False,
                                                            False)[0]:
         warn_composite(OP, "forward", qkv, num_heads, dim_k, dim_v, ROUTE)

@@ -201,8 +201,10 @@ def window_attention(
     if impl == "auto":
         impl = auto_impl(qkv, dim_k, dim_v, window_size)
     if impl == "sdpa":
+        # bias_index's range is checked on the CPU only (on CUDA it would cost a sync per call; an
+        # index out of range trips the gather's device-side assert there)
         check_attention_args(OP, qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table, bias_index,
-                             mask, window_size, shift_size)
+                             mask, window_size, shift_size, check_values=qkv.device.type == "cpu")
         return head_mix_attention_sdpa(qkv, num_heads, dim_k, dim_v, offsets, head_stride, scale, bias_table,
                                        bias_index, mask, window_size=window_size, shift_size=shift_size)
     if _ext.native(qkv.device) and not _ext.window_attention_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v,

@@ -49,14 +49,15 @@ def _load_builtin() -> None:
     cait.register()
 
 
-def patch(model: nn.Module, grid: bool = True, head_mix_impl: str = "fused") -> nn.Module:
+def patch(model: nn.Module, grid: bool = True, head_mix_impl: str = "auto") -> nn.Module:
     """Swap every known attention module (timm swin_* v1, tiny_vit_*, cait_*, registered ones)
     for its fused version in place; returns the model. grid=False keeps the blocks' own window
-    partition (the attention alone is fused). head_mix_impl: "fused" or "sdpa", the
-    head_mix_attention route of the talking-heads modules (CaiT). Warns when the model has
-    nothing to patch."""
-    if head_mix_impl not in ("fused", "sdpa"):
-        raise ValueError(f"vitfast.patch: argument 'head_mix_impl' must be 'fused' or 'sdpa', got {head_mix_impl!r}")
+    partition (the attention alone is fused). head_mix_impl: "auto", "fused" or "sdpa", the
+    head_mix_attention route of the talking-heads modules (CaiT; see head_mix_attention's impl).
+    Warns when the model has nothing to patch."""
+    if head_mix_impl not in ("auto", "fused", "sdpa"):
+        raise ValueError("vitfast.patch: argument 'head_mix_impl' must be 'auto', 'fused' or 'sdpa', got "
+                         f"{head_mix_impl!r}")
     _load_builtin()
     swapped = 0
     for m in model.modules():

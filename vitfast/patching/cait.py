@@ -21,7 +21,7 @@ class FusedTalkingHeadAttn(TalkingHeadAttn):
             self.qkv(x), self.num_heads, C // self.num_heads, layout="swin", scale=self.scale,
             pre_mix=self.proj_l.weight, pre_mix_bias=self.proj_l.bias,
             post_mix=self.proj_w.weight, post_mix_bias=self.proj_w.bias,
-            impl=getattr(self, "vitfast_head_mix_impl", "fused"))
+            impl=getattr(self, "vitfast_head_mix_impl", "auto"))
         return self.proj_drop(self.proj(out))
 
 
