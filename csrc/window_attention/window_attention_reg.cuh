@@ -35,6 +35,7 @@ namespace {  // one translation unit: window_attention_cuda.cu (or the CUDA emul
 constexpr int kRegTokens = 64;  // most tokens per window (4 warps x 16 rows)
 constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
+constexpr int kRegLdB = kRegTokens + 1;  // bias-gradient row pitch (+1: a quad's 8 rows hit 8 banks)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
 // most that compile without spills (sm_90a, nvcc 13.0: forward 104-108 registers, backward 151 at
 // head dim 32 and 210 at 64; a cap of 5 / 4 blocks spilled 140-600 bytes).
@@ -81,7 +82,7 @@ __host__ __device__ RegSmem<T, D> carve_reg(SmemCarver& sc, bool backward) {
     s.o = sc.take<T>(kRegTokens * ld);
     s.dst = sc.take<T>(kRegTokens * kRegLdS);
     s.dd = sc.take<float>(kRegTokens);
-    s.dbias = sc.take<float>(kRegTokens * kRegTokens);
+    s.dbias = sc.take<float>(kRegTokens * kRegLdB);
   }
   return s;
 }
@@ -100,6 +101,53 @@ __device__ void zero_pad_columns(T* tile, int dim) {
   constexpr int ld = D + 8;
   const int c0 = round16(dim), w = D - c0;
   for (int e = threadIdx.x; e < kRegTokens * w; e += blockDim.x) tile[(e / w) * ld + c0 + e % w] = wa::zero<T>();
+}
+
+// One role's tile source (q, k, v from qkv; dO or O from the output layout): head h's channels
+// start at off + h * head_stride in rows addressed through `strides`.
+struct RegRole {
+  const void* src;
+  Strides3 strides;
+  int off, head_stride, dim;
+  void* dst;
+};
+
+// Rows 0..63 of every role's tile of head h, window w, into shared memory (pitch D + 8), zero
+// beyond the tokens and beyond dim. 16-byte chunks (kVec: dim % 8 == 0, aligned rows), and every
+// load of the thread is issued before the first store: load_tile's loop stores each chunk before
+// loading the next, so each chunk would wait a full global round trip.
+template <typename T, int D, int kRoles>
+__device__ __forceinline__ void load_roles_vec(const WindowAttentionParams& p, int64_t w, int h,
+                                               const RegRole (&roles)[kRoles]) {
+  constexpr int ld = D + 8, kPerRow = D / 8, kChunks = kRegTokens * kPerRow, kThreads = kRegWarps * 32;
+  constexpr int kPer = (kChunks + kThreads - 1) / kThreads;
+  uint4 v[kRoles][kPer];
+#pragma unroll
+  for (int r = 0; r < kRoles; ++r) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int row = e / kPerRow, c = (e % kPerRow) * 8;
+      v[r][i] = make_uint4(0, 0, 0, 0);
+      if (e < kChunks && row < p.tokens && c < roles[r].dim) {
+        const Strides3& st = roles[r].strides;
+        const int64_t off = token_offset(p.grid, st.img, st.y, st.x, w, row) + roles[r].off +
+                            static_cast<int64_t>(h) * roles[r].head_stride + c;
+        v[r][i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(roles[r].src) + off));
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRoles; ++r) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      if (e < kChunks) {
+        T* dst = static_cast<T*>(roles[r].dst) + (e / kPerRow) * ld + (e % kPerRow) * 8;
+        *reinterpret_cast<uint4*>(dst) = v[r][i];
+      }
+    }
+  }
 }
 
 // Stores a 16 x D fp32 register tile (C fragments acc[D/8][4], rows row0 + g and row0 + g + 8)
@@ -155,12 +203,19 @@ __global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_att
   const int64_t w = blockIdx.x / p.heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
-  zero_pad_columns<T, D>(sm.q, p.dim_k);
-  zero_pad_columns<T, D>(sm.k, p.dim_k);
-  zero_pad_columns<T, D>(sm.v, p.dim_v);
-  load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
-  load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
-  load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
+  if constexpr (kVec) {
+    const RegRole roles[3] = {{p.qkv, p.qkv_strides, p.q_off, p.head_stride, p.dim_k, sm.q},
+                              {p.qkv, p.qkv_strides, p.k_off, p.head_stride, p.dim_k, sm.k},
+                              {p.qkv, p.qkv_strides, p.v_off, p.head_stride, p.dim_v, sm.v}};
+    load_roles_vec<T, D, 3>(p, w, h, roles);
+  } else {
+    zero_pad_columns<T, D>(sm.q, p.dim_k);
+    zero_pad_columns<T, D>(sm.k, p.dim_k);
+    zero_pad_columns<T, D>(sm.v, p.dim_v);
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
+    load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
+  }
   __syncthreads();
 
   const int q0 = warp * 16;
@@ -299,24 +354,36 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
   const bool keys_active = j0 < N;
   const int keys16 = round16(N);
 
-  zero_pad_columns<T, D>(sm.q, p.dim_k);
-  zero_pad_columns<T, D>(sm.k, p.dim_k);
-  zero_pad_columns<T, D>(sm.v, p.dim_v);
-  zero_pad_columns<T, D>(sm.dout, p.dim_v);
+  if constexpr (!kVec) {  // the vector loads write whole D-wide rows (zeros beyond dim)
+    zero_pad_columns<T, D>(sm.q, p.dim_k);
+    zero_pad_columns<T, D>(sm.k, p.dim_k);
+    zero_pad_columns<T, D>(sm.v, p.dim_v);
+    zero_pad_columns<T, D>(sm.dout, p.dim_v);
+    zero_pad_columns<T, D>(sm.o, p.dim_v);
+  }
   // dS^T entries no warp writes (keys of idle warps, query tiles past N) stay zero
   for (int e = threadIdx.x; e < kRegTokens * kRegLdS; e += blockDim.x) sm.dst[e] = wa::zero<T>();
   // The bias gradient of the block's head, summed over its windows: each entry belongs to one lane
   // (its C-fragment position), so the lanes add without synchronising; shared memory rather than
   // registers keeps the kernel's registers for the products.
-  for (int e = threadIdx.x; e < kRegTokens * kRegTokens; e += blockDim.x) sm.dbias[e] = 0.0f;
+  for (int e = threadIdx.x; e < kRegTokens * kRegLdB; e += blockDim.x) sm.dbias[e] = 0.0f;
 
   for (int64_t w = slot; w < p.windows; w += slots) {
     __syncthreads();  // previous window fully consumed (and the zero fills done)
-    load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
-    load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
-    load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
-    load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
-    load_tile<T, kVec>(p, p.out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.o, ld, 0);
+    if constexpr (kVec) {
+      const RegRole roles[5] = {{p.qkv, p.qkv_strides, p.q_off, p.head_stride, p.dim_k, sm.q},
+                                {p.qkv, p.qkv_strides, p.k_off, p.head_stride, p.dim_k, sm.k},
+                                {p.qkv, p.qkv_strides, p.v_off, p.head_stride, p.dim_v, sm.v},
+                                {b.grad_out, p.out_strides, 0, p.dim_v, p.dim_v, sm.dout},
+                                {p.out, p.out_strides, 0, p.dim_v, p.dim_v, sm.o}};
+      load_roles_vec<T, D, 5>(p, w, h, roles);
+    } else {
+      load_qkv_tile<T, kVec>(p, w, h, 1, p.q_off, p.dim_k, 0, kRegTokens, sm.q, ld, 0);
+      load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
+      load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
+      load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
+      load_tile<T, kVec>(p, p.out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.o, ld, 0);
+    }
     __syncthreads();
     {  // D = rowsum(dO * O), the softmax backward's row term: two threads per row (128 = 64 x 2)
       const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
@@ -384,7 +451,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
             }
             st[n][e] = pv;
             dpt[n][e] = ds;
-            if (dbias_slots != nullptr) sm.dbias[j * kRegTokens + i] += ds;
+            if (dbias_slots != nullptr) sm.dbias[j * kRegLdB + i] += ds;
           }
         }
         // dV += P^T dO, dK += dS^T Q (the score scale is applied at the end)
@@ -455,7 +522,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
     float* out = dbias_slots + (slot * p.heads + h) * static_cast<int64_t>(N) * N;
     for (int e = threadIdx.x; e < N * N; e += blockDim.x) {
       const int i = e / N, j = e - i * N;
-      out[e] = sm.dbias[j * kRegTokens + i];
+      out[e] = sm.dbias[j * kRegLdB + i];
     }
   }
 }
