@@ -59,6 +59,13 @@ enum cudaDeviceAttr {
 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+// Resident blocks per SM: two (the emulated device has few SMs, so launches that size themselves
+// by occupancy still get several blocks).
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F, int, size_t) {
+  *blocks = 2;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
   return cudaSuccess;

@@ -304,7 +304,7 @@ int64_t workspace_typed(const WindowAttentionBackwardParams& b) {
   if constexpr (sizeof(T) == 2) {
     if (reg_route_ok<T>(p)) {  // the per-slot bias gradients
       const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
-      return b.dbias != nullptr ? reg_bwd_slots(b) * p.heads * nn : 0;
+      return b.dbias != nullptr ? reg_bwd_slots_for<T>(b) * p.heads * nn : 0;
     }
   }
   size_t smem = 0;
@@ -320,7 +320,7 @@ int backward_reg_route(const WindowAttentionBackwardParams& b, float* workspace,
   const WindowAttentionParams& p = b.fwd;
   constexpr int kThreads = 256;
   const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
-  const int64_t slots = reg_bwd_slots(b);
+  const int64_t slots = reg_bwd_slots_for<T>(b);
   float* slot_buf = b.dbias != nullptr ? workspace : nullptr;
   fill_bias_buffer<float>(p, stream);
   const int err = reg_head_dim(p) == 32 ? backward_reg<T, 32>(b, slot_buf, slots, stream)

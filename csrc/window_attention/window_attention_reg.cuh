@@ -527,20 +527,41 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
   }
 }
 
-// Windows per block when a bias gradient is wanted: enough (slot, head) blocks for several waves
-// of resident blocks; each keeps its head's bias gradient in registers over its windows.
-inline int64_t reg_bwd_slots(const WindowAttentionBackwardParams& b) {
+template <typename T, int D>
+auto bwd_reg_kernel_for(const WindowAttentionBackwardParams& b) {
+  return vec_ok<T>(b.fwd, b.grad_out) ? window_attention_bwd_reg_kernel<T, D, true>
+                                      : window_attention_bwd_reg_kernel<T, D, false>;
+}
+
+// Window slots when a bias gradient is wanted: one wave of (slot, head) blocks, as many as the GPU
+// holds at once (the occupancy API's answer for this kernel), each looping over windows / slots
+// windows with its head's bias gradient in shared memory; no tail wave, and as few slot partials
+// as keep every SM busy. Without a bias gradient every window is its own block.
+template <typename T, int D>
+int64_t reg_bwd_slots(const WindowAttentionBackwardParams& b) {
   const WindowAttentionParams& p = b.fwd;
   if (b.dbias == nullptr) return p.windows;
-  const int64_t want = (8LL * device_sms() + p.heads - 1) / p.heads;
-  return std::max<int64_t>(1, std::min<int64_t>(p.windows, want));
+  auto kernel = bwd_reg_kernel_for<T, D>(b);
+  const size_t smem = reg_smem<T, D>(true);
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRegWarps * 32, smem) != cudaSuccess ||
+      per_sm < 1) {
+    per_sm = reg_bwd_blocks_per_sm<D>();
+  }
+  const int64_t resident = static_cast<int64_t>(per_sm) * device_sms();
+  return std::max<int64_t>(1, std::min<int64_t>(p.windows, resident / p.heads));
+}
+
+template <typename T>
+int64_t reg_bwd_slots_for(const WindowAttentionBackwardParams& b) {
+  return reg_head_dim(b.fwd) == 32 ? reg_bwd_slots<T, 32>(b) : reg_bwd_slots<T, 64>(b);
 }
 
 template <typename T, int D>
 int backward_reg(const WindowAttentionBackwardParams& b, float* slots_buf, int64_t slots, cudaStream_t stream) {
   const WindowAttentionParams& p = b.fwd;
-  auto kernel = window_attention_bwd_reg_kernel<T, D, false>;
-  if (vec_ok<T>(p, b.grad_out)) kernel = window_attention_bwd_reg_kernel<T, D, true>;
+  auto kernel = bwd_reg_kernel_for<T, D>(b);
   const size_t smem = reg_smem<T, D>(true);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
