@@ -94,16 +94,22 @@ struct WindowAttentionParams {
   const void* post_mix = nullptr;
   const void* post_mix_bias = nullptr;
 
-  // CUDA only, optional: a (window types, heads, tokens, tokens) buffer (float; double for fp64)
+  // CUDA only, optional: a (window types, heads, tokens x tokens padded to 4) buffer (float; double for fp64)
   // that the kernels first fill with table[h, index] + mask[type], then read with one load per
   // score instead of the index -> table and mask gathers. Types = mask_windows with a mask, else 1.
   void* bias_buffer = nullptr;
 };
 
+// Elements of one (window type, head) block of the bias buffer: the N x N bias (row-major, rows N
+// apart) padded to a multiple of 4, so every block starts 16-byte aligned (vector loads).
+VF_HD int64_t window_attention_bias_block(const WindowAttentionParams& p) {
+  return (static_cast<int64_t>(p.tokens) * p.tokens + 3) / 4 * 4;
+}
+
 // Elements of the optional bias buffer (0 when there is neither a table nor a mask).
 VF_HD int64_t window_attention_bias_elements(const WindowAttentionParams& p) {
   if (p.table == nullptr && p.mask == nullptr) return 0;
-  return (p.mask != nullptr ? p.mask_windows : 1) * p.heads * static_cast<int64_t>(p.tokens) * p.tokens;
+  return (p.mask != nullptr ? p.mask_windows : 1) * p.heads * window_attention_bias_block(p);
 }
 
 struct WindowAttentionBackwardParams {

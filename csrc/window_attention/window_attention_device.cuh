@@ -53,7 +53,8 @@ template <typename Acc>
 __device__ __forceinline__ const Acc* bias_row(const WindowAttentionParams& p, int64_t w, int h, int i) {
   if (p.bias_buffer == nullptr || i >= p.tokens) return nullptr;
   const int64_t type = p.mask != nullptr ? w % p.mask_windows : 0;
-  return static_cast<const Acc*>(p.bias_buffer) + ((type * p.heads + h) * p.tokens + i) * p.tokens;
+  return static_cast<const Acc*>(p.bias_buffer) + (type * p.heads + h) * window_attention_bias_block(p) +
+         static_cast<int64_t>(i) * p.tokens;
 }
 
 template <typename Acc>
@@ -64,15 +65,15 @@ __device__ __forceinline__ Acc bias_of(const WindowAttentionParams& p, const Acc
 // Fills the bias buffer: table[h, index[i, j]] + mask[type, i, j].
 template <typename Acc>
 __global__ void window_attention_bias_kernel(const WindowAttentionParams p) {
-  const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
+  const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens, bb = window_attention_bias_block(p);
   const int64_t total = window_attention_bias_elements(p);
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t ij = e % nn, th = e / nn;
+    const int64_t ij = e % bb, th = e / bb;
     const int h = static_cast<int>(th % p.heads);
     const int64_t type = th / p.heads;  // a window index whose mask type is `type`
     static_cast<Acc*>(p.bias_buffer)[e] =
-        bias_at<Acc>(p, type, h, static_cast<int>(ij / p.tokens), static_cast<int>(ij % p.tokens));
+        ij < nn ? bias_at<Acc>(p, type, h, static_cast<int>(ij / p.tokens), static_cast<int>(ij % p.tokens)) : Acc(0);
   }
 }
 

@@ -8,8 +8,8 @@
 // H100 they took 1.55 ms (forward) and 5.9 ms (backward) at Swin-T stage 1 against a ~0.2 ms
 // floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK, dV and the bias gradient live in
 // registers (mma.sync m16n8k16 with ldmatrix, common/mma_sm80.cuh), shared memory holds only one
-// head's Q, K, V (and dO, O, dS^T and the bias gradient in the backward) of one window: 15 KB
-// (forward) / 50 KB (backward) per block at head dim 32.
+// head's Q, K, V (and dO, O, dS^T, the bias and its gradient in the backward) of one window:
+// 15 KB (forward) / 69 KB (backward) per block at head dim 32.
 //
 // Forward: one block of 4 warps per (window, head); warp w owns query rows 16w..16w+15 and sees
 // all (<= 64) keys at once, so the softmax needs no online rescaling.
@@ -37,8 +37,9 @@ constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
 constexpr int kRegLdB = kRegTokens + 1;  // bias-gradient row pitch (+1: a quad's 8 rows hit 8 banks)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
-// most that compile without spills (sm_90a, nvcc 13.0: forward 104-108 registers, backward 151 at
-// head dim 32 and 210 at 64; a cap of 5 / 4 blocks spilled 140-600 bytes).
+// most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward
+// 104-114 registers; backward 122-126 at head dim 32, where 69 KB of shared memory allows 3
+// blocks anyway, and 175-187 at 64; a forward cap of 5 blocks spilled).
 constexpr int kRegFwdBlocksPerSM = 4;  // <= 128 registers
 template <int D>
 constexpr int reg_bwd_blocks_per_sm() { return D <= 32 ? 3 : 2; }  // <= 170 / 255 registers
@@ -65,8 +66,10 @@ bool reg_route_ok(const WindowAttentionParams& p) {
 template <typename T, int D>
 struct RegSmem {
   static constexpr int ld = D + 8;
-  T *q, *k, *v, *dout, *o, *dst;  // dout, o, dst, dd, dbias: backward only
+  T *q, *k, *v, *dout, *o, *dst;  // dout, o, dst, dd, lse, bias, dbias: backward only
   float* dd;                       // D[i] = dO[i] . O[i] of the window's rows
+  float* lse;                      // the forward's log-sum-exp of the window's rows
+  float* bias;                     // [query][key] the window's bias (table + mask), pitch kRegLdB
   float* dbias;                    // [key][query], summed over the block's windows
 };
 
@@ -82,6 +85,8 @@ __host__ __device__ RegSmem<T, D> carve_reg(SmemCarver& sc, bool backward) {
     s.o = sc.take<T>(kRegTokens * ld);
     s.dst = sc.take<T>(kRegTokens * kRegLdS);
     s.dd = sc.take<float>(kRegTokens);
+    s.lse = sc.take<float>(kRegTokens);
+    s.bias = sc.take<float>(kRegTokens * kRegLdB);
     s.dbias = sc.take<float>(kRegTokens * kRegLdB);
   }
   return s;
@@ -182,7 +187,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float m
 __device__ __forceinline__ const float* reg_bias_base(const WindowAttentionParams& p, int64_t w, int h) {
   if (p.bias_buffer == nullptr) return nullptr;
   const int64_t type = p.mask != nullptr ? w % p.mask_windows : 0;
-  return static_cast<const float*>(p.bias_buffer) + (type * p.heads + h) * p.tokens * p.tokens;
+  return static_cast<const float*>(p.bias_buffer) + (type * p.heads + h) * window_attention_bias_block(p);
 }
 __device__ __forceinline__ float reg_bias(const WindowAttentionParams& p, const float* base, int64_t w, int h, int i,
                                           int j) {
@@ -367,9 +372,25 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
   // (its C-fragment position), so the lanes add without synchronising; shared memory rather than
   // registers keeps the kernel's registers for the products.
   for (int e = threadIdx.x; e < kRegTokens * kRegLdB; e += blockDim.x) sm.dbias[e] = 0.0f;
+  // bias entries outside the window's N x N (never written) stay zero
+  for (int e = threadIdx.x; e < kRegTokens * kRegLdB; e += blockDim.x) sm.bias[e] = 0.0f;
 
   for (int64_t w = slot; w < p.windows; w += slots) {
     __syncthreads();  // previous window fully consumed (and the zero fills done)
+    // The window's bias block (16-byte loads of the bias buffer) and log-sum-exp go to shared
+    // memory with the tile loads, so their global (L2) latency is paid once per window, overlapped
+    // with the tiles', instead of once per query tile inside the product loop.
+    constexpr int kBiasVecs = kRegTokens * kRegTokens / 4 / (kRegWarps * 32);  // float4 per thread, at most
+    const float* bbase = reg_bias_base(p, w, h);
+    const int nn = N * N;
+    float4 bias_v[kBiasVecs];
+#pragma unroll
+    for (int q = 0; q < kBiasVecs; ++q) {
+      const int c = threadIdx.x + q * kRegWarps * 32;
+      bias_v[q] = (bbase != nullptr && 4 * c < nn) ? __ldg(reinterpret_cast<const float4*>(bbase) + c)
+                                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    const float lse_v = threadIdx.x < N ? static_cast<const float*>(p.lse)[(w * p.heads + h) * N + threadIdx.x] : 0.0f;
     if constexpr (kVec) {
       const RegRole roles[5] = {{p.qkv, p.qkv_strides, p.q_off, p.head_stride, p.dim_k, sm.q},
                                 {p.qkv, p.qkv_strides, p.k_off, p.head_stride, p.dim_k, sm.k},
@@ -384,6 +405,21 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
       load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
       load_tile<T, kVec>(p, p.out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.o, ld, 0);
     }
+    if (bbase != nullptr) {
+#pragma unroll
+      for (int q = 0; q < kBiasVecs; ++q) {
+        const float vals[4] = {bias_v[q].x, bias_v[q].y, bias_v[q].z, bias_v[q].w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int e = 4 * (threadIdx.x + q * kRegWarps * 32) + u;  // row-major in the N x N block
+          if (e < nn) sm.bias[(e / N) * kRegLdB + e % N] = vals[u];
+        }
+      }
+    } else if (p.table != nullptr || p.mask != nullptr) {  // no buffer (too large): gather
+      for (int e = threadIdx.x; e < nn; e += blockDim.x)
+        sm.bias[(e / N) * kRegLdB + e % N] = bias_at<float>(p, w, h, e / N, e % N);
+    }
+    if (threadIdx.x < kRegTokens) sm.lse[threadIdx.x] = lse_v;
     __syncthreads();
     {  // D = rowsum(dO * O), the softmax backward's row term: two threads per row (128 = 64 x 2)
       const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
@@ -397,14 +433,12 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
     __syncthreads();
 
     if (keys_active) {
-      const float* lse = static_cast<const float*>(p.lse) + (w * p.heads + h) * N;
       uint32_t ka[D / 16][4], va[D / 16][4];  // K and V rows of this warp as A fragments
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) {
         mma::ldmatrix_x4(ka[kc], sm.k + (j0 + (lane & 15)) * ld + kc * 16 + (lane >> 4) * 8);
         mma::ldmatrix_x4(va[kc], sm.v + (j0 + (lane & 15)) * ld + kc * 16 + (lane >> 4) * 8);
       }
-      const float* bbase = reg_bias_base(p, w, h);
       float dk[D / 8][4] = {}, dv[D / 8][4] = {};
 #pragma unroll 1
       for (int I = 0; I * 16 < keys16; ++I) {
@@ -430,13 +464,13 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int i = I * 16 + 8 * n + 2 * t + c;
-            lse_v[n][c] = i < N ? lse[i] : 0.0f;
+            lse_v[n][c] = sm.lse[i];
             dd_v[n][c] = sm.dd[i];
           }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = I * 16 + 8 * n + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
-            bias[n][e] = (i < N && j < N) ? reg_bias(p, bbase, w, h, i, j) : 0.0f;
+            bias[n][e] = sm.bias[i * kRegLdB + j];  // 0 outside the window's N x N
           }
         }
 #pragma unroll
