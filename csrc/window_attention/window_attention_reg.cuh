@@ -9,7 +9,7 @@
 // floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK, dV and the bias gradient live in
 // registers (mma.sync m16n8k16 with ldmatrix, common/mma_sm80.cuh), shared memory holds only one
 // head's Q, K, V (and dO, O, dS^T, the bias and its gradient in the backward) of one window:
-// 15 KB (forward) / 69 KB (backward) per block at head dim 32.
+// 32 KB (forward) / 69 KB (backward) per block at head dim 32.
 //
 // Forward: one block of 4 warps per (window, head); warp w owns query rows 16w..16w+15 and sees
 // all (<= 64) keys at once, so the softmax needs no online rescaling.
@@ -37,10 +37,11 @@ constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
 constexpr int kRegLdB = kRegTokens + 1;  // bias-gradient row pitch (+1: a quad's 8 rows hit 8 banks)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
-// most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward
-// 104-114 registers; backward 122-126 at head dim 32, where 69 KB of shared memory allows 3
-// blocks anyway, and 175-187 at 64; a forward cap of 5 blocks spilled).
-constexpr int kRegFwdBlocksPerSM = 4;  // <= 128 registers
+// most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward 85-96
+// registers at head dim 32, 98-108 at 64; backward 122-127 at 32, where 69 KB of shared memory
+// allows 3 blocks anyway, and 176-188 at 64).
+template <int D>
+constexpr int reg_fwd_blocks_per_sm() { return D <= 32 ? 5 : 4; }  // <= 102 / 128 registers
 template <int D>
 constexpr int reg_bwd_blocks_per_sm() { return D <= 32 ? 3 : 2; }  // <= 170 / 255 registers
 
@@ -66,10 +67,10 @@ bool reg_route_ok(const WindowAttentionParams& p) {
 template <typename T, int D>
 struct RegSmem {
   static constexpr int ld = D + 8;
-  T *q, *k, *v, *dout, *o, *dst;  // dout, o, dst, dd, lse, bias, dbias: backward only
+  T *q, *k, *v, *dout, *o, *dst;  // dout, o, dst, dd, lse, dbias: backward only
+  float* bias;                     // [query][key] the window's bias (table + mask), pitch kRegLdB
   float* dd;                       // D[i] = dO[i] . O[i] of the window's rows
   float* lse;                      // the forward's log-sum-exp of the window's rows
-  float* bias;                     // [query][key] the window's bias (table + mask), pitch kRegLdB
   float* dbias;                    // [key][query], summed over the block's windows
 };
 
@@ -80,13 +81,13 @@ __host__ __device__ RegSmem<T, D> carve_reg(SmemCarver& sc, bool backward) {
   s.q = sc.take<T>(kRegTokens * ld);
   s.k = sc.take<T>(kRegTokens * ld);
   s.v = sc.take<T>(kRegTokens * ld);
+  s.bias = sc.take<float>(kRegTokens * kRegLdB);
   if (backward) {
     s.dout = sc.take<T>(kRegTokens * ld);
     s.o = sc.take<T>(kRegTokens * ld);
     s.dst = sc.take<T>(kRegTokens * kRegLdS);
     s.dd = sc.take<float>(kRegTokens);
     s.lse = sc.take<float>(kRegTokens);
-    s.bias = sc.take<float>(kRegTokens * kRegLdB);
     s.dbias = sc.take<float>(kRegTokens * kRegLdB);
   }
   return s;
@@ -183,22 +184,59 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float m
 }
 
 // Head h's bias for window w as a row-major N x N array (the precomputed buffer), or null when
-// there is no buffer (then reg_bias gathers table and mask per score).
+// there is no buffer (then the stage below gathers table and mask per entry).
 __device__ __forceinline__ const float* reg_bias_base(const WindowAttentionParams& p, int64_t w, int h) {
   if (p.bias_buffer == nullptr) return nullptr;
   const int64_t type = p.mask != nullptr ? w % p.mask_windows : 0;
   return static_cast<const float*>(p.bias_buffer) + (type * p.heads + h) * window_attention_bias_block(p);
 }
-__device__ __forceinline__ float reg_bias(const WindowAttentionParams& p, const float* base, int64_t w, int h, int i,
-                                          int j) {
-  return base != nullptr ? base[i * p.tokens + j] : bias_at<float>(p, w, h, i, j);
-}
+
+// The window's N x N bias block (table + mask of head h, window w's type) into shared memory
+// (pitch kRegLdB), in two steps so its loads are in flight together with the tile loads: load()
+// issues 16-byte loads of the bias buffer's block (16-byte aligned by construction), store()
+// writes them out (or gathers table and mask per entry when there is no buffer). Entries outside
+// N x N are left as they are: the kernels never use them.
+struct RegBiasStage {
+  static constexpr int kVecs = kRegTokens * kRegTokens / 4 / (kRegWarps * 32);  // per thread, at most
+  const float* base;
+  float4 v[kVecs];
+
+  __device__ __forceinline__ void load(const WindowAttentionParams& p, int64_t w, int h) {
+    base = reg_bias_base(p, w, h);
+    const int nn = p.tokens * p.tokens;
+#pragma unroll
+    for (int q = 0; q < kVecs; ++q) {
+      const int c = threadIdx.x + q * kRegWarps * 32;
+      v[q] = (base != nullptr && 4 * c < nn) ? __ldg(reinterpret_cast<const float4*>(base) + c)
+                                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
+
+  __device__ __forceinline__ void store(const WindowAttentionParams& p, int64_t w, int h, float* dst) const {
+    const int N = p.tokens, nn = N * N;
+    if (base != nullptr) {
+#pragma unroll
+      for (int q = 0; q < kVecs; ++q) {
+        const float vals[4] = {v[q].x, v[q].y, v[q].z, v[q].w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int e = 4 * (threadIdx.x + q * kRegWarps * 32) + u;  // row-major in the N x N block
+          if (e < nn) dst[(e / N) * kRegLdB + e % N] = vals[u];
+        }
+      }
+    } else if (p.table != nullptr || p.mask != nullptr) {  // no buffer (too large): gather
+      for (int e = threadIdx.x; e < nn; e += blockDim.x) dst[(e / N) * kRegLdB + e % N] = bias_at<float>(p, w, h, e / N, e % N);
+    } else {
+      for (int e = threadIdx.x; e < nn; e += blockDim.x) dst[(e / N) * kRegLdB + e % N] = 0.0f;
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 template <typename T, int D, bool kVec>
-__global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_attention_fwd_reg_kernel(const WindowAttentionParams p) {
+__global__ void __launch_bounds__(kRegWarps * 32, reg_fwd_blocks_per_sm<D>()) window_attention_fwd_reg_kernel(const WindowAttentionParams p) {
   VF_DYNAMIC_SMEM(smem_raw);
   SmemCarver sc{smem_raw};
   const RegSmem<T, D> sm = carve_reg<T, D>(sc, false);
@@ -208,6 +246,8 @@ __global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_att
   const int64_t w = blockIdx.x / p.heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
+  RegBiasStage bias_stage;
+  bias_stage.load(p, w, h);
   if constexpr (kVec) {
     const RegRole roles[3] = {{p.qkv, p.qkv_strides, p.q_off, p.head_stride, p.dim_k, sm.q},
                               {p.qkv, p.qkv_strides, p.k_off, p.head_stride, p.dim_k, sm.k},
@@ -221,6 +261,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_att
     load_qkv_tile<T, kVec>(p, w, h, 1, p.k_off, p.dim_k, 0, kRegTokens, sm.k, ld, 0);
     load_qkv_tile<T, kVec>(p, w, h, 1, p.v_off, p.dim_v, 0, kRegTokens, sm.v, ld, 0);
   }
+  bias_stage.store(p, w, h, sm.bias);
   __syncthreads();
 
   const int q0 = warp * 16;
@@ -244,27 +285,17 @@ __global__ void __launch_bounds__(kRegWarps * 32, kRegFwdBlocksPerSM) window_att
     }
   }
 
-  // Bias (all loads first, in flight together), scale, softmax over the row: a row's 64 scores sit
-  // in the 4 lanes of a quad (lanes 4g .. 4g+3), 16 each.
+  // Bias (from shared memory), scale, softmax over the row: a row's 64 scores sit in the 4 lanes of
+  // a quad (lanes 4g .. 4g+3), 16 each. Rows past N compute harmless values, never stored.
   const int rows[2] = {q0 + g, q0 + g + 8};
-  const float* bbase = reg_bias_base(p, w, h);
-  float bias[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = rows[e >> 1], c = 8 * j + 2 * t + (e & 1);
-      bias[j][e] = (i < N && c < N) ? reg_bias(p, bbase, w, h, i, c) : 0.0f;
-    }
-  }
   const float scale = static_cast<float>(p.scale);
   float mx[2] = {wa::neg_inf<float>(), wa::neg_inf<float>()};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int c = 8 * j + 2 * t + (e & 1);
-      s[j][e] = c < N ? s[j][e] * scale + bias[j][e] : wa::neg_inf<float>();
+      const int i = rows[e >> 1], c = 8 * j + 2 * t + (e & 1);
+      s[j][e] = c < N ? s[j][e] * scale + (i < N ? sm.bias[i * kRegLdB + c] : 0.0f) : wa::neg_inf<float>();
       mx[e >> 1] = max(mx[e >> 1], s[j][e]);
     }
   }
@@ -372,24 +403,14 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
   // (its C-fragment position), so the lanes add without synchronising; shared memory rather than
   // registers keeps the kernel's registers for the products.
   for (int e = threadIdx.x; e < kRegTokens * kRegLdB; e += blockDim.x) sm.dbias[e] = 0.0f;
-  // bias entries outside the window's N x N (never written) stay zero
-  for (int e = threadIdx.x; e < kRegTokens * kRegLdB; e += blockDim.x) sm.bias[e] = 0.0f;
 
   for (int64_t w = slot; w < p.windows; w += slots) {
     __syncthreads();  // previous window fully consumed (and the zero fills done)
-    // The window's bias block (16-byte loads of the bias buffer) and log-sum-exp go to shared
-    // memory with the tile loads, so their global (L2) latency is paid once per window, overlapped
-    // with the tiles', instead of once per query tile inside the product loop.
-    constexpr int kBiasVecs = kRegTokens * kRegTokens / 4 / (kRegWarps * 32);  // float4 per thread, at most
-    const float* bbase = reg_bias_base(p, w, h);
-    const int nn = N * N;
-    float4 bias_v[kBiasVecs];
-#pragma unroll
-    for (int q = 0; q < kBiasVecs; ++q) {
-      const int c = threadIdx.x + q * kRegWarps * 32;
-      bias_v[q] = (bbase != nullptr && 4 * c < nn) ? __ldg(reinterpret_cast<const float4*>(bbase) + c)
-                                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+    // The window's bias block and log-sum-exp go to shared memory with the tile loads, so their
+    // global (L2) latency is paid once per window, overlapped with the tiles', instead of once per
+    // query tile inside the product loop.
+    RegBiasStage bias_stage;
+    bias_stage.load(p, w, h);
     const float lse_v = threadIdx.x < N ? static_cast<const float*>(p.lse)[(w * p.heads + h) * N + threadIdx.x] : 0.0f;
     if constexpr (kVec) {
       const RegRole roles[5] = {{p.qkv, p.qkv_strides, p.q_off, p.head_stride, p.dim_k, sm.q},
@@ -405,20 +426,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
       load_tile<T, kVec>(p, b.grad_out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.dout, ld, 0);
       load_tile<T, kVec>(p, p.out, p.out_strides, w, h, 1, 0, p.dim_v, p.dim_v, 0, kRegTokens, sm.o, ld, 0);
     }
-    if (bbase != nullptr) {
-#pragma unroll
-      for (int q = 0; q < kBiasVecs; ++q) {
-        const float vals[4] = {bias_v[q].x, bias_v[q].y, bias_v[q].z, bias_v[q].w};
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int e = 4 * (threadIdx.x + q * kRegWarps * 32) + u;  // row-major in the N x N block
-          if (e < nn) sm.bias[(e / N) * kRegLdB + e % N] = vals[u];
-        }
-      }
-    } else if (p.table != nullptr || p.mask != nullptr) {  // no buffer (too large): gather
-      for (int e = threadIdx.x; e < nn; e += blockDim.x)
-        sm.bias[(e / N) * kRegLdB + e % N] = bias_at<float>(p, w, h, e / N, e % N);
-    }
+    bias_stage.store(p, w, h, sm.bias);
     if (threadIdx.x < kRegTokens) sm.lse[threadIdx.x] = lse_v;
     __syncthreads();
     {  // D = rowsum(dO * O), the softmax backward's row term: two threads per row (128 = 64 x 2)
@@ -470,7 +478,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = I * 16 + 8 * n + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
-            bias[n][e] = sm.bias[i * kRegLdB + j];  // 0 outside the window's N x N
+            bias[n][e] = sm.bias[i * kRegLdB + j];  // used only inside the window's N x N
           }
         }
 #pragma unroll
