@@ -6,10 +6,10 @@
 // product through WMMA fragments stored to shared memory and back, keep O and dK/dV in shared
 // memory, and need ~100-150 KB per block, so an SM holds one or two blocks of a few warps. On the
 // H100 they took 1.55 ms (forward) and 5.9 ms (backward) at Swin-T stage 1 against a ~0.2 ms
-// floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK, dV and the bias gradient live in
-// registers (mma.sync m16n8k16 with ldmatrix, common/mma_sm80.cuh), shared memory holds only one
-// head's Q, K, V (and dO, O, dS^T, the bias and its gradient in the backward) of one window:
-// 32 KB (forward) / 69 KB (backward) per block at head dim 32.
+// floor (benchmarks/NOTES.md): latency-bound. Here S, P, O, dK and dV live in registers (mma.sync
+// m16n8k16 with ldmatrix, common/mma_sm80.cuh); shared memory holds one head's Q, K, V and bias of
+// one window (and dO, O, dS^T and the bias gradient in the backward): 32 KB (forward) / 69 KB
+// (backward) per block at head dim 32.
 //
 // Forward: one block of 4 warps per (window, head); warp w owns query rows 16w..16w+15 and sees
 // all (<= 64) keys at once, so the softmax needs no online rescaling.
@@ -35,7 +35,7 @@ namespace {  // one translation unit: window_attention_cuda.cu (or the CUDA emul
 constexpr int kRegTokens = 64;  // most tokens per window (4 warps x 16 rows)
 constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
-constexpr int kRegLdB = kRegTokens + 1;  // bias-gradient row pitch (+1: a quad's 8 rows hit 8 banks)
+constexpr int kRegLdB = kRegTokens + 1;  // bias / bias-gradient row pitch (+1: spreads a quad's rows over banks)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
 // most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward 85-96
 // registers at head dim 32, 98-108 at 64; backward 122-127 at 32, where 69 KB of shared memory
