@@ -62,8 +62,12 @@ def run_and_compare(case, mix, dtype, impl="fused"):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         if name == "pre_mix_bias":  # cancels in the softmax: exactly zero here, ~1e-17 in the reference
             assert torch.count_nonzero(g) == 0 and rg.abs().max() < 1e-9
-        elif rg.abs().max() == 0:  # one token per window: the bias cannot matter (P = 1 up to rounding)
-            assert g.abs().max() < 1e-4, name
+        elif rg.abs().max() == 0:
+            # one token per window: the bias and the pre-mix cannot matter (P = 1); what is left is
+            # rounding (dS' = P (dP - D) with dP and D rounded apart, times scores of ~10), so it is
+            # bounded relative to the gradients' own scale, as the other gradients are
+            scale = max(r.abs().max().item() for r in ref_grads)
+            assert g.abs().max() < GRAD_TOL[dtype] * max(scale, 1.0), (name, g.abs().max().item(), scale)
         else:
             assert rel_err(g.cpu(), rg) < GRAD_TOL[dtype], (name, rel_err(g.cpu(), rg))
 

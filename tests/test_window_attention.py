@@ -75,7 +75,9 @@ def run_and_compare(case, dtype, impl="auto"):
     if table is not None:
         assert grads[1].dtype == table.dtype and grads[1].shape == table.shape
         if ref_grads[1].abs().max() == 0:  # one token per window: the bias cannot matter
-            assert grads[1].abs().max() < 1e-4
+            # rounding only (dS = P (dP - D), dP and D rounded apart): relative to the gradients' scale
+            scale = max(ref_grads[0].abs().max().item(), 1.0)
+            assert grads[1].abs().max() < GRAD_TOL[dtype] * scale
         else:
             assert rel_err(grads[1].cpu(), ref_grads[1]) < GRAD_TOL[dtype]
 
