@@ -55,7 +55,10 @@ def check_window(dev, dtype, lead, heads, dk, dv, layout, ws=None, shift=(0, 0),
     index = torch.randint(0, table_len, (n, n), device=dev)
     mask = torch.where(torch.rand(mask_types, n, n, device=dev) < 0.3, -100.0, 0.0) if mask_types else None
     kw = dict(window_size=ws, shift_size=shift) if ws else {}
-    out = window_attention(qkv, heads, dk, dv, layout=layout, bias_table=table, bias_index=index, mask=mask, **kw)
+    # impl="fused": vitfast's kernels on every shape (impl="auto" sends 16-bit windows over 64
+    # tokens to PyTorch's SDPA, which is not what the sanitizers are here for)
+    out = window_attention(qkv, heads, dk, dv, layout=layout, bias_table=table, bias_index=index, mask=mask,
+                           impl="fused", **kw)
     g = torch.randn_like(out)
     gq, gt = torch.autograd.grad(out, (qkv, table), g)
     q64 = qkv.detach().cpu().double().requires_grad_()

@@ -8,6 +8,7 @@ import torch
 
 from vitfast.ops import qkv_layout, window_attention
 from vitfast.ops.reference import window_attention_reference
+from vitfast.ops.window_attention import auto_impl
 
 from conftest import HAS_CUDA, rel_err
 
@@ -80,6 +81,8 @@ def run_and_compare(case, dtype, impl="auto"):
             assert grads[1].abs().max() < GRAD_TOL[dtype] * scale
         else:
             assert rel_err(grads[1].cpu(), ref_grads[1]) < GRAD_TOL[dtype]
+    if impl == "auto" and auto_impl(qkv, case["dk"], case["dv"], case["window_size"]) != "fused":
+        run_and_compare(case, dtype, impl="fused")  # auto took SDPA: vitfast's own kernels on this shape too
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -272,8 +275,6 @@ def test_sdpa_impl_matches_reference(device, dtype, shape):
 def test_auto_impl_rule():
     """auto: vitfast's kernels everywhere except 16-bit CUDA shapes the register kernels do not
     take (there SDPA measured faster than the tile kernels)."""
-    from vitfast.ops.window_attention import auto_impl
-
     class Fake:  # device and dtype are all the rule reads, besides the shape
         def __init__(self, device, dtype, shape):
             self.device, self.dtype, self.shape = torch.device(device), dtype, shape
@@ -356,8 +357,8 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
     assert _ext.window_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "registers"
-    from vitfast.ops.window_attention import auto_impl  # the Python rule agrees with the C++ one
-    assert auto_impl(case["qkv"], shape["dk"], dv, None) == "fused"
+    assert auto_impl(  # the Python rule agrees with the C++ one
+        case["qkv"], shape["dk"], dv, None) == "fused"
     run_and_compare(case, dtype)
     qkv = case["qkv"].detach().clone().requires_grad_()
     table = case["table"].clone().requires_grad_() if case["table"] is not None else None

@@ -37,7 +37,7 @@ constexpr int kRegWarps = 4;
 constexpr int kRegLdS = kRegTokens + 8;  // dS^T row pitch (+8: ldmatrix without bank conflicts)
 constexpr int kRegLdB = kRegTokens + 1;  // bias / bias-gradient row pitch (+1: spreads a quad's rows over banks)
 // Resident blocks per SM the register budget is capped for (65536 / (128 threads x blocks)), the
-// most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward 85-96
+// most that compile without spills or that shared memory allows (sm_90a, nvcc 13.0: forward 95-96
 // registers at head dim 32, 98-108 at 64; backward 122-127 at 32, where 69 KB of shared memory
 // allows 3 blocks anyway, and 176-188 at 64).
 template <int D>

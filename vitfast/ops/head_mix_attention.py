@@ -157,9 +157,10 @@ def head_mix_attention(
             (`vitfast.ops.head_mix_sdpa`; no (B, H, N, N) tensor when SDPA picks a fused backend,
             ~H times SDPA's FLOPs). Which is faster depends on the shape and the GPU:
             `benchmarks/head_mix_cases.py` times both. "auto" (default): "sdpa" for CUDA windows
-            of more than 64 tokens (DeiT / CaiT sequences, where the fused kernels measured ~2x
-            slower than even eager talking heads on the H100: 8.2 vs 4.3 ms at DeiT-S), "fused"
-            elsewhere (CPU; Mini-Swin's 7 x 7 windows).
+            of more than 64 tokens (DeiT / CaiT sequences, where the fused kernels measured 2-4x
+            slower than even eager talking heads on the H100: 8.05 vs 4.17 ms at DeiT-S, 25.1 vs
+            6.1 ms at DeiT-B; benchmarks/RESULTS.md), "fused" elsewhere (CPU; Mini-Swin's 7 x 7
+            windows).
 
     Every float parameter may have its own dtype (float32 parameters under autocast); their
     gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are

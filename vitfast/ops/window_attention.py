@@ -86,8 +86,8 @@ IMPLS = ("auto", "fused", "sdpa")
 def auto_impl(qkv: torch.Tensor, dim_k: int, dim_v: int, window_size) -> str:
     """impl="auto": the fused kernels, except for 16-bit CUDA windows the register kernels do not
     take (more than 64 tokens or head dims over 64), which run on SDPA: there the tile kernels
-    measured 6x slower than SDPA with the bias (H100, TinyViT-21M stage 3, N196: 5.3 vs 0.88 ms
-    fwd+bwd; benchmarks/NOTES.md)."""
+    measured 4.5x slower than SDPA with a materialised bias (H100, TinyViT-21M stage 3, N196:
+    5.92 vs 1.32 ms fwd+bwd; benchmarks/RESULTS.md)."""
     if qkv.device.type != "cuda" or qkv.dtype not in (torch.float16, torch.bfloat16):
         return "fused"
     tokens = window_size[0] * window_size[1] if qkv.dim() == 4 else qkv.shape[1]
