@@ -15,16 +15,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vitfast import _ext
 from vitfast.ops import head_mix_attention, window_attention
 from vitfast.timing import peak_memory_mb, time_ms
-from window_attention_cases import swin_index
+from window_attention_cases import forced_route, swin_index
 
-# name: (windows, N, heads, d, windowed (table + shift mask with 64 window types))
+# name: (windows, N, heads, d, window types of the shift mask; 0: a plain sequence, no table, no mask).
+# Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 3 four; stage 3 (12 heads) is past
+# the register kernels (3-4 heads), so it times the tile kernels against the SDPA route there.
 SHAPES = {
-    "deit_s_B128_H6_N197": (128, 197, 6, 64, False),
-    "deit_b_B128_H12_N197": (128, 197, 12, 64, False),
-    "deit_b384_B64_H12_N577": (64, 577, 12, 64, False),
-    "mini_swin_t_stage1": (8192, 49, 3, 32, True),
+    "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
+    "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),
+    "deit_b384_B64_H12_N577": (64, 577, 12, 64, 0),
+    "mini_swin_t_stage1": (8192, 49, 3, 32, 64),
+    "mini_swin_b_stage1": (8192, 49, 4, 32, 64),
+    "mini_swin_t_stage3": (512, 49, 12, 32, 4),
 }
 
 
@@ -42,7 +47,8 @@ def eager_talking_heads(qkv, heads, d, wl, bl, ww, bw, bias=None):
 
 
 def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
-    windows, n, heads, d, windowed = SHAPES[name]
+    windows, n, heads, d, types = SHAPES[name]
+    windowed = types > 0
     if quick:
         windows = 64 if windowed else 2
     qkv = (torch.randn(windows, n, 3 * heads * d, device=device) * 0.5).to(dtype).requires_grad_()
@@ -54,7 +60,7 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     if windowed:
         table = (torch.randn(heads, 169, device=device) * 0.02).requires_grad_()
         index = swin_index(7, 7, device)
-        mask = torch.where(torch.rand(64, n, n, device=device) < 0.5, -100.0, 0.0)
+        mask = torch.where(torch.rand(types, n, n, device=device) < 0.5, -100.0, 0.0)
     leaves = [qkv] + mix + ([table] if windowed else [])
 
     def ours(impl="fused"):
@@ -69,7 +75,7 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
         q, k, v = qkv.reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * d ** -0.5) @ k.transpose(-2, -1) + table[:, index].to(qkv.dtype)
         attn = F.linear(attn.permute(0, 2, 3, 1), mix[0].to(attn.dtype), mix[1].to(attn.dtype)).permute(0, 3, 1, 2)
-        attn = (attn.view(B // 64, 64, heads, N, N) + mask.to(attn.dtype)[None, :, None]).view(B, heads, N, N)
+        attn = (attn.view(B // types, types, heads, N, N) + mask.to(attn.dtype)[None, :, None]).view(B, heads, N, N)
         attn = F.linear(attn.softmax(-1).permute(0, 2, 3, 1), mix[2].to(attn.dtype), mix[3].to(attn.dtype))
         return (attn.permute(0, 3, 1, 2) @ v).transpose(1, 2).reshape(B, N, heads * d)
 
@@ -77,6 +83,9 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
              "eager talking heads": eager_windowed if windowed else eager}
     if use_compile:
         impls["torch.compile(eager)"] = torch.compile(impls["eager talking heads"], dynamic=False)
+    route = _ext.head_mix_attention_route(torch.device(device), dtype, n, heads, d, d)
+    if route == "registers":  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
+        impls["vitfast (tile kernels)"] = ours
     if windowed:
         impls["window_attention (no mixes)"] = lambda: window_attention(qkv, heads, d, bias_table=table,
                                                                         bias_index=index, mask=mask)
@@ -89,17 +98,18 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     fwd, fwd_bwd, mem = {}, {}, {}
     for label, fn in impls.items():
         grad = torch.randn_like(fn())
-        wrt = [x for x in leaves if label in ("vitfast", "vitfast sdpa", "eager talking heads", "torch.compile(eager)")
-               or x is qkv or x is table]
+        wrt = [x for x in leaves if label in ("vitfast", "vitfast sdpa", "vitfast (tile kernels)", "eager talking heads",
+                                              "torch.compile(eager)") or x is qkv or x is table]
 
         def step(fn=fn, grad=grad, wrt=wrt):
             torch.autograd.grad(fn(), wrt, grad)
 
-        with torch.no_grad():
-            fwd[label] = time_ms(fn, device, 3, reps)
-        fwd_bwd[label] = time_ms(step, device, 3, reps)
-        mem[label] = peak_memory_mb(step, device)
-    return {"op": "head_mix_attention",
+        with forced_route("tiles" if label == "vitfast (tile kernels)" else None):
+            with torch.no_grad():
+                fwd[label] = time_ms(fn, device, 3, reps)
+            fwd_bwd[label] = time_ms(step, device, 3, reps)
+            mem[label] = peak_memory_mb(step, device)
+    return {"op": "head_mix_attention", "route": route,
             "shape": f"{name} ({windows} x N{n}, H{heads}, d{d}{', table + shift mask' if windowed else ''})",
             "dtype": str(dtype).replace("torch.", ""),
             "times_ms": {f"{k} fwd": v for k, v in fwd.items()} | {f"{k} fwd+bwd": v for k, v in fwd_bwd.items()},

@@ -9,6 +9,7 @@ cudaProfilerStart/Stop, so `ncu --profile-from-start off` records exactly these 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -58,6 +59,25 @@ def cases(device, small):
         out[f"head_mix_attention mini_swin_t stage1 bf16 fwd+bwd{tag}"] = lambda impl=impl: torch.autograd.grad(
             head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table, bias_index=index,
                                mask=mask, impl=impl).float().sum(), [qkv, table, *mix3])
+
+    def mix_tiles():  # Mini-Swin-T stage 1 on the head-mix tile kernels (the register kernels' predecessor)
+        with forced_route("tiles"):
+            torch.autograd.grad(head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table,
+                                                   bias_index=index, mask=mask).float().sum(), [qkv, table, *mix3])
+    out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (tile kernels)"] = mix_tiles
+
+    def mix_no_pipeline():  # the register backward without its cp.async double buffering
+        old = os.environ.get("VITFAST_HEAD_MIX_PIPELINE")
+        os.environ["VITFAST_HEAD_MIX_PIPELINE"] = "0"
+        try:
+            torch.autograd.grad(head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table,
+                                                   bias_index=index, mask=mask).float().sum(), [qkv, table, *mix3])
+        finally:
+            if old is None:
+                del os.environ["VITFAST_HEAD_MIX_PIPELINE"]
+            else:
+                os.environ["VITFAST_HEAD_MIX_PIPELINE"] = old
+    out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (no cp.async pipeline)"] = mix_no_pipeline
     return out
 
 

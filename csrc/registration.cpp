@@ -133,5 +133,14 @@ PYBIND11_MODULE(_C, m) {
       },
       "'registers' or 'tiles': the kernels window_attention runs for (dtype name, tokens, heads, dim_k, dim_v) "
       "on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
+  m.def(
+      "head_mix_attention_route",
+      [](const std::string& dtype, int tokens, int heads, int dim_k, int dim_v) {
+        vitfast::WindowAttentionBackwardParams b = fit_query(dtype, heads, dim_k, dim_v, true, true);
+        b.fwd.tokens = tokens;
+        return std::string(vitfast::head_mix_attention_cuda_route(b.fwd));
+      },
+      "'registers' or 'tiles': the kernels head_mix_attention's fused route runs for (dtype name, tokens, heads, "
+      "dim_k, dim_v) on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
 #endif
 }

@@ -126,6 +126,14 @@ def _window_tiles(dev):  # the tile kernels on a shape the register kernels take
         del os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"]
 
 
+def _head_mix_tiles(dev):  # the head-mix tile kernels on a shape the register kernels take by default
+    os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = "tiles"
+    try:
+        check_head_mix(dev, BF16, (4, 49), 3, 32, mask_types=2, table_len=169)
+    finally:
+        del os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"]
+
+
 def _head_mix_scratch(dev):  # every accumulator in global scratch
     os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
     try:
@@ -187,8 +195,13 @@ CASES = {
         lambda d: _empty_batch(d, mix=False),
     ],
     "head_mix_attention": [
+        lambda d: check_head_mix(d, BF16, (2, 40), 3, 32),                                   # registers, pipelined (racecheck)
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
-        lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window
+        lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window (registers)
+        lambda d: check_head_mix(d, H16, (24, 49), 4, 32, mask_types=4, table_len=169),     # 4 heads, slot loop (registers)
+        lambda d: check_head_mix(d, BF16, (300, 49), 3, 32, mask_types=4, table_len=169),   # pipelined, > one wave of slots
+        lambda d: check_head_mix(d, BF16, (2, 20), 3, 24, mask_types=2, table_len=64),      # scalar loads (registers)
+        _head_mix_tiles,
         lambda d: check_head_mix(d, F32, (1, 8, 8), 2, 16, (4, 4), (2, 2), mask_types=4, table_len=49),  # grid
         lambda d: check_head_mix(d, BF16, (1, 16), 20, 16),                                  # > 16 heads
         _head_mix_scratch,

@@ -70,9 +70,34 @@ def test_emulated_head_mix_attention_matches_reference(results, name):
         if key in r:
             assert r[key] < GRAD_TOL[dtype], (key, r)
     assert r["deterministic"] == 1.0, r  # bitwise equal gradients over two backward runs
-    # the case meant to run every accumulator from global scratch does
-    want = "global" if "global_scratch" in name else "smem"
-    assert r["routes"] == f"fwd:{want},bwd_q:{want},bwd_kv:{want}", r
+    if head_mix_route(*HEAD_MIX_CASES[name]) == "registers":
+        assert r["routes"] == "registers", r
+    else:  # the case meant to run every accumulator from global scratch does
+        want = "global" if "global_scratch" in name else "smem"
+        assert r["routes"] == f"fwd:{want},bwd_q:{want},bwd_kv:{want}", r
+
+
+def head_mix_route(dtype, kw, opts):
+    """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads unless
+    the case forces the tile kernels (head_mix_reg_rule.h)."""
+    dk = kw.get("dk", 32)
+    dv = kw.get("dv") or dk
+    n = kw.get("wh", 7) * kw.get("ww", 7)
+    heads = kw.get("heads", 3)
+    # 4 heads fit the register backward's shared memory (227 KB) up to 54 tokens, 3 heads up to 64
+    small = (dtype in (torch.float16, torch.bfloat16) and n <= 64 and max(dk, dv) <= 32
+             and (heads == 3 or (heads == 4 and n <= 54)))
+    return "registers" if small and opts.get("route") != "tiles" else "tiles"
+
+
+def test_emulated_head_mix_cases_cover_both_kernel_families():
+    routes = {head_mix_route(*case) for case in HEAD_MIX_CASES.values()}
+    assert routes == {"registers", "tiles"}
+    # and the register cases cover both head counts, both 16-bit dtypes, vector and scalar loads
+    reg = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "registers"]
+    assert {c[1]["heads"] for c in reg} == {3, 4}
+    assert {c[0] for c in reg} == {torch.float16, torch.bfloat16}
+    assert any(c[1].get("row_pad") for c in reg) and any(not c[1].get("row_pad") for c in reg)
 
 
 @pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("topk")])

@@ -414,3 +414,85 @@ def test_bad_arguments_are_named(bad, exc, words, op_path):
 def test_cuda_model_shapes(shape):
     case = make_case("cuda", torch.bfloat16, **shape)
     run_and_compare(case, make_mix(shape["heads"], "cuda"), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(windows=1440, heads=3, dk=32, wh=7, ww=7, mask_types=64),  # Mini-Swin-T stage 1: more windows than slots
+    dict(windows=8, heads=4, dk=32, wh=7, ww=7, mask_types=4),      # Mini-Swin-B stage 1
+    dict(windows=6, heads=3, dk=32, wh=8, ww=8, mask_types=2),      # 64 tokens
+    dict(windows=3, heads=4, dk=16, dv=32, wh=3, ww=6, layout="tinyvit", bias=False),
+    dict(windows=3, heads=3, dk=24, wh=4, ww=5, row_pad=3),         # scalar loads (rows not 16-byte aligned)
+])
+def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shape):
+    """fp16/bf16 windows of <= 64 tokens with 3 or 4 heads of <= 32 channels run the register kernels
+    (head_mix_reg.cuh) by default; forced onto the tile kernels the same case must agree with
+    float64 too; the register backward is bitwise reproducible (table and mixing gradients summed
+    over slots in a fixed order)."""
+    from vitfast import _ext
+
+    case = make_case("cuda", dtype, **shape)
+    n = shape["wh"] * shape["ww"]
+    dv = shape.get("dv", shape["dk"])
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "registers"
+    mix = make_mix(shape["heads"], "cuda")
+    run_and_compare(case, mix, dtype)
+    leaves = [case["qkv"].detach().clone().requires_grad_()] + \
+        ([case["table"].clone().requires_grad_()] if case["table"] is not None else []) + \
+        [v.clone().requires_grad_() for v in mix.values()]
+    kw = dict(layout=case["layout"], bias_index=case["index"], mask=case["mask"],
+              bias_table=leaves[1] if case["table"] is not None else None, **dict(zip(mix, leaves[-len(mix):])))
+    out = head_mix_attention(leaves[0], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, g, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, g)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setenv("VITFAST_WINDOW_ATTENTION_ROUTE", "tiles")
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "tiles"
+    run_and_compare(case, mix, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype,tokens,heads,dk,route", [
+    (torch.bfloat16, 49, 3, 32, "registers"),
+    (torch.float16, 49, 4, 32, "registers"),
+    (torch.bfloat16, 64, 4, 32, "tiles"),    # the register backward needs 272 KB of shared memory
+    (torch.bfloat16, 49, 6, 32, "tiles"),    # Mini-Swin-T stage 2
+    (torch.bfloat16, 49, 3, 64, "tiles"),
+    (torch.bfloat16, 81, 3, 32, "tiles"),
+    (torch.float32, 49, 3, 32, "tiles"),
+])
+def test_register_route_rule(dtype, tokens, heads, dk, route):
+    from vitfast import _ext
+
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, tokens, heads, dk, dk) == route
+
+
+def test_head_mix_route_query_off_cuda():
+    from vitfast import _ext
+
+    assert _ext.head_mix_attention_route(torch.device("cpu"), torch.bfloat16, 49, 3, 32, 32) == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_register_backward_pipeline_changes_no_bit(monkeypatch):
+    """The register backward's cp.async double buffering (3 heads, float32 mask) moves loads, not
+    arithmetic: with VITFAST_HEAD_MIX_PIPELINE=0 every gradient is bitwise the same."""
+    case = make_case("cuda", torch.bfloat16, windows=1440, heads=3, dk=32, wh=7, ww=7, mask_types=64)
+    mix = make_mix(3, "cuda")
+
+    def grads():
+        leaves = [case["qkv"].detach().clone().requires_grad_(), case["table"].clone().requires_grad_()] + \
+            [v.clone().requires_grad_() for v in mix.values()]
+        out = head_mix_attention(leaves[0], 3, 32, bias_table=leaves[1], bias_index=case["index"], mask=case["mask"],
+                                 impl="fused", **dict(zip(mix, leaves[2:])))
+        return torch.autograd.grad(out.float().square().sum(), leaves)
+
+    piped = grads()
+    monkeypatch.setenv("VITFAST_HEAD_MIX_PIPELINE", "0")
+    plain = grads()
+    assert all(torch.equal(a, b) for a, b in zip(piped, plain))

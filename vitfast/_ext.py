@@ -111,6 +111,18 @@ def window_attention_route(device: torch.device, dtype: torch.dtype, tokens: int
                                          int(dim_v))
 
 
+def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: int, heads: int, dim_k: int,
+                             dim_v: int) -> str:
+    """Which kernels head_mix_attention(impl="fused") runs for this shape: 'registers' (fp16/bf16,
+    <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+), 'tiles' (CUDA, everything else;
+    VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
+    if device.type != "cuda" or not cuda_kernels_built():
+        return "cpu"
+    with torch.cuda.device(device):
+        return _C.head_mix_attention_route(str(dtype).removeprefix("torch."), int(tokens), int(heads), int(dim_k),
+                                           int(dim_v))
+
+
 # torch.compile folds the answer into the graph (a constant for given shapes): what
 # torch.compiler.assume_constant_result does, without importing torch._dynamo at `import vitfast`
 # (1.7 s); tests/test_head_mix_attention.py checks that the decorator still sets this attribute.

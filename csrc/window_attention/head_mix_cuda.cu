@@ -1,6 +1,7 @@
 // Head-mixing attention on CUDA: the entry points of window_attention.h, mapping the run-time dtype
 // onto the per-dtype units (head_mix_entry.h; the kernels are in head_mix_fwd.cuh / head_mix_bwd.cuh).
 #include "head_mix_entry.h"
+#include "head_mix_reg_rule.h"
 
 namespace vitfast {
 
@@ -15,6 +16,10 @@ namespace vitfast {
     default:                             \
       return FN##_f64(__VA_ARGS__);      \
   }
+
+const char* head_mix_attention_cuda_route(const WindowAttentionParams& p) {
+  return mix_reg_route_ok(p) ? "registers" : "tiles";
+}
 
 int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p) {
   VF_BY_DTYPE(p.dtype, head_mix_fwd_workspace, p)

@@ -3,6 +3,7 @@
 // VF_HM_NAME (the suffix of head_mix_entry.h) defined. No include guard: the CUDA emulator binding
 // includes every unit into one file.
 #include "head_mix_entry.h"
+#include "head_mix_reg.cuh"
 #include "window_attention_dispatch.cuh"
 #ifdef VF_HM_FWD
 #include "head_mix_fwd.cuh"
@@ -18,22 +19,31 @@
 namespace vitfast {
 
 #ifdef VF_HM_FWD
+// fp16/bf16 shapes the register kernels take go there (head_mix_reg.cuh), the rest to the tile kernels.
 int64_t VF_HM_CAT(head_mix_fwd_workspace_, VF_HM_NAME)(const WindowAttentionParams& p) {
+  int64_t elements = 0;
+  if (mix_reg_try_forward_workspace<VF_HM_T>(p, &elements)) return elements;
   return head_mix_forward_workspace_typed<VF_HM_T>(p);
 }
 
 int VF_HM_CAT(head_mix_fwd_launch_, VF_HM_NAME)(const WindowAttentionParams& p, void* workspace, void* stream) {
+  int err = 0;
+  if (mix_reg_try_forward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
   return with_heads_cap(p.heads, [&](auto cap) {
     return head_mix_forward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
   });
 }
 #else
 int64_t VF_HM_CAT(head_mix_bwd_workspace_, VF_HM_NAME)(const WindowAttentionBackwardParams& p) {
+  int64_t elements = 0;
+  if (mix_reg_try_backward_workspace<VF_HM_T>(p, &elements)) return elements;
   return head_mix_backward_workspace_typed<VF_HM_T>(p);
 }
 
 int VF_HM_CAT(head_mix_bwd_launch_, VF_HM_NAME)(const WindowAttentionBackwardParams& p, void* workspace,
                                                 void* stream) {
+  int err = 0;
+  if (mix_reg_try_backward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
   return with_heads_cap(p.fwd.heads, [&](auto cap) {
     return head_mix_backward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
   });

@@ -20,7 +20,9 @@
 //
 // Head mixing (MiniViT, CaiT): head_mix_*.cuh. Same blocks-hold-all-heads layout, tile loads, bias
 // access and planning helpers, but a two-pass forward and a two-kernel backward, because the
-// mixes need every head's final softmax statistics (head_mix_common.cuh explains why).
+// mixes need every head's final softmax statistics (head_mix_common.cuh explains why); 16-bit
+// windows of <= 64 tokens with 3 or 4 heads of <= 32 channels run register kernels instead
+// (head_mix_reg.cuh; which shapes: head_mix_reg_rule.h).
 //
 // Files: window_attention_device.cuh (shared access, tile loads, planning helpers),
 // window_attention_reg.cuh (register kernels, small windows),

@@ -142,6 +142,18 @@ int device_sms() {
   return sms > 0 ? sms : 1;
 }
 
+// Blocks of `kernel` (threads, dynamic shared memory smem) the occupancy API says an SM holds at
+// once; `fallback` when the query fails.
+template <typename K>
+int resident_blocks_per_sm(K kernel, int threads, size_t smem, int fallback) {
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess || per_sm < 1) {
+    return fallback;
+  }
+  return per_sm;
+}
+
 size_t device_smem_optin() {
   int dev = 0, bytes = 0;
   cudaGetDevice(&dev);

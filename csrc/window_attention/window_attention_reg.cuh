@@ -156,6 +156,31 @@ __device__ __forceinline__ void load_roles_vec(const WindowAttentionParams& p, i
   }
 }
 
+// The A fragment (16 x 16) of two adjacent n8 C tiles (16 x 8 each, fp32), rounded to T: how a
+// score / probability tile in registers feeds the next product.
+template <typename T>
+__device__ __forceinline__ void c_tiles_to_a(const float (&c0)[4], const float (&c1)[4], uint32_t (&a)[4]) {
+  a[0] = mma::pack2<T>(c0[0], c0[1]);
+  a[1] = mma::pack2<T>(c0[2], c0[3]);
+  a[2] = mma::pack2<T>(c1[0], c1[1]);
+  a[3] = mma::pack2<T>(c1[2], c1[3]);
+}
+
+// acc (16 x D) += A (16 x 16) times 16 rows x D columns of a row-major shared-memory tile (`rows`
+// points at the first row, pitch ld): the B operand through ldmatrix.trans.
+template <typename T, int D>
+__device__ __forceinline__ void mma_times_rows(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* rows, int ld,
+                                               int lane) {
+#pragma unroll
+  for (int n0 = 0; n0 < D; n0 += 16) {
+    uint32_t b[4];
+    mma::ldmatrix_x4_trans(b, rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    mma::mma_16816<T>(acc[n0 / 8], a, b0);
+    mma::mma_16816<T>(acc[n0 / 8 + 1], a, b1);
+  }
+}
+
 // Stores a 16 x D fp32 register tile (C fragments acc[D/8][4], rows row0 + g and row0 + g + 8)
 // times `mul` into dst(row, c) for rows < tokens and c < dim. kVec: dim % 8 == 0 and 16-byte
 // aligned rows, so each (row, 2t) pair is one 32-bit store.
@@ -326,17 +351,9 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_fwd_blocks_per_sm<D>()) wi
 #pragma unroll
   for (int kk = 0; kk < kRegTokens / 16; ++kk) {
     if (kk * 16 >= keys16) continue;
-    const uint32_t a[4] = {mma::pack2<T>(s[2 * kk][0], s[2 * kk][1]), mma::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                           mma::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           mma::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-    for (int n0 = 0; n0 < D; n0 += 16) {
-      uint32_t b[4];
-      mma::ldmatrix_x4_trans(b, sm.v + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
-      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      mma::mma_16816<T>(o[n0 / 8], a, b0);
-      mma::mma_16816<T>(o[n0 / 8 + 1], a, b1);
-    }
+    uint32_t a[4];
+    c_tiles_to_a<T>(s[2 * kk], s[2 * kk + 1], a);
+    mma_times_rows<T, D>(o, a, sm.v + kk * 16 * ld, ld, lane);
   }
 
   // Epilogue: out = O / l in the output's channel layout; lse = m + log(l).
@@ -497,23 +514,11 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
           }
         }
         // dV += P^T dO, dK += dS^T Q (the score scale is applied at the end)
-        const uint32_t pa[4] = {mma::pack2<T>(st[0][0], st[0][1]), mma::pack2<T>(st[0][2], st[0][3]),
-                                mma::pack2<T>(st[1][0], st[1][1]), mma::pack2<T>(st[1][2], st[1][3])};
-        const uint32_t da[4] = {mma::pack2<T>(dpt[0][0], dpt[0][1]), mma::pack2<T>(dpt[0][2], dpt[0][3]),
-                                mma::pack2<T>(dpt[1][0], dpt[1][1]), mma::pack2<T>(dpt[1][2], dpt[1][3])};
-#pragma unroll
-        for (int n0 = 0; n0 < D; n0 += 16) {
-          const int off = (I * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
-          uint32_t bo[4], bq[4];
-          mma::ldmatrix_x4_trans(bo, sm.dout + off);
-          mma::ldmatrix_x4_trans(bq, sm.q + off);
-          const uint32_t o0[2] = {bo[0], bo[1]}, o1[2] = {bo[2], bo[3]};
-          const uint32_t q0[2] = {bq[0], bq[1]}, q1[2] = {bq[2], bq[3]};
-          mma::mma_16816<T>(dv[n0 / 8], pa, o0);
-          mma::mma_16816<T>(dv[n0 / 8 + 1], pa, o1);
-          mma::mma_16816<T>(dk[n0 / 8], da, q0);
-          mma::mma_16816<T>(dk[n0 / 8 + 1], da, q1);
-        }
+        uint32_t pa[4], da[4];
+        c_tiles_to_a<T>(st[0], st[1], pa);
+        c_tiles_to_a<T>(dpt[0], dpt[1], da);
+        mma_times_rows<T, D>(dv, pa, sm.dout + I * 16 * ld, ld, lane);
+        mma_times_rows<T, D>(dk, da, sm.q + I * 16 * ld, ld, lane);
         // dS^T (keys x queries) for the dQ product after the barrier
         T* d0 = sm.dst + (j0 + g) * kRegLdS + I * 16 + 2 * t;
         T* d1 = d0 + 8 * kRegLdS;
@@ -543,14 +548,7 @@ __global__ void __launch_bounds__(kRegWarps * 32, reg_bwd_blocks_per_sm<D>())
         uint32_t a[4];
         mma::ldmatrix_x4_trans(a, sm.dst + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * kRegLdS + i0 +
                                       ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int n0 = 0; n0 < D; n0 += 16) {
-          uint32_t bk[4];
-          mma::ldmatrix_x4_trans(bk, sm.k + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
-          const uint32_t k0[2] = {bk[0], bk[1]}, k1[2] = {bk[2], bk[3]};
-          mma::mma_16816<T>(dq[n0 / 8], a, k0);
-          mma::mma_16816<T>(dq[n0 / 8 + 1], a, k1);
-        }
+        mma_times_rows<T, D>(dq, a, sm.k + kk * 16 * ld, ld, lane);
       }
       store_rows<T, D, kVec>(dq, scale, i0, N, p.dim_k, [&](int i) {
         return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off +
@@ -583,14 +581,8 @@ template <typename T, int D>
 int64_t reg_bwd_slots(const WindowAttentionBackwardParams& b) {
   const WindowAttentionParams& p = b.fwd;
   if (b.dbias == nullptr) return p.windows;
-  auto kernel = bwd_reg_kernel_for<T, D>(b);
-  const size_t smem = reg_smem<T, D>(true);
-  int per_sm = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRegWarps * 32, smem) != cudaSuccess ||
-      per_sm < 1) {
-    per_sm = reg_bwd_blocks_per_sm<D>();
-  }
+  const int per_sm = resident_blocks_per_sm(bwd_reg_kernel_for<T, D>(b), kRegWarps * 32, reg_smem<T, D>(true),
+                                            reg_bwd_blocks_per_sm<D>());
   const int64_t resident = static_cast<int64_t>(per_sm) * device_sms();
   return std::max<int64_t>(1, std::min<int64_t>(p.windows, resident / p.heads));
 }

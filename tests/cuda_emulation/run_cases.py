@@ -85,8 +85,9 @@ EXTRA = {"key_chunks_bf16_n1024": (torch.bfloat16, dict(windows=1, heads=1, dk=3
 # every accumulator in global scratch (VITFAST_HEAD_MIX_SCRATCH), bias_buffer=False gathers the
 # table per score
 HEAD_MIX_CASES = {
+    # tile kernels (forced where the register kernels would take the shape)
     "mix_swin_bf16_mask_slots": (torch.bfloat16, dict(windows=6, heads=3, dk=32, wh=7, ww=7,
-                                                                 mask_types=3), {}),
+                                                                 mask_types=3), dict(route="tiles")),
     "mix_seq_bf16_one_tile": (torch.bfloat16, dict(windows=2, heads=4, dk=16, wh=1, ww=16, bias=False), {}),
     "mix_fp16_tinyvit_dk_ne_dv_gathered": (torch.float16, dict(windows=2, heads=2, dk=16, dv=32, wh=3, ww=6,
                                                                layout="tinyvit"), dict(bias_buffer=False)),
@@ -100,6 +101,20 @@ HEAD_MIX_CASES = {
                                                              layout="tinyvit", row_pad=3), {}),
     "mix_bf16_global_scratch_keys_80": (torch.bfloat16, dict(windows=3, heads=4, dk=32, wh=8, ww=10, mask_types=3),
                                         dict(scratch=True)),
+    # register kernels (head_mix_reg.cuh): fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads;
+    # 20 windows > the emulated device's 8 backward slots, so blocks loop over windows
+    "mix_reg_swin_bf16_mask_slots": (torch.bfloat16, dict(windows=20, heads=3, dk=32, wh=7, ww=7, mask_types=4), {}),
+    "mix_reg_fp16_n64_gathered": (torch.float16, dict(windows=4, heads=3, dk=32, wh=8, ww=8, mask_types=2),
+                                  dict(bias_buffer=False)),
+    "mix_reg_bf16_h4_swin_b": (torch.bfloat16, dict(windows=4, heads=4, dk=32, wh=7, ww=7, mask_types=2), {}),
+    # 4 heads of 8 x 8 need 272 KB in the register backward: the tile kernels take it
+    "mix_fp16_h4_n64_tiles": (torch.float16, dict(windows=2, heads=4, dk=32, wh=8, ww=8), {}),
+    "mix_reg_bf16_grid_shift_dk16": (torch.bfloat16, dict(grid=(2, 8, 8), heads=3, dk=16, wh=4, ww=4, shift=(2, 2),
+                                                          mask_types=4), {}),
+    "mix_reg_fp16_tinyvit_dk16_dv32_no_bias": (torch.float16, dict(windows=2, heads=4, dk=16, dv=32, wh=3, ww=6,
+                                                                   layout="tinyvit", bias=False), {}),
+    "mix_reg_bf16_unaligned_scalar_loads": (torch.bfloat16, dict(windows=2, heads=3, dk=24, dv=24, wh=3, ww=5,
+                                                                 layout="tinyvit", row_pad=3, mask_types=2), {}),
 }
 
 
@@ -108,6 +123,8 @@ def run_head_mix(mod, dtype, kw, opts):
     bias_buffer = opts.get("bias_buffer", True)
     if opts.get("scratch"):
         os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
+    if opts.get("route"):
+        os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = opts["route"]
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -128,6 +145,7 @@ def run_head_mix(mod, dtype, kw, opts):
         g2 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
     finally:
         os.environ.pop("VITFAST_HEAD_MIX_SCRATCH", None)
+        os.environ.pop("VITFAST_WINDOW_ATTENTION_ROUTE", None)
     deterministic = float(all(torch.equal(a, b) for a, b in zip(g1, g2)))
     q64 = case["qkv"].double().requires_grad_()
     leaves = [q64] + ([case["table"].double().requires_grad_()] if table is not None else [])

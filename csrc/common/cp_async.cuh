@@ -1,0 +1,95 @@
+// Asynchronous global -> shared copies (sm_80+ cp.async): a kernel issues the next tile's loads,
+// computes on the current one, and waits only when it needs the next. Torch-free.
+//
+//   cp_async_16(dst, src, valid)  16 bytes (both addresses 16-byte aligned); zeros when !valid
+//   cp_async_4(dst, src, valid)   4 bytes; zeros when !valid
+//   cp_async_commit()             closes the thread's current group of copies
+//   cp_async_wait_all()           waits for all of the thread's copies; other threads see them
+//                                 after a following __syncthreads()
+//
+// Under the CPU emulator a copy reads its source when issued and lands in shared memory only at
+// the issuing thread's cp_async_wait_all(), so a kernel that reads a buffer before waiting (or
+// before the barrier after the wait) reads stale bytes and fails its test.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda_compat.cuh"
+
+#ifdef VITFAST_CUDA_EMULATION
+#include <cstring>
+#include <vector>
+#endif
+
+namespace vitfast {
+
+#ifdef VITFAST_CUDA_EMULATION
+
+namespace emu_async {
+struct Pending {
+  void* dst;
+  unsigned char bytes[16];
+  int n;
+};
+inline thread_local std::vector<Pending> pending;  // each emulated CUDA thread is a std::thread
+
+inline void issue(void* dst, const void* src, int n, bool valid, int align) {
+  if (reinterpret_cast<uintptr_t>(dst) % align != 0 || (valid && reinterpret_cast<uintptr_t>(src) % align != 0))
+    emu::fail("cp.async address not aligned to the copy size");
+  Pending p{dst, {}, n};
+  if (valid) std::memcpy(p.bytes, src, n);
+  pending.push_back(p);
+}
+}  // namespace emu_async
+
+inline void cp_async_16(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 16, valid, 16); }
+inline void cp_async_4(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 4, valid, 4); }
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {
+  for (const auto& p : emu_async::pending) std::memcpy(p.dst, p.bytes, p.n);
+  emu_async::pending.clear();
+}
+
+#else  // real device code
+
+// src-size 0 (valid false) reads nothing and fills the 16 / 4 bytes with zeros; src must still be
+// a valid generic address, so callers pass a base pointer then.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+#else
+  (void)dst;
+  (void)src;
+  (void)valid;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+#else
+  (void)dst;
+  (void)src;
+  (void)valid;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+#endif
+
+}  // namespace vitfast
