@@ -9,14 +9,13 @@ cudaProfilerStart/Stop, so `ncu --profile-from-start off` records exactly these 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from vitfast import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
 from vitfast.ops import CovarianceAccumulator
-from window_attention_cases import forced_route, swin_index
+from window_attention_cases import environ, forced_route, swin_index
 
 
 def cases(device, small):
@@ -67,16 +66,9 @@ def cases(device, small):
     out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (tile kernels)"] = mix_tiles
 
     def mix_no_pipeline():  # the register backward without its cp.async double buffering
-        old = os.environ.get("VITFAST_HEAD_MIX_PIPELINE")
-        os.environ["VITFAST_HEAD_MIX_PIPELINE"] = "0"
-        try:
+        with environ("VITFAST_HEAD_MIX_PIPELINE", "0"):
             torch.autograd.grad(head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table,
                                                    bias_index=index, mask=mask).float().sum(), [qkv, table, *mix3])
-        finally:
-            if old is None:
-                del os.environ["VITFAST_HEAD_MIX_PIPELINE"]
-            else:
-                os.environ["VITFAST_HEAD_MIX_PIPELINE"] = old
     out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (no cp.async pipeline)"] = mix_no_pipeline
     return out
 

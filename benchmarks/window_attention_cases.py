@@ -47,20 +47,25 @@ def route_of(dtype, tokens, heads, dk, dv) -> str:
 
 
 @contextlib.contextmanager
-def forced_route(route):
-    """VITFAST_WINDOW_ATTENTION_ROUTE=route inside the block (None: leave the default)."""
-    if route is None:
+def environ(name, value):
+    """Environment variable `name` set to `value` inside the block (None: left as it is)."""
+    if value is None:
         yield
         return
-    old = os.environ.get("VITFAST_WINDOW_ATTENTION_ROUTE")
-    os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = route
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"]
+            del os.environ[name]
         else:
-            os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = old
+            os.environ[name] = old
+
+
+def forced_route(route):
+    """VITFAST_WINDOW_ATTENTION_ROUTE=route inside the block (None: leave the default)."""
+    return environ("VITFAST_WINDOW_ATTENTION_ROUTE", route)
 
 
 def make_inputs(device, dtype, images, grid, ws, heads, dk, dv, layout, shift):

@@ -84,9 +84,9 @@ def head_mix_route(dtype, kw, opts):
     dv = kw.get("dv") or dk
     n = kw.get("wh", 7) * kw.get("ww", 7)
     heads = kw.get("heads", 3)
-    # 4 heads fit the register backward's shared memory (227 KB) up to 54 tokens, 3 heads up to 64
+    # 4 heads fit the register backward's shared memory (227 KB) up to 55 tokens, 3 heads up to 64
     small = (dtype in (torch.float16, torch.bfloat16) and n <= 64 and max(dk, dv) <= 32
-             and (heads == 3 or (heads == 4 and n <= 54)))
+             and (heads == 3 or (heads == 4 and n <= 55)))
     return "registers" if small and opts.get("route") != "tiles" else "tiles"
 
 

@@ -52,12 +52,18 @@ inline void cp_async_wait_all() {
 
 #else  // real device code
 
-// src-size 0 (valid false) reads nothing and fills the 16 / 4 bytes with zeros; src must still be
-// a valid generic address, so callers pass a base pointer then.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+// kBytes (16 or 4) from src to dst; src-size 0 (valid false) reads nothing and fills them with
+// zeros, but src must still be a valid generic address, so callers pass a base pointer then.
+// 16-byte copies bypass L1 (.cg, the only kind PTX allows for 16 bytes), 4-byte ones use it (.ca).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  static_assert(kBytes == 16 || kBytes == 4, "cp.async copies 16 or 4 bytes here");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
 #else
   (void)dst;
   (void)src;
@@ -66,17 +72,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 #endif
 }
 
-__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
-#else
-  (void)dst;
-  (void)src;
-  (void)valid;
-  __trap();
-#endif
-}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) { cp_async<16>(dst, src, valid); }
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) { cp_async<4>(dst, src, valid); }
 
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
