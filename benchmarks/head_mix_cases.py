@@ -22,7 +22,9 @@ from window_attention_cases import forced_route, swin_index
 
 # name: (windows, N, heads, d, window types of the shift mask; 0: a plain sequence, no table, no mask).
 # Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 3 four; stage 3 (12 heads) is past
-# the register kernels (3-4 heads), so it times the tile kernels against the SDPA route there.
+# the register kernels (3-4 heads): its forward runs the streaming kernel, its backward the tile
+# kernels, timed against the SDPA route there. The sequences' "vitfast" fwd column is the streaming
+# forward too (what impl="auto" runs without gradients).
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),
@@ -84,7 +86,7 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     if use_compile:
         impls["torch.compile(eager)"] = torch.compile(impls["eager talking heads"], dynamic=False)
     route = _ext.head_mix_attention_route(torch.device(device), dtype, n, heads, d, d)
-    if route == "registers":  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
+    if route in ("registers", "stream+tiles"):  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
         impls["vitfast (tile kernels)"] = ours
     if windowed:
         impls["window_attention (no mixes)"] = lambda: window_attention(qkv, heads, d, bias_table=table,

@@ -70,6 +70,23 @@ def cases(device, small):
             torch.autograd.grad(head_mix_attention(qkv, 3, 32, pre_mix=mix3[0], post_mix=mix3[1], bias_table=table,
                                                    bias_index=index, mask=mask).float().sum(), [qkv, table, *mix3])
     out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (no cp.async pipeline)"] = mix_no_pipeline
+
+    # the streaming forward (head_mix_stream.cuh) alone: DeiT-S inference (auto without gradients)
+    # and Mini-Swin-T stage 3 (12 heads, table + shift mask)
+    def deit_inference():
+        with torch.no_grad():
+            head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias)
+    out["head_mix_attention B128 H6 N197 d64 bf16 fwd (streaming, inference)"] = deit_inference
+    qkv12 = torch.randn(512 // s, 49, 3 * 384, device=device).bfloat16()
+    table12 = torch.randn(12, 169, device=device) * 0.02
+    mask12 = torch.where(torch.rand(4, 49, 49, device=device) < 0.5, -100.0, 0.0)
+    mix12 = [torch.eye(12, device=device) + 0.1 * torch.randn(12, 12, device=device) for _ in range(2)]
+
+    def stage3_forward():
+        with torch.no_grad():
+            head_mix_attention(qkv12, 12, 32, pre_mix=mix12[0], post_mix=mix12[1], bias_table=table12,
+                               bias_index=index, mask=mask12)
+    out["head_mix_attention mini_swin_t stage3 bf16 fwd (streaming)"] = stage3_forward
     return out
 
 

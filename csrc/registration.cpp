@@ -140,7 +140,8 @@ PYBIND11_MODULE(_C, m) {
         b.fwd.tokens = tokens;
         return std::string(vitfast::head_mix_attention_cuda_route(b.fwd));
       },
-      "'registers' or 'tiles': the kernels head_mix_attention's fused route runs for (dtype name, tokens, heads, "
-      "dim_k, dim_v) on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
+      "'registers', 'stream+tiles' (streaming forward, tile backward) or 'tiles': the kernels head_mix_attention's "
+      "fused route runs for (dtype name, tokens, heads, dim_k, dim_v) on the current GPU "
+      "(VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
 #endif
 }

@@ -86,8 +86,9 @@ def check_head_mix(dev, dtype, lead, heads, d, ws=None, shift=(0, 0), mask_types
     index = torch.randint(0, table_len, (n, n), device=dev) if table_len else None
     mask = torch.where(torch.rand(mask_types, n, n, device=dev) < 0.3, -100.0, 0.0) if mask_types else None
     kw = dict(window_size=ws, shift_size=shift) if ws else {}
+    # impl="fused": vitfast's kernels on every shape (auto sends CUDA sequences with gradients to SDPA)
     out = head_mix_attention(qkv, heads, d, bias_table=table, bias_index=index, mask=mask, pre_mix=mix[0],
-                             pre_mix_bias=mix[1], post_mix=mix[2], post_mix_bias=mix[3], **kw)
+                             pre_mix_bias=mix[1], post_mix=mix[2], post_mix_bias=mix[3], impl="fused", **kw)
     g = torch.randn_like(out)
     wrt = [qkv, mix[0], mix[2], mix[3]] + ([table] if table is not None else [])
     got = torch.autograd.grad(out, wrt, g)
@@ -196,7 +197,10 @@ CASES = {
     ],
     "head_mix_attention": [
         lambda d: check_head_mix(d, BF16, (2, 40), 3, 32),                                   # registers, pipelined (racecheck)
+        lambda d: check_head_mix(d, BF16, (1, 70), 6, 32),                                   # streaming forward (racecheck)
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
+        lambda d: check_head_mix(d, BF16, (3, 197), 6, 64),                                  # streaming: DeiT-S rows, 4 chunks
+        lambda d: check_head_mix(d, H16, (8, 49), 12, 32, mask_types=2, table_len=169),     # streaming + mixed bias (stage 3)
         lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window (registers)
         lambda d: check_head_mix(d, H16, (24, 49), 4, 32, mask_types=4, table_len=169),     # 4 heads, slot loop (registers)
         lambda d: check_head_mix(d, BF16, (300, 49), 3, 32, mask_types=4, table_len=169),   # pipelined, > one wave of slots
@@ -221,9 +225,12 @@ def main(argv=None) -> int:
         print(f"sanitize_cases.py: no cases for op(s) {sorted(missing)}", file=sys.stderr)
         return 2
     names = args.ops or list(CASES)
+    # --smallest (racecheck): the first case of each op; head_mix_attention's first two, so both of
+    # its cp.async-pipelined kernels run (the register backward and the streaming forward)
+    smallest = {"head_mix_attention": 2}
     torch.manual_seed(0)
     for name in names:
-        for case in CASES[name][:1] if args.smallest else CASES[name]:
+        for case in CASES[name][:smallest.get(name, 1)] if args.smallest else CASES[name]:
             case(args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()

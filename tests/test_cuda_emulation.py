@@ -70,29 +70,42 @@ def test_emulated_head_mix_attention_matches_reference(results, name):
         if key in r:
             assert r[key] < GRAD_TOL[dtype], (key, r)
     assert r["deterministic"] == 1.0, r  # bitwise equal gradients over two backward runs
-    if head_mix_route(*HEAD_MIX_CASES[name]) == "registers":
-        assert r["routes"] == "registers", r
+    if head_mix_route(*HEAD_MIX_CASES[name]) in ("registers", "stream+tiles"):
+        assert r["routes"] == head_mix_route(*HEAD_MIX_CASES[name]), r
     else:  # the case meant to run every accumulator from global scratch does
         want = "global" if "global_scratch" in name else "smem"
         assert r["routes"] == f"fwd:{want},bwd_q:{want},bwd_kv:{want}", r
 
 
 def head_mix_route(dtype, kw, opts):
-    """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads unless
-    the case forces the tile kernels (head_mix_reg_rule.h)."""
+    """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads
+    (head_mix_reg_rule.h); else the streaming forward for 16-bit 3/4/6/8/12 heads of <= 64
+    channels (head_mix_stream_rule.h) with the tile backward; else the tile kernels. A case may
+    force the tile kernels."""
     dk = kw.get("dk", 32)
     dv = kw.get("dv") or dk
     n = kw.get("wh", 7) * kw.get("ww", 7)
     heads = kw.get("heads", 3)
+    half = dtype in (torch.float16, torch.bfloat16) and opts.get("route") != "tiles"
     # 4 heads fit the register backward's shared memory (227 KB) up to 55 tokens, 3 heads up to 64
-    small = (dtype in (torch.float16, torch.bfloat16) and n <= 64 and max(dk, dv) <= 32
-             and (heads == 3 or (heads == 4 and n <= 55)))
-    return "registers" if small and opts.get("route") != "tiles" else "tiles"
+    if half and n <= 64 and max(dk, dv) <= 32 and (heads == 3 or (heads == 4 and n <= 55)):
+        return "registers"
+    if half and max(dk, dv) <= 64 and heads in (3, 4, 6, 8, 12):
+        return "stream+tiles"
+    return "tiles"
 
 
 def test_emulated_head_mix_cases_cover_both_kernel_families():
     routes = {head_mix_route(*case) for case in HEAD_MIX_CASES.values()}
-    assert routes == {"registers", "tiles"}
+    assert routes == {"registers", "stream+tiles", "tiles"}
+    # the streaming cases cover both dtypes, both padded head dims, sequences and shifted windows,
+    # the mixed bias (table, mask) and none, vector and scalar loads
+    stream = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "stream+tiles"]
+    assert {c[0] for c in stream} == {torch.float16, torch.bfloat16}
+    assert {32 if max(c[1]["dk"], c[1].get("dv") or c[1]["dk"]) <= 32 else 64 for c in stream} == {32, 64}
+    assert any(c[1].get("wh") == 1 for c in stream) and any(c[1].get("shift") for c in stream)
+    assert any(c[1].get("mask_types") for c in stream) and any(c[1].get("bias") is False for c in stream)
+    assert any(c[1].get("row_pad") for c in stream) and any(not c[1].get("row_pad") for c in stream)
     # and the register cases cover both head counts, both 16-bit dtypes, vector and scalar loads
     reg = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "registers"]
     assert {c[1]["heads"] for c in reg} == {3, 4}

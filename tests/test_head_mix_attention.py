@@ -204,22 +204,32 @@ def test_unknown_impl_is_named():
 
 
 def test_auto_impl_rule():
-    """auto: the SDPA route for CUDA windows over 64 tokens (DeiT / CaiT sequences: the fused
-    kernels measured slower than eager there), the fused kernels elsewhere."""
+    """auto: the SDPA route for CUDA windows over 64 tokens (DeiT / CaiT sequences: the fused tile
+    kernels measured slower than eager there) when gradients are wanted; without gradients the
+    fused op where its forward is the streaming kernel (fp16/bf16, 3/4/6/8/12 heads of <= 64
+    channels); the fused kernels elsewhere."""
     from vitfast.ops.head_mix_attention import auto_impl
 
     class Fake:
-        def __init__(self, device, shape):
-            self.device, self.shape = torch.device(device), shape
+        def __init__(self, device, shape, dtype=torch.bfloat16):
+            self.device, self.shape, self.dtype = torch.device(device), shape, dtype
 
         def dim(self):
             return len(self.shape)
 
-    assert auto_impl(Fake("cpu", (8, 197, 1152)), None) == "fused"
-    assert auto_impl(Fake("cuda", (8, 197, 1152)), None) == "sdpa"
-    assert auto_impl(Fake("cuda", (8, 49, 288)), None) == "fused"
-    assert auto_impl(Fake("cuda", (2, 56, 56, 288)), [7, 7]) == "fused"
-    assert auto_impl(Fake("cuda", (2, 24, 24, 288)), [12, 12]) == "sdpa"
+    assert auto_impl(Fake("cpu", (8, 197, 1152)), None, 6, 64, 64) == "fused"
+    assert auto_impl(Fake("cuda", (8, 197, 1152)), None, 6, 64, 64) == "sdpa"
+    assert auto_impl(Fake("cuda", (8, 197, 1152)), None) == "sdpa"  # gradients assumed wanted
+    assert auto_impl(Fake("cuda", (8, 49, 288)), None, 3, 32, 32) == "fused"
+    assert auto_impl(Fake("cuda", (2, 56, 56, 288)), [7, 7], 3, 32, 32) == "fused"
+    assert auto_impl(Fake("cuda", (2, 24, 24, 288)), [12, 12], 3, 32, 32) == "sdpa"
+    # inference: the streaming forward where it runs, SDPA where it does not
+    assert auto_impl(Fake("cuda", (8, 197, 1152)), None, 6, 64, 64, needs_grad=False) == "fused"   # DeiT-S
+    assert auto_impl(Fake("cuda", (8, 197, 2304)), None, 12, 64, 64, needs_grad=False) == "fused"  # DeiT-B
+    assert auto_impl(Fake("cuda", (8, 197, 1152)), None, 8, 48, 48, needs_grad=False) == "fused"   # CaiT-S
+    assert auto_impl(Fake("cuda", (8, 577, 2304)), None, 16, 48, 48, needs_grad=False) == "sdpa"   # CaiT-M
+    assert auto_impl(Fake("cuda", (8, 197, 2304)), None, 6, 128, 128, needs_grad=False) == "sdpa"  # head dim 128
+    assert auto_impl(Fake("cuda", (8, 197, 1152), torch.float32), None, 6, 64, 64, needs_grad=False) == "sdpa"
 
 
 @pytest.mark.cuda
@@ -229,11 +239,16 @@ def test_auto_takes_the_sdpa_route_for_sequences_on_cuda(monkeypatch):
     calls = []
     real = hm_mod.head_mix_attention_sdpa
     monkeypatch.setattr(hm_mod, "head_mix_attention_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
-    qkv = torch.randn(2, 80, 3 * 4 * 16, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(2, 80, 3 * 4 * 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     head_mix_attention(qkv, 4, 16, pre_mix=torch.eye(4, device="cuda"))
     assert calls
     calls.clear()
     head_mix_attention(qkv, 4, 16, pre_mix=torch.eye(4, device="cuda"), impl="fused")
+    assert not calls
+    with torch.no_grad():  # inference: the streaming forward
+        head_mix_attention(qkv, 4, 16, pre_mix=torch.eye(4, device="cuda"))
+    assert not calls
+    head_mix_attention(qkv.detach(), 4, 16, pre_mix=torch.eye(4, device="cuda"))  # nothing requires grad
     assert not calls
 
 
@@ -459,16 +474,59 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
 @pytest.mark.parametrize("dtype,tokens,heads,dk,route", [
     (torch.bfloat16, 49, 3, 32, "registers"),
     (torch.float16, 49, 4, 32, "registers"),
-    (torch.bfloat16, 64, 4, 32, "tiles"),    # the register backward needs 272 KB of shared memory
-    (torch.bfloat16, 49, 6, 32, "tiles"),    # Mini-Swin-T stage 2
-    (torch.bfloat16, 49, 3, 64, "tiles"),
-    (torch.bfloat16, 81, 3, 32, "tiles"),
+    (torch.bfloat16, 64, 4, 32, "stream+tiles"),  # the register backward needs 272 KB of shared memory
+    (torch.bfloat16, 49, 6, 32, "stream+tiles"),  # Mini-Swin-T stage 2
+    (torch.bfloat16, 49, 12, 32, "stream+tiles"),  # Mini-Swin-T stage 3
+    (torch.bfloat16, 49, 3, 64, "stream+tiles"),
+    (torch.bfloat16, 81, 3, 32, "stream+tiles"),
+    (torch.float16, 197, 6, 64, "stream+tiles"),  # DeiT-S
+    (torch.bfloat16, 197, 8, 48, "stream+tiles"),  # CaiT-S
+    (torch.bfloat16, 577, 16, 48, "tiles"),       # CaiT-M: 16 heads
+    (torch.bfloat16, 49, 5, 32, "tiles"),
+    (torch.bfloat16, 197, 6, 80, "tiles"),
     (torch.float32, 49, 3, 32, "tiles"),
+    (torch.float32, 197, 6, 64, "tiles"),
 ])
 def test_register_route_rule(dtype, tokens, heads, dk, route):
     from vitfast import _ext
 
     assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, tokens, heads, dk, dk) == route
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(windows=32, heads=6, dk=64, wh=1, ww=197, bias=False),              # DeiT-S rows
+    dict(windows=4, heads=12, dk=64, wh=1, ww=197, bias=False),              # DeiT-B
+    dict(windows=2, heads=8, dk=48, wh=1, ww=577, bias=False),               # CaiT-S @384: 10 query chunks
+    dict(windows=64, heads=12, dk=32, wh=7, ww=7, mask_types=16),            # Mini-Swin-T stage 3
+    dict(grid=(2, 28, 28), heads=6, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=16),  # stage 2, shifted map
+    dict(windows=3, heads=4, dk=40, dv=24, wh=5, ww=15, layout="tinyvit", row_pad=3),  # scalar loads
+])
+def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape):
+    """Shapes the streaming forward takes (head_mix_stream.cuh): output and lse-dependent
+    gradients (the tile backward reads the streaming forward's log-sum-exp) against float64, the
+    inference route (auto under no_grad) against the same, and the forced tile forward agrees."""
+    from vitfast import _ext
+
+    case = make_case("cuda", dtype, **shape)
+    n = shape["wh"] * shape["ww"]
+    dv = shape.get("dv", shape["dk"])
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == \
+        "stream+tiles"
+    mix = make_mix(shape["heads"], "cuda")
+    run_and_compare(case, mix, dtype)
+    kw = dict(layout=case["layout"], bias_table=case["table"], bias_index=case["index"], mask=case["mask"], **mix)
+    if case["window_size"]:
+        kw.update(window_size=case["window_size"], shift_size=case["shift"])
+    with torch.no_grad():
+        inference = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], **kw)
+        fused = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
+        monkeypatch.setenv("VITFAST_WINDOW_ATTENTION_ROUTE", "tiles")
+        tiles = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
+    assert torch.equal(inference, fused)  # auto without gradients is the fused op
+    assert rel_err(fused.float(), tiles.float()) < OUT_TOL[dtype]
 
 
 def test_head_mix_route_query_off_cuda():

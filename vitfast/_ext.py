@@ -114,8 +114,9 @@ def window_attention_route(device: torch.device, dtype: torch.dtype, tokens: int
 def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: int, heads: int, dim_k: int,
                              dim_v: int) -> str:
     """Which kernels head_mix_attention(impl="fused") runs for this shape: 'registers' (fp16/bf16,
-    <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+), 'tiles' (CUDA, everything else;
-    VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
+    <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+), 'stream+tiles' (the streaming register
+    forward and the tile backward: fp16/bf16, 3/4/6/8/12 heads of <= 64 channels, any length),
+    'tiles' (CUDA, everything else; VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
     if device.type != "cuda" or not cuda_kernels_built():
         return "cpu"
     with torch.cuda.device(device):

@@ -6,9 +6,12 @@
 //   cp_async_commit()             closes the thread's current group of copies
 //   cp_async_wait_all()           waits for all of the thread's copies; other threads see them
 //                                 after a following __syncthreads()
+//   cp_async_wait_prior<N>()      waits for all but the thread's N most recently committed groups
+//                                 (double buffering: the next tile's group stays in flight)
 //
 // Under the CPU emulator a copy reads its source when issued and lands in shared memory only at
-// the issuing thread's cp_async_wait_all(), so a kernel that reads a buffer before waiting (or
+// the issuing thread's wait that covers its group (cp_async_wait_all, or cp_async_wait_prior<N>
+// once N newer groups are committed), so a kernel that reads a buffer before waiting for it (or
 // before the barrier after the wait) reads stale bytes and fails its test.
 #pragma once
 
@@ -30,13 +33,26 @@ struct Pending {
   void* dst;
   unsigned char bytes[16];
   int n;
+  long long group;  // -1 until committed
 };
 inline thread_local std::vector<Pending> pending;  // each emulated CUDA thread is a std::thread
+inline thread_local long long committed = 0;       // groups this thread has committed
+
+// Lands (and forgets) the copies for which `done` is true, in issue order.
+template <typename F>
+inline void land(F&& done) {
+  std::vector<Pending> rest;
+  for (const auto& p : pending) {
+    if (done(p)) std::memcpy(p.dst, p.bytes, p.n);
+    else rest.push_back(p);
+  }
+  pending.swap(rest);
+}
 
 inline void issue(void* dst, const void* src, int n, bool valid, int align) {
   if (reinterpret_cast<uintptr_t>(dst) % align != 0 || (valid && reinterpret_cast<uintptr_t>(src) % align != 0))
     emu::fail("cp.async address not aligned to the copy size");
-  Pending p{dst, {}, n};
+  Pending p{dst, {}, n, -1};
   if (valid) std::memcpy(p.bytes, src, n);
   pending.push_back(p);
 }
@@ -44,10 +60,18 @@ inline void issue(void* dst, const void* src, int n, bool valid, int align) {
 
 inline void cp_async_16(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 16, valid, 16); }
 inline void cp_async_4(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 4, valid, 4); }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  for (auto& p : emu_async::pending)
+    if (p.group < 0) p.group = emu_async::committed;
+  ++emu_async::committed;
+}
 inline void cp_async_wait_all() {
-  for (const auto& p : emu_async::pending) std::memcpy(p.dst, p.bytes, p.n);
-  emu_async::pending.clear();
+  emu_async::land([](const emu_async::Pending&) { return true; });
+}
+template <int N>
+inline void cp_async_wait_prior() {
+  const long long limit = emu_async::committed - N;
+  emu_async::land([limit](const emu_async::Pending& p) { return p.group >= 0 && p.group < limit; });
 }
 
 #else  // real device code
@@ -84,6 +108,13 @@ __device__ __forceinline__ void cp_async_commit() {
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait_prior() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

@@ -2,6 +2,7 @@
 // onto the per-dtype units (head_mix_entry.h; the kernels are in head_mix_fwd.cuh / head_mix_bwd.cuh).
 #include "head_mix_entry.h"
 #include "head_mix_reg_rule.h"
+#include "head_mix_stream_rule.h"
 
 namespace vitfast {
 
@@ -18,7 +19,8 @@ namespace vitfast {
   }
 
 const char* head_mix_attention_cuda_route(const WindowAttentionParams& p) {
-  return mix_reg_route_ok(p) ? "registers" : "tiles";
+  if (mix_reg_route_ok(p)) return "registers";
+  return mix_stream_route_ok(p) ? "stream+tiles" : "tiles";
 }
 
 int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p) {

@@ -7,6 +7,7 @@
 #include "window_attention_dispatch.cuh"
 #ifdef VF_HM_FWD
 #include "head_mix_fwd.cuh"
+#include "head_mix_stream.cuh"
 #else
 #include "head_mix_bwd.cuh"
 #endif
@@ -19,16 +20,19 @@
 namespace vitfast {
 
 #ifdef VF_HM_FWD
-// fp16/bf16 shapes the register kernels take go there (head_mix_reg.cuh), the rest to the tile kernels.
+// fp16/bf16 shapes the register kernels take go there (head_mix_reg.cuh), longer windows or more
+// heads to the streaming kernel (head_mix_stream.cuh), the rest to the tile kernels.
 int64_t VF_HM_CAT(head_mix_fwd_workspace_, VF_HM_NAME)(const WindowAttentionParams& p) {
   int64_t elements = 0;
   if (mix_reg_try_forward_workspace<VF_HM_T>(p, &elements)) return elements;
+  if (mix_stream_try_forward_workspace<VF_HM_T>(p, &elements)) return elements;
   return head_mix_forward_workspace_typed<VF_HM_T>(p);
 }
 
 int VF_HM_CAT(head_mix_fwd_launch_, VF_HM_NAME)(const WindowAttentionParams& p, void* workspace, void* stream) {
   int err = 0;
   if (mix_reg_try_forward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
+  if (mix_stream_try_forward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
   return with_heads_cap(p.heads, [&](auto cap) {
     return head_mix_forward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
   });

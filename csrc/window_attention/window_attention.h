@@ -159,7 +159,9 @@ void head_mix_attention_backward_cpu(const WindowAttentionBackwardParams& p, int
 int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p);
 int head_mix_attention_forward_cuda(const WindowAttentionParams& p, void* workspace, void* stream);
 int64_t head_mix_attention_backward_workspace(const WindowAttentionBackwardParams& p);
-// "registers" (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+; head_mix_reg.cuh) or "tiles".
+// "registers" (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+; head_mix_reg.cuh),
+// "stream+tiles" (fp16/bf16 forward of any length with 3/4/6/8/12/16 heads of <= 64 channels:
+// head_mix_stream.cuh; its backward runs the tile kernels) or "tiles".
 const char* head_mix_attention_cuda_route(const WindowAttentionParams& p);
 int head_mix_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
 

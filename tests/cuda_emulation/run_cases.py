@@ -100,21 +100,32 @@ HEAD_MIX_CASES = {
     "mix_bf16_unaligned_scalar_loads": (torch.bfloat16, dict(windows=2, heads=2, dk=24, dv=40, wh=3, ww=5,
                                                              layout="tinyvit", row_pad=3), {}),
     "mix_bf16_global_scratch_keys_80": (torch.bfloat16, dict(windows=3, heads=4, dk=32, wh=8, ww=10, mask_types=3),
-                                        dict(scratch=True)),
+                                        dict(scratch=True, route="tiles")),
     # register kernels (head_mix_reg.cuh): fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads;
     # 20 windows > the emulated device's 8 backward slots, so blocks loop over windows
     "mix_reg_swin_bf16_mask_slots": (torch.bfloat16, dict(windows=20, heads=3, dk=32, wh=7, ww=7, mask_types=4), {}),
     "mix_reg_fp16_n64_gathered": (torch.float16, dict(windows=4, heads=3, dk=32, wh=8, ww=8, mask_types=2),
                                   dict(bias_buffer=False)),
     "mix_reg_bf16_h4_swin_b": (torch.bfloat16, dict(windows=4, heads=4, dk=32, wh=7, ww=7, mask_types=2), {}),
-    # 4 heads of 8 x 8 need 272 KB in the register backward: the tile kernels take it
-    "mix_fp16_h4_n64_tiles": (torch.float16, dict(windows=2, heads=4, dk=32, wh=8, ww=8), {}),
+    # 4 heads of 8 x 8 need 272 KB in the register backward: the streaming forward and the tile
+    # backward take it
+    "mix_stream_fp16_h4_n64": (torch.float16, dict(windows=2, heads=4, dk=32, wh=8, ww=8), {}),
     "mix_reg_bf16_grid_shift_dk16": (torch.bfloat16, dict(grid=(2, 8, 8), heads=3, dk=16, wh=4, ww=4, shift=(2, 2),
                                                           mask_types=4), {}),
     "mix_reg_fp16_tinyvit_dk16_dv32_no_bias": (torch.float16, dict(windows=2, heads=4, dk=16, dv=32, wh=3, ww=6,
                                                                    layout="tinyvit", bias=False), {}),
     "mix_reg_bf16_unaligned_scalar_loads": (torch.bfloat16, dict(windows=2, heads=3, dk=24, dv=24, wh=3, ww=5,
                                                                  layout="tinyvit", row_pad=3, mask_types=2), {}),
+    # streaming forward (head_mix_stream.cuh; backward on the tile kernels): fp16/bf16, any length,
+    # 3/4/6/8/12 heads of <= 64 channels, shapes the register kernels do not take
+    "mix_stream_bf16_seq_n100_h6_d64": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False), {}),
+    "mix_stream_fp16_h12_n49_table_mask": (torch.float16, dict(windows=4, heads=12, dk=32, wh=7, ww=7, mask_types=2),
+                                           {}),
+    "mix_stream_bf16_h3_d64_n80_table": (torch.bfloat16, dict(windows=2, heads=3, dk=64, wh=8, ww=10), {}),
+    "mix_stream_bf16_h6_grid_shift": (torch.bfloat16, dict(grid=(1, 14, 14), heads=6, dk=32, wh=7, ww=7,
+                                                           shift=(3, 3), mask_types=4), {}),
+    "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
+                                                                layout="tinyvit", row_pad=3, bias=False), {}),
 }
 
 

@@ -105,15 +105,26 @@ if _ext.extension_loaded():
 IMPLS = ("auto", "fused", "sdpa")
 # auto: windows longer than this run the SDPA route on CUDA (see head_mix_attention's impl)
 AUTO_SDPA_MIN_TOKENS = 65
+# head counts and widest head dim of the streaming forward kernel (csrc/window_attention/head_mix_stream_rule.h)
+STREAM_HEADS = (3, 4, 6, 8, 12)
+STREAM_MAX_HEAD_DIM = 64
 
 
-def auto_impl(qkv: torch.Tensor, window_size) -> str:
-    """impl="auto": "sdpa" for CUDA windows of more than 64 tokens, where the fused kernels measured
-    slower than eager talking heads (H100, DeiT-S/B shapes: benchmarks/NOTES.md); "fused" elsewhere."""
+def auto_impl(qkv: torch.Tensor, window_size, num_heads: int = 0, dim_k: int = 0, dim_v: int = 0,
+              needs_grad: bool = True) -> str:
+    """impl="auto": "sdpa" for CUDA windows of more than 64 tokens, where the fused tile kernels
+    measured slower than eager talking heads (H100, DeiT-S/B shapes: benchmarks/NOTES.md), except
+    without gradients (inference) in fp16/bf16 with 3/4/6/8/12 heads of <= 64 channels: there the
+    fused op's forward is the streaming register kernel (head_mix_stream.cuh), which reads q, k, v
+    once per 64 query rows instead of SDPA's H calls at H x the head dim. "fused" elsewhere."""
     if qkv.device.type != "cuda":
         return "fused"
     tokens = window_size[0] * window_size[1] if qkv.dim() == 4 else qkv.shape[1]
-    return "sdpa" if tokens >= AUTO_SDPA_MIN_TOKENS else "fused"
+    if tokens < AUTO_SDPA_MIN_TOKENS:
+        return "fused"
+    stream = (qkv.dtype in (torch.float16, torch.bfloat16) and num_heads in STREAM_HEADS
+              and max(dim_k, dim_v) <= STREAM_MAX_HEAD_DIM)
+    return "fused" if stream and not needs_grad else "sdpa"
 
 
 def head_mix_attention(
@@ -157,10 +168,12 @@ def head_mix_attention(
             (`vitfast.ops.head_mix_sdpa`; no (B, H, N, N) tensor when SDPA picks a fused backend,
             ~H times SDPA's FLOPs). Which is faster depends on the shape and the GPU:
             `benchmarks/head_mix_cases.py` times both. "auto" (default): "sdpa" for CUDA windows
-            of more than 64 tokens (DeiT / CaiT sequences, where the fused kernels measured 2-4x
-            slower than even eager talking heads on the H100: 8.05 vs 4.17 ms at DeiT-S, 25.1 vs
-            6.1 ms at DeiT-B; benchmarks/RESULTS.md), "fused" elsewhere (CPU; Mini-Swin's 7 x 7
-            windows).
+            of more than 64 tokens (DeiT / CaiT sequences, where the fused tile kernels measured
+            2-4x slower than even eager talking heads on the H100: 8.05 vs 4.17 ms at DeiT-S, 25.1
+            vs 6.1 ms at DeiT-B; benchmarks/RESULTS.md) when gradients are wanted; without them
+            (inference, torch.no_grad) in fp16/bf16 with 3, 4, 6, 8 or 12 heads of <= 64 channels
+            "fused", whose forward is then the streaming register kernel; "fused" elsewhere (CPU;
+            Mini-Swin's 7 x 7 windows).
 
     Every float parameter may have its own dtype (float32 parameters under autocast); their
     gradients are summed in float32 (float64 for float64 inputs) in a fixed order, so they are
@@ -174,7 +187,9 @@ def head_mix_attention(
     dim_v, offsets, head_stride, scale, window_size, shift_size = normalize_args(
         OP, qkv, num_heads, dim_k, dim_v, layout, scale, window_size, shift_size)
     if impl == "auto":
-        impl = auto_impl(qkv, window_size)
+        tensors = (qkv, bias_table, pre_mix, pre_mix_bias, post_mix, post_mix_bias)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        impl = auto_impl(qkv, window_size, num_heads, dim_k, dim_v, needs_grad)
     if impl == "sdpa":
         # bias_index's range is checked on the CPU only (on CUDA it would cost a sync per call; an
         # index out of range trips the gather's device-side assert there)

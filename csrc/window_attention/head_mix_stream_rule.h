@@ -1,0 +1,92 @@
+// Which head-mixing shapes the streaming forward kernel (head_mix_stream.cuh) takes, and its
+// shared-memory layout. Host-side and torch-free, like head_mix_reg_rule.h: the entry points ask
+// the rule without compiling the kernel, and the kernel carves shared memory from the same layout.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/cuda_compat.cuh"
+#include "head_mix_reg_rule.h"
+#include "window_attention.h"
+
+namespace vitfast {
+
+constexpr int kMixStreamWarps = 4;
+constexpr int kMixStreamRows = kMixStreamWarps * 16;  // query rows per block (16 per warp)
+constexpr int kMixStreamKeys = 16;                     // keys per streamed tile
+// The mixed bias (table + mask, pre-mixed: types x heads x N x N floats) is a per-call workspace;
+// past this many floats (1 GiB) the tile kernels, which gather the table per score, run instead.
+constexpr int64_t kMixStreamMaxBias = int64_t(1) << 28;
+
+// Output heads per pass-2 group: a warp keeps O (D / 2 registers per head) and P' (8 per head) of
+// its group beside every head's score tile (8 x heads) and log-sum-exp (2 x heads), so wide or
+// many heads take smaller groups (each group recomputes the scores; head_mix_stream.cuh).
+VF_HD constexpr int mix_stream_group(int heads, int D) {
+  const int most = D == 64 ? (heads >= 12 ? 1 : heads == 3 ? 3 : 2) : (heads >= 12 ? 2 : 4);
+  const int groups = (heads + most - 1) / most;
+  return (heads + groups - 1) / groups;
+}
+
+// Padded head dim of the streaming kernel: 32 or 64.
+VF_HD constexpr int mix_stream_dim(int dim_k, int dim_v) { return (dim_k > dim_v ? dim_k : dim_v) <= 32 ? 32 : 64; }
+
+// Byte offsets into the dynamic shared memory: q of the block's 64 query rows of every head, two
+// buffers of one key tile of every head, two buffers of one value tile of a group's heads, and the
+// mixing parameters [pre * scale | post | post_bias] (floats). Every piece 128-byte aligned.
+struct MixStreamLayout {
+  size_t q = 0, k = 0, v = 0, weights = 0, total = 0;
+  size_t k_buffer = 0, v_buffer = 0;  // bytes between the two buffers
+};
+
+VF_HD MixStreamLayout mix_stream_layout(int heads, int D) {
+  MixStreamLayout L;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    off = (off + 127) & ~static_cast<size_t>(127);
+    const size_t at = off;
+    off += bytes;
+    return at;
+  };
+  const size_t ld = static_cast<size_t>(D) + 8, row = ld * 2;  // 16-bit elements
+  L.q = take(static_cast<size_t>(heads) * kMixStreamRows * row);
+  L.k_buffer = ((static_cast<size_t>(heads) * kMixStreamKeys * row) + 127) & ~static_cast<size_t>(127);
+  L.k = take(2 * L.k_buffer);
+  L.v_buffer = ((static_cast<size_t>(mix_stream_group(heads, D)) * kMixStreamKeys * row) + 127) & ~static_cast<size_t>(127);
+  L.v = take(2 * L.v_buffer);
+  L.weights = take(static_cast<size_t>(2 * heads * heads + heads) * sizeof(float));
+  L.total = off;
+  return L;
+}
+
+// The head counts the kernel is compiled for (DeiT-Ti/S/B: 3/6/12, CaiT-XXS/XS/S: 4/6/8, Mini-Swin-T/S
+// stages 2-3: 6/12, Mini-Swin-B stage 2: 8). 16 and more heads (CaiT-M, Mini-Swin-B stage 3, the
+// last stages) spill: the score tiles of every head alone take 8 x heads registers.
+inline bool mix_stream_heads_ok(int heads) {
+  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || heads == 12;
+}
+
+// Mixed-bias workspace of the forward (floats): one (heads x N x N) block per window type when
+// there is a table or a mask, else none.
+inline int64_t mix_stream_bias_floats(const WindowAttentionParams& p) {
+  if (p.table == nullptr && p.mask == nullptr) return 0;
+  return (p.mask != nullptr ? p.mask_windows : 1) * mix_reg_bias_block(p.heads, p.tokens);
+}
+
+// fp16/bf16 on sm_80+, head dims <= 64, the head counts above, shapes the register kernels
+// (head_mix_reg.cuh) do not take, when shared memory and the mixed bias fit. The forward only:
+// the backward of these shapes runs the tile kernels, which read the same log-sum-exp.
+inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
+  if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || mix_reg_route_disabled()) return false;
+  if (p.dim_k > 64 || p.dim_v > 64 || !mix_stream_heads_ok(p.heads) || mix_reg_route_ok(p)) return false;
+  if (mix_stream_bias_floats(p) > kMixStreamMaxBias) return false;
+  int dev = 0, major = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return major >= 8 &&
+         mix_stream_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
+}
+
+}  // namespace vitfast
