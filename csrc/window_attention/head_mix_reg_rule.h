@@ -34,15 +34,21 @@ struct MixRegLayout {
   size_t total = 0;
 };
 
+// Byte offsets of consecutive pieces of one dynamic shared-memory block, each 128-byte aligned.
+VF_HD constexpr size_t align128(size_t bytes) { return (bytes + 127) & ~static_cast<size_t>(127); }
+struct SmemOffsets {
+  size_t end = 0;
+  VF_HD size_t take(size_t bytes) {
+    const size_t at = align128(end);
+    end = at + bytes;
+    return at;
+  }
+};
+
 VF_HD MixRegLayout mix_reg_layout(int heads, int tokens, bool backward, bool pipelined = false) {
   MixRegLayout L;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    off = (off + 127) & ~static_cast<size_t>(127);
-    const size_t at = off;
-    off += bytes;
-    return at;
-  };
+  SmemOffsets so;
+  auto take = [&](size_t bytes) { return so.take(bytes); };
   const size_t tile = static_cast<size_t>(heads) * kMixRegTokens * kMixRegLd * 2;  // 16-bit elements
   const size_t nn = static_cast<size_t>(tokens) * tokens;
   auto window_inputs = [&] {
@@ -58,12 +64,12 @@ VF_HD MixRegLayout mix_reg_layout(int heads, int tokens, bool backward, bool pip
   };
   // offsets inside one copy (every take is 128-byte aligned, so both copies share them)
   L.q = window_inputs();
-  L.k = L.q + ((tile + 127) & ~static_cast<size_t>(127));
-  L.v = L.k + ((tile + 127) & ~static_cast<size_t>(127));
+  L.k = L.q + align128(tile);
+  L.v = L.k + align128(tile);
   if (backward) {
-    L.dout = L.v + ((tile + 127) & ~static_cast<size_t>(127));
-    L.mask = L.dout + ((tile + 127) & ~static_cast<size_t>(127));
-    L.lse = L.mask + ((nn * sizeof(float) + 127) & ~static_cast<size_t>(127));
+    L.dout = L.v + align128(tile);
+    L.mask = L.dout + align128(tile);
+    L.lse = L.mask + align128(nn * sizeof(float));
     if (pipelined) L.window_stride = window_inputs() - L.q;
   }
   L.bias = take(heads * nn * sizeof(float));
@@ -74,7 +80,7 @@ VF_HD MixRegLayout mix_reg_layout(int heads, int tokens, bool backward, bool pip
     L.dtable = take(heads * nn * sizeof(float));
     L.weights = take((2 * heads * heads + heads) * sizeof(float));  // 4 heads: the mixing parameters
   }
-  L.total = off;
+  L.total = so.end;
   return L;
 }
 

@@ -42,21 +42,15 @@ struct MixStreamLayout {
 
 VF_HD MixStreamLayout mix_stream_layout(int heads, int D) {
   MixStreamLayout L;
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    off = (off + 127) & ~static_cast<size_t>(127);
-    const size_t at = off;
-    off += bytes;
-    return at;
-  };
-  const size_t ld = static_cast<size_t>(D) + 8, row = ld * 2;  // 16-bit elements
-  L.q = take(static_cast<size_t>(heads) * kMixStreamRows * row);
-  L.k_buffer = ((static_cast<size_t>(heads) * kMixStreamKeys * row) + 127) & ~static_cast<size_t>(127);
-  L.k = take(2 * L.k_buffer);
-  L.v_buffer = ((static_cast<size_t>(mix_stream_group(heads, D)) * kMixStreamKeys * row) + 127) & ~static_cast<size_t>(127);
-  L.v = take(2 * L.v_buffer);
-  L.weights = take(static_cast<size_t>(2 * heads * heads + heads) * sizeof(float));
-  L.total = off;
+  SmemOffsets so;
+  const size_t row = (static_cast<size_t>(D) + 8) * 2;  // one 16-bit row, pitch D + 8
+  L.q = so.take(static_cast<size_t>(heads) * kMixStreamRows * row);
+  L.k_buffer = align128(static_cast<size_t>(heads) * kMixStreamKeys * row);
+  L.k = so.take(2 * L.k_buffer);
+  L.v_buffer = align128(static_cast<size_t>(mix_stream_group(heads, D)) * kMixStreamKeys * row);
+  L.v = so.take(2 * L.v_buffer);
+  L.weights = so.take(static_cast<size_t>(2 * heads * heads + heads) * sizeof(float));
+  L.total = so.end;
   return L;
 }
 

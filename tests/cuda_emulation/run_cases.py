@@ -124,6 +124,8 @@ HEAD_MIX_CASES = {
     "mix_stream_bf16_h3_d64_n80_table": (torch.bfloat16, dict(windows=2, heads=3, dk=64, wh=8, ww=10), {}),
     "mix_stream_bf16_h6_grid_shift": (torch.bfloat16, dict(grid=(1, 14, 14), heads=6, dk=32, wh=7, ww=7,
                                                            shift=(3, 3), mask_types=4), {}),
+    "mix_stream_bf16_n65_dk16_dv64_two_chunks": (torch.bfloat16, dict(windows=2, heads=4, dk=16, dv=64, wh=5, ww=13,
+                                                                       layout="tinyvit", bias=False), {}),
     "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
                                                                 layout="tinyvit", row_pad=3, bias=False), {}),
 }
