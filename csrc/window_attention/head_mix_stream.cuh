@@ -20,7 +20,8 @@
 //     registers. Value tiles of the group's heads stream beside the key tiles.
 // Registers bound the group: O and P' of all heads would not fit beside the scores of all heads,
 // so each group repeats the score products (1 + groups products of Q K^T in all; group sizes in
-// head_mix_stream_rule.h). The table bias and the mask enter as the per-call mixed bias of
+// head_mix_stream_rule.h). The rows' lse and the mixing weights are read from shared memory where
+// used, so that only the scores, O and P' hold registers through a step. The table bias and the mask enter as the per-call mixed bias of
 // head_mix_reg.cuh (M_g = sum_h pre[g, h] table_h + mask, types x heads x N x N), read per score.
 #pragma once
 
@@ -161,7 +162,10 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   // Pass 1: per lane, the running max and sum of each row's entries (rescaled when the max grows);
   // then the quad's four lanes (a row's keys) combine into lse_g = max + log(sum), stored for the
   // backward and kept for pass 2.
-  float lse[kH][2];
+  // lse per (row, head) in shared memory, each warp its own 16 rows: read where used in pass 2 (as
+  // registers, 2 x heads of them would stay live through every step)
+  float* lse_rows = reinterpret_cast<float*>(smem_raw + L.lse) + warp * 16 * kH;
+  auto lse_at = [&](int h, int r) -> float { return *static_cast<const volatile float*>(lse_rows + (g + 8 * r) * kH + h); };
   {
     float m[kH][2], l[kH][2];
 #pragma unroll
@@ -199,8 +203,11 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
           float part = m[gg][r] == wa::neg_inf<float>() ? 0.0f : l[gg][r] * wa::acc_exp(m[gg][r] - mq);
           part += __shfl_xor_sync(0xffffffffu, part, 1);
           part += __shfl_xor_sync(0xffffffffu, part, 2);
-          lse[gg][r] = mq + wa::acc_log(part);  // -inf for a row without a finite score
-          if (t == 0 && rows[r] < N) static_cast<float*>(p.lse)[(w * kH + gg) * N + rows[r]] = lse[gg][r];
+          const float lse = mq + wa::acc_log(part);  // -inf for a row without a finite score
+          if (t == 0) {
+            lse_rows[(g + 8 * r) * kH + gg] = lse;  // seen by the warp after the next barrier
+            if (rows[r] < N) static_cast<float*>(p.lse)[(w * kH + gg) * N + rows[r]] = lse;
+          }
         }
       }
     }
@@ -230,7 +237,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
             const bool key = kt * kMixStreamKeys + 8 * j + 2 * t + (e & 1) < N;
             float a[kH];
 #pragma unroll
-            for (int h = 0; h < kH; ++h) a[h] = key ? wa::acc_exp(sc[h][j][e] - lse[h][e >> 1]) : 0.0f;
+            for (int h = 0; h < kH; ++h) a[h] = key ? wa::acc_exp(sc[h][j][e] - lse_at(h, e >> 1)) : 0.0f;
 #pragma unroll
             for (int gi = 0; gi < kGh; ++gi) {
               const int gg = c0 + gi;

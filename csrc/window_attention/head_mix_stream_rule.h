@@ -24,7 +24,7 @@ constexpr int64_t kMixStreamMaxBias = int64_t(1) << 28;
 // its group beside every head's score tile (8 x heads) and log-sum-exp (2 x heads), so wide or
 // many heads take smaller groups (each group recomputes the scores; head_mix_stream.cuh).
 VF_HD constexpr int mix_stream_group(int heads, int D) {
-  const int most = D == 64 ? (heads >= 12 ? 1 : heads == 3 ? 3 : 2) : (heads >= 12 ? 2 : 4);
+  const int most = D == 64 ? (heads == 3 || heads == 6 ? 3 : 2) : (heads >= 12 ? 3 : 4);
   const int groups = (heads + most - 1) / most;
   return (heads + groups - 1) / groups;
 }
@@ -33,10 +33,10 @@ VF_HD constexpr int mix_stream_group(int heads, int D) {
 VF_HD constexpr int mix_stream_dim(int dim_k, int dim_v) { return (dim_k > dim_v ? dim_k : dim_v) <= 32 ? 32 : 64; }
 
 // Byte offsets into the dynamic shared memory: q of the block's 64 query rows of every head, two
-// buffers of one key tile of every head, two buffers of one value tile of a group's heads, and the
-// mixing parameters [pre * scale | post | post_bias] (floats). Every piece 128-byte aligned.
+// buffers of one key tile of every head, two buffers of one value tile of a group's heads, the
+// mixing parameters [pre * scale | post | post_bias] and the rows' lse ([row][head]), floats.
 struct MixStreamLayout {
-  size_t q = 0, k = 0, v = 0, weights = 0, total = 0;
+  size_t q = 0, k = 0, v = 0, weights = 0, lse = 0, total = 0;
   size_t k_buffer = 0, v_buffer = 0;  // bytes between the two buffers
 };
 
@@ -50,6 +50,7 @@ VF_HD MixStreamLayout mix_stream_layout(int heads, int D) {
   L.v_buffer = align128(static_cast<size_t>(mix_stream_group(heads, D)) * kMixStreamKeys * row);
   L.v = so.take(2 * L.v_buffer);
   L.weights = so.take(static_cast<size_t>(2 * heads * heads + heads) * sizeof(float));
+  L.lse = so.take(static_cast<size_t>(kMixStreamRows) * heads * sizeof(float));
   L.total = so.end;
   return L;
 }
