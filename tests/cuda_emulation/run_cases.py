@@ -126,6 +126,8 @@ HEAD_MIX_CASES = {
                                                            shift=(3, 3), mask_types=4), {}),
     "mix_stream_bf16_n65_dk16_dv64_two_chunks": (torch.bfloat16, dict(windows=2, heads=4, dk=16, dv=64, wh=5, ww=13,
                                                                        layout="tinyvit", bias=False), {}),
+    "mix_stream_bf16_dk48_mask_only": (torch.bfloat16, dict(windows=4, heads=6, dk=48, wh=7, ww=7, bias=False,
+                                                            mask_types=2), {}),
     "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
                                                                 layout="tinyvit", row_pad=3, bias=False), {}),
 }
