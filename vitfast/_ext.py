@@ -115,7 +115,8 @@ def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: i
                              dim_v: int) -> str:
     """Which kernels head_mix_attention(impl="fused") runs for this shape: 'registers' (fp16/bf16,
     <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+), 'stream+tiles' (the streaming register
-    forward and the tile backward: fp16/bf16, 3/4/6/8/12 heads of <= 64 channels, any length),
+    forward and the tile backward: fp16/bf16, 3/4/6/8/12 heads of <= 64 channels, any length; a
+    call with a table or mask whose pre-mixed bias would exceed 64 MiB runs the tiles instead),
     'tiles' (CUDA, everything else; VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
     if device.type != "cuda" or not cuda_kernels_built():
         return "cpu"
