@@ -119,6 +119,8 @@ HEAD_MIX_CASES = {
     # streaming forward (head_mix_stream.cuh; backward on the tile kernels): fp16/bf16, any length,
     # 3/4/6/8/12 heads of <= 64 channels, shapes the register kernels do not take
     "mix_stream_bf16_seq_n100_h6_d64": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False), {}),
+    "mix_stream_fp16_deit_b_h12_d64_n100": (torch.float16, dict(windows=1, heads=12, dk=64, wh=1, ww=100, bias=False),
+                                            {}),
     "mix_stream_fp16_h12_n49_table_mask": (torch.float16, dict(windows=4, heads=12, dk=32, wh=7, ww=7, mask_types=2),
                                            {}),
     "mix_stream_bf16_h3_d64_n80_table": (torch.bfloat16, dict(windows=2, heads=3, dk=64, wh=8, ww=10), {}),
