@@ -17,13 +17,15 @@ constexpr int kMixStreamWarps = 4;
 constexpr int kMixStreamRows = kMixStreamWarps * 16;  // query rows per block (16 per warp)
 constexpr int kMixStreamKeys = 16;                     // keys per streamed tile
 // The mixed bias (table + mask, pre-mixed: types x heads x N x N floats) is a per-call workspace;
-// past this many floats (64 MiB; Mini-Swin's 7 x 7 windows need ~0.5 MB, 12 x 12 windows at 32
-// heads ~10 MB) the tile kernels, which gather the table per score, run instead.
+// past this many floats (64 MiB; Mini-Swin's 7 x 7 windows at 12 heads need ~0.5 MB, 12 x 12
+// windows ~4 MB) the tile kernels, which gather the table per score, run instead.
 constexpr int64_t kMixStreamMaxBias = int64_t(1) << 24;
 
 // Output heads per pass-2 group: a warp keeps O (D / 2 registers per head) and P' (8 per head) of
-// its group beside every head's score tile (8 x heads) and log-sum-exp (2 x heads), so wide or
-// many heads take smaller groups (each group recomputes the scores; head_mix_stream.cuh).
+// its group beside every head's score tile (8 x heads; the rows' lse and the mixing weights are
+// read from shared memory), so wide or many heads take smaller groups (each group recomputes the
+// scores; head_mix_stream.cuh). Sizes chosen by ptxas: the largest without more than ~130 B of
+// spills (benchmarks/NOTES.md).
 VF_HD constexpr int mix_stream_group(int heads, int D) {
   const int most = D == 64 ? (heads == 3 || heads == 6 ? 3 : 2) : (heads >= 12 ? 3 : 4);
   const int groups = (heads + most - 1) / most;
