@@ -203,12 +203,16 @@ def test_unknown_impl_is_named():
         head_mix_attention(qkv, 2, 8, impl="flash")
 
 
-def test_auto_impl_rule():
+def test_auto_impl_rule(monkeypatch):
     """auto: the SDPA route for CUDA windows over 64 tokens (DeiT / CaiT sequences: the fused tile
     kernels measured slower than eager there) when gradients are wanted; without gradients the
     fused op where its forward is the streaming kernel (fp16/bf16, 3/4/6/8/12 heads of <= 64
     channels); the fused kernels elsewhere."""
+    from vitfast import _ext
     from vitfast.ops.head_mix_attention import auto_impl
+
+    asked = []  # the GPU's word (sm_80+, shared memory) is asked only for shapes the rule admits
+    monkeypatch.setattr(_ext, "head_mix_stream_fits", lambda *a: asked.append(a) or True)
 
     class Fake:
         def __init__(self, device, shape, dtype=torch.bfloat16):
@@ -230,6 +234,16 @@ def test_auto_impl_rule():
     assert auto_impl(Fake("cuda", (8, 577, 2304)), None, 16, 48, 48, needs_grad=False) == "sdpa"   # CaiT-M
     assert auto_impl(Fake("cuda", (8, 197, 2304)), None, 6, 128, 128, needs_grad=False) == "sdpa"  # head dim 128
     assert auto_impl(Fake("cuda", (8, 197, 1152), torch.float32), None, 6, 64, 64, needs_grad=False) == "sdpa"
+    assert len(asked) == 3  # DeiT-S, DeiT-B, CaiT-S
+    # a GPU without the shared memory for the kernel (an A100 at 12 heads of 64): SDPA
+    monkeypatch.setattr(_ext, "head_mix_stream_fits", lambda *a: False)
+    assert auto_impl(Fake("cuda", (8, 197, 2304)), None, 12, 64, 64, needs_grad=False) == "sdpa"
+
+
+def test_head_mix_stream_fits_off_cuda():
+    from vitfast import _ext
+
+    assert _ext.head_mix_stream_fits(torch.device("cpu"), torch.bfloat16, 6, 64, 64) is False
 
 
 @pytest.mark.cuda

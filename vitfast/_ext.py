@@ -125,10 +125,29 @@ def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: i
                                            int(dim_v))
 
 
+@functools.lru_cache(maxsize=None)
+def _head_mix_stream_cuda(index: int, dtype: str, heads: int, dim_k: int, dim_v: int) -> bool:
+    with torch.cuda.device(index):
+        # 65 tokens: past the register kernels (<= 64), so only the streaming rule decides
+        return _C.head_mix_attention_route(dtype, 65, heads, dim_k, dim_v) == "stream+tiles"
+
+
+def head_mix_stream_fits(device: torch.device, dtype: torch.dtype, heads: int, dim_k: int, dim_v: int) -> bool:
+    """Whether head_mix_attention's forward of a sequence (more than 64 tokens, no table) runs the
+    streaming register kernel on `device`: the shape rule plus what the GPU decides (sm_80+, the
+    kernel's shared memory: 12 heads of 64 need 179 KB, more than an A100 offers). Cached per
+    shape: VITFAST_WINDOW_ATTENTION_ROUTE=tiles set after the first ask is not seen here."""
+    if device.type != "cuda" or not cuda_kernels_built():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _head_mix_stream_cuda(index, str(dtype).removeprefix("torch."), int(heads), int(dim_k), int(dim_v))
+
+
 # torch.compile folds the answer into the graph (a constant for given shapes): what
 # torch.compiler.assume_constant_result does, without importing torch._dynamo at `import vitfast`
 # (1.7 s); tests/test_head_mix_attention.py checks that the decorator still sets this attribute.
 head_mix_fits._dynamo_marked_constant = True
+head_mix_stream_fits._dynamo_marked_constant = True
 window_attention_fits._dynamo_marked_constant = True
 
 

@@ -122,9 +122,12 @@ def auto_impl(qkv: torch.Tensor, window_size, num_heads: int = 0, dim_k: int = 0
     tokens = window_size[0] * window_size[1] if qkv.dim() == 4 else qkv.shape[1]
     if tokens < AUTO_SDPA_MIN_TOKENS:
         return "fused"
+    if needs_grad:
+        return "sdpa"
+    # the shape rule here (cheap, and what the CPU tests check), the GPU's word after it (sm_80+, shared memory)
     stream = (qkv.dtype in (torch.float16, torch.bfloat16) and num_heads in STREAM_HEADS
               and max(dim_k, dim_v) <= STREAM_MAX_HEAD_DIM)
-    return "fused" if stream and not needs_grad else "sdpa"
+    return "fused" if stream and _ext.head_mix_stream_fits(qkv.device, qkv.dtype, num_heads, dim_k, dim_v) else "sdpa"
 
 
 def head_mix_attention(
