@@ -159,13 +159,13 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     }
   };
 
-  // Pass 1: per lane, the running max and sum of each row's entries (rescaled when the max grows);
-  // then the quad's four lanes (a row's keys) combine into lse_g = max + log(sum), stored for the
-  // backward and kept for pass 2.
-  // lse per (row, head) in shared memory, each warp its own 16 rows: read where used in pass 2 (as
-  // registers, 2 x heads of them would stay live through every step)
+  // The rows' lse per (row, head) in shared memory, each warp its own 16 rows: read where used in
+  // pass 2 (as registers, 2 x heads of them would stay live through every step).
   float* lse_rows = reinterpret_cast<float*>(smem_raw + L.lse) + warp * 16 * kH;
   auto lse_at = [&](int h, int r) -> float { return *static_cast<const volatile float*>(lse_rows + (g + 8 * r) * kH + h); };
+  // Pass 1: per lane, the running max and sum of each row's entries (rescaled when the max grows);
+  // then the quad's four lanes (a row's keys) combine into lse_g = max + log(sum), written out for
+  // the backward and to lse_rows for pass 2.
   {
     float m[kH][2], l[kH][2];
 #pragma unroll
