@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from vitfast import _ext
 from vitfast.ops import head_mix_attention, window_attention
 from vitfast.timing import peak_memory_mb, time_ms
-from window_attention_cases import forced_route, swin_index
+from window_attention_cases import environ, forced_route, swin_index
 
 # name: (windows, N, heads, d, window types of the shift mask; 0: a plain sequence, no table, no mask).
 # Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 3 four; stage 3 (12 heads) is past
 # the register kernels (3-4 heads): its forward runs the streaming kernel, its backward the tile
 # kernels, timed against the SDPA route there. The sequences' "vitfast" fwd column is the streaming
-# forward too (what impl="auto" runs without gradients).
+# forward too (what impl="auto" runs without gradients); DeiT-S's backward is the streaming backward
+# (3/4/6 heads), timed beside the tile backward behind the same forward.
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),
@@ -86,8 +87,10 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     if use_compile:
         impls["torch.compile(eager)"] = torch.compile(impls["eager talking heads"], dynamic=False)
     route = _ext.head_mix_attention_route(torch.device(device), dtype, n, heads, d, d)
-    if route in ("registers", "stream+tiles"):  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
+    if route in ("registers", "stream", "stream+tiles"):  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
         impls["vitfast (tile kernels)"] = ours
+    if route == "stream":  # the streaming forward with the tile backward (VITFAST_HEAD_MIX_STREAM_BWD=0)
+        impls["vitfast (tile backward)"] = ours
     if windowed:
         impls["window_attention (no mixes)"] = lambda: window_attention(qkv, heads, d, bias_table=table,
                                                                         bias_index=index, mask=mask)
@@ -100,13 +103,15 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     fwd, fwd_bwd, mem = {}, {}, {}
     for label, fn in impls.items():
         grad = torch.randn_like(fn())
-        wrt = [x for x in leaves if label in ("vitfast", "vitfast sdpa", "vitfast (tile kernels)", "eager talking heads",
+        wrt = [x for x in leaves if label in ("vitfast", "vitfast sdpa", "vitfast (tile kernels)",
+                                              "vitfast (tile backward)", "eager talking heads",
                                               "torch.compile(eager)") or x is qkv or x is table]
 
         def step(fn=fn, grad=grad, wrt=wrt):
             torch.autograd.grad(fn(), wrt, grad)
 
-        with forced_route("tiles" if label == "vitfast (tile kernels)" else None):
+        with forced_route("tiles" if label == "vitfast (tile kernels)" else None), \
+                environ("VITFAST_HEAD_MIX_STREAM_BWD", "0" if label == "vitfast (tile backward)" else None):
             with torch.no_grad():
                 fwd[label] = time_ms(fn, device, 3, reps)
             fwd_bwd[label] = time_ms(step, device, 3, reps)

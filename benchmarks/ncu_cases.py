@@ -71,6 +71,12 @@ def cases(device, small):
                                                    bias_index=index, mask=mask).float().sum(), [qkv, table, *mix3])
     out["head_mix_attention mini_swin_t stage1 bf16 fwd+bwd (no cp.async pipeline)"] = mix_no_pipeline
 
+    def deit_tile_backward():  # DeiT-S on the streaming forward and the tile backward it replaced
+        with environ("VITFAST_HEAD_MIX_STREAM_BWD", "0"):
+            torch.autograd.grad(head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias,
+                                                   impl="fused").float().sum(), [seq, *mix, bias])
+    out["head_mix_attention B128 H6 N197 d64 bf16 fwd+bwd (tile backward)"] = deit_tile_backward
+
     # the streaming forward (head_mix_stream.cuh) alone: DeiT-S inference (auto without gradients)
     # and Mini-Swin-T stage 3 (12 heads, table + shift mask)
     def deit_inference():

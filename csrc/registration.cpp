@@ -135,13 +135,17 @@ PYBIND11_MODULE(_C, m) {
       "on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
   m.def(
       "head_mix_attention_route",
-      [](const std::string& dtype, int tokens, int heads, int dim_k, int dim_v) {
+      [](const std::string& dtype, int tokens, int heads, int dim_k, int dim_v, bool table, bool mask) {
+        static char flag;
         vitfast::WindowAttentionBackwardParams b = fit_query(dtype, heads, dim_k, dim_v, true, true);
         b.fwd.tokens = tokens;
+        if (table) b.fwd.table = &flag;
+        if (mask) b.fwd.mask = &flag;
         return std::string(vitfast::head_mix_attention_cuda_route(b.fwd));
       },
-      "'registers', 'stream+tiles' (streaming forward, tile backward) or 'tiles': the kernels head_mix_attention's "
-      "fused route runs for (dtype name, tokens, heads, dim_k, dim_v) on the current GPU "
-      "(VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels).");
+      "'registers', 'stream' (streaming forward and backward), 'stream+tiles' (streaming forward, tile backward) or "
+      "'tiles': the kernels head_mix_attention's fused route runs for (dtype name, tokens, heads, dim_k, dim_v, "
+      "has a table, has a mask) on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels, "
+      "VITFAST_HEAD_MIX_STREAM_BWD=0 the tile backward).");
 #endif
 }

@@ -197,9 +197,11 @@ CASES = {
     ],
     "head_mix_attention": [
         lambda d: check_head_mix(d, BF16, (2, 40), 3, 32),                                   # registers, pipelined (racecheck)
-        lambda d: check_head_mix(d, BF16, (1, 70), 6, 32),                                   # streaming forward (racecheck)
+        lambda d: check_head_mix(d, BF16, (1, 70), 6, 32),                                   # streaming fwd + bwd (racecheck)
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
         lambda d: check_head_mix(d, BF16, (3, 197), 6, 64),                                  # streaming: DeiT-S rows, 4 chunks
+        lambda d: check_head_mix(d, H16, (2, 130), 4, 48),                                   # streaming bwd: CaiT dims, 3 chunks
+        lambda d: check_head_mix(d, BF16, (1, 100), 8, 48),                                  # streaming bwd: CaiT-S heads (221 KB)
         lambda d: check_head_mix(d, H16, (8, 49), 12, 32, mask_types=2, table_len=169),     # streaming + mixed bias (stage 3)
         lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window (registers)
         lambda d: check_head_mix(d, H16, (24, 49), 4, 32, mask_types=4, table_len=169),     # 4 heads, slot loop (registers)
@@ -225,8 +227,8 @@ def main(argv=None) -> int:
         print(f"sanitize_cases.py: no cases for op(s) {sorted(missing)}", file=sys.stderr)
         return 2
     names = args.ops or list(CASES)
-    # --smallest (racecheck): the first case of each op; head_mix_attention's first two, so both of
-    # its cp.async-pipelined kernels run (the register backward and the streaming forward)
+    # --smallest (racecheck): the first case of each op; head_mix_attention's first two, so its
+    # cp.async-pipelined kernels run (the register backward, the streaming forward and backward)
     smallest = {"head_mix_attention": 2}
     torch.manual_seed(0)
     for name in names:

@@ -485,26 +485,31 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("dtype,tokens,heads,dk,route", [
-    (torch.bfloat16, 49, 3, 32, "registers"),
-    (torch.float16, 49, 4, 32, "registers"),
-    (torch.bfloat16, 64, 4, 32, "stream+tiles"),  # the register backward needs 272 KB of shared memory
-    (torch.bfloat16, 49, 6, 32, "stream+tiles"),  # Mini-Swin-T stage 2
-    (torch.bfloat16, 49, 12, 32, "stream+tiles"),  # Mini-Swin-T stage 3
-    (torch.bfloat16, 49, 3, 64, "stream+tiles"),
-    (torch.bfloat16, 81, 3, 32, "stream+tiles"),
-    (torch.float16, 197, 6, 64, "stream+tiles"),  # DeiT-S
-    (torch.bfloat16, 197, 8, 48, "stream+tiles"),  # CaiT-S
-    (torch.bfloat16, 577, 16, 48, "tiles"),       # CaiT-M: 16 heads
-    (torch.bfloat16, 49, 5, 32, "tiles"),
-    (torch.bfloat16, 197, 6, 80, "tiles"),
-    (torch.float32, 49, 3, 32, "tiles"),
-    (torch.float32, 197, 6, 64, "tiles"),
+@pytest.mark.parametrize("dtype,tokens,heads,dk,table,route", [
+    (torch.bfloat16, 49, 3, 32, True, "registers"),
+    (torch.float16, 49, 4, 32, True, "registers"),
+    (torch.bfloat16, 64, 4, 32, True, "stream+tiles"),  # the register backward needs 272 KB of shared memory
+    (torch.bfloat16, 64, 4, 32, False, "stream"),
+    (torch.bfloat16, 49, 6, 32, True, "stream+tiles"),  # Mini-Swin-T stage 2
+    (torch.bfloat16, 49, 12, 32, True, "stream+tiles"),  # Mini-Swin-T stage 3
+    (torch.bfloat16, 49, 3, 64, True, "stream+tiles"),
+    (torch.bfloat16, 81, 3, 32, True, "stream+tiles"),
+    (torch.float16, 197, 6, 64, False, "stream"),        # DeiT-S
+    (torch.bfloat16, 197, 3, 64, False, "stream"),       # DeiT-Ti
+    (torch.bfloat16, 197, 4, 48, False, "stream"),       # CaiT-XXS
+    (torch.bfloat16, 197, 12, 64, False, "stream+tiles"),  # DeiT-B: 12 heads, tile backward
+    (torch.bfloat16, 197, 8, 48, False, "stream"),       # CaiT-S
+    (torch.bfloat16, 197, 8, 48, True, "stream+tiles"),
+    (torch.bfloat16, 577, 16, 48, False, "tiles"),       # CaiT-M: 16 heads
+    (torch.bfloat16, 49, 5, 32, True, "tiles"),
+    (torch.bfloat16, 197, 6, 80, False, "tiles"),
+    (torch.float32, 49, 3, 32, True, "tiles"),
+    (torch.float32, 197, 6, 64, False, "tiles"),
 ])
-def test_register_route_rule(dtype, tokens, heads, dk, route):
+def test_register_route_rule(dtype, tokens, heads, dk, table, route):
     from vitfast import _ext
 
-    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, tokens, heads, dk, dk) == route
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, tokens, heads, dk, dk, table=table) == route
 
 
 @pytest.mark.cuda
@@ -527,8 +532,9 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     case = make_case("cuda", dtype, **shape)
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
-    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == \
-        "stream+tiles"
+    want = "stream" if case["table"] is None and case["mask"] is None and shape["heads"] <= 8 else "stream+tiles"
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv,
+                                         table=case["table"] is not None, mask=case["mask"] is not None) == want
     mix = make_mix(shape["heads"], "cuda")
     run_and_compare(case, mix, dtype)
     kw = dict(layout=case["layout"], bias_table=case["table"], bias_index=case["index"], mask=case["mask"], **mix)
@@ -541,6 +547,49 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
         tiles = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
     assert torch.equal(inference, fused)  # auto without gradients is the fused op
     assert rel_err(fused.float(), tiles.float()) < OUT_TOL[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(windows=32, heads=6, dk=64, wh=1, ww=197, bias=False),              # DeiT-S rows
+    dict(windows=16, heads=3, dk=64, wh=1, ww=197, bias=False),              # DeiT-Ti
+    dict(windows=8, heads=4, dk=48, wh=1, ww=197, bias=False),               # CaiT-XXS (head dim 48)
+    dict(windows=8, heads=8, dk=48, wh=1, ww=197, bias=False),               # CaiT-S (221 KB of shared memory)
+    dict(windows=4, heads=6, dk=64, wh=1, ww=577, bias=False),               # DeiT-S @384: 10 chunks
+    dict(windows=300, heads=6, dk=32, wh=1, ww=70, bias=False),              # more items than resident blocks
+    dict(windows=3, heads=4, dk=40, dv=24, wh=5, ww=15, layout="tinyvit", row_pad=3, bias=False),  # scalar loads
+])
+def test_streaming_backward_matches_reference_and_tiles(monkeypatch, dtype, shape):
+    """Shapes the streaming backward takes (head_mix_stream_bwd.cuh: 3/4/6/8 heads, no table or mask):
+    every gradient against float64, bitwise reproducible over two runs (the mixing gradients are
+    summed per warp, block and over blocks in fixed orders), and the tile backward behind the same
+    forward (VITFAST_HEAD_MIX_STREAM_BWD=0) agrees."""
+    from vitfast import _ext
+
+    case = make_case("cuda", dtype, **shape)
+    n = shape["wh"] * shape["ww"]
+    dv = shape.get("dv", shape["dk"])
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == "stream"
+    mix = make_mix(shape["heads"], "cuda")
+    run_and_compare(case, mix, dtype)
+
+    def grads():
+        leaves = [case["qkv"].detach().clone().requires_grad_()] + [v.clone().requires_grad_() for v in mix.values()]
+        out = head_mix_attention(leaves[0], case["heads"], case["dk"], case["dv"], layout=case["layout"],
+                                 impl="fused", **dict(zip(mix, leaves[1:])))
+        return torch.autograd.grad(out, leaves, torch.ones_like(out) / out.numel() ** 0.5)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    monkeypatch.setenv("VITFAST_HEAD_MIX_STREAM_BWD", "0")
+    assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv) == \
+        "stream+tiles"
+    tiles = grads()
+    for name, a, b in zip(["qkv", *mix], first, tiles):
+        if name != "pre_mix_bias":
+            assert rel_err(a.float(), b.float()) < GRAD_TOL[dtype], name
 
 
 def test_head_mix_route_query_off_cuda():

@@ -112,24 +112,27 @@ def window_attention_route(device: torch.device, dtype: torch.dtype, tokens: int
 
 
 def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: int, heads: int, dim_k: int,
-                             dim_v: int) -> str:
-    """Which kernels head_mix_attention(impl="fused") runs for this shape: 'registers' (fp16/bf16,
-    <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+), 'stream+tiles' (the streaming register
-    forward and the tile backward: fp16/bf16, 3/4/6/8/12 heads of <= 64 channels, any length; a
-    call with a table or mask whose pre-mixed bias would exceed 64 MiB runs the tiles instead),
-    'tiles' (CUDA, everything else; VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
+                             dim_v: int, table: bool = False, mask: bool = False) -> str:
+    """Which kernels head_mix_attention(impl="fused") runs for this shape, with or without a bias
+    table and a mask: 'registers' (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+),
+    'stream' (the streaming register forward and backward: fp16/bf16, 3/4/6/8 heads of <= 64
+    channels, any length, neither table nor mask), 'stream+tiles' (the streaming forward and the
+    tile backward: 3/4/6/8/12 heads of <= 64 channels; a call with a table or mask whose pre-mixed
+    bias would exceed 64 MiB runs the tiles instead), 'tiles' (CUDA, everything else;
+    VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it, VITFAST_HEAD_MIX_STREAM_BWD=0 the tile backward)
+    or 'cpu'."""
     if device.type != "cuda" or not cuda_kernels_built():
         return "cpu"
     with torch.cuda.device(device):
         return _C.head_mix_attention_route(str(dtype).removeprefix("torch."), int(tokens), int(heads), int(dim_k),
-                                           int(dim_v))
+                                           int(dim_v), bool(table), bool(mask))
 
 
 @functools.lru_cache(maxsize=None)
 def _head_mix_stream_cuda(index: int, dtype: str, heads: int, dim_k: int, dim_v: int) -> bool:
     with torch.cuda.device(index):
         # 65 tokens: past the register kernels (<= 64), so only the streaming rule decides
-        return _C.head_mix_attention_route(dtype, 65, heads, dim_k, dim_v) == "stream+tiles"
+        return _C.head_mix_attention_route(dtype, 65, heads, dim_k, dim_v, False, False) in ("stream", "stream+tiles")
 
 
 def head_mix_stream_fits(device: torch.device, dtype: torch.dtype, heads: int, dim_k: int, dim_v: int) -> bool:

@@ -20,6 +20,7 @@ namespace vitfast {
 
 const char* head_mix_attention_cuda_route(const WindowAttentionParams& p) {
   if (mix_reg_route_ok(p)) return "registers";
+  if (mix_stream_bwd_route_ok(p)) return "stream";
   return mix_stream_route_ok(p) ? "stream+tiles" : "tiles";
 }
 

@@ -10,6 +10,7 @@
 #include "head_mix_stream.cuh"
 #else
 #include "head_mix_bwd.cuh"
+#include "head_mix_stream_bwd.cuh"
 #endif
 
 #ifndef VF_HM_CAT
@@ -21,7 +22,8 @@ namespace vitfast {
 
 #ifdef VF_HM_FWD
 // fp16/bf16 shapes the register kernels take go there (head_mix_reg.cuh), longer windows or more
-// heads to the streaming kernel (head_mix_stream.cuh), the rest to the tile kernels.
+// heads to the streaming kernels (head_mix_stream.cuh; the backward of sequences with 3-6 heads:
+// head_mix_stream_bwd.cuh), the rest to the tile kernels.
 int64_t VF_HM_CAT(head_mix_fwd_workspace_, VF_HM_NAME)(const WindowAttentionParams& p) {
   int64_t elements = 0;
   if (mix_reg_try_forward_workspace<VF_HM_T>(p, &elements)) return elements;
@@ -41,6 +43,7 @@ int VF_HM_CAT(head_mix_fwd_launch_, VF_HM_NAME)(const WindowAttentionParams& p, 
 int64_t VF_HM_CAT(head_mix_bwd_workspace_, VF_HM_NAME)(const WindowAttentionBackwardParams& p) {
   int64_t elements = 0;
   if (mix_reg_try_backward_workspace<VF_HM_T>(p, &elements)) return elements;
+  if (mix_stream_try_backward_workspace<VF_HM_T>(p, &elements)) return elements;
   return head_mix_backward_workspace_typed<VF_HM_T>(p);
 }
 
@@ -48,6 +51,7 @@ int VF_HM_CAT(head_mix_bwd_launch_, VF_HM_NAME)(const WindowAttentionBackwardPar
                                                 void* stream) {
   int err = 0;
   if (mix_reg_try_backward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
+  if (mix_stream_try_backward<VF_HM_T>(p, workspace, static_cast<cudaStream_t>(stream), &err)) return err;
   return with_heads_cap(p.fwd.heads, [&](auto cap) {
     return head_mix_backward_typed<VF_HM_T, decltype(cap)::value>(p, workspace, static_cast<cudaStream_t>(stream));
   });

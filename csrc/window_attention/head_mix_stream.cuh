@@ -34,24 +34,41 @@ namespace {
 
 constexpr int kMixStreamThreads = kMixStreamWarps * 32;
 
-// `rows` rows of `heads` heads (head h0 + hh, hh < heads) of one qkv role into shared memory
-// (pitch D + 8, one rows x (D + 8) tile per head), tokens row0.. of window w; zero beyond the
-// tokens, beyond `dim` and for heads >= kH. kVec: 16-byte cp.async copies (dim % 8 == 0, aligned
-// rows); else element loads and plain stores (visible after the caller's barrier, like the copies).
+// A role's 16-bit rows in global memory: head h of token t at base + token_offset(t, st) + off +
+// h * head_stride + [0, dim). q, k, v: qkv with qkv_strides; dO (the backward): grad_out with
+// out_strides, head stride dim_v.
+template <typename T>
+struct MixRows {
+  const T* base;
+  Strides3 st;
+  int off, dim;
+  int64_t head_stride;
+};
+
+template <typename T>
+__device__ __forceinline__ MixRows<T> mix_qkv_rows(const WindowAttentionParams& p, int off, int dim) {
+  return MixRows<T>{static_cast<const T*>(p.qkv), p.qkv_strides, off, dim, p.head_stride};
+}
+
+// `rows` rows of `heads` heads (head h0 + hh, hh < heads) of one role into shared memory (pitch
+// D + 8, one rows x (D + 8) tile per head), tokens row0.. of window w; zero beyond the tokens,
+// beyond `dim` and for heads >= kH. kVec: 16-byte cp.async copies (dim % 8 == 0, aligned rows);
+// else element loads and plain stores (visible after the caller's barrier, like the copies).
 template <typename T, int kH, int D, bool kVec>
-__device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p, int64_t w, T* dst, int h0, int heads,
-                                                 int off, int dim, int row0, int rows) {
+__device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p, const MixRows<T>& src_rows, int64_t w,
+                                                 T* dst, int h0, int heads, int row0, int rows) {
   constexpr int ld = D + 8, kPerRow = D / 8;
-  const Strides3& st = p.qkv_strides;
-  const T* base = static_cast<const T*>(p.qkv);
+  const Strides3& st = src_rows.st;
+  const T* base = src_rows.base;
+  const int dim = src_rows.dim;
   const int per_head = rows * kPerRow, total = heads * per_head;
   for (int e = threadIdx.x; e < total; e += kMixStreamThreads) {
     const int hh = e / per_head, r = (e - hh * per_head) / kPerRow, c = (e % kPerRow) * 8;
     const int token = row0 + r, head = h0 + hh;
     const bool row_ok = token < p.tokens && head < kH;
     T* d = dst + (hh * rows + r) * ld + c;
-    const T* src = row_ok ? base + token_offset(p.grid, st.img, st.y, st.x, w, token) + off +
-                                static_cast<int64_t>(head) * p.head_stride + c
+    const T* src = row_ok ? base + token_offset(p.grid, st.img, st.y, st.x, w, token) + src_rows.off +
+                                static_cast<int64_t>(head) * src_rows.head_stride + c
                           : base;
     if constexpr (kVec) {
       cp_async_16(d, src, row_ok && c < dim);
@@ -88,13 +105,15 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   // step s: key tile s % tiles of every head (and, in pass 2, the value tile of group s / tiles - 1)
   auto issue = [&](int s) {
     const int phase = s / tiles, kt = s - phase * tiles, b = s & 1;
-    mix_stream_issue<T, kH, D, kVec>(p, w, reinterpret_cast<T*>(smem_raw + L.k + b * L.k_buffer), 0, kH, p.k_off,
-                                     p.dim_k, kt * kMixStreamKeys, kMixStreamKeys);
+    mix_stream_issue<T, kH, D, kVec>(p, mix_qkv_rows<T>(p, p.k_off, p.dim_k), w,
+                                     reinterpret_cast<T*>(smem_raw + L.k + b * L.k_buffer), 0, kH, kt * kMixStreamKeys,
+                                     kMixStreamKeys);
     if (phase > 0)
-      mix_stream_issue<T, kH, D, kVec>(p, w, reinterpret_cast<T*>(smem_raw + L.v + b * L.v_buffer), (phase - 1) * kGh,
-                                       kGh, p.v_off, p.dim_v, kt * kMixStreamKeys, kMixStreamKeys);
+      mix_stream_issue<T, kH, D, kVec>(p, mix_qkv_rows<T>(p, p.v_off, p.dim_v), w,
+                                       reinterpret_cast<T*>(smem_raw + L.v + b * L.v_buffer), (phase - 1) * kGh, kGh,
+                                       kt * kMixStreamKeys, kMixStreamKeys);
   };
-  mix_stream_issue<T, kH, D, kVec>(p, w, q, 0, kH, p.q_off, p.dim_k, row0, kMixStreamRows);
+  mix_stream_issue<T, kH, D, kVec>(p, mix_qkv_rows<T>(p, p.q_off, p.dim_k), w, q, 0, kH, row0, kMixStreamRows);
   issue(0);
   cp_async_commit();
   for (int e = threadIdx.x; e < kW; e += kMixStreamThreads)

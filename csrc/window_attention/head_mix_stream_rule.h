@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../common/cuda_compat.cuh"
 #include "head_mix_reg_rule.h"
@@ -85,6 +87,66 @@ inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   return major >= 8 &&
          mix_stream_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming backward (head_mix_stream_bwd.cuh): a query-major kernel (D, dQ, mixing gradients)
+// and a key-major kernel (dK, dV), both with 64 rows of every head resident per block and 16-row
+// tiles of every head streamed. Each keeps its products of every head in registers (S and dP',
+// 8 x heads each), so its accumulators go per group of heads, the scores recomputed per group.
+
+// Heads per dQ group (dQ: D / 2 registers per head) and per dK/dV group (D registers per head).
+// Chosen by ptxas like the forward's (benchmarks/NOTES.md).
+VF_HD constexpr int mix_stream_bwd_q_group(int heads, int D) {
+  return D == 64 ? (heads == 3 ? 3 : heads == 8 ? 1 : 2) : (heads == 6 ? 3 : heads == 8 ? 2 : heads);
+}
+VF_HD constexpr int mix_stream_bwd_kv_group(int heads, int D) {
+  return D == 64 ? 1 : (heads >= 6 ? 1 : 2);
+}
+
+// Byte offsets: the block's resident rows of two roles (q and dO in the query-major kernel, k and v
+// in the key-major one), two buffers of a 16-row tile of every head for each of the two streamed
+// roles, the mixing parameters, and 128 x heads floats of row statistics (query-major: lse and D
+// of its 64 rows; key-major: two buffers of the tile's lse and D).
+struct MixStreamBwdLayout {
+  size_t rows_a = 0, rows_b = 0, tile_a = 0, tile_b = 0, weights = 0, stats = 0, total = 0;
+  size_t tile_buffer = 0;  // bytes between a role's two tile buffers
+};
+
+VF_HD MixStreamBwdLayout mix_stream_bwd_layout(int heads, int D) {
+  MixStreamBwdLayout L;
+  SmemOffsets so;
+  const size_t row = (static_cast<size_t>(D) + 8) * 2;
+  L.rows_a = so.take(static_cast<size_t>(heads) * kMixStreamRows * row);
+  L.rows_b = so.take(static_cast<size_t>(heads) * kMixStreamRows * row);
+  L.tile_buffer = align128(static_cast<size_t>(heads) * kMixStreamKeys * row);
+  L.tile_a = so.take(2 * L.tile_buffer);
+  L.tile_b = so.take(2 * L.tile_buffer);
+  L.weights = so.take(static_cast<size_t>(2 * heads * heads + heads) * sizeof(float));
+  L.stats = so.take(static_cast<size_t>(2 * kMixStreamRows) * heads * sizeof(float));
+  L.total = so.end;
+  return L;
+}
+
+// VITFAST_HEAD_MIX_STREAM_BWD=0 keeps the tile backward behind the streaming forward (to measure
+// one against the other in one process).
+inline bool mix_stream_bwd_disabled() {
+  const char* v = std::getenv("VITFAST_HEAD_MIX_STREAM_BWD");
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
+// The streaming backward takes the streaming forward's shapes with 3, 4, 6 or 8 heads (DeiT-Ti/S,
+// CaiT-XXS/XS/S; 12 heads leave no registers beside both products of every head, and 12 heads of
+// 64 no shared memory for 64 rows of two roles) and neither a table nor a mask (sequences:
+// Mini-Swin's windowed stages keep the tile backward), when its shared memory fits (6 heads of
+// 64: 169 KB; 8 heads of 64: 221 KB, an H100 but not an A100).
+inline bool mix_stream_bwd_route_ok(const WindowAttentionParams& p) {
+  if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled()) return false;
+  if (p.heads > 8 || p.table != nullptr || p.mask != nullptr) return false;
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return mix_stream_bwd_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
 }
 
 }  // namespace vitfast

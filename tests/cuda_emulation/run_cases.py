@@ -132,6 +132,17 @@ HEAD_MIX_CASES = {
                                                             mask_types=2), {}),
     "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
                                                                 layout="tinyvit", row_pad=3, bias=False), {}),
+    # streaming backward too (head_mix_stream_bwd.cuh): 3, 4, 6 or 8 heads, no table or mask; the
+    # cases above without a table or mask (n100 h6, n65 h4, h8 scalar) run it as well
+    "mix_stream_bwd_fp16_h3_d64_n130_items": (torch.float16, dict(windows=3, heads=3, dk=64, wh=1, ww=130,
+                                                                  bias=False), {}),
+    "mix_stream_bwd_fp16_h6_d32_scalar": (torch.float16, dict(windows=2, heads=6, dk=32, wh=1, ww=80, row_pad=3,
+                                                              bias=False), {}),
+    "mix_stream_bwd_bf16_cait_h4_dk48_n70": (torch.bfloat16, dict(windows=2, heads=4, dk=48, wh=1, ww=70,
+                                                                  bias=False), {}),
+    # the tile backward behind the streaming forward (VITFAST_HEAD_MIX_STREAM_BWD=0)
+    "mix_stream_tile_bwd_bf16_h6_n100": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False),
+                                         dict(stream_bwd=False)),
 }
 
 
@@ -142,6 +153,8 @@ def run_head_mix(mod, dtype, kw, opts):
         os.environ["VITFAST_HEAD_MIX_SCRATCH"] = "1"
     if opts.get("route"):
         os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = opts["route"]
+    if opts.get("stream_bwd") is False:
+        os.environ["VITFAST_HEAD_MIX_STREAM_BWD"] = "0"
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -155,7 +168,7 @@ def run_head_mix(mod, dtype, kw, opts):
     args = (table, case["index"], case["mask"], *mix, heads, dk, dv, offsets, hs, dk ** -0.5, window, shift)
     try:
         n = case["window_size"][0] * case["window_size"][1] if case["window_size"] else case["qkv"].shape[1]
-        routes = mod.head_mix_routes(case["qkv"], heads, dk, dv, n)
+        routes = mod.head_mix_routes(case["qkv"], heads, dk, dv, n, table is not None, case["mask"] is not None)
         out, lse = mod.head_mix_attention_forward(bias_buffer, case["qkv"], *args)
         grad = torch.randn_like(out)
         g1 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
@@ -163,6 +176,7 @@ def run_head_mix(mod, dtype, kw, opts):
     finally:
         os.environ.pop("VITFAST_HEAD_MIX_SCRATCH", None)
         os.environ.pop("VITFAST_WINDOW_ATTENTION_ROUTE", None)
+        os.environ.pop("VITFAST_HEAD_MIX_STREAM_BWD", None)
     deterministic = float(all(torch.equal(a, b) for a, b in zip(g1, g2)))
     q64 = case["qkv"].double().requires_grad_()
     leaves = [q64] + ([case["table"].double().requires_grad_()] if table is not None else [])

@@ -115,11 +115,16 @@ std::vector<at::Tensor> head_mix_backward(bool bias_buffer, const at::Tensor& gr
   return {call.grad_qkv, g_table, g_pre, g_post, g_post_bias};
 }
 
-// "registers" when the register kernels take these arguments (head_mix_reg.cuh), "stream+tiles"
-// when the streaming forward does (head_mix_stream.cuh), else where the tile kernels keep their
-// accumulators: "smem" or "global" per kernel.
-std::string head_mix_routes(const at::Tensor& qkv, int64_t heads, int64_t dk, int64_t dv, int64_t tokens) {
+// "registers" when the register kernels take these arguments (head_mix_reg.cuh), "stream" when
+// the streaming forward and backward do (head_mix_stream*.cuh), "stream+tiles" when only the
+// streaming forward does, else where the tile kernels keep their accumulators: "smem" or
+// "global" per kernel.
+std::string head_mix_routes(const at::Tensor& qkv, int64_t heads, int64_t dk, int64_t dv, int64_t tokens,
+                            bool has_table, bool has_mask) {
+  static char flag;
   vitfast::WindowAttentionBackwardParams b{};
+  if (has_table) b.fwd.table = &flag;
+  if (has_mask) b.fwd.mask = &flag;
   b.fwd.heads = static_cast<int32_t>(heads);
   b.fwd.dim_k = static_cast<int32_t>(dk);
   b.fwd.dim_v = static_cast<int32_t>(dv);
@@ -128,7 +133,7 @@ std::string head_mix_routes(const at::Tensor& qkv, int64_t heads, int64_t dk, in
   b.fwd.dtype = vitfast::to_kernel_dtype(qkv.scalar_type());
   b.grad_pre_mix = reinterpret_cast<void*>(1);  // mixing gradients wanted
   const std::string route = vitfast::head_mix_attention_cuda_route(b.fwd);
-  if (route == "registers" || route == "stream+tiles") return route;
+  if (route == "registers" || route == "stream" || route == "stream+tiles") return route;
   auto where = [](bool smem) { return std::string(smem ? "smem" : "global"); };
   return vitfast::with_dtype(b.fwd.dtype, [&](auto t) {
     using T = decltype(t);

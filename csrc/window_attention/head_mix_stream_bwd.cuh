@@ -1,0 +1,607 @@
+// Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...)
+// with 3, 4, 6 or 8 heads of <= 64 channels, fp16/bf16, no table or mask -- on the register pattern of
+// the streaming forward (head_mix_stream.cuh). Included by the 16-bit head_mix_bwd_<dtype>_cuda.cu
+// units (through head_mix_dtype.cuh) only.
+//
+// Why: the tile backward (head_mix_bwd.cuh) measured 6.25 of DeiT-S's 8.05 ms forward+backward
+// (B128 H6 N197 d64 bf16, benchmarks/RESULTS.md) against 0.64 ms for SDPA's whole step.
+//
+// With A_h = scale q_h k_h^T, S'_g = sum_h pre[g, h] A_h, P = softmax(S'), P'_g = sum_h post[g, h]
+// P_h + post_bias[g], out_g = P'_g v_g (head_mix_bwd.cuh has the derivation):
+//   dP'_g = dO_g v_g^T,  dP_h = sum_g post[g, h] dP'_g,  D_h = rowsum(P_h dP_h),
+//   dS'_g = P_g (dP_g - D_g),  dA_h = sum_g pre[g, h] dS'_g,
+//   dQ_h = scale dA_h k_h,  dK_h = scale dA_h^T q_h,  dV_g = P'_g^T dO_g,
+//   d post[g, h] = <dP'_g, P_h>,  d post_bias[g] = <dP'_g, 1>,  d pre[g, h] = <dS'_g, A_h>.
+// D is not rowsum(dO . O) here (the post mix sits between), so it takes its own pass.
+//
+// Kernel 1, query-major (block: 64 query rows of every head, 4 warps x 16 rows; q and dO rows
+// resident, key and value tiles of 16 keys streamed by cp.async, double-buffered as in the
+// forward). Every pass recomputes, per warp and key tile, the raw scores q_h k_h^T and dP'_g of
+// every head in registers (two mma.sync tile sets sharing one fragment layout, so the mixes are
+// per-lane arithmetic over heads):
+//   pass D: D_h per row (quad-merged, to shared memory and to the workspace for kernel 2) and the
+//     post-mix gradients (per-lane partials);
+//   pass dpre (when mixing gradients are wanted): the pre-mix gradient (per-lane partials);
+//   one pass per group of heads: dA of the group's heads, packed in registers as mma A fragments,
+//     dQ_h += dA_h K_h with dQ in registers.
+// The per-lane partials are reduced over the warp (butterfly) at the end of their pass and added
+// to per-warp shared-memory sums; the block's sums go out once, over warps in order, and the blocks'
+// in block order (window_attention_slot_reduce_kernel): bitwise reproducible.
+// Kernel 2, key-major (block: 64 keys of every head, 4 warps x 16 keys; k and v rows resident,
+// q and dO tiles of 16 queries streamed with their lse and D): per group of heads, S^T and dP'^T
+// of every head in registers, P'_h and dA_h of the group's heads per lane, dV_h += P'^T_h dO_h and
+// dK_h += dA^T_h Q_h with both in registers: complete per block, no atomics.
+#pragma once
+
+#include "head_mix_stream.cuh"
+
+namespace vitfast {
+namespace {
+
+// raw_h = a_h b_h^T for the warp's 16 rows of `a` (resident rows, 64 per head, from row `a_row`)
+// against one streamed 16-row tile `b` of every head: C fragments of two n8 halves per head.
+template <typename T, int kH, int D>
+__device__ __forceinline__ void mix_stream_products(const T* a, int a_row, const T* b, int lane,
+                                                    float (&out)[kH][2][4]) {
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
+#pragma unroll
+  for (int h = 0; h < kH; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[h][0][e] = out[h][1][e] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      uint32_t af[4], bf[4];
+      mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+      mma::ldmatrix_x4(bf, b + h * kTile + ((lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(out[h][0], af, b0);
+      mma::mma_16816<T>(out[h][1], af, b1);
+    }
+  }
+}
+
+// The mixing parameters in shared memory: [pre * scale | post | post_bias], read where used
+// (volatile: see the forward's weight()).
+template <int kH>
+struct MixStreamWeights {
+  const float* w;
+  __device__ __forceinline__ float at(int e) const { return *static_cast<const volatile float*>(w + e); }
+  __device__ __forceinline__ float pre(int g, int h) const { return at(g * kH + h); }  // times scale
+  __device__ __forceinline__ float post(int g, int h) const { return at(kH * kH + g * kH + h); }
+  __device__ __forceinline__ float post_bias(int g) const { return at(2 * kH * kH + g); }
+};
+
+// One (row i, key j) entry of every head from the raw products: P_g = exp(S'_g - lse_g) (zero
+// outside the N x N), dP'_g, dP_h. `lse` / `dd` read the entry's row statistics of a head.
+template <int kH>
+struct MixStreamEntry {
+  float raw[kH], p[kH], dpm[kH], dp[kH];
+
+  template <typename Lse>
+  __device__ __forceinline__ void compute(const MixStreamWeights<kH>& mw, bool valid, float (&r)[kH],
+                                          float (&d)[kH], Lse lse) {
+#pragma unroll
+    for (int h = 0; h < kH; ++h) raw[h] = r[h], dpm[h] = valid ? d[h] : 0.0f;
+#pragma unroll
+    for (int g = 0; g < kH; ++g) {
+      float x = 0.0f;
+#pragma unroll
+      for (int h = 0; h < kH; ++h) x += mw.pre(g, h) * raw[h];
+      p[g] = valid ? wa::acc_exp(x - lse(g)) : 0.0f;
+    }
+#pragma unroll
+    for (int h = 0; h < kH; ++h) {
+      float x = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kH; ++g) x += mw.post(g, h) * dpm[g];
+      dp[h] = x;
+    }
+  }
+};
+
+// Adds a warp's per-lane partials (n values) to its shared-memory sums: butterfly over the lanes,
+// lane 0 adds. Same order every time: reproducible.
+template <int n>
+__device__ __forceinline__ void mix_stream_flush(float (&x)[n], float* sums, int lane) {
+#pragma unroll
+  for (int e = 0; e < n; ++e) {
+    float v = x[e];
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) sums[e] += v;
+    x[e] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1: D, dQ and the mixing gradients, query-major
+
+template <typename T, int kH, int D, bool kVec>
+__global__ void __launch_bounds__(kMixStreamThreads, 1)
+    head_mix_bwd_stream_q_kernel(const WindowAttentionBackwardParams b, float* dd_out, float* mix_partials) {
+  constexpr int kG = mix_stream_bwd_q_group(kH, D), kGroups = (kH + kG - 1) / kG;
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
+  const WindowAttentionParams& p = b.fwd;
+  VF_DYNAMIC_SMEM(smem_raw);
+  const MixStreamBwdLayout L = mix_stream_bwd_layout(kH, D);
+  T* q = reinterpret_cast<T*>(smem_raw + L.rows_a);
+  T* dout = reinterpret_cast<T*>(smem_raw + L.rows_b);
+  float* mwp = reinterpret_cast<float*>(smem_raw + L.weights);
+  float* lse_rows = reinterpret_cast<float*>(smem_raw + L.stats);  // [64 rows][kH]
+  float* dd_rows = lse_rows + kMixStreamRows * kH;                   // [64 rows][kH]
+  const MixStreamWeights<kH> mw{mwp};
+  const int N = p.tokens;
+  const int chunks = (N + kMixStreamRows - 1) / kMixStreamRows, tiles = (N + kMixStreamKeys - 1) / kMixStreamKeys;
+  const int64_t items = p.windows * chunks;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool want_mix = mix_partials != nullptr;
+  const int passes = 1 + (want_mix ? 1 : 0) + kGroups;
+  const int steps = passes * tiles;
+  const float scale = static_cast<float>(p.scale);
+  const Strides3& gs = b.grad_qkv_strides;
+  const MixRows<T> k_src = mix_qkv_rows<T>(p, p.k_off, p.dim_k), v_src = mix_qkv_rows<T>(p, p.v_off, p.dim_v);
+  const MixRows<T> q_src = mix_qkv_rows<T>(p, p.q_off, p.dim_k);
+  const MixRows<T> o_src{static_cast<const T*>(b.grad_out), p.out_strides, 0, p.dim_v, p.dim_v};
+
+  for (int e = threadIdx.x; e < kMix; e += kMixStreamThreads) mwp[e] = MixRegWeights<kH>::mix_weight(p, scale, e);
+  // each warp's mixing-gradient sums [pre | post | post_bias] over the block's items, added to by
+  // its lane 0 in the workspace (kMix more registers would not fit; a few adds per pass)
+  float* sums = want_mix ? mix_partials + static_cast<int64_t>(blockIdx.x) * kMixStreamWarps * kMix + warp * kMix
+                         : nullptr;
+  if (want_mix && lane == 0)
+    for (int e = 0; e < kMix; ++e) sums[e] = 0.0f;
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t w = item / chunks;
+    const int row0 = static_cast<int>(item % chunks) * kMixStreamRows;
+    const int q0 = row0 + warp * 16;
+    const bool active = q0 < N;
+    const int rows[2] = {q0 + g, q0 + g + 8};
+
+    // step s: key and value tiles (every head) of key tile s % tiles
+    auto issue = [&](int s) {
+      const int kt = s % tiles, buf = s & 1;
+      mix_stream_issue<T, kH, D, kVec>(p, k_src, w, reinterpret_cast<T*>(smem_raw + L.tile_a + buf * L.tile_buffer), 0,
+                                       kH, kt * kMixStreamKeys, kMixStreamKeys);
+      mix_stream_issue<T, kH, D, kVec>(p, v_src, w, reinterpret_cast<T*>(smem_raw + L.tile_b + buf * L.tile_buffer), 0,
+                                       kH, kt * kMixStreamKeys, kMixStreamKeys);
+    };
+    __syncthreads();  // the previous item's last readers of every buffer are done
+    mix_stream_issue<T, kH, D, kVec>(p, q_src, w, q, 0, kH, row0, kMixStreamRows);
+    mix_stream_issue<T, kH, D, kVec>(p, o_src, w, dout, 0, kH, row0, kMixStreamRows);
+    issue(0);
+    cp_async_commit();
+    for (int e = threadIdx.x; e < kMixStreamRows * kH; e += kMixStreamThreads) {
+      const int r = e / kH, h = e - r * kH;
+      lse_rows[e] = row0 + r < N ? static_cast<const float*>(p.lse)[(w * kH + h) * N + row0 + r] : 0.0f;
+    }
+    auto begin_step = [&](int s) {
+      if (s + 1 < steps) {
+        issue(s + 1);
+        cp_async_commit();
+        cp_async_wait_prior<1>();
+      } else {
+        cp_async_wait_all();
+      }
+      __syncthreads();
+    };
+    const float* my_lse = lse_rows + warp * 16 * kH;
+    float* my_dd = dd_rows + warp * 16 * kH;
+    auto lse_at = [&](int h, int r) -> float { return *static_cast<const volatile float*>(my_lse + (g + 8 * r) * kH + h); };
+    auto dd_at = [&](int h, int r) -> float { return *static_cast<const volatile float*>(my_dd + (g + 8 * r) * kH + h); };
+    // the raw scores and dP' of key tile kt (buffer buf) for the warp's rows, every head
+    auto products = [&](int buf, float (&sc)[kH][2][4], float (&dpc)[kH][2][4]) {
+      mix_stream_products<T, kH, D>(q, warp * 16, reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer),
+                                    lane, sc);
+      mix_stream_products<T, kH, D>(dout, warp * 16,
+                                    reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer), lane, dpc);
+    };
+    auto valid_at = [&](int kt, int j, int e) {
+      return rows[e >> 1] < N && kt * kMixStreamKeys + 8 * j + 2 * t + (e & 1) < N;
+    };
+
+    int step = 0;
+    // pass D: D_h = rowsum(P_h dP_h); d post and d post_bias
+    {
+      float dpart[kH][2] = {};
+      float gpost[kH * kH + kH] = {};
+      for (int kt = 0; kt < tiles; ++kt, ++step) {
+        begin_step(step);
+        if (active) {
+          float sc[kH][2][4], dpc[kH][2][4];
+          products(step & 1, sc, dpc);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float r[kH], d[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
+              MixStreamEntry<kH> en;
+              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
+#pragma unroll
+              for (int h = 0; h < kH; ++h) dpart[h][e >> 1] += en.p[h] * en.dp[h];
+              if (want_mix) {
+#pragma unroll
+                for (int gg = 0; gg < kH; ++gg) {
+#pragma unroll
+                  for (int h = 0; h < kH; ++h) gpost[gg * kH + h] += en.dpm[gg] * en.p[h];
+                  gpost[kH * kH + gg] += en.dpm[gg];
+                }
+              }
+            }
+          }
+        }
+        __syncthreads();  // buffer step & 1 is refilled by the issue of step + 2
+      }
+      if (active) {
+#pragma unroll
+        for (int h = 0; h < kH; ++h) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float x = dpart[h][r];
+            x += __shfl_xor_sync(0xffffffffu, x, 1);
+            x += __shfl_xor_sync(0xffffffffu, x, 2);
+            if (t == 0) {
+              my_dd[(g + 8 * r) * kH + h] = x;  // read by the warp after the next barrier
+              if (rows[r] < N) dd_out[(w * kH + h) * N + rows[r]] = x;
+            }
+          }
+        }
+        if (want_mix) mix_stream_flush<kH * kH + kH>(gpost, sums + kH * kH, lane);
+      }
+    }
+
+    // pass dpre: d pre[g, h] = sum dS'_g A_h (A_h = scale raw_h: the scale at the end)
+    if (want_mix) {
+      float gpre[kH * kH] = {};
+      for (int kt = 0; kt < tiles; ++kt, ++step) {
+        begin_step(step);
+        if (active) {
+          float sc[kH][2][4], dpc[kH][2][4];
+          products(step & 1, sc, dpc);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float r[kH], d[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
+              MixStreamEntry<kH> en;
+              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
+#pragma unroll
+              for (int gg = 0; gg < kH; ++gg) {
+                const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
+#pragma unroll
+                for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * en.raw[h];
+              }
+            }
+          }
+        }
+        __syncthreads();
+      }
+      if (active) {
+#pragma unroll
+        for (int e = 0; e < kH * kH; ++e) gpre[e] *= scale;
+        mix_stream_flush<kH * kH>(gpre, sums, lane);
+      }
+    }
+
+    // one pass per group of heads: dQ_h += (scale dA_h) K_h (pre carries the scale)
+    for (int c0 = 0; c0 < kH; c0 += kG) {
+      float dq[kG][D / 8][4];
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) dq[gi][n][0] = dq[gi][n][1] = dq[gi][n][2] = dq[gi][n][3] = 0.0f;
+      }
+      for (int kt = 0; kt < tiles; ++kt, ++step) {
+        begin_step(step);
+        if (active) {
+          float sc[kH][2][4], dpc[kH][2][4];
+          products(step & 1, sc, dpc);
+          float da[kG][2][4];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float r[kH], d[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
+              MixStreamEntry<kH> en;
+              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
+              float ds[kH];
+#pragma unroll
+              for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
+#pragma unroll
+              for (int gi = 0; gi < kG; ++gi) {
+                const int h = c0 + gi;
+                float x = 0.0f;
+                if (h < kH) {
+#pragma unroll
+                  for (int gg = 0; gg < kH; ++gg) x += mw.pre(gg, h) * ds[gg];
+                }
+                da[gi][j][e] = x;
+              }
+            }
+          }
+          const T* kb = reinterpret_cast<const T*>(smem_raw + L.tile_a + (step & 1) * L.tile_buffer);
+#pragma unroll
+          for (int gi = 0; gi < kG; ++gi) {
+            if (c0 + gi >= kH) continue;
+            uint32_t a[4];
+            c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
+            mma_times_rows<T, D>(dq[gi], a, kb + (c0 + gi) * kTile, ld, lane);
+          }
+        }
+        __syncthreads();
+      }
+      if (active) {
+#pragma unroll
+        for (int gi = 0; gi < kG; ++gi) {
+          const int h = c0 + gi;
+          if (h >= kH) continue;
+          store_rows<T, D, kVec>(dq[gi], 1.0f, q0, N, p.dim_k, [&](int i) {
+            return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, i) + p.q_off +
+                   h * p.head_stride;
+          });
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2: dK and dV, key-major
+
+template <typename T, int kH, int D, bool kVec>
+__global__ void __launch_bounds__(kMixStreamThreads, 1)
+    head_mix_bwd_stream_kv_kernel(const WindowAttentionBackwardParams b, const float* dd_in) {
+  constexpr int kG = mix_stream_bwd_kv_group(kH, D), kGroups = (kH + kG - 1) / kG;
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
+  const WindowAttentionParams& p = b.fwd;
+  VF_DYNAMIC_SMEM(smem_raw);
+  const MixStreamBwdLayout L = mix_stream_bwd_layout(kH, D);
+  T* k = reinterpret_cast<T*>(smem_raw + L.rows_a);
+  T* v = reinterpret_cast<T*>(smem_raw + L.rows_b);
+  float* mwp = reinterpret_cast<float*>(smem_raw + L.weights);
+  float* stats = reinterpret_cast<float*>(smem_raw + L.stats);  // [buffer][lse, D][kH][16]
+  const MixStreamWeights<kH> mw{mwp};
+  const int N = p.tokens;
+  const int chunks = (N + kMixStreamRows - 1) / kMixStreamRows, tiles = (N + kMixStreamKeys - 1) / kMixStreamKeys;
+  const int64_t w = blockIdx.x / chunks;
+  const int key0 = static_cast<int>(blockIdx.x % chunks) * kMixStreamRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int j0 = key0 + warp * 16;
+  const bool active = j0 < N;
+  const int steps = kGroups * tiles;
+  const float scale = static_cast<float>(p.scale);
+  const Strides3& gs = b.grad_qkv_strides;
+  const MixRows<T> q_src = mix_qkv_rows<T>(p, p.q_off, p.dim_k);
+  const MixRows<T> o_src{static_cast<const T*>(b.grad_out), p.out_strides, 0, p.dim_v, p.dim_v};
+
+  // step s: q and dO tiles (every head) of query tile s % tiles, with their lse and D (plain loads:
+  // visible after the barrier that opens step s, like the copies)
+  auto issue = [&](int s) {
+    const int qt = s % tiles, buf = s & 1;
+    mix_stream_issue<T, kH, D, kVec>(p, q_src, w, reinterpret_cast<T*>(smem_raw + L.tile_a + buf * L.tile_buffer), 0,
+                                     kH, qt * kMixStreamKeys, kMixStreamKeys);
+    mix_stream_issue<T, kH, D, kVec>(p, o_src, w, reinterpret_cast<T*>(smem_raw + L.tile_b + buf * L.tile_buffer), 0,
+                                     kH, qt * kMixStreamKeys, kMixStreamKeys);
+    float* st = stats + buf * 2 * kH * kMixStreamKeys;
+    for (int e = threadIdx.x; e < kH * kMixStreamKeys; e += kMixStreamThreads) {
+      const int h = e / kMixStreamKeys, i = qt * kMixStreamKeys + (e - h * kMixStreamKeys);
+      const int64_t at = (w * kH + h) * N + i;
+      st[e] = i < N ? static_cast<const float*>(p.lse)[at] : 0.0f;
+      st[kH * kMixStreamKeys + e] = i < N ? dd_in[at] : 0.0f;
+    }
+  };
+  mix_stream_issue<T, kH, D, kVec>(p, mix_qkv_rows<T>(p, p.k_off, p.dim_k), w, k, 0, kH, key0, kMixStreamRows);
+  mix_stream_issue<T, kH, D, kVec>(p, mix_qkv_rows<T>(p, p.v_off, p.dim_v), w, v, 0, kH, key0, kMixStreamRows);
+  issue(0);
+  cp_async_commit();
+  for (int e = threadIdx.x; e < kMix; e += kMixStreamThreads) mwp[e] = MixRegWeights<kH>::mix_weight(p, scale, e);
+  auto begin_step = [&](int s) {
+    if (s + 1 < steps) {
+      issue(s + 1);
+      cp_async_commit();
+      cp_async_wait_prior<1>();
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+  };
+
+  int step = 0;
+  for (int c0 = 0; c0 < kH; c0 += kG) {
+    float dk[kG][D / 8][4], dv[kG][D / 8][4];
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[gi][n][e] = dv[gi][n][e] = 0.0f;
+      }
+    }
+    for (int qt = 0; qt < tiles; ++qt, ++step) {
+      begin_step(step);
+      if (active) {
+        const int buf = step & 1;
+        const T* qb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
+        const T* ob = reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer);
+        const float* st = stats + buf * 2 * kH * kMixStreamKeys;
+        // S^T_h = K_h Q_h^T and dP'^T_g = V_g dO_g^T: entry (n, e) is key j0 + g + 8 (e >> 1), query
+        // 16 qt + 8 n + 2 t + (e & 1)
+        float sc[kH][2][4], dpc[kH][2][4];
+        mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
+        mix_stream_products<T, kH, D>(v, warp * 16, ob, lane, dpc);
+        float pp[kG][2][4], da[kG][2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int il = 8 * n + 2 * t + (e & 1);
+            const bool valid = qt * kMixStreamKeys + il < N && j0 + g + 8 * (e >> 1) < N;
+            float r[kH], d[kH];
+#pragma unroll
+            for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
+            MixStreamEntry<kH> en;
+            en.compute(mw, valid, r, d, [&](int h) { return st[h * kMixStreamKeys + il]; });
+            float ds[kH];
+#pragma unroll
+            for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
+#pragma unroll
+            for (int gi = 0; gi < kG; ++gi) {
+              const int h = c0 + gi;
+              float x = 0.0f, y = 0.0f;
+              if (h < kH) {
+                x = mw.post_bias(h);
+#pragma unroll
+                for (int gg = 0; gg < kH; ++gg) {
+                  x += mw.post(h, gg) * en.p[gg];
+                  y += mw.pre(gg, h) * ds[gg];
+                }
+              }
+              pp[gi][n][e] = valid ? x : 0.0f;  // P'_h (the post bias only inside the N x N)
+              da[gi][n][e] = y;                 // scale dA_h (zero outside: P is)
+            }
+          }
+        }
+#pragma unroll
+        for (int gi = 0; gi < kG; ++gi) {
+          const int h = c0 + gi;
+          if (h >= kH) continue;
+          uint32_t a[4];
+          c_tiles_to_a<T>(pp[gi][0], pp[gi][1], a);
+          mma_times_rows<T, D>(dv[gi], a, ob + h * kTile, ld, lane);
+          c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
+          mma_times_rows<T, D>(dk[gi], a, qb + h * kTile, ld, lane);
+        }
+      }
+      __syncthreads();  // buffer step & 1 is refilled by the issue of step + 2
+    }
+    if (active) {
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        const int h = c0 + gi;
+        if (h >= kH) continue;
+        store_rows<T, D, kVec>(dk[gi], 1.0f, j0, N, p.dim_k, [&](int j) {
+          return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.k_off +
+                 h * p.head_stride;
+        });
+        store_rows<T, D, kVec>(dv[gi], 1.0f, j0, N, p.dim_v, [&](int j) {
+          return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.v_off +
+                 h * p.head_stride;
+        });
+      }
+    }
+  }
+}
+
+// Sums each block's per-warp mixing-gradient sums in warp order: (blocks, 4, kMix) -> (blocks, kMix),
+// in place at the front (the slot reduction then adds the blocks in order).
+__global__ void mix_stream_warp_sum_kernel(float* partials, int64_t blocks, int mix) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= blocks * mix) return;
+  const int64_t blk = e / mix;
+  const int m = static_cast<int>(e - blk * mix);
+  const float* src = partials + blk * kMixStreamWarps * mix + m;
+  float x = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kMixStreamWarps; ++u) x += src[u * mix];
+  partials[static_cast<int64_t>(blocks) * kMixStreamWarps * mix + e] = x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+// Blocks of the query-major kernel: one per (window, 64-row chunk), or one wave of resident blocks
+// (each looping over items) when it sums the mixing gradients, so that their partials stay few.
+template <typename T, int kH, int D>
+int64_t mix_stream_bwd_q_blocks(const WindowAttentionBackwardParams& b) {
+  const WindowAttentionParams& p = b.fwd;
+  const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
+  if (b.grad_pre_mix == nullptr) return items;
+  const int per_sm = resident_blocks_per_sm(head_mix_bwd_stream_q_kernel<T, kH, D, true>, kMixStreamThreads,
+                                            mix_stream_bwd_layout(kH, D).total, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(items, static_cast<int64_t>(per_sm) * device_sms()));
+}
+
+// Workspace (floats): D (windows x heads x N) | per-warp mixing sums (blocks x 4 x kMix) | per-block sums (blocks x kMix)
+template <typename T, int kH, int D>
+int64_t mix_stream_bwd_workspace(const WindowAttentionBackwardParams& b) {
+  const int64_t dd = round64(b.fwd.windows * kH * static_cast<int64_t>(b.fwd.tokens));
+  if (b.grad_pre_mix == nullptr) return dd;
+  return dd + mix_stream_bwd_q_blocks<T, kH, D>(b) * (kMixStreamWarps + 1) * (2 * kH * kH + kH);
+}
+
+template <typename T, int kH, int D>
+int mix_stream_backward(const WindowAttentionBackwardParams& b, float* workspace, cudaStream_t stream) {
+  const WindowAttentionParams& p = b.fwd;
+  const bool vec = vec_ok<T>(p, b.grad_out);
+  auto kq = vec ? head_mix_bwd_stream_q_kernel<T, kH, D, true> : head_mix_bwd_stream_q_kernel<T, kH, D, false>;
+  auto kkv = vec ? head_mix_bwd_stream_kv_kernel<T, kH, D, true> : head_mix_bwd_stream_kv_kernel<T, kH, D, false>;
+  const size_t smem = mix_stream_bwd_layout(kH, D).total;
+  cudaError_t err = cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  constexpr int kMix = 2 * kH * kH + kH;
+  const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
+  const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
+  float* dd = workspace;
+  float* mix = b.grad_pre_mix != nullptr ? workspace + round64(p.windows * kH * static_cast<int64_t>(p.tokens)) : nullptr;
+  VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, dd, mix);
+  VF_LAUNCH(kkv, static_cast<unsigned>(items), kMixStreamThreads, smem, stream, b, static_cast<const float*>(dd));
+  if (mix != nullptr) {
+    constexpr int kThreads = 256;
+    auto warps = mix_stream_warp_sum_kernel;
+    VF_LAUNCH(warps, blocks_for(blocks * kMix, kThreads), kThreads, 0, stream, mix, blocks, kMix);
+    auto reduce = window_attention_slot_reduce_kernel<float>;
+    VF_LAUNCH(reduce, blocks_for(kMix, kThreads), kThreads, 0, stream,
+              static_cast<const float*>(mix + blocks * kMixStreamWarps * kMix), blocks, static_cast<int64_t>(kMix),
+              static_cast<float*>(b.grad_pre_mix));
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename F>
+auto with_mix_stream_bwd_shape(const WindowAttentionParams& p, F&& f) {
+  auto by_dim = [&](auto h) {
+    return mix_stream_dim(p.dim_k, p.dim_v) == 32 ? f(h, std::integral_constant<int, 32>{})
+                                                  : f(h, std::integral_constant<int, 64>{});
+  };
+  switch (p.heads) {
+    case 3: return by_dim(std::integral_constant<int, 3>{});
+    case 4: return by_dim(std::integral_constant<int, 4>{});
+    case 6: return by_dim(std::integral_constant<int, 6>{});
+    default: return by_dim(std::integral_constant<int, 8>{});
+  }
+}
+
+template <typename T>
+bool mix_stream_try_backward_workspace(const WindowAttentionBackwardParams& b, int64_t* elements) {
+  if constexpr (sizeof(T) == 2) {
+    if (!mix_stream_bwd_route_ok(b.fwd)) return false;
+    *elements = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
+      return mix_stream_bwd_workspace<T, decltype(h)::value, decltype(d)::value>(b);
+    });
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+bool mix_stream_try_backward(const WindowAttentionBackwardParams& b, void* workspace, cudaStream_t stream, int* err) {
+  if constexpr (sizeof(T) == 2) {
+    if (!mix_stream_bwd_route_ok(b.fwd)) return false;
+    *err = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
+      return mix_stream_backward<T, decltype(h)::value, decltype(d)::value>(b, static_cast<float*>(workspace), stream);
+    });
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+}  // namespace vitfast
