@@ -28,9 +28,13 @@
 // to per-warp shared-memory sums; the block's sums go out once, over warps in order, and the blocks'
 // in block order (window_attention_slot_reduce_kernel): bitwise reproducible.
 // Kernel 2, key-major (block: 64 keys of every head, 4 warps x 16 keys; k and v rows resident,
-// q and dO tiles of 16 queries streamed with their lse and D): per group of heads, S^T and dP'^T
-// of every head in registers, P'_h and dA_h of the group's heads per lane, dV_h += P'^T_h dO_h and
-// dK_h += dA^T_h Q_h with both in registers: complete per block, no atomics.
+// q and dO tiles of 16 queries streamed with their lse and D), complete per block, no atomics:
+//   dV passes, one per group of heads: S^T of every head (no dP' needed), P'_h of the group per
+//     lane, dV_h += P'^T_h dO_h in registers;
+//   dK passes, one per group: S^T and dP'^T of every head, dA_h of the group, dK_h += dA^T_h Q_h.
+// Split so, a pass holds one accumulator per head of its group instead of two: larger groups,
+// fewer recomputed products (6 heads of 64: 2 + 3 passes, 48 products per tile, instead of 6
+// passes of both: 72).
 #pragma once
 
 #include "head_mix_stream.cuh"
@@ -357,7 +361,9 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
 template <typename T, int kH, int D, bool kVec>
 __global__ void __launch_bounds__(kMixStreamThreads, 1)
     head_mix_bwd_stream_kv_kernel(const WindowAttentionBackwardParams b, const float* dd_in) {
-  constexpr int kG = mix_stream_bwd_kv_group(kH, D), kGroups = (kH + kG - 1) / kG;
+  // dV passes need the scores only (P'_h from P of every head); dK passes both products
+  constexpr int kGv = mix_stream_bwd_v_group(kH, D), kGk = mix_stream_bwd_k_group(kH, D);
+  constexpr int kVPasses = (kH + kGv - 1) / kGv, kKPasses = (kH + kGk - 1) / kGk;
   constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
   const WindowAttentionParams& p = b.fwd;
   VF_DYNAMIC_SMEM(smem_raw);
@@ -374,14 +380,14 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int j0 = key0 + warp * 16;
   const bool active = j0 < N;
-  const int steps = kGroups * tiles;
+  const int steps = (kVPasses + kKPasses) * tiles;
   const float scale = static_cast<float>(p.scale);
   const Strides3& gs = b.grad_qkv_strides;
   const MixRows<T> q_src = mix_qkv_rows<T>(p, p.q_off, p.dim_k);
   const MixRows<T> o_src{static_cast<const T*>(b.grad_out), p.out_strides, 0, p.dim_v, p.dim_v};
 
   // step s: q and dO tiles (every head) of query tile s % tiles, with their lse and D (plain loads:
-  // visible after the barrier that opens step s, like the copies)
+  // visible after the barrier that opens step s, like the copies). The dV passes read q, dO and lse.
   auto issue = [&](int s) {
     const int qt = s % tiles, buf = s & 1;
     mix_stream_issue<T, kH, D, kVec>(p, q_src, w, reinterpret_cast<T*>(smem_raw + L.tile_a + buf * L.tile_buffer), 0,
@@ -411,17 +417,25 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     }
     __syncthreads();
   };
+  // S^T_h = K_h Q_h^T (and dP'^T_g = V_g dO_g^T): entry (n, e) is key j0 + g + 8 (e >> 1), query
+  // 16 qt + 8 n + 2 t + (e & 1), at il = 8 n + 2 t + (e & 1) in the tile
+  auto valid_at = [&](int qt, int n, int e) {
+    return qt * kMixStreamKeys + 8 * n + 2 * t + (e & 1) < N && j0 + g + 8 * (e >> 1) < N;
+  };
+  auto store = [&](const float (&acc)[D / 8][4], int h, int off, int dim) {
+    store_rows<T, D, kVec>(acc, 1.0f, j0, N, dim, [&](int j) {
+      return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + off + h * p.head_stride;
+    });
+  };
 
   int step = 0;
-  for (int c0 = 0; c0 < kH; c0 += kG) {
-    float dk[kG][D / 8][4], dv[kG][D / 8][4];
+  // dV passes: P_g = exp(S'_g - lse_g) of every head, P'_h of the group, dV_h += P'^T_h dO_h
+  for (int c0 = 0; c0 < kH; c0 += kGv) {
+    float dv[kGv][D / 8][4];
 #pragma unroll
-    for (int gi = 0; gi < kG; ++gi) {
+    for (int gi = 0; gi < kGv; ++gi) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[gi][n][e] = dv[gi][n][e] = 0.0f;
-      }
+      for (int n = 0; n < D / 8; ++n) dv[gi][n][0] = dv[gi][n][1] = dv[gi][n][2] = dv[gi][n][3] = 0.0f;
     }
     for (int qt = 0; qt < tiles; ++qt, ++step) {
       begin_step(step);
@@ -430,70 +444,112 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
         const T* qb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
         const T* ob = reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer);
         const float* st = stats + buf * 2 * kH * kMixStreamKeys;
-        // S^T_h = K_h Q_h^T and dP'^T_g = V_g dO_g^T: entry (n, e) is key j0 + g + 8 (e >> 1), query
-        // 16 qt + 8 n + 2 t + (e & 1)
-        float sc[kH][2][4], dpc[kH][2][4];
+        float sc[kH][2][4];
         mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
-        mix_stream_products<T, kH, D>(v, warp * 16, ob, lane, dpc);
-        float pp[kG][2][4], da[kG][2][4];
+        float pp[kGv][2][4];
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int il = 8 * n + 2 * t + (e & 1);
-            const bool valid = qt * kMixStreamKeys + il < N && j0 + g + 8 * (e >> 1) < N;
-            float r[kH], d[kH];
+            const bool valid = valid_at(qt, n, e);
+            float pr[kH];
 #pragma unroll
-            for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
-            MixStreamEntry<kH> en;
-            en.compute(mw, valid, r, d, [&](int h) { return st[h * kMixStreamKeys + il]; });
-            float ds[kH];
+            for (int gg = 0; gg < kH; ++gg) {
+              float x = 0.0f;
 #pragma unroll
-            for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
+              for (int h = 0; h < kH; ++h) x += mw.pre(gg, h) * sc[h][n][e];
+              pr[gg] = valid ? wa::acc_exp(x - st[gg * kMixStreamKeys + il]) : 0.0f;
+            }
 #pragma unroll
-            for (int gi = 0; gi < kG; ++gi) {
+            for (int gi = 0; gi < kGv; ++gi) {
               const int h = c0 + gi;
-              float x = 0.0f, y = 0.0f;
+              float x = 0.0f;
               if (h < kH) {
                 x = mw.post_bias(h);
 #pragma unroll
-                for (int gg = 0; gg < kH; ++gg) {
-                  x += mw.post(h, gg) * en.p[gg];
-                  y += mw.pre(gg, h) * ds[gg];
-                }
+                for (int gg = 0; gg < kH; ++gg) x += mw.post(h, gg) * pr[gg];
               }
               pp[gi][n][e] = valid ? x : 0.0f;  // P'_h (the post bias only inside the N x N)
-              da[gi][n][e] = y;                 // scale dA_h (zero outside: P is)
             }
           }
         }
 #pragma unroll
-        for (int gi = 0; gi < kG; ++gi) {
-          const int h = c0 + gi;
-          if (h >= kH) continue;
+        for (int gi = 0; gi < kGv; ++gi) {
+          if (c0 + gi >= kH) continue;
           uint32_t a[4];
           c_tiles_to_a<T>(pp[gi][0], pp[gi][1], a);
-          mma_times_rows<T, D>(dv[gi], a, ob + h * kTile, ld, lane);
-          c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
-          mma_times_rows<T, D>(dk[gi], a, qb + h * kTile, ld, lane);
+          mma_times_rows<T, D>(dv[gi], a, ob + (c0 + gi) * kTile, ld, lane);
         }
       }
       __syncthreads();  // buffer step & 1 is refilled by the issue of step + 2
     }
     if (active) {
 #pragma unroll
-      for (int gi = 0; gi < kG; ++gi) {
-        const int h = c0 + gi;
-        if (h >= kH) continue;
-        store_rows<T, D, kVec>(dk[gi], 1.0f, j0, N, p.dim_k, [&](int j) {
-          return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.k_off +
-                 h * p.head_stride;
-        });
-        store_rows<T, D, kVec>(dv[gi], 1.0f, j0, N, p.dim_v, [&](int j) {
-          return static_cast<T*>(b.grad_qkv) + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + p.v_off +
-                 h * p.head_stride;
-        });
+      for (int gi = 0; gi < kGv; ++gi)
+        if (c0 + gi < kH) store(dv[gi], c0 + gi, p.v_off, p.dim_v);
+    }
+  }
+
+  // dK passes: dS'_g = P_g (dP_g - D_g) of every head, dA_h of the group (pre carries the
+  // scale), dK_h += (scale dA_h)^T Q_h
+  for (int c0 = 0; c0 < kH; c0 += kGk) {
+    float dk[kGk][D / 8][4];
+#pragma unroll
+    for (int gi = 0; gi < kGk; ++gi) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) dk[gi][n][0] = dk[gi][n][1] = dk[gi][n][2] = dk[gi][n][3] = 0.0f;
+    }
+    for (int qt = 0; qt < tiles; ++qt, ++step) {
+      begin_step(step);
+      if (active) {
+        const int buf = step & 1;
+        const T* qb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
+        const T* ob = reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer);
+        const float* st = stats + buf * 2 * kH * kMixStreamKeys;
+        float sc[kH][2][4], dpc[kH][2][4];
+        mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
+        mix_stream_products<T, kH, D>(v, warp * 16, ob, lane, dpc);
+        float da[kGk][2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int il = 8 * n + 2 * t + (e & 1);
+            float r[kH], d[kH];
+#pragma unroll
+            for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
+            MixStreamEntry<kH> en;
+            en.compute(mw, valid_at(qt, n, e), r, d, [&](int h) { return st[h * kMixStreamKeys + il]; });
+            float ds[kH];
+#pragma unroll
+            for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
+#pragma unroll
+            for (int gi = 0; gi < kGk; ++gi) {
+              const int h = c0 + gi;
+              float y = 0.0f;
+              if (h < kH) {
+#pragma unroll
+                for (int gg = 0; gg < kH; ++gg) y += mw.pre(gg, h) * ds[gg];
+              }
+              da[gi][n][e] = y;  // scale dA_h (zero outside the N x N: P is)
+            }
+          }
+        }
+#pragma unroll
+        for (int gi = 0; gi < kGk; ++gi) {
+          if (c0 + gi >= kH) continue;
+          uint32_t a[4];
+          c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
+          mma_times_rows<T, D>(dk[gi], a, qb + (c0 + gi) * kTile, ld, lane);
+        }
       }
+      __syncthreads();
+    }
+    if (active) {
+#pragma unroll
+      for (int gi = 0; gi < kGk; ++gi)
+        if (c0 + gi < kH) store(dk[gi], c0 + gi, p.k_off, p.dim_k);
     }
   }
 }

@@ -95,13 +95,17 @@ inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
 // tiles of every head streamed. Each keeps its products of every head in registers (S and dP',
 // 8 x heads each), so its accumulators go per group of heads, the scores recomputed per group.
 
-// Heads per dQ group (dQ: D / 2 registers per head) and per dK/dV group (D registers per head).
-// Chosen by ptxas like the forward's (benchmarks/NOTES.md).
+// Heads per dQ group (dQ: D / 2 registers per head) and per dV and dK group of the key-major
+// kernel (one accumulator of D / 2 registers per head; the dV passes hold the scores of every head
+// only, the dK passes both products). Chosen by ptxas like the forward's (benchmarks/NOTES.md).
 VF_HD constexpr int mix_stream_bwd_q_group(int heads, int D) {
   return D == 64 ? (heads == 3 ? 3 : heads == 8 ? 1 : 2) : (heads == 6 ? 3 : heads == 8 ? 2 : heads);
 }
-VF_HD constexpr int mix_stream_bwd_kv_group(int heads, int D) {
-  return D == 64 ? 1 : (heads >= 6 ? 1 : 2);
+VF_HD constexpr int mix_stream_bwd_v_group(int heads, int D) {
+  return D == 64 ? (heads == 4 ? 2 : 3) : (heads == 8 ? 4 : heads);
+}
+VF_HD constexpr int mix_stream_bwd_k_group(int heads, int D) {
+  return D == 64 ? (heads == 3 ? 3 : 2) : (heads == 6 ? 3 : heads == 8 ? 2 : heads);
 }
 
 // Byte offsets: the block's resident rows of two roles (q and dO in the query-major kernel, k and v
