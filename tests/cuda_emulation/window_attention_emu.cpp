@@ -13,6 +13,8 @@
 #include "window_attention/head_mix_bwd_bf16_cuda.cu"
 #include "window_attention/head_mix_bwd_f32_cuda.cu"
 #include "window_attention/head_mix_bwd_f64_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_f16_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_bf16_cuda.cu"
 
 namespace {
 

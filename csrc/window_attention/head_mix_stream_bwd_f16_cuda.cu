@@ -1,0 +1,16 @@
+// The streaming head-mix backward (head_mix_stream_bwd.cuh) for __half, in its own unit: its 16
+// instantiations would double the compile time of head_mix_bwd_f16_cuda.cu, the build's critical path.
+#include "head_mix_stream_bwd.cuh"
+#include "head_mix_stream_bwd_entry.h"
+
+namespace vitfast {
+
+bool head_mix_stream_bwd_workspace_f16(const WindowAttentionBackwardParams& b, int64_t* elements) {
+  return mix_stream_try_backward_workspace<__half>(b, elements);
+}
+
+bool head_mix_stream_bwd_launch_f16(const WindowAttentionBackwardParams& b, void* workspace, void* stream, int* err) {
+  return mix_stream_try_backward<__half>(b, workspace, static_cast<cudaStream_t>(stream), err);
+}
+
+}  // namespace vitfast
