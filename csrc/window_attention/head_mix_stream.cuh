@@ -79,6 +79,20 @@ __device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p,
   }
 }
 
+// Opens step s of a streaming pass: issues step s + 1 into the other buffer (free since the barrier
+// that closed step s - 1), waits for step s's copies, and makes everyone's visible.
+template <typename Issue>
+__device__ __forceinline__ void mix_stream_begin_step(Issue&& issue, int s, int steps) {
+  if (s + 1 < steps) {
+    issue(s + 1);
+    cp_async_commit();
+    cp_async_wait_prior<1>();
+  } else {
+    cp_async_wait_all();
+  }
+  __syncthreads();
+}
+
 template <typename T, int kH, int D, bool kVec>
 __global__ void __launch_bounds__(kMixStreamThreads, 1)
     head_mix_fwd_stream_kernel(const WindowAttentionParams p, const float* mixed_bias) {
@@ -127,18 +141,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
                         ? nullptr
                         : mixed_bias + (p.mask != nullptr ? w % p.mask_windows : 0) * mix_reg_bias_block(kH, N);
 
-  // Before step s computes: issue step s + 1 into the other buffer (free since the barrier that
-  // closed step s - 1), wait for step s's copies, and make everyone's visible.
-  auto begin_step = [&](int s) {
-    if (s + 1 < steps) {
-      issue(s + 1);
-      cp_async_commit();
-      cp_async_wait_prior<1>();
-    } else {
-      cp_async_wait_all();
-    }
-    __syncthreads();
-  };
+  auto begin_step = [&](int s) { mix_stream_begin_step(issue, s, steps); };
 
   // Mixed scores of key tile kt (buffer b), every head, the warp's 16 rows: raw q_h k_h^T through
   // mma.sync, then S'_g = sum_h (scale pre[g, h]) raw_h + M_g per lane entry; keys past N are -inf.

@@ -179,16 +179,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       const int r = e / kH, h = e - r * kH;
       lse_rows[e] = row0 + r < N ? static_cast<const float*>(p.lse)[(w * kH + h) * N + row0 + r] : 0.0f;
     }
-    auto begin_step = [&](int s) {
-      if (s + 1 < steps) {
-        issue(s + 1);
-        cp_async_commit();
-        cp_async_wait_prior<1>();
-      } else {
-        cp_async_wait_all();
-      }
-      __syncthreads();
-    };
+    auto begin_step = [&](int s) { mix_stream_begin_step(issue, s, steps); };
     const float* my_lse = lse_rows + warp * 16 * kH;
     float* my_dd = dd_rows + warp * 16 * kH;
     auto lse_at = [&](int h, int r) -> float { return *static_cast<const volatile float*>(my_lse + (g + 8 * r) * kH + h); };
@@ -205,10 +196,10 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     };
 
     int step = 0;
-    // pass D: D_h = rowsum(P_h dP_h); d post and d post_bias
-    {
-      float dpart[kH][2] = {};
-      float gpost[kH * kH + kH] = {};
+    // One pass over the key tiles: per tile, both products of every head, then body(j, e, entry)
+    // for each of the lane's 8 entries (entry: P, dP', dP of every head), then tile_done(buffer)
+    // for the tile's own products.
+    auto pass = [&](auto&& body, auto&& tile_done) {
       for (int kt = 0; kt < tiles; ++kt, ++step) {
         begin_step(step);
         if (active) {
@@ -223,21 +214,34 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
               for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
               MixStreamEntry<kH> en;
               en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
-#pragma unroll
-              for (int h = 0; h < kH; ++h) dpart[h][e >> 1] += en.p[h] * en.dp[h];
-              if (want_mix) {
-#pragma unroll
-                for (int gg = 0; gg < kH; ++gg) {
-#pragma unroll
-                  for (int h = 0; h < kH; ++h) gpost[gg * kH + h] += en.dpm[gg] * en.p[h];
-                  gpost[kH * kH + gg] += en.dpm[gg];
-                }
-              }
+              body(j, e, en);
             }
           }
+          tile_done(step & 1);
         }
         __syncthreads();  // buffer step & 1 is refilled by the issue of step + 2
       }
+    };
+    auto no_products = [](int) {};
+
+    // pass D: D_h = rowsum(P_h dP_h); d post and d post_bias
+    {
+      float dpart[kH][2] = {};
+      float gpost[kH * kH + kH] = {};
+      pass(
+          [&](int, int e, const MixStreamEntry<kH>& en) {
+#pragma unroll
+            for (int h = 0; h < kH; ++h) dpart[h][e >> 1] += en.p[h] * en.dp[h];
+            if (want_mix) {
+#pragma unroll
+              for (int gg = 0; gg < kH; ++gg) {
+#pragma unroll
+                for (int h = 0; h < kH; ++h) gpost[gg * kH + h] += en.dpm[gg] * en.p[h];
+                gpost[kH * kH + gg] += en.dpm[gg];
+              }
+            }
+          },
+          no_products);
       if (active) {
 #pragma unroll
         for (int h = 0; h < kH; ++h) {
@@ -259,31 +263,16 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     // pass dpre: d pre[g, h] = sum dS'_g A_h (A_h = scale raw_h: the scale at the end)
     if (want_mix) {
       float gpre[kH * kH] = {};
-      for (int kt = 0; kt < tiles; ++kt, ++step) {
-        begin_step(step);
-        if (active) {
-          float sc[kH][2][4], dpc[kH][2][4];
-          products(step & 1, sc, dpc);
+      pass(
+          [&](int, int e, const MixStreamEntry<kH>& en) {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+            for (int gg = 0; gg < kH; ++gg) {
+              const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float r[kH], d[kH];
-#pragma unroll
-              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
-              MixStreamEntry<kH> en;
-              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
-#pragma unroll
-              for (int gg = 0; gg < kH; ++gg) {
-                const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
-#pragma unroll
-                for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * en.raw[h];
-              }
+              for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * en.raw[h];
             }
-          }
-        }
-        __syncthreads();
-      }
+          },
+          no_products);
       if (active) {
 #pragma unroll
         for (int e = 0; e < kH * kH; ++e) gpre[e] *= scale;
@@ -299,47 +288,33 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) dq[gi][n][0] = dq[gi][n][1] = dq[gi][n][2] = dq[gi][n][3] = 0.0f;
       }
-      for (int kt = 0; kt < tiles; ++kt, ++step) {
-        begin_step(step);
-        if (active) {
-          float sc[kH][2][4], dpc[kH][2][4];
-          products(step & 1, sc, dpc);
-          float da[kG][2][4];
+      float da[kG][2][4];
+      pass(
+          [&](int j, int e, const MixStreamEntry<kH>& en) {
+            float ds[kH];
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+            for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float r[kH], d[kH];
+            for (int gi = 0; gi < kG; ++gi) {
+              const int h = c0 + gi;
+              float x = 0.0f;
+              if (h < kH) {
 #pragma unroll
-              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
-              MixStreamEntry<kH> en;
-              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
-              float ds[kH];
-#pragma unroll
-              for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
-#pragma unroll
-              for (int gi = 0; gi < kG; ++gi) {
-                const int h = c0 + gi;
-                float x = 0.0f;
-                if (h < kH) {
-#pragma unroll
-                  for (int gg = 0; gg < kH; ++gg) x += mw.pre(gg, h) * ds[gg];
-                }
-                da[gi][j][e] = x;
+                for (int gg = 0; gg < kH; ++gg) x += mw.pre(gg, h) * ds[gg];
               }
+              da[gi][j][e] = x;
             }
-          }
-          const T* kb = reinterpret_cast<const T*>(smem_raw + L.tile_a + (step & 1) * L.tile_buffer);
+          },
+          [&](int buf) {
+            const T* kb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
 #pragma unroll
-          for (int gi = 0; gi < kG; ++gi) {
-            if (c0 + gi >= kH) continue;
-            uint32_t a[4];
-            c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
-            mma_times_rows<T, D>(dq[gi], a, kb + (c0 + gi) * kTile, ld, lane);
-          }
-        }
-        __syncthreads();
-      }
+            for (int gi = 0; gi < kG; ++gi) {
+              if (c0 + gi >= kH) continue;
+              uint32_t a[4];
+              c_tiles_to_a<T>(da[gi][0], da[gi][1], a);
+              mma_times_rows<T, D>(dq[gi], a, kb + (c0 + gi) * kTile, ld, lane);
+            }
+          });
       if (active) {
 #pragma unroll
         for (int gi = 0; gi < kG; ++gi) {
@@ -407,16 +382,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   issue(0);
   cp_async_commit();
   for (int e = threadIdx.x; e < kMix; e += kMixStreamThreads) mwp[e] = MixRegWeights<kH>::mix_weight(p, scale, e);
-  auto begin_step = [&](int s) {
-    if (s + 1 < steps) {
-      issue(s + 1);
-      cp_async_commit();
-      cp_async_wait_prior<1>();
-    } else {
-      cp_async_wait_all();
-    }
-    __syncthreads();
-  };
+  auto begin_step = [&](int s) { mix_stream_begin_step(issue, s, steps); };
   // S^T_h = K_h Q_h^T (and dP'^T_g = V_g dO_g^T): entry (n, e) is key j0 + g + 8 (e >> 1), query
   // 16 qt + 8 n + 2 t + (e & 1), at il = 8 n + 2 t + (e & 1) in the tile
   auto valid_at = [&](int qt, int n, int e) {
