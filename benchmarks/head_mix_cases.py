@@ -21,17 +21,19 @@ from vitfast.timing import peak_memory_mb, time_ms
 from window_attention_cases import environ, forced_route, swin_index
 
 # name: (windows, N, heads, d, window types of the shift mask; 0: a plain sequence, no table, no mask).
-# Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 3 four; stage 3 (12 heads) is past
-# the register kernels (3-4 heads): its forward runs the streaming kernel, its backward the tile
-# kernels, timed against the SDPA route there. The sequences' "vitfast" fwd column is the streaming
-# forward too (what impl="auto" runs without gradients); DeiT-S's backward is the streaming backward
-# (3/4/6 heads), timed beside the tile backward behind the same forward.
+# Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 2 sixteen, stage 3 four; stages 2
+# and 3 (6 and 12 heads) are past the register kernels (3-4 heads): their forward runs the streaming
+# kernel, stage 2's backward the streaming backward (table and mask included), stage 3's the tile
+# kernels. The sequences' "vitfast" fwd column is the streaming forward too (what impl="auto" runs
+# without gradients); DeiT-S's and stage 2's backward is the streaming backward (3/4/6/8 heads),
+# timed beside the tile backward behind the same forward.
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),
     "deit_b384_B64_H12_N577": (64, 577, 12, 64, 0),
     "mini_swin_t_stage1": (8192, 49, 3, 32, 64),
     "mini_swin_b_stage1": (8192, 49, 4, 32, 64),
+    "mini_swin_t_stage2": (2048, 49, 6, 32, 16),
     "mini_swin_t_stage3": (512, 49, 12, 32, 4),
 }
 
@@ -86,7 +88,7 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
              "eager talking heads": eager_windowed if windowed else eager}
     if use_compile:
         impls["torch.compile(eager)"] = torch.compile(impls["eager talking heads"], dynamic=False)
-    route = _ext.head_mix_attention_route(torch.device(device), dtype, n, heads, d, d)
+    route = _ext.head_mix_attention_route(torch.device(device), dtype, n, heads, d, d, table=windowed, mask=windowed)
     if route in ("registers", "stream", "stream+tiles"):  # the same call on the tile kernels (VITFAST_WINDOW_ATTENTION_ROUTE=tiles)
         impls["vitfast (tile kernels)"] = ours
     if route == "stream":  # the streaming forward with the tile backward (VITFAST_HEAD_MIX_STREAM_BWD=0)

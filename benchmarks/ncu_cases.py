@@ -93,6 +93,14 @@ def cases(device, small):
             head_mix_attention(qkv12, 12, 32, pre_mix=mix12[0], post_mix=mix12[1], bias_table=table12,
                                bias_index=index, mask=mask12)
     out["head_mix_attention mini_swin_t stage3 bf16 fwd (streaming)"] = stage3_forward
+    # Mini-Swin-T stage 2 (6 heads, table + shift mask): streaming forward and backward, the table
+    # gradient summed per block (head_mix_stream_bwd.cuh)
+    qkv6 = torch.randn(2048 // s, 49, 3 * 192, device=device).bfloat16().requires_grad_()
+    table6 = (torch.randn(6, 169, device=device) * 0.02).requires_grad_()
+    mask6 = torch.where(torch.rand(16, 49, 49, device=device) < 0.5, -100.0, 0.0)
+    out["head_mix_attention mini_swin_t stage2 bf16 fwd+bwd (streaming)"] = lambda: torch.autograd.grad(
+        head_mix_attention(qkv6, 6, 32, pre_mix=mix[0], post_mix=mix[1], bias_table=table6, bias_index=index,
+                           mask=mask6).float().sum(), [qkv6, table6, *mix])
     return out
 
 

@@ -80,9 +80,10 @@ def test_emulated_head_mix_attention_matches_reference(results, name):
 def head_mix_route(dtype, kw, opts):
     """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads
     (head_mix_reg_rule.h); else the streaming forward for 16-bit 3/4/6/8/12 heads of <= 64
-    channels (head_mix_stream_rule.h), with the streaming backward for 3, 4, 6 or 8 heads without a
-    table or mask ("stream") or the tile backward ("stream+tiles"); else the tile kernels. A case
-    may force the tile kernels, or the tile backward behind the streaming forward."""
+    channels (head_mix_stream_rule.h), with the streaming backward for 3, 4, 6 or 8 heads ("stream";
+    the emulated device's 4 SMs leave its table-gradient sums small) or the tile backward
+    ("stream+tiles"); else the tile kernels. A case may force the tile kernels, or the tile backward
+    behind the streaming forward."""
     dk = kw.get("dk", 32)
     dv = kw.get("dv") or dk
     n = kw.get("wh", 7) * kw.get("ww", 7)
@@ -92,8 +93,7 @@ def head_mix_route(dtype, kw, opts):
     if half and n <= 64 and max(dk, dv) <= 32 and (heads == 3 or (heads == 4 and n <= 55)):
         return "registers"
     if half and max(dk, dv) <= 64 and heads in (3, 4, 6, 8, 12):
-        plain = kw.get("bias") is False and not kw.get("mask_types")
-        if plain and heads in (3, 4, 6, 8) and opts.get("stream_bwd", True):
+        if heads in (3, 4, 6, 8) and opts.get("stream_bwd", True):
             return "stream"
         return "stream+tiles"
     return "tiles"
@@ -111,12 +111,18 @@ def test_emulated_head_mix_cases_cover_both_kernel_families():
     assert any(c[1].get("mask_types") for c in stream) and any(c[1].get("bias") is False for c in stream)
     assert any(c[1].get("row_pad") for c in stream) and any(not c[1].get("row_pad") for c in stream)
     # the streaming backward's cases: every head count, both dtypes and padded head dims, scalar
-    # loads, more items than the emulated device's resident blocks (its query-major kernel loops)
+    # loads, more items than the emulated device's resident blocks (its query-major kernel loops),
+    # table and mask (in both dtypes), table alone, mask alone, neither, shifted windows
     sb = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "stream"]
     assert {c[1]["heads"] for c in sb} == {3, 4, 6, 8} and {c[0] for c in sb} == {torch.float16, torch.bfloat16}
     assert {32 if max(c[1]["dk"], c[1].get("dv") or c[1]["dk"]) <= 32 else 64 for c in sb} == {32, 64}
     assert any(c[1].get("row_pad") for c in sb)
     assert any(c[1].get("windows", 4) * -(-c[1]["wh"] * c[1]["ww"] // 64) > 8 for c in sb)
+    table = [c for c in sb if c[1].get("bias", True)]
+    assert {c[0] for c in table if c[1].get("mask_types")} == {torch.float16, torch.bfloat16}
+    assert any(not c[1].get("mask_types") for c in table) and any(c[1].get("shift") for c in table)
+    assert any(c[1].get("mask_types") and c[1].get("bias") is False for c in sb)
+    assert any(c[1].get("windows", 4) > 8 for c in table)  # table sums over items looping per block
     # and the register cases cover both head counts, both 16-bit dtypes, vector and scalar loads
     reg = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "registers"]
     assert {c[1]["heads"] for c in reg} == {3, 4}

@@ -81,6 +81,15 @@ __device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p,
 
 // Opens step s of a streaming pass: issues step s + 1 into the other buffer (free since the barrier
 // that closed step s - 1), waits for step s's copies, and makes everyone's visible.
+// Window w's block of the per-call mixed bias (its mask type's, types x heads x N x N floats), or
+// null without a table and a mask.
+template <int kH>
+__device__ __forceinline__ const float* mix_stream_window_bias(const float* mixed_bias, const WindowAttentionParams& p,
+                                                               int64_t w) {
+  if (mixed_bias == nullptr) return nullptr;
+  return mixed_bias + (p.mask != nullptr ? w % p.mask_windows : 0) * mix_reg_bias_block(kH, p.tokens);
+}
+
 template <typename Issue>
 __device__ __forceinline__ void mix_stream_begin_step(Issue&& issue, int s, int steps) {
   if (s + 1 < steps) {
@@ -137,9 +146,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   const bool active = q0 < N;  // idle warps still load tiles and meet the barriers
   const int rows[2] = {q0 + g, q0 + g + 8};
   const int64_t nn = static_cast<int64_t>(N) * N;
-  const float* mb = mixed_bias == nullptr
-                        ? nullptr
-                        : mixed_bias + (p.mask != nullptr ? w % p.mask_windows : 0) * mix_reg_bias_block(kH, N);
+  const float* mb = mix_stream_window_bias<kH>(mixed_bias, p, w);
 
   auto begin_step = [&](int s) { mix_stream_begin_step(issue, s, steps); };
 

@@ -1,6 +1,7 @@
-// Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...)
-// with 3, 4, 6 or 8 heads of <= 64 channels, fp16/bf16, no table or mask -- on the register pattern of
-// the streaming forward (head_mix_stream.cuh). Included by the 16-bit head_mix_bwd_<dtype>_cuda.cu
+// Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...) --
+// and windows the register kernels do not take (Mini-Swin's stage 2), with 3, 4, 6 or 8 heads of
+// <= 64 channels, fp16/bf16, with or without a table and a mask, on the register pattern of the
+// streaming forward (head_mix_stream.cuh). Included by the 16-bit head_mix_bwd_<dtype>_cuda.cu
 // units (through head_mix_dtype.cuh) only.
 //
 // Why: the tile backward (head_mix_bwd.cuh) measured 6.25 of DeiT-S's 8.05 ms forward+backward
@@ -80,10 +81,13 @@ struct MixStreamWeights {
 template <int kH>
 struct MixStreamEntry {
   float raw[kH], p[kH], dpm[kH], dp[kH];
+  bool valid;  // inside the N x N
 
-  template <typename Lse>
-  __device__ __forceinline__ void compute(const MixStreamWeights<kH>& mw, bool valid, float (&r)[kH],
-                                          float (&d)[kH], Lse lse) {
+  // bias(g): the mixed bias M_g of the entry (table and mask; read only for a valid entry)
+  template <typename Lse, typename Bias>
+  __device__ __forceinline__ void compute(const MixStreamWeights<kH>& mw, bool in_range, float (&r)[kH],
+                                          float (&d)[kH], Lse lse, Bias bias) {
+    valid = in_range;
 #pragma unroll
     for (int h = 0; h < kH; ++h) raw[h] = r[h], dpm[h] = valid ? d[h] : 0.0f;
 #pragma unroll
@@ -91,7 +95,7 @@ struct MixStreamEntry {
       float x = 0.0f;
 #pragma unroll
       for (int h = 0; h < kH; ++h) x += mw.pre(g, h) * raw[h];
-      p[g] = valid ? wa::acc_exp(x - lse(g)) : 0.0f;
+      p[g] = valid ? wa::acc_exp(x + bias(g) - lse(g)) : 0.0f;
     }
 #pragma unroll
     for (int h = 0; h < kH; ++h) {
@@ -122,7 +126,8 @@ __device__ __forceinline__ void mix_stream_flush(float (&x)[n], float* sums, int
 
 template <typename T, int kH, int D, bool kVec>
 __global__ void __launch_bounds__(kMixStreamThreads, 1)
-    head_mix_bwd_stream_q_kernel(const WindowAttentionBackwardParams b, float* dd_out, float* mix_partials) {
+    head_mix_bwd_stream_q_kernel(const WindowAttentionBackwardParams b, const float* mixed_bias,
+                                 const float* table_bias, float* dd_out, float* mix_partials, float* dtable_slots) {
   constexpr int kG = mix_stream_bwd_q_group(kH, D), kGroups = (kH + kG - 1) / kG;
   constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
   const WindowAttentionParams& p = b.fwd;
@@ -154,6 +159,13 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
                          : nullptr;
   if (want_mix && lane == 0)
     for (int e = 0; e < kMix; ++e) sums[e] = 0.0f;
+  // the block's table-gradient sums (heads x N x N) over its items: entry (h, i, j) is always
+  // added to by the same thread (the lane that holds row i, key j), so plain adds in item order
+  const int nn = N * N;  // 32-bit offsets within a window's heads x N x N (N <= 4096, heads <= 32)
+  float* dtable = dtable_slots != nullptr ? dtable_slots + static_cast<int64_t>(blockIdx.x) * kH * nn : nullptr;
+  if (dtable != nullptr)
+    for (int e = threadIdx.x; e < kH * nn; e += kMixStreamThreads) dtable[e] = 0.0f;  // before the first item's barrier
+  const float inv_scale = 1.0f / scale;  // dtable takes dA_h, the kernel's dA carries the scale
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t w = item / chunks;
@@ -161,6 +173,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     const int q0 = row0 + warp * 16;
     const bool active = q0 < N;
     const int rows[2] = {q0 + g, q0 + g + 8};
+    const float* mb = mix_stream_window_bias<kH>(mixed_bias, p, w);
 
     // step s: key and value tiles (every head) of key tile s % tiles
     auto issue = [&](int s) {
@@ -191,12 +204,11 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       mix_stream_products<T, kH, D>(dout, warp * 16,
                                     reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer), lane, dpc);
     };
-    auto valid_at = [&](int kt, int j, int e) {
-      return rows[e >> 1] < N && kt * kMixStreamKeys + 8 * j + 2 * t + (e & 1) < N;
-    };
+    auto key_at = [&](int kt, int j, int e) { return kt * kMixStreamKeys + 8 * j + 2 * t + (e & 1); };
+    auto valid_at = [&](int kt, int j, int e) { return rows[e >> 1] < N && key_at(kt, j, e) < N; };
 
     int step = 0;
-    // One pass over the key tiles: per tile, both products of every head, then body(j, e, entry)
+    // One pass over the key tiles: per tile, both products of every head, then body(kt, j, e, entry)
     // for each of the lane's 8 entries (entry: P, dP', dP of every head), then tile_done(buffer)
     // for the tile's own products.
     auto pass = [&](auto&& body, auto&& tile_done) {
@@ -213,8 +225,10 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
 #pragma unroll
               for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
               MixStreamEntry<kH> en;
-              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); });
-              body(j, e, en);
+              const int at = rows[e >> 1] * N + key_at(kt, j, e);
+              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); },
+                         [&](int gg) { return mb != nullptr ? __ldg(mb + gg * nn + at) : 0.0f; });
+              body(kt, j, e, en);
             }
           }
           tile_done(step & 1);
@@ -229,7 +243,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       float dpart[kH][2] = {};
       float gpost[kH * kH + kH] = {};
       pass(
-          [&](int, int e, const MixStreamEntry<kH>& en) {
+          [&](int, int, int e, const MixStreamEntry<kH>& en) {
 #pragma unroll
             for (int h = 0; h < kH; ++h) dpart[h][e >> 1] += en.p[h] * en.dp[h];
             if (want_mix) {
@@ -260,16 +274,24 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       }
     }
 
-    // pass dpre: d pre[g, h] = sum dS'_g A_h (A_h = scale raw_h: the scale at the end)
+    // pass dpre: d pre[g, h] = sum dS'_g S_h with S_h = scale raw_h + table_h (the scale at the end)
     if (want_mix) {
       float gpre[kH * kH] = {};
       pass(
-          [&](int, int e, const MixStreamEntry<kH>& en) {
+          [&](int kt, int j, int e, const MixStreamEntry<kH>& en) {
+            float sh[kH];
+#pragma unroll
+            for (int h = 0; h < kH; ++h) sh[h] = en.raw[h];
+            if (table_bias != nullptr && en.valid) {
+              const int at = rows[e >> 1] * N + key_at(kt, j, e);
+#pragma unroll
+              for (int h = 0; h < kH; ++h) sh[h] += inv_scale * __ldg(table_bias + h * nn + at);
+            }
 #pragma unroll
             for (int gg = 0; gg < kH; ++gg) {
               const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
 #pragma unroll
-              for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * en.raw[h];
+              for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * sh[h];
             }
           },
           no_products);
@@ -290,7 +312,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       }
       float da[kG][2][4];
       pass(
-          [&](int j, int e, const MixStreamEntry<kH>& en) {
+          [&](int kt, int j, int e, const MixStreamEntry<kH>& en) {
             float ds[kH];
 #pragma unroll
             for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
@@ -303,6 +325,8 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
                 for (int gg = 0; gg < kH; ++gg) x += mw.pre(gg, h) * ds[gg];
               }
               da[gi][j][e] = x;
+              if (dtable != nullptr && en.valid && h < kH)
+                dtable[h * nn + rows[e >> 1] * N + key_at(kt, j, e)] += x * inv_scale;
             }
           },
           [&](int buf) {
@@ -335,7 +359,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
 
 template <typename T, int kH, int D, bool kVec>
 __global__ void __launch_bounds__(kMixStreamThreads, 1)
-    head_mix_bwd_stream_kv_kernel(const WindowAttentionBackwardParams b, const float* dd_in) {
+    head_mix_bwd_stream_kv_kernel(const WindowAttentionBackwardParams b, const float* mixed_bias, const float* dd_in) {
   // dV passes need the scores only (P'_h from P of every head); dK passes both products
   constexpr int kGv = mix_stream_bwd_v_group(kH, D), kGk = mix_stream_bwd_k_group(kH, D);
   constexpr int kVPasses = (kH + kGv - 1) / kGv, kKPasses = (kH + kGk - 1) / kGk;
@@ -356,6 +380,13 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   const int j0 = key0 + warp * 16;
   const bool active = j0 < N;
   const int steps = (kVPasses + kKPasses) * tiles;
+  const int nn = N * N;
+  const float* mb = mix_stream_window_bias<kH>(mixed_bias, p, w);
+  // the mixed bias of entry (n, e) of query tile qt, head g (valid entries only)
+  auto bias_at = [&](int qt, int n, int e, int gg) {
+    const int at = (qt * kMixStreamKeys + 8 * n + 2 * t + (e & 1)) * N + j0 + g + 8 * (e >> 1);
+    return mb != nullptr ? __ldg(mb + gg * nn + at) : 0.0f;
+  };
   const float scale = static_cast<float>(p.scale);
   const Strides3& gs = b.grad_qkv_strides;
   const MixRows<T> q_src = mix_qkv_rows<T>(p, p.q_off, p.dim_k);
@@ -425,7 +456,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
               float x = 0.0f;
 #pragma unroll
               for (int h = 0; h < kH; ++h) x += mw.pre(gg, h) * sc[h][n][e];
-              pr[gg] = valid ? wa::acc_exp(x - st[gg * kMixStreamKeys + il]) : 0.0f;
+              pr[gg] = valid ? wa::acc_exp(x + bias_at(qt, n, e, gg) - st[gg * kMixStreamKeys + il]) : 0.0f;
             }
 #pragma unroll
             for (int gi = 0; gi < kGv; ++gi) {
@@ -486,7 +517,8 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
 #pragma unroll
             for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
             MixStreamEntry<kH> en;
-            en.compute(mw, valid_at(qt, n, e), r, d, [&](int h) { return st[h * kMixStreamKeys + il]; });
+            en.compute(mw, valid_at(qt, n, e), r, d, [&](int h) { return st[h * kMixStreamKeys + il]; },
+                       [&](int gg) { return bias_at(qt, n, e, gg); });
             float ds[kH];
 #pragma unroll
             for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
@@ -538,23 +570,47 @@ __global__ void mix_stream_warp_sum_kernel(float* partials, int64_t blocks, int 
 // Host side
 
 // Blocks of the query-major kernel: one per (window, 64-row chunk), or one wave of resident blocks
-// (each looping over items) when it sums the mixing gradients, so that their partials stay few.
+// (each looping over items) when it sums the mixing or table gradients, so that their partials
+// stay few.
 template <typename T, int kH, int D>
 int64_t mix_stream_bwd_q_blocks(const WindowAttentionBackwardParams& b) {
   const WindowAttentionParams& p = b.fwd;
   const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
-  if (b.grad_pre_mix == nullptr) return items;
+  if (b.grad_pre_mix == nullptr && b.dbias == nullptr) return items;
   const int per_sm = resident_blocks_per_sm(head_mix_bwd_stream_q_kernel<T, kH, D, true>, kMixStreamThreads,
                                             mix_stream_bwd_layout(kH, D).total, 1);
   return std::max<int64_t>(1, std::min<int64_t>(items, static_cast<int64_t>(per_sm) * device_sms()));
 }
 
-// Workspace (floats): D (windows x heads x N) | per-warp mixing sums (blocks x 4 x kMix) | per-block sums (blocks x kMix)
+// Workspace (floats), each part from a multiple of 64: D (windows x heads x N) | the mixed bias
+// (table and mask, as the forward's) | the unmixed table bias (heads x N x N, for d pre) |
+// per-warp mixing sums (blocks x 4 x kMix) and per-block sums (blocks x kMix) | table-gradient
+// sums (blocks x heads x N x N).
+struct MixStreamBwdWorkspace {
+  int64_t dd = 0, bias = 0, table_bias = 0, mix = 0, table = 0, total = 0;
+};
+
+template <typename T, int kH, int D>
+MixStreamBwdWorkspace mix_stream_bwd_workspace_parts(const WindowAttentionBackwardParams& b) {
+  const WindowAttentionParams& p = b.fwd;
+  const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
+  MixStreamBwdWorkspace ws;
+  int64_t end = round64(p.windows * kH * static_cast<int64_t>(p.tokens));
+  ws.bias = end;
+  end += round64(mix_stream_bias_floats(p));
+  ws.table_bias = end;
+  if (p.table != nullptr && b.grad_pre_mix != nullptr) end += round64(kH * static_cast<int64_t>(p.tokens) * p.tokens);
+  ws.mix = end;
+  if (b.grad_pre_mix != nullptr) end += round64(blocks * (kMixStreamWarps + 1) * (2 * kH * kH + kH));
+  ws.table = end;
+  if (b.dbias != nullptr) end += blocks * kH * static_cast<int64_t>(p.tokens) * p.tokens;
+  ws.total = end;
+  return ws;
+}
+
 template <typename T, int kH, int D>
 int64_t mix_stream_bwd_workspace(const WindowAttentionBackwardParams& b) {
-  const int64_t dd = round64(b.fwd.windows * kH * static_cast<int64_t>(b.fwd.tokens));
-  if (b.grad_pre_mix == nullptr) return dd;
-  return dd + mix_stream_bwd_q_blocks<T, kH, D>(b) * (kMixStreamWarps + 1) * (2 * kH * kH + kH);
+  return mix_stream_bwd_workspace_parts<T, kH, D>(b).total;
 }
 
 template <typename T, int kH, int D>
@@ -568,15 +624,36 @@ int mix_stream_backward(const WindowAttentionBackwardParams& b, float* workspace
   if (err != cudaSuccess) return static_cast<int>(err);
   err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
-  constexpr int kMix = 2 * kH * kH + kH;
+  constexpr int kMix = 2 * kH * kH + kH, kThreads = 256;
   const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
   const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
+  const MixStreamBwdWorkspace ws = mix_stream_bwd_workspace_parts<T, kH, D>(b);
   float* dd = workspace;
-  float* mix = b.grad_pre_mix != nullptr ? workspace + round64(p.windows * kH * static_cast<int64_t>(p.tokens)) : nullptr;
-  VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, dd, mix);
-  VF_LAUNCH(kkv, static_cast<unsigned>(items), kMixStreamThreads, smem, stream, b, static_cast<const float*>(dd));
+  float* bias = mix_stream_bias_floats(p) > 0 ? workspace + ws.bias : nullptr;
+  float* mix = b.grad_pre_mix != nullptr ? workspace + ws.mix : nullptr;
+  float* dtable = b.dbias != nullptr ? workspace + ws.table : nullptr;
+  float* table_bias = p.table != nullptr && mix != nullptr ? workspace + ws.table_bias : nullptr;
+  if (bias != nullptr) {  // the forward's mixed bias, rebuilt (the forward's workspace is gone)
+    auto fill = head_mix_reg_bias_kernel<kH>;
+    VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), kThreads), kThreads, 0, stream, p, bias);
+  }
+  if (table_bias != nullptr) {  // the unmixed table bias (heads x N x N), which d pre needs
+    WindowAttentionParams into = p;
+    into.bias_buffer = table_bias;
+    auto fill = head_mix_table_kernel<float>;
+    VF_LAUNCH(fill, blocks_for(kH * static_cast<int64_t>(p.tokens) * p.tokens, kThreads), kThreads, 0, stream, into);
+  }
+  VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, static_cast<const float*>(bias),
+            static_cast<const float*>(table_bias), dd, mix, dtable);
+  VF_LAUNCH(kkv, static_cast<unsigned>(items), kMixStreamThreads, smem, stream, b, static_cast<const float*>(bias),
+            static_cast<const float*>(dd));
+  if (dtable != nullptr) {
+    const int64_t per_block = kH * static_cast<int64_t>(p.tokens) * p.tokens;
+    auto reduce = window_attention_slot_reduce_kernel<float>;
+    VF_LAUNCH(reduce, blocks_for(per_block, kThreads), kThreads, 0, stream, static_cast<const float*>(dtable), blocks,
+              per_block, static_cast<float*>(b.dbias));
+  }
   if (mix != nullptr) {
-    constexpr int kThreads = 256;
     auto warps = mix_stream_warp_sum_kernel;
     VF_LAUNCH(warps, blocks_for(blocks * kMix, kThreads), kThreads, 0, stream, mix, blocks, kMix);
     auto reduce = window_attention_slot_reduce_kernel<float>;

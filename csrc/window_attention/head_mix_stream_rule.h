@@ -139,17 +139,24 @@ inline bool mix_stream_bwd_disabled() {
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
+// Table-gradient sums of the streaming backward: one heads x N x N block per resident block (at
+// most two per SM: 128 threads of ~255 registers). Past this many floats (128 MiB; Mini-Swin's 7 x 7
+// windows at 8 heads on 132 SMs: 5 M) the tile backward runs instead.
+constexpr int64_t kMixStreamMaxTableSums = int64_t(1) << 25;
+
 // The streaming backward takes the streaming forward's shapes with 3, 4, 6 or 8 heads (DeiT-Ti/S,
-// CaiT-XXS/XS/S; 12 heads leave no registers beside both products of every head, and 12 heads of
-// 64 no shared memory for 64 rows of two roles) and neither a table nor a mask (sequences:
-// Mini-Swin's windowed stages keep the tile backward), when its shared memory fits (6 heads of
-// 64: 169 KB; 8 heads of 64: 221 KB, an H100 but not an A100).
+// CaiT-XXS/XS/S, Mini-Swin-T/S stage 2, Mini-Swin-B stage 2; 12 heads leave no registers beside
+// both products of every head, and 12 heads of 64 no shared memory for 64 rows of two roles), with
+// or without a table and a mask, when its shared memory fits (6 heads of 64: 169 KB; 8 heads of
+// 64: 221 KB, an H100 but not an A100) and, with a table, its per-block table-gradient sums.
 inline bool mix_stream_bwd_route_ok(const WindowAttentionParams& p) {
-  if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled()) return false;
-  if (p.heads > 8 || p.table != nullptr || p.mask != nullptr) return false;
-  int dev = 0, optin = 0;
+  if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled() || p.heads > 8) return false;
+  int dev = 0, optin = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (p.table != nullptr && 2 * static_cast<int64_t>(sms) * p.heads * p.tokens * p.tokens > kMixStreamMaxTableSums)
+    return false;
   return mix_stream_bwd_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
 }
 

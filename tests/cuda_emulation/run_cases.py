@@ -132,14 +132,19 @@ HEAD_MIX_CASES = {
                                                             mask_types=2), {}),
     "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
                                                                 layout="tinyvit", row_pad=3, bias=False), {}),
-    # streaming backward too (head_mix_stream_bwd.cuh): 3, 4, 6 or 8 heads, no table or mask; the
-    # cases above without a table or mask (n100 h6, n65 h4, h8 scalar) run it as well
+    # streaming backward too (head_mix_stream_bwd.cuh): 3, 4, 6 or 8 heads, with or without a table
+    # and a mask; the cases above with those head counts (n64 h4, n100 h6, h3 table, h6 grid shift,
+    # n65 h4, mask only, h8 scalar) run it as well
     "mix_stream_bwd_fp16_h3_d64_n130_items": (torch.float16, dict(windows=3, heads=3, dk=64, wh=1, ww=130,
                                                                   bias=False), {}),
     "mix_stream_bwd_fp16_h6_d32_scalar": (torch.float16, dict(windows=2, heads=6, dk=32, wh=1, ww=80, row_pad=3,
                                                               bias=False), {}),
     "mix_stream_bwd_bf16_cait_h4_dk48_n70": (torch.bfloat16, dict(windows=2, heads=4, dk=48, wh=1, ww=70,
                                                                   bias=False), {}),
+    # table and mask, the table gathered per score (no precomputed bias buffer), 12 windows over the
+    # emulated device's 4 resident blocks (the per-block table-gradient sums loop over items)
+    "mix_stream_bwd_fp16_h8_table_mask_items": (torch.float16, dict(windows=12, heads=8, dk=32, wh=7, ww=7,
+                                                                    mask_types=3), dict(bias_buffer=False)),
     # the tile backward behind the streaming forward (VITFAST_HEAD_MIX_STREAM_BWD=0)
     "mix_stream_tile_bwd_bf16_h6_n100": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False),
                                          dict(stream_bwd=False)),
