@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from conftest import SEED
 from test_soft_target_ce import GRAD_TOL as CE_GRAD_TOL
 from test_window_attention import GRAD_TOL, OUT_TOL
 
@@ -25,8 +26,12 @@ from run_cases import HEAD_MIX_CASES, KERNEL_CASES, WINDOW_CASES  # noqa: E402
 
 @pytest.fixture(scope="module")
 def results():
+    # The emulator's scheduler (which thread runs next, which block first, when a cp.async lands)
+    # follows the run's test seed: each run tries other interleavings, and VITFAST_TEST_SEED
+    # replays one.
+    env = {**os.environ, "VITFAST_EMU_SEED": str(SEED + 1)}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "cuda_emulation", "run_cases.py")],
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -152,3 +157,43 @@ def test_emulated_covariance_matches_reference(results, name):
     # the route each case is meant to exercise (auto: split GEMM on sm_80+ for m >= 128)
     route = "split_gemm" if "split_gemm" in name else "simt" if "simt" in name else "tensor_core"
     assert r["route"] == route, r
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    """tests/cuda_emulation/emulator_selftest.cpp, built with the C++ compiler the emulator build
+    uses (g++, C++20)."""
+    exe = str(tmp_path_factory.mktemp("emu") / "emulator_selftest")
+    src = os.path.join(HERE, "cuda_emulation", "emulator_selftest.cpp")
+    proc = subprocess.run([os.environ.get("CXX", "g++"), "-O1", "-std=c++20", "-w",
+                           "-I", os.path.join(os.path.dirname(HERE), "csrc"), src, "-o", exe],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def run_selftest(exe, mode, seed):
+    env = {**os.environ, "VITFAST_EMU_SEED": str(seed)}
+    return subprocess.run([exe, mode], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("seed", [SEED + 1, SEED + 2, SEED + 3])
+def test_emulator_passes_a_correct_kernel(selftest, seed):
+    proc = run_selftest(selftest, "ok", seed)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "ok"], (proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("seed", [SEED + 1, SEED + 2, SEED + 3])
+@pytest.mark.parametrize("mode", ["war", "raw", "shuffle"])
+def test_emulator_catches_a_missing_barrier_or_wait(selftest, mode, seed):
+    """A buffer refilled while others read it (no barrier before the cp.async issue), a tile read
+    before its copies are waited for, a warp neighbour's slot read without __syncwarp: each gives
+    a wrong result under every scheduler seed, not only under an unlucky thread order."""
+    proc = run_selftest(selftest, mode, seed)
+    assert proc.returncode == 1 and proc.stdout.strip() == "wrong", (proc.stdout, proc.stderr)
+
+
+def test_emulator_reports_a_barrier_deadlock(selftest):
+    proc = run_selftest(selftest, "deadlock", SEED + 1)
+    assert proc.returncode != 0
+    assert "deadlock: 63 of 64 threads" in proc.stderr and "never reach" in proc.stderr, proc.stderr

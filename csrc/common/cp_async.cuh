@@ -9,10 +9,13 @@
 //   cp_async_wait_prior<N>()      waits for all but the thread's N most recently committed groups
 //                                 (double buffering: the next tile's group stays in flight)
 //
-// Under the CPU emulator a copy reads its source when issued and lands in shared memory only at
+// Under the CPU emulator a copy reads its source when issued and lands in shared memory at one of
+// the two ends of the window the hardware allows, chosen at random per copy: at once, or only at
 // the issuing thread's wait that covers its group (cp_async_wait_all, or cp_async_wait_prior<N>
-// once N newer groups are committed), so a kernel that reads a buffer before waiting for it (or
-// before the barrier after the wait) reads stale bytes and fails its test.
+// once N newer groups are committed). A kernel that reads a buffer before waiting for it (or
+// before the barrier after the wait) reads stale bytes, and one that refills a buffer other
+// threads still read (a missing barrier before the issue) overwrites it under them: either
+// fails its test.
 #pragma once
 
 #include <cstdint>
@@ -29,24 +32,19 @@ namespace vitfast {
 #ifdef VITFAST_CUDA_EMULATION
 
 namespace emu_async {
-struct Pending {
-  void* dst;
-  unsigned char bytes[16];
-  int n;
-  long long group;  // -1 until committed
-};
-inline thread_local std::vector<Pending> pending;  // each emulated CUDA thread is a std::thread
-inline thread_local long long committed = 0;       // groups this thread has committed
+using Pending = emu::AsyncCopy;
+// each emulated CUDA thread (a fiber of cuda_emulation.h) keeps its own copies and group count
+inline std::vector<Pending>& pending() { return emu::self_fiber->pending; }
 
 // Lands (and forgets) the copies for which `done` is true, in issue order.
 template <typename F>
 inline void land(F&& done) {
   std::vector<Pending> rest;
-  for (const auto& p : pending) {
+  for (const auto& p : pending()) {
     if (done(p)) std::memcpy(p.dst, p.bytes, p.n);
     else rest.push_back(p);
   }
-  pending.swap(rest);
+  pending().swap(rest);
 }
 
 inline void issue(void* dst, const void* src, int n, bool valid, int align) {
@@ -54,23 +52,24 @@ inline void issue(void* dst, const void* src, int n, bool valid, int align) {
     emu::fail("cp.async address not aligned to the copy size");
   Pending p{dst, {}, n, -1};
   if (valid) std::memcpy(p.bytes, src, n);
-  pending.push_back(p);
+  if (emu::random_u64() & 1) std::memcpy(dst, p.bytes, n);  // landed at issue
+  else pending().push_back(p);
 }
 }  // namespace emu_async
 
 inline void cp_async_16(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 16, valid, 16); }
 inline void cp_async_4(void* dst, const void* src, bool valid) { emu_async::issue(dst, src, 4, valid, 4); }
 inline void cp_async_commit() {
-  for (auto& p : emu_async::pending)
-    if (p.group < 0) p.group = emu_async::committed;
-  ++emu_async::committed;
+  for (auto& p : emu_async::pending())
+    if (p.group < 0) p.group = emu::self_fiber->committed;
+  ++emu::self_fiber->committed;
 }
 inline void cp_async_wait_all() {
   emu_async::land([](const emu_async::Pending&) { return true; });
 }
 template <int N>
 inline void cp_async_wait_prior() {
-  const long long limit = emu_async::committed - N;
+  const long long limit = emu::self_fiber->committed - N;
   emu_async::land([limit](const emu_async::Pending& p) { return p.group >= 0 && p.group < limit; });
 }
 

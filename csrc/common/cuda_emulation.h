@@ -1,23 +1,30 @@
 // A CPU emulator for the subset of CUDA that vitfast's kernels use, so CI (no GPU) can run the
 // kernels' own source: compile a .cu file as C++20 with -DVITFAST_CUDA_EMULATION.
 //
-// Faithful where bugs hide: every CUDA thread of a block is an OS thread; __syncthreads and
-// __syncwarp are real barriers; shuffles exchange through the warp; dynamic shared memory is a
-// per-block buffer; WMMA fragments check the pointer (32-byte) and leading-dimension alignment
-// rules and store their tile collectively (each lane writes its share, so reading another lane's
-// part before __syncwarp shows up as a wrong result). Blocks run one after another. Not emulated:
-// timing, occupancy, bank conflicts, memory-model subtleties beyond the barriers.
+// Faithful where bugs hide: every CUDA thread of a block is a fiber (its own stack and registers,
+// switched in user space, so a barrier costs nanoseconds instead of an OS context switch); a
+// seeded random scheduler picks which waiting thread runs next, so the order in which threads
+// reach memory between two barriers changes from launch to launch, as on a GPU, and a run can be
+// replayed (VITFAST_EMU_SEED). __syncthreads and __syncwarp are real barriers, and a barrier some
+// threads never reach stops the run with a message instead of hanging; shuffles exchange through
+// the warp; dynamic shared memory is a per-block buffer; WMMA fragments check the pointer
+// (32-byte) and leading-dimension alignment rules and store their tile collectively (each lane
+// writes its share, so reading another lane's part before __syncwarp shows up as a wrong result).
+// Blocks run one after another, in a random order. Not emulated: timing, occupancy, bank
+// conflicts, memory-model subtleties beyond the barriers.
 #pragma once
 
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <sys/mman.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -126,51 +133,242 @@ namespace emu {
   std::abort();
 }
 
+// One cp.async copy in flight (cp_async.cuh): its source is read at issue, it lands at a wait.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+  int n;
+  long long group;  // -1 until committed
+};
+
+// An emulated CUDA thread: a fiber with its own stack, run by the block's scheduler on the
+// launching OS thread.
+struct Fiber {
+#if defined(__x86_64__)
+  void* sp = nullptr;  // saved stack pointer while switched out
+#else
+  ucontext_t ctx;
+#endif
+  unsigned char* stack = nullptr;
+  dim3 tid;
+  bool done = false;
+  std::vector<AsyncCopy> pending;  // this thread's cp.async copies that have not landed
+  long long committed = 0;         // cp.async groups this thread has committed
+};
+
+struct Barrier {
+  unsigned expected = 0, arrived = 0;
+  std::vector<Fiber*> waiting;
+};
+
 struct Block {
   std::vector<unsigned char> storage;
   unsigned char* smem = nullptr;  // 128-byte aligned, like __align__(128) shared memory
-  std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  Barrier all;
+  std::vector<Barrier> warps;
   std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
   std::atomic<int> vote{0};     // __syncthreads_or
+  std::vector<Fiber*> runnable;
 };
+
 inline thread_local Block* current = nullptr;
+inline thread_local Fiber* self_fiber = nullptr;
+inline thread_local void (*kernel_body)(void*) = nullptr;  // the launch's kernel call, type-erased
+inline thread_local void* kernel_args = nullptr;
 
 inline unsigned char* dynamic_smem() { return current->smem; }
+
+// The scheduler's random choices: xorshift64*, seeded once per process from VITFAST_EMU_SEED.
+inline uint64_t random_u64() {
+  static thread_local uint64_t state = [] {
+    const char* s = std::getenv("VITFAST_EMU_SEED");
+    const uint64_t seed = s ? std::strtoull(s, nullptr, 0) : 0x9E3779B97F4A7C15ull;
+    return seed ? seed : 1ull;
+  }();
+  state ^= state >> 12;
+  state ^= state << 25;
+  state ^= state >> 27;
+  return state * 0x2545F4914F6CDD1Dull;
+}
+
+constexpr size_t kFiberStack = size_t(8) << 20;  // like a pthread's default; pages are touched lazily
+
+inline void fiber_main() {
+  kernel_body(kernel_args);
+  self_fiber->done = true;
+}
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the stack pointer of the running context into *save_sp and
+// resumes the one saved at to_sp. A new fiber's stack starts with a frame that "returns" into
+// vitfast_emu_fiber_start, which calls the function in r13 (fiber_entry) and never returns.
+extern "C" void vitfast_emu_switch(void** save_sp, void* to_sp);
+extern "C" void vitfast_emu_fiber_start();
+asm(R"(
+  .pushsection .text
+  .weak vitfast_emu_switch
+  .type vitfast_emu_switch, @function
+vitfast_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size vitfast_emu_switch, .-vitfast_emu_switch
+  .weak vitfast_emu_fiber_start
+  .type vitfast_emu_fiber_start, @function
+vitfast_emu_fiber_start:
+  callq *%r13
+  ud2
+  .size vitfast_emu_fiber_start, .-vitfast_emu_fiber_start
+  .popsection
+)");
+
+inline thread_local void* scheduler_sp = nullptr;
+
+inline void fiber_entry() {
+  fiber_main();
+  vitfast_emu_switch(&self_fiber->sp, scheduler_sp);  // a finished fiber is never resumed
+  __builtin_trap();
+}
+inline void prepare(Fiber& f) {
+  const uintptr_t top = reinterpret_cast<uintptr_t>(f.stack + kFiberStack) & ~uintptr_t(15);
+  // popped by vitfast_emu_switch: r15, r14, r13, r12, rbx, rbp, then the return address; the
+  // start routine then runs with a 16-byte aligned stack, as the ABI wants before a call
+  auto* sp = reinterpret_cast<uint64_t*>(top - 72);
+  const uint64_t frame[7] = {0, 0, reinterpret_cast<uint64_t>(&fiber_entry), 0, 0, 0,
+                             reinterpret_cast<uint64_t>(&vitfast_emu_fiber_start)};
+  std::memcpy(sp, frame, sizeof(frame));
+  f.sp = sp;
+}
+inline void switch_in(Fiber& f) { vitfast_emu_switch(&scheduler_sp, f.sp); }
+inline void switch_out() { vitfast_emu_switch(&self_fiber->sp, scheduler_sp); }
+#else
+// Portable fallback (slower: glibc's swapcontext makes a system call per switch).
+inline thread_local ucontext_t scheduler_ctx;
+inline void fiber_entry() {
+  fiber_main();
+  swapcontext(&self_fiber->ctx, &scheduler_ctx);
+  std::abort();
+}
+inline void prepare(Fiber& f) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kFiberStack;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_entry, 0);
+}
+inline void switch_in(Fiber& f) { swapcontext(&scheduler_ctx, &f.ctx); }
+inline void switch_out() { swapcontext(&self_fiber->ctx, &scheduler_ctx); }
+#endif
+
+// Fibers (and their stacks) are kept for the process's life and reused by every block.
+inline Fiber* fiber(unsigned t) {
+  static thread_local std::vector<std::unique_ptr<Fiber>> pool;
+  while (pool.size() <= t) {
+    auto f = std::make_unique<Fiber>();
+    void* p = mmap(nullptr, kFiberStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("cannot map a thread's stack");
+    mprotect(p, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    f->stack = static_cast<unsigned char*>(p);
+    pool.push_back(std::move(f));
+  }
+  return pool[t].get();
+}
+
+// A thread waits at a barrier; the last one to arrive makes every waiter runnable again. Each
+// arrival hands control back to the scheduler, which picks the next thread at random.
+inline void barrier_wait(Barrier& b) {
+  Fiber* f = self_fiber;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    for (Fiber* w : b.waiting) current->runnable.push_back(w);
+    b.waiting.clear();
+    current->runnable.push_back(f);
+  } else {
+    b.waiting.push_back(f);
+  }
+  switch_out();
+}
+
+inline void run_block(dim3 grid3, dim3 block3, unsigned b, size_t smem) {
+  const unsigned n = block3.x * block3.y * block3.z;
+  Block blk;
+  blk.storage.assign(smem + 128, 0xA5);  // garbage, like real shared memory
+  blk.smem = blk.storage.data() + (128 - reinterpret_cast<uintptr_t>(blk.storage.data()) % 128) % 128;
+  blk.all.expected = n;
+  blk.warps.resize(n / 32);
+  for (auto& w : blk.warps) w.expected = 32;
+  blk.lanes.assign(n, 0);
+  for (unsigned t = 0; t < n; ++t) {
+    Fiber* f = fiber(t);
+    f->tid = dim3(t % block3.x, t / block3.x % block3.y, t / (block3.x * block3.y));
+    f->done = false;
+    f->pending.clear();
+    f->committed = 0;
+    prepare(*f);
+    blk.runnable.push_back(f);
+  }
+  current = &blk;
+  blockIdx = dim3(b % grid3.x, b / grid3.x % grid3.y, b / (grid3.x * grid3.y));
+  blockDim = block3;
+  gridDim = grid3;
+  unsigned finished = 0;
+  while (!blk.runnable.empty()) {
+    const size_t i = random_u64() % blk.runnable.size();
+    Fiber* f = blk.runnable[i];
+    blk.runnable[i] = blk.runnable.back();
+    blk.runnable.pop_back();
+    self_fiber = f;
+    threadIdx = f->tid;
+    switch_in(*f);  // back here when the thread waits at a barrier, arrives last at one, or ends
+    finished += f->done;
+  }
+  current = nullptr;
+  self_fiber = nullptr;
+  if (finished != n) {
+    static char msg[200];
+    std::snprintf(msg, sizeof msg,
+                  "deadlock: %u of %u threads of block %u wait at a barrier that the others never reach "
+                  "(they ended, or wait at a different one)",
+                  n - finished, n, b);
+    fail(msg);
+  }
+}
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid3, dim3 block3, size_t smem, Args... args) {
   const unsigned block = block3.x * block3.y * block3.z;
   if (block % 32 != 0) fail("block size must be a multiple of 32");
-  for (unsigned b = 0; b < grid3.x * grid3.y * grid3.z; ++b) {
-    Block blk;
-    blk.storage.assign(smem + 128, 0xA5);  // garbage, like real shared memory
-    blk.smem = blk.storage.data() + (128 - reinterpret_cast<uintptr_t>(blk.storage.data()) % 128) % 128;
-    blk.all = std::make_unique<std::barrier<>>(block);
-    for (unsigned w = 0; w < block / 32; ++w) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
-    blk.lanes.assign(block, 0);
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (unsigned t = 0; t < block; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx = dim3(t % block3.x, t / block3.x % block3.y, t / (block3.x * block3.y));
-        blockIdx = dim3(b % grid3.x, b / grid3.x % grid3.y, b / (grid3.x * grid3.y));
-        blockDim = block3;
-        gridDim = grid3;
-        current = &blk;
-        kernel(args...);
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
+  auto call = [&] { kernel(args...); };
+  kernel_body = [](void* c) { (*static_cast<decltype(call)*>(c))(); };
+  kernel_args = &call;
+  // blocks in a random order: a kernel must not depend on the order in which blocks run
+  const unsigned blocks = grid3.x * grid3.y * grid3.z;
+  std::vector<unsigned> order(blocks);
+  for (unsigned b = 0; b < blocks; ++b) order[b] = b;
+  for (unsigned b = blocks; b > 1; --b) std::swap(order[b - 1], order[random_u64() % b]);
+  for (unsigned b : order) run_block(grid3, block3, b, smem);
+  kernel_body = nullptr;
+  kernel_args = nullptr;
 }
 
 }  // namespace emu
 }  // namespace vitfast
 
-inline void __syncthreads() { vitfast::emu::current->all->arrive_and_wait(); }
+inline void __syncthreads() { vitfast::emu::barrier_wait(vitfast::emu::current->all); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  vitfast::emu::current->warps[emu_linear_tid() / 32]->arrive_and_wait();
+  vitfast::emu::barrier_wait(vitfast::emu::current->warps[emu_linear_tid() / 32]);
 }
 inline int __syncthreads_or(int predicate) {
   auto* blk = vitfast::emu::current;
