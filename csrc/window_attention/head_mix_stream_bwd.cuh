@@ -1,8 +1,10 @@
 // Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...) --
 // and windows the register kernels do not take (Mini-Swin's stage 2), with 3, 4, 6 or 8 heads of
 // <= 64 channels, fp16/bf16, with or without a table and a mask, on the register pattern of the
-// streaming forward (head_mix_stream.cuh). Included by the 16-bit head_mix_bwd_<dtype>_cuda.cu
-// units (through head_mix_dtype.cuh) only.
+// streaming forward (head_mix_stream.cuh). Compiled in two units per 16-bit dtype, one per kernel
+// (head_mix_stream_bwd_<dtype>_cuda.cu: the query-major kernel and the host sequence;
+// head_mix_stream_bwd_kv_<dtype>_cuda.cu: the key-major kernel), so that neither is the build's
+// critical path; they meet through head_mix_stream_bwd_entry.h.
 //
 // Why: the tile backward (head_mix_bwd.cuh) measured 6.25 of DeiT-S's 8.05 ms forward+backward
 // (B128 H6 N197 d64 bf16, benchmarks/RESULTS.md) against 0.64 ms for SDPA's whole step.
@@ -39,6 +41,7 @@
 #pragma once
 
 #include "head_mix_stream.cuh"
+#include "head_mix_stream_bwd_entry.h"
 
 namespace vitfast {
 namespace {
@@ -583,7 +586,8 @@ int64_t mix_stream_bwd_q_blocks(const WindowAttentionBackwardParams& b) {
 }
 
 // Workspace (floats), each part from a multiple of 64: D (windows x heads x N) | the mixed bias
-// (table and mask, as the forward's) | the unmixed table bias (heads x N x N, for d pre) |
+// (table and mask, as the forward's) | the unmixed table bias (heads x N x N, for d pre; none when
+// the glue gave its (heads, N, N) table buffer, p.bias_buffer, which is filled instead) |
 // per-warp mixing sums (blocks x 4 x kMix) and per-block sums (blocks x kMix) | table-gradient
 // sums (blocks x heads x N x N).
 struct MixStreamBwdWorkspace {
@@ -599,7 +603,8 @@ MixStreamBwdWorkspace mix_stream_bwd_workspace_parts(const WindowAttentionBackwa
   ws.bias = end;
   end += round64(mix_stream_bias_floats(p));
   ws.table_bias = end;
-  if (p.table != nullptr && b.grad_pre_mix != nullptr) end += round64(kH * static_cast<int64_t>(p.tokens) * p.tokens);
+  if (p.table != nullptr && b.grad_pre_mix != nullptr && p.bias_buffer == nullptr)
+    end += round64(kH * static_cast<int64_t>(p.tokens) * p.tokens);
   ws.mix = end;
   if (b.grad_pre_mix != nullptr) end += round64(blocks * (kMixStreamWarps + 1) * (2 * kH * kH + kH));
   ws.table = end;
@@ -613,40 +618,59 @@ int64_t mix_stream_bwd_workspace(const WindowAttentionBackwardParams& b) {
   return mix_stream_bwd_workspace_parts<T, kH, D>(b).total;
 }
 
+// The key-major kernel (its own unit, head_mix_stream_bwd_kv_<dtype>_cuda.cu).
+template <typename T, int kH, int D>
+int mix_stream_backward_kv(const WindowAttentionBackwardParams& b, const float* bias, const float* dd,
+                           cudaStream_t stream) {
+  const WindowAttentionParams& p = b.fwd;
+  auto kkv = vec_ok<T>(p, b.grad_out) ? head_mix_bwd_stream_kv_kernel<T, kH, D, true>
+                                      : head_mix_bwd_stream_kv_kernel<T, kH, D, false>;
+  const size_t smem = mix_stream_bwd_layout(kH, D).total;
+  const cudaError_t err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
+  VF_LAUNCH(kkv, static_cast<unsigned>(items), kMixStreamThreads, smem, stream, b, bias, dd);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int mix_stream_launch_kv(const WindowAttentionBackwardParams& b, const float* bias, const float* dd,
+                         cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_stream_bwd_kv_launch_f16(b, bias, dd, stream);
+  else return head_mix_stream_bwd_kv_launch_bf16(b, bias, dd, stream);
+}
+
 template <typename T, int kH, int D>
 int mix_stream_backward(const WindowAttentionBackwardParams& b, float* workspace, cudaStream_t stream) {
   const WindowAttentionParams& p = b.fwd;
-  const bool vec = vec_ok<T>(p, b.grad_out);
-  auto kq = vec ? head_mix_bwd_stream_q_kernel<T, kH, D, true> : head_mix_bwd_stream_q_kernel<T, kH, D, false>;
-  auto kkv = vec ? head_mix_bwd_stream_kv_kernel<T, kH, D, true> : head_mix_bwd_stream_kv_kernel<T, kH, D, false>;
+  auto kq = vec_ok<T>(p, b.grad_out) ? head_mix_bwd_stream_q_kernel<T, kH, D, true>
+                                     : head_mix_bwd_stream_q_kernel<T, kH, D, false>;
   const size_t smem = mix_stream_bwd_layout(kH, D).total;
   cudaError_t err = cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
-  err = cudaFuncSetAttribute(kkv, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return static_cast<int>(err);
   constexpr int kMix = 2 * kH * kH + kH, kThreads = 256;
-  const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
   const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
   const MixStreamBwdWorkspace ws = mix_stream_bwd_workspace_parts<T, kH, D>(b);
   float* dd = workspace;
   float* bias = mix_stream_bias_floats(p) > 0 ? workspace + ws.bias : nullptr;
   float* mix = b.grad_pre_mix != nullptr ? workspace + ws.mix : nullptr;
   float* dtable = b.dbias != nullptr ? workspace + ws.table : nullptr;
-  float* table_bias = p.table != nullptr && mix != nullptr ? workspace + ws.table_bias : nullptr;
+  float* table_bias = nullptr;
   if (bias != nullptr) {  // the forward's mixed bias, rebuilt (the forward's workspace is gone)
     auto fill = head_mix_reg_bias_kernel<kH>;
     VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), kThreads), kThreads, 0, stream, p, bias);
   }
-  if (table_bias != nullptr) {  // the unmixed table bias (heads x N x N), which d pre needs
+  if (p.table != nullptr && mix != nullptr) {  // the unmixed table bias (heads x N x N), which d pre needs
     WindowAttentionParams into = p;
-    into.bias_buffer = table_bias;
+    if (into.bias_buffer == nullptr) into.bias_buffer = workspace + ws.table_bias;
+    table_bias = static_cast<float*>(into.bias_buffer);
     auto fill = head_mix_table_kernel<float>;
     VF_LAUNCH(fill, blocks_for(kH * static_cast<int64_t>(p.tokens) * p.tokens, kThreads), kThreads, 0, stream, into);
   }
   VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, static_cast<const float*>(bias),
             static_cast<const float*>(table_bias), dd, mix, dtable);
-  VF_LAUNCH(kkv, static_cast<unsigned>(items), kMixStreamThreads, smem, stream, b, static_cast<const float*>(bias),
-            static_cast<const float*>(dd));
+  err = static_cast<cudaError_t>(mix_stream_launch_kv<T>(b, bias, dd, stream));
+  if (err != cudaSuccess) return static_cast<int>(err);
   if (dtable != nullptr) {
     const int64_t per_block = kH * static_cast<int64_t>(p.tokens) * p.tokens;
     auto reduce = window_attention_slot_reduce_kernel<float>;
@@ -700,6 +724,14 @@ bool mix_stream_try_backward(const WindowAttentionBackwardParams& b, void* works
     return true;
   }
   return false;
+}
+
+template <typename T>
+int mix_stream_try_backward_kv(const WindowAttentionBackwardParams& b, const float* bias, const float* dd,
+                               cudaStream_t stream) {
+  return with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
+    return mix_stream_backward_kv<T, decltype(h)::value, decltype(d)::value>(b, bias, dd, stream);
+  });
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 #include "window_attention/head_mix_bwd_f64_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_f16_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_bf16_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_kv_f16_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_kv_bf16_cuda.cu"
 
 namespace {
 
