@@ -133,7 +133,8 @@ namespace emu {
   std::abort();
 }
 
-// One cp.async copy in flight (cp_async.cuh): its source is read at issue, it lands at a wait.
+// One cp.async copy in flight (cp_async.cuh): its source is read at issue; it lands at issue or
+// at the wait that covers its group (chosen at random per copy).
 struct AsyncCopy {
   void* dst;
   unsigned char bytes[16];
