@@ -8,12 +8,14 @@ variants, in one run:
 * predictions only (soft cross-entropy against the teacher's logits; the teacher still runs);
 * + attention relations (MiniLMv2: 9 q/k/v relation pairs per layer pair);
 * + hidden relations (the full method, the pipeline's default weights);
-* the full method again with --relation-impl autograd (the direct formulas, their (B, heads, N, N)
-  relations kept for the backward) instead of the default chunked one.
+* the full method again with --relation-impl chunked (eager float32 softmaxes per chunk of
+  relations) and with --relation-impl autograd (the direct formulas, their (B, heads, N, N)
+  relations kept for the backward) instead of the default fused one (the dense soft-target CE
+  kernel on every relation row).
 
 share = (full - predictions only) / full, with the peak memory of each. Then the relation losses
-alone (forward + backward at the captured shapes of those layer pairs, float32), chunked vs autograd:
-time and peak memory.
+alone (forward + backward at the captured shapes of those layer pairs; bf16 autocast on CUDA, as
+in the step), fused vs chunked vs autograd: time and peak memory.
 
     python benchmarks/minivit_relations.py --json rel.json --append-markdown benchmarks/RESULTS.md
     python benchmarks/minivit_relations.py --device cpu --quick      # smoke test of this script
@@ -36,8 +38,9 @@ from vitfast.minivit.pipeline import MiniViTConfig, _loss_fn, parse_pairs
 from vitfast.timing import peak_memory_mb, time_ms
 from markdown_out import emit
 
-VARIANTS = {"predictions only": (0.0, 0.0, "chunked"), "+ attention relations": (1.0, 0.0, "chunked"),
-            "+ hidden relations (full)": (1.0, 0.1, "chunked"),
+VARIANTS = {"predictions only": (0.0, 0.0, "fused"), "+ attention relations": (1.0, 0.0, "fused"),
+            "+ hidden relations (full)": (1.0, 0.1, "fused"),
+            "full, eager softmaxes (chunked)": (1.0, 0.1, "chunked"),
             "full, relations kept by autograd": (1.0, 0.1, "autograd")}
 
 
@@ -76,6 +79,8 @@ def measure(teacher_name: str, device, batch: int, reps: int, relation_heads: in
     results["attention_share"] = (results["+ attention relations"]["step_ms"] - base) / full
     kept = results["full, relations kept by autograd"]["step_ms"]
     results["relation_share_autograd"] = (kept - base) / kept
+    eager = results["full, eager softmaxes (chunked)"]["step_ms"]
+    results["relation_share_chunked"] = (eager - base) / eager
     return results
 
 
@@ -87,11 +92,14 @@ def measure_losses(device, batch: int, reps: int, pairs: int, tokens: int = 197,
     sh = [torch.randn(batch, tokens, width, device=device, requires_grad=True) for _ in range(pairs)]
     th = [torch.randn(batch, tokens, width, device=device) for _ in range(pairs)]
     out = {}
-    for name, (attn, hidden) in {"chunked": (attention_relation_loss_lean, hidden_relation_loss_lean),
-                                 "autograd": (attention_relation_loss, hidden_relation_loss)}.items():
+    impls = {"fused": (attention_relation_loss_lean, hidden_relation_loss_lean),
+             "chunked": (lambda a, b, h: attention_relation_loss_lean(a, b, h, fused=False), hidden_relation_loss_lean),
+             "autograd": (attention_relation_loss, hidden_relation_loss)}
+    for name, (attn, hidden) in impls.items():
         def step():
-            loss = sum(attn(a, b, 1) for a, b in zip(sq, tq)) / pairs + \
-                0.1 * sum(hidden(a, b) for a, b in zip(sh, th)) / pairs
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = sum(attn(a, b, 1) for a, b in zip(sq, tq)) / pairs + \
+                    0.1 * sum(hidden(a, b) for a, b in zip(sh, th)) / pairs
             torch.autograd.grad(loss, sq + sh)
 
         out[name] = {"ms": time_ms(step, device, 2, reps), "peak_mb": peak_memory_mb(step, device)}
@@ -133,10 +141,11 @@ def main(argv=None) -> int:
         mem = "" if v["peak_mb"] is None else f"{v['peak_mb']:.0f}"
         lines.append(f"| {name} | {v['step_ms']:.1f} | {v['img_s']:.0f} | {mem} |")
     lines += ["", f"Relation losses: {100 * r['relation_share']:.0f}% of the full step (attention relations "
-              f"{100 * r['attention_share']:.0f}%) chunked, {100 * r['relation_share_autograd']:.0f}% kept by "
-              "autograd; issue 13 fuses them above 10%.", "",
+              f"{100 * r['attention_share']:.0f}%) fused, {100 * r['relation_share_chunked']:.0f}% with eager "
+              f"softmaxes (chunked), {100 * r['relation_share_autograd']:.0f}% kept by autograd; issue 13 fuses them "
+              "above 10%.", "",
               f"The relation losses alone ({len(r['pairs'])} layer pairs, 197 tokens, width {r['width']}, fwd+bwd, "
-              "float32):",
+              f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}):",
               "", "| impl | ms | peak MB |", "|---|---|---|"]
     for name, v in r["losses_alone"].items():
         mem = "" if v["peak_mb"] is None else f"{v['peak_mb']:.0f}"

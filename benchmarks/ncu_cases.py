@@ -14,6 +14,7 @@ import sys
 import torch
 
 from vitfast import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
+from vitfast.ops.dense_soft_target_ce import dense_soft_target_ce_with_grad
 from vitfast.ops import CovarianceAccumulator
 from window_attention_cases import environ, forced_route, swin_index
 
@@ -28,6 +29,11 @@ def cases(device, small):
     x = torch.randn(1024 // s, 21841, device=device).bfloat16().requires_grad_()
     out["soft_target_ce B1024 C21841 k100 bf16 fwd+bwd"] = \
         lambda: torch.autograd.grad(sparse_soft_target_cross_entropy(x, v, i), x)
+    # MiniViT's relation rows: one chunk of Mini-DeiT-S (48 windows x 9 x 197 rows of 197), bf16
+    rs = torch.randn(48 * 9 * 197 // s, 197, device=device).bfloat16()
+    rt = torch.randn(48 * 9 * 197 // s, 197, device=device).bfloat16()
+    out["dense_soft_target_ce relations R85104 C197 bf16 loss+grad"] = \
+        lambda: dense_soft_target_ce_with_grad(rs, rt, 0.051, 0.051)
     # one 4096-row chunk of the n65536 bar: the bar's update is 16 such launches of each kernel,
     # and ncu replays every launch ~20 times (the whole bar ran past the step's 90 s on the H100)
     y = torch.randn(4096 // s, 3072 // s, device=device) + 100

@@ -21,6 +21,8 @@ import torch
 
 import vitfast
 from vitfast import sparse_soft_target_cross_entropy, topk_softmax
+from vitfast.ops import dense_soft_target_cross_entropy
+from vitfast.ops.dense_soft_target_ce import dense_soft_target_ce_with_grad
 from vitfast.ops.reference import sparse_soft_target_dense
 from vitfast.timing import peak_memory_mb, time_ms
 from head_mix_cases import SHAPES as HEAD_MIX_SHAPES, bench_head_mix, head_mix_bars, head_mix_markdown
@@ -114,6 +116,46 @@ def bench_ce(device, b, c, k, dtype, reps, use_compile, bw_gbs):
     return {"op": "sparse_soft_target_ce fwd+bwd", "shape": f"B{b} C{c} k{k}", "dtype": str(dtype).replace("torch.", ""),
             "times_ms": t, "forward_ms": fwd, "peak_mem_mb": mem,
             "grad_mb": b * c * esize / 2**20, "fp32_bxc_mb": b * c * 4 / 2**20,
+            "floor_ms": bytes_moved / (bw_gbs * 1e9) * 1e3 if bw_gbs else None, "bytes": bytes_moved}
+
+
+def bench_dense_ce(device, rows, c, dtype, scales, reps, use_compile, bw_gbs, label):
+    """Loss and gradient of a dense soft-target CE: the op (through autograd, and as MiniViT's
+    relation losses call it: loss + gradient, no autograd) against the eager float32 form that
+    MiniViT's chunked relation loss ran before (log_softmax, softmax, product, sum, its gradient),
+    and torch.compile of it."""
+    ss, ts = scales
+    nxt = rotating(lambda: ((torch.randn(rows, c, device=device) * 3).to(dtype),
+                            (torch.randn(rows, c, device=device) * 3).to(dtype)))
+
+    def ours():
+        x, t = nxt()
+        x.requires_grad_()
+        return torch.autograd.grad(dense_soft_target_cross_entropy(x, t, ss, ts, reduction="sum"), x)
+
+    def ours_op():
+        return dense_soft_target_ce_with_grad(*nxt(), ss, ts)
+
+    def eager_loss(x, t):
+        return -(torch.softmax(t.float() * ts, -1) * torch.log_softmax(x.float() * ss, -1)).sum()
+
+    def eager(loss_fn):
+        def run():
+            x, t = nxt()
+            x.requires_grad_()
+            return torch.autograd.grad(loss_fn(x, t), x)
+        return run
+
+    t = {"vitfast": time_ms(ours, device, 5, reps), "vitfast (loss+grad op)": time_ms(ours_op, device, 5, reps),
+         "eager float32 softmaxes": time_ms(eager(eager_loss), device, 5, reps)}
+    compiled = maybe_compile(eager_loss, use_compile)
+    if compiled is not None:
+        t["torch.compile(eager)"] = time_ms(eager(compiled), device, 3, reps)
+    mem = {"vitfast": peak_memory_mb(ours, device), "eager float32 softmaxes": peak_memory_mb(eager(eager_loss), device)}
+    esize = torch.empty((), dtype=dtype).element_size()
+    bytes_moved = 3 * rows * c * esize  # both sides read once, the gradient written once
+    return {"op": "dense_soft_target_ce loss+grad", "shape": f"{label} R{rows} C{c}", "dtype": str(dtype).replace("torch.", ""),
+            "times_ms": t, "peak_mem_mb": mem,
             "floor_ms": bytes_moved / (bw_gbs * 1e9) * 1e3 if bw_gbs else None, "bytes": bytes_moved}
 
 
@@ -292,6 +334,13 @@ def main(argv=None) -> int:
         for dtype in ((torch.bfloat16, torch.float16, torch.float32) if c == 21841 else (torch.bfloat16,)):
             cases.append(bench_ce(device, 1024 // scale, c, k, dtype, reps, use_compile, bw))
             print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"], flush=True)
+    # MiniViT's relation rows (one chunk of Mini-DeiT-S's relations: 48 windows x 9 x 197 rows of
+    # 197, bf16 products, scale 384^-1/2) and knowledge distillation against dense logits (T = 4)
+    for rows, c, dtype, scales, label in ((48 * 9 * 197, 197, torch.bfloat16, (384 ** -0.5, 384 ** -0.5), "relations"),
+                                          (1024, 1000, torch.bfloat16, (0.25, 0.25), "KD logits"),
+                                          (1024, 21841, torch.float32, (0.25, 0.25), "KD logits")):
+        cases.append(bench_dense_ce(device, rows // scale, c, dtype, scales, reps, use_compile, bw, label))
+        print(json.dumps(cases[-1]["times_ms"]), cases[-1]["shape"], cases[-1]["dtype"], flush=True)
     for dtype in (torch.float32, torch.bfloat16):
         n, m = (65536, 3072) if not args.quick else (4096, 256)
         cases.append(bench_covariance(device, n, m, dtype, max(3, reps // 5)))

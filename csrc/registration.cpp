@@ -27,6 +27,8 @@ TORCH_LIBRARY(vitfast, m) {
         " -> (Tensor loss, Tensor lse)");
   m.def("sparse_soft_target_ce_backward(Tensor grad_loss, Tensor logits, Tensor values, Tensor indices,"
         " Tensor lse) -> Tensor");
+  m.def("dense_soft_target_ce(Tensor student_logits, Tensor teacher_logits, float student_scale=1.0,"
+        " float teacher_scale=1.0, bool want_grad=False) -> (Tensor loss, Tensor grad)");
   m.def("covariance_update_(Tensor(a!) count, Tensor(b!) mean, Tensor(c!) m2, Tensor y, str method=\"auto\") -> ()");
   m.def("window_attention_forward(Tensor qkv, Tensor? bias_table, Tensor? bias_index, Tensor? mask, int num_heads,"
         " int dim_k, int dim_v, int[] offsets, int head_stride, float scale, int[] window_size, int[] shift_size)"

@@ -10,7 +10,8 @@ import torch
 
 import vitfast
 from vitfast.ops import OPS, head_mix_attention, qkv_layout, window_attention
-from vitfast.ops.reference import (head_mix_attention_reference, sparse_soft_target_cross_entropy_reference,
+from vitfast.ops.reference import (dense_soft_target_cross_entropy_reference, head_mix_attention_reference,
+                                   sparse_soft_target_cross_entropy_reference,
                                    topk_softmax_reference, window_attention_reference)
 
 
@@ -34,6 +35,19 @@ def check_ce(x, k):
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item()), (loss.item(), ref.item())
     err = ((xg.grad.cpu().double() - x64.grad).norm() / x64.grad.norm()).item()
     assert err < tol, f"CE grad rel err {err} for {tuple(x.shape)} {x.dtype}"
+
+
+def check_dense_ce(s, t, scales=(1.0, 1.0)):
+    sg = s.detach().requires_grad_()
+    loss = vitfast.ops.dense_soft_target_cross_entropy(sg, t, *scales, reduction="sum")
+    loss.backward()
+    s64 = s.detach().cpu().double().requires_grad_()
+    ref = dense_soft_target_cross_entropy_reference(s64, t.cpu(), *scales, "sum")
+    ref.backward()
+    tol = 1e-2 if s.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item()), (loss.item(), ref.item())
+    err = ((sg.grad.cpu().double() - s64.grad).norm() / s64.grad.norm()).item()
+    assert err < tol, f"dense CE grad rel err {err} for {tuple(s.shape)} {s.dtype}"
 
 
 def check_cov(y, chunks_of, method="auto"):
@@ -175,6 +189,15 @@ CASES = {
         *[lambda d, t=t: check_ce(torch.randn(2, 2003, device=d).to(t)[:, 3:], 50) for t in (BF16, H16, F32)],
         lambda d: check_ce(torch.randn(2, 5, device=d), 5),          # k = C
         lambda d: check_ce(torch.randn(4, 1000, device=d) * 3 + 1e4, 10),  # large logits: float64 lse
+    ],
+    "dense_soft_target_cross_entropy": [
+        # relation rows (warp per row), misaligned rows, block per row with -inf teacher entries
+        *[lambda d, t=t: check_dense_ce(torch.randn(40, 197, device=d).to(t), torch.randn(40, 197, device=d).to(t),
+                                        (0.125, 0.1)) for t in (BF16, H16, F32, torch.float64)],
+        lambda d: check_dense_ce(torch.randn(5, 52, device=d).half()[:, 1:], torch.randn(5, 52, device=d)[:, 1:]),
+        lambda d: check_dense_ce(torch.randn(3, 3000, device=d),
+                                 torch.randn(3, 3000, device=d).index_fill_(1, torch.arange(0, 3000, 7, device=d),
+                                                                            float("-inf"))),
     ],
     "covariance_update": [
         *[lambda d, t=t: check_cov((torch.randn(1500, 70, device=d) + 50).to(t), 700) for t in (F32, BF16, H16)],

@@ -191,7 +191,7 @@ def test_every_fault_kind_is_refused_alike(fault):
     assert "err" in outcomes, outcomes
 
 
-# --- topk_softmax / sparse_soft_target_cross_entropy / covariance_update_ ----------------------------
+# --- topk_softmax / sparse and dense soft-target cross-entropy / covariance_update_ ------------------
 
 
 @FUZZ
@@ -246,6 +246,34 @@ def test_soft_target_paths_agree(rows, classes, k, dtype, index_dtype, corrupt, 
         return [loss.detach()] + ([torch.autograd.grad(loss, x)[0]] if x.requires_grad else [])
 
     both_paths(run, lambda a, b: close(a, b, logits.dtype))
+
+
+@FUZZ
+@given(rows=st.sampled_from([0, 1, 4]), classes=st.sampled_from([0, 1, 6, 30]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.int32]),
+       teacher_dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.int64]),
+       scales=st.sampled_from([(1.0, 1.0), (0.25, 2.0), (0.0, 1.0), (1.0, -1.0), (float("nan"), 1.0),
+                               (1.0, float("inf"))]),
+       corrupt=st.sampled_from(["none", "none", "none", "shape", "dims", "neg_inf"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_dense_soft_target_paths_agree(rows, classes, dtype, teacher_dtype, scales, corrupt, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(teacher_dtype)
+    if corrupt == "shape":
+        t = t[:, :-1] if classes else t.reshape(rows, 1, 0)
+    elif corrupt == "dims":
+        s, t = s.reshape(-1), t.reshape(-1)
+    elif corrupt == "neg_inf" and t.is_floating_point() and rows and classes > 1:
+        t[0, 0] = float("-inf")
+
+    def run():
+        x = s.clone().requires_grad_(s.dtype == torch.float64)
+        loss = vitfast.dense_soft_target_cross_entropy(x, t, *scales, reduction="sum")
+        return [loss.detach()] + ([torch.autograd.grad(loss, x)[0]] if x.requires_grad else [])
+
+    both_paths(run, lambda a, b: close(a, b, s.dtype if s.dtype == torch.float64 or teacher_dtype != torch.float64
+                                       else torch.float64))
 
 
 @FUZZ

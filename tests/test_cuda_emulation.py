@@ -150,6 +150,19 @@ def test_emulated_soft_target_ce_matches_reference(results, name):
     assert r["grad"] < CE_GRAD_TOL[dtype], r
 
 
+@pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("dense_ce")])
+def test_emulated_dense_soft_target_ce_matches_reference(results, name):
+    r = results[name]
+    dtype = KERNEL_CASES[name][0]
+    assert r["loss_dtype_ok"] == 1.0, r
+    # float32 math on the device (float64 when either side is): __expf's few ulp on the loss
+    assert r["loss"] < (1e-12 if dtype == torch.float64 else 1e-5), r
+    if "no_grad" in name:
+        assert r["grad"] == 1.0, r  # no gradient tensor when none is wanted
+    else:
+        assert r["grad"] < CE_GRAD_TOL[dtype], r
+
+
 @pytest.mark.parametrize("name", [n for n in KERNEL_CASES if n.startswith("cov")])
 def test_emulated_covariance_matches_reference(results, name):
     r = results[name]

@@ -34,7 +34,8 @@ def test_benchmark_runner_quick_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     ops = {c["op"] for c in report["cases"]}
-    assert {"topk_softmax", "covariance_update", "window_attention", "head_mix_attention"} <= ops
+    assert {"topk_softmax", "covariance_update", "window_attention", "head_mix_attention",
+            "dense_soft_target_ce loss+grad"} <= ops
     assert any("head_mix_attention" in b["what"] for b in report["bars"])
     assert "Head-mixing attention" in (tmp_path / "r.md").read_text()
 
@@ -54,7 +55,8 @@ def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["results"]
     assert 0 < r["predictions only"]["step_ms"] and -1 < r["relation_share"] < 1
-    assert set(r["losses_alone"]) == {"chunked", "autograd"} and r["width"] == 384
+    assert set(r["losses_alone"]) == {"fused", "chunked", "autograd"} and r["width"] == 384
+    assert -1 < r["relation_share_chunked"] < 1
 
 
 def test_host_overhead_benchmark_on_cpu(tmp_path):

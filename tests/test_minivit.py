@@ -220,21 +220,23 @@ def _attention_relations_f64(s, t, heads):
     return total / 9
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the fused row op (default) or eager softmaxes
 @pytest.mark.parametrize("chunk", [1 << 24, 60])  # one chunk; a few windows per chunk
 @pytest.mark.parametrize("heads", [1, 2])
-def test_lean_relation_losses_match_the_formulas(chunk, heads, monkeypatch):
+def test_lean_relation_losses_match_the_formulas(chunk, heads, fused, monkeypatch):
     """The recomputing relation losses (vitfast.minivit.relations) give the direct formulas'
-    values and gradients in float64, chunked or not, and pass gradcheck."""
+    values and gradients in float64, chunked or not, fused or not, and pass gradcheck."""
     from vitfast.minivit import relations
 
     monkeypatch.setattr(relations, "CHUNK_ENTRIES", chunk)
     s = torch.randn(5, 7, 3 * 8, dtype=torch.float64, requires_grad=True)
     t = torch.randn(5, 7, 3 * 12, dtype=torch.float64)  # a wider teacher: its own scale
-    got, ref = relations.attention_relation_loss_lean(s, t, heads), _attention_relations_f64(s, t, heads)
+    got = relations.attention_relation_loss_lean(s, t, heads, fused=fused)
+    ref = _attention_relations_f64(s, t, heads)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-10,
                                atol=1e-14)
-    assert torch.autograd.gradcheck(lambda x: relations.attention_relation_loss_lean(x, t, heads), (s,))
+    assert torch.autograd.gradcheck(lambda x: relations.attention_relation_loss_lean(x, t, heads, fused=fused), (s,))
     h, ht = torch.randn(4, 6, 10, dtype=torch.float64, requires_grad=True), torch.randn(4, 6, 14, dtype=torch.float64)
     n = lambda v: torch.nn.functional.normalize(v, dim=-1)  # noqa: E731
     ref = ((n(h) @ n(h).transpose(-1, -2) - n(ht) @ n(ht).transpose(-1, -2)) ** 2).mean() * 6
@@ -248,7 +250,8 @@ def test_lean_relation_losses_match_the_formulas(chunk, heads, monkeypatch):
         relations.attention_relation_loss_lean(s, t, 5)
 
 
-def test_lean_attention_relations_under_autocast():
+@pytest.mark.parametrize("fused", [True, False])
+def test_lean_attention_relations_under_autocast(fused):
     """Under bf16 autocast the relation products run in bf16 (softmaxes and loss in float32): the
     loss and gradient stay within bf16 rounding of the float64 formula; the gradient is float32."""
     from vitfast.minivit import relations
@@ -258,7 +261,7 @@ def test_lean_attention_relations_under_autocast():
     ref = _attention_relations_f64(s.double(), t.double(), 2)
     ref_grad = torch.autograd.grad(_attention_relations_f64(s.double(), t.double(), 2), s)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = relations.attention_relation_loss_lean(s.bfloat16(), t.bfloat16(), 2)
+        got = relations.attention_relation_loss_lean(s.bfloat16(), t.bfloat16(), 2, fused=fused)
     assert got.dtype == torch.float32
     (g,) = torch.autograd.grad(got, s)
     assert g.dtype == torch.float32

@@ -200,11 +200,11 @@ def test_relation_impl_option_reaches_the_config_and_is_checked():
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    for impl in ("chunked", "autograd"):
+    for impl in ("fused", "chunked", "autograd"):
         a = parser.parse_args(["minivit", "--relation-impl", impl, "--no-ablation"])
         assert config_from_args(a).relation_impl == impl
-    assert MiniViTConfig().relation_impl == "chunked"
+    assert MiniViTConfig().relation_impl == "fused"
     with pytest.raises(UserError, match="--relation-impl"):
-        MiniViTConfig(relation_impl="fused").validate()
+        MiniViTConfig(relation_impl="flash").validate()
     with pytest.raises(SystemExit):
-        parser.parse_args(["minivit", "--relation-impl", "fused"])
+        parser.parse_args(["minivit", "--relation-impl", "flash"])

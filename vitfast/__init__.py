@@ -1,6 +1,7 @@
 """vitfast: fused CUDA kernels and pipelines that make vision transformers small and fast to train."""
 from ._ext import build_info, cuda_kernels_built, extension_loaded
-from .ops import head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax, window_attention
+from .ops import (dense_soft_target_cross_entropy, head_mix_attention, sparse_soft_target_cross_entropy, topk_softmax,
+                  window_attention)
 from .patching import patch, patchable, patched_modules, register_patch, unpatch
 
 
@@ -26,5 +27,6 @@ __all__ = [
     "window_attention",
     "head_mix_attention",
     "sparse_soft_target_cross_entropy",
+    "dense_soft_target_cross_entropy",
     "topk_softmax",
 ]

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_window_attention import make_case  # noqa: E402
 
 from vitfast.ops import OPS, qkv_layout  # noqa: E402
-from vitfast.ops.reference import (head_mix_attention_reference,  # noqa: E402
+from vitfast.ops.reference import (dense_soft_target_cross_entropy_reference,  # noqa: E402
+                                   head_mix_attention_reference,
                                    sparse_soft_target_cross_entropy_reference, topk_softmax_reference,
                                    window_attention_reference)
 
@@ -234,6 +235,35 @@ def ce_case(make, k):
     return run
 
 
+def dense_ce_case(make, scales=(1.0, 1.0), teacher_dtype=None, want_grad=True):
+    """make() -> (student, teacher); the teacher in its own dtype when given (mixed dtypes)."""
+    def run(mod):
+        s, t = make()
+        if teacher_dtype is not None:
+            t = t.to(teacher_dtype)
+        loss, grad = mod.dense_soft_target_ce(s, t, scales[0], scales[1], want_grad)
+        s64 = s.double().requires_grad_()
+        ref = dense_soft_target_cross_entropy_reference(s64, t, *scales, "none")
+        (rg,) = torch.autograd.grad(ref.sum(), s64)
+        out = {"loss": rel(loss, ref), "loss_dtype_ok": float(loss.dtype == ref.dtype if torch.float64 in
+                                                               (s.dtype, t.dtype) else loss.dtype == torch.float32)}
+        out["grad"] = rel(grad, rg) if want_grad else float(grad.numel() == 0)
+        return out
+    return run
+
+
+def _pair(rows, cols, dtype, sl=None, scale=3.0, neg_inf=False):
+    """Student and teacher logits of one dtype; `sl` slices the columns (rows not 16-byte aligned);
+    neg_inf: teacher -inf entries, some where the student is -inf too (they must add nothing)."""
+    def make():
+        s, t = (torch.randn(rows, cols) * scale).to(dtype), (torch.randn(rows, cols) * scale).to(dtype)
+        if neg_inf:
+            t[:, ::7] = float("-inf")
+            s[:, ::14] = float("-inf")
+        return (s[:, sl], t[:, sl]) if sl is not None else (s, t)
+    return make
+
+
 def cov_case(make, chunk, cc_major=9, method="auto", gemm_chunk_rows=4096):
     """Streams y in parts of `chunk` rows; `gemm_chunk_rows` small: several split-GEMM chunks."""
     def run(mod):
@@ -269,6 +299,16 @@ KERNEL_CASES = {
     # logits near 1e4: the loss is a small difference of large sums (found on the H100)
     "ce_fp32_large_logits": (torch.float32, ce_case(lambda: torch.randn(4, 1000) * 3 + 1e4, 10)),
     "ce_fp64_k_equals_c": (torch.float64, ce_case(lambda: torch.randn(2, 5).double(), 5)),
+    # dense soft-target CE: warp-per-row (<= 1024 classes) and block-per-row paths
+    "dense_ce_bf16_relation_rows": (torch.bfloat16, dense_ce_case(_pair(37, 197, torch.bfloat16), (0.125, 0.09))),
+    "dense_ce_fp16_misaligned": (torch.float16, dense_ce_case(_pair(5, 51, torch.float16, sl=slice(1, None)))),
+    "dense_ce_fp32_block_rows_neg_inf": (torch.float32, dense_ce_case(_pair(3, 3000, torch.float32, neg_inf=True),
+                                                                      (0.5, 0.25))),
+    "dense_ce_fp32_warp_rows_neg_inf": (torch.float32, dense_ce_case(_pair(9, 100, torch.float32, neg_inf=True))),
+    "dense_ce_fp64_teacher_bf16_block": (torch.float64, dense_ce_case(_pair(2, 1500, torch.float64), (1.0, 2.0),
+                                                                      teacher_dtype=torch.bfloat16)),
+    "dense_ce_bf16_fp32_teacher_no_grad": (torch.bfloat16, dense_ce_case(_pair(6, 40, torch.bfloat16),
+                                                                          teacher_dtype=torch.float32, want_grad=False)),
     # one-kernel route: 3xTF32 tensor cores (forced where auto would pick the split GEMM) or SIMT
     "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
     "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),

@@ -3,6 +3,8 @@
 
 #include "soft_target_ce/soft_target_ce_op.h"
 #include "soft_target_ce/soft_target_ce_cuda.cu"
+#include "soft_target_ce/dense_soft_ce_op.h"
+#include "soft_target_ce/dense_soft_ce_cuda.cu"
 
 namespace {
 
@@ -22,9 +24,19 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
   return call.grad_logits;
 }
 
+std::tuple<at::Tensor, at::Tensor> dense(const at::Tensor& student, const at::Tensor& teacher, double student_scale,
+                                         double teacher_scale, bool want_grad) {
+  vitfast::DenseSoftCECall call =
+      vitfast::prepare_dense_soft_ce(student, teacher, student_scale, teacher_scale, want_grad);
+  const int err = vitfast::dense_soft_ce_cuda(call.params, nullptr);
+  TORCH_CHECK(err == 0, "emulated dense soft-target CE failed with ", err);
+  return {call.loss, call.grad};
+}
+
 }  // namespace
 
 void register_soft_target_ce(pybind11::module_& m) {
   m.def("soft_target_ce_forward", &forward);
   m.def("soft_target_ce_backward", &backward);
+  m.def("dense_soft_target_ce", &dense);
 }

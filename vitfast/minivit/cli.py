@@ -35,10 +35,11 @@ def add_parser(sub) -> None:
     g.add_argument("--attn-weight", type=float, default=d.attn_weight, help="attention-relation loss weight")
     g.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="hidden-relation loss weight")
     g.add_argument("--relation-heads", type=int, default=d.relation_heads)
-    g.add_argument("--relation-impl", choices=["chunked", "autograd"], default=d.relation_impl,
-                   help="chunked (default): each relation loss computes value and gradient together, a chunk of "
+    g.add_argument("--relation-impl", choices=["fused", "chunked", "autograd"], default=d.relation_impl,
+                   help="fused (default): each relation loss computes value and gradient together, a chunk of "
                         "windows at a time, keeping no (B, heads, N, N) relation for the backward (autograd keeps "
-                        "GBs of them at ImageNet shapes); same values")
+                        "GBs of them at ImageNet shapes), the softmaxes and cross-entropy of every relation row in one "
+                        "fused kernel pass; chunked: the same with eager float32 softmaxes; same values")
     g.add_argument("--layer-pairs", help="student:teacher layer pairs, e.g. '1:1,3:3' (default: the official rule)")
     g.add_argument("--store", help="a TinyViT logit store (vitfast tinyvit save-logits) for the prediction term: "
                                    "images replayed with the store's augmentation, no teacher run for predictions")

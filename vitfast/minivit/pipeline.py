@@ -27,6 +27,8 @@ from .distill import Capture, attention_relation_loss, default_pairs, hidden_rel
 from .multiplex import multiplex, param_groups, save_mini
 from .relations import attention_relation_loss_lean, hidden_relation_loss_lean
 
+RELATION_IMPLS = ("fused", "chunked", "autograd")
+
 DIGITS = "vitfast_digits_vit"
 
 
@@ -50,11 +52,13 @@ class MiniViTConfig:
     attn_weight: float = 1.0            # attention relations (MiniLMv2)
     hidden_weight: float = 0.1          # hidden-state relations
     relation_heads: int = 1
-    # "chunked": each relation loss computes its value and its gradient together, a chunk of
-    # windows at a time, and keeps only the (B, N, C) gradient (vitfast.minivit.relations);
-    # "autograd": the direct formulas, whose saved (B, heads, N, N) relations grow to GBs at
-    # ImageNet shapes. Same values.
-    relation_impl: str = "chunked"
+    # "fused": each relation loss computes its value and its gradient together, a chunk of
+    # windows at a time, and keeps only the (B, N, C) gradient (vitfast.minivit.relations), the
+    # softmaxes, cross-entropy and gradient of every relation row in one pass of the fused
+    # dense soft-target CE kernel; "chunked": the same with eager float32 softmaxes (~15 passes
+    # over each chunk's relations); "autograd": the direct formulas, whose saved (B, heads, N, N)
+    # relations grow to GBs at ImageNet shapes. Same values.
+    relation_impl: str = "fused"
     layer_pairs: str | None = None      # "1:1,3:3" (student:teacher); default: default_pairs
     # a TinyViT logit store (vitfast tinyvit save-logits) as the prediction term's teacher: the
     # images are replayed with the store's augmentation and mixup, and the teacher itself runs
@@ -88,8 +92,9 @@ class MiniViTConfig:
         for name in ("attn_weight", "hidden_weight", "mixup", "cutmix", "reprob", "smoothing"):
             if getattr(self, name) < 0:
                 raise UserError(f"argument --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.relation_impl not in ("chunked", "autograd"):
-            raise UserError(f"argument --relation-impl must be 'chunked' or 'autograd', got {self.relation_impl!r}")
+        if self.relation_impl not in RELATION_IMPLS:
+            raise UserError(f"argument --relation-impl must be one of {', '.join(RELATION_IMPLS)}, "
+                            f"got {self.relation_impl!r}")
         if self.relation_heads < 1:
             raise UserError(f"argument --relation-heads must be >= 1, got {self.relation_heads}")
         if self.batch_size < 2:
@@ -236,8 +241,14 @@ def _add_relations(cfg, cap_s, cap_t, parts, total):
         return total
     sq, sh = cap_s.take()
     tq, th = cap_t.take()
-    attn_loss, hidden_loss = (attention_relation_loss_lean, hidden_relation_loss_lean) \
-        if cfg.relation_impl == "chunked" else (attention_relation_loss, hidden_relation_loss)
+    if cfg.relation_impl == "autograd":
+        attn_loss, hidden_loss = attention_relation_loss, hidden_relation_loss
+    else:
+        fused = cfg.relation_impl == "fused"
+        hidden_loss = hidden_relation_loss_lean
+
+        def attn_loss(a, b, heads):
+            return attention_relation_loss_lean(a, b, heads, fused=fused)
     if cfg.attn_weight > 0:
         rel = sum(attn_loss(a, b, cfg.relation_heads) for a, b in zip(sq, tq)) / len(sq)
         total = total + cfg.attn_weight * rel

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..errors import UserError
+from ..ops.dense_soft_target_ce import dense_soft_target_ce_with_grad
 
 # windows per chunk: at most this many relation entries (float32: 64 MB per tensor) alive at once
 CHUNK_ENTRIES = 1 << 24
@@ -52,7 +53,7 @@ class _AttentionRelationCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, heads: int, want_grad: bool,
-                mm_dtype: torch.dtype) -> torch.Tensor:
+                mm_dtype: torch.dtype, fused: bool) -> torch.Tensor:
         acc = torch.promote_types(student.dtype, torch.float32)
         s = _tokens_stacked(student, heads).to(mm_dtype)  # (W, h, 3N, d)
         t = _tokens_stacked(teacher, heads).to(mm_dtype)
@@ -64,6 +65,16 @@ class _AttentionRelationCE(torch.autograd.Function):
         gs = torch.empty(s.shape, dtype=acc, device=s.device) if want_grad else None
         for a, b in _chunks(w, 9 * h, n):
             sc, tc = s[a:b], t[a:b]
+            if fused:
+                # (c, h, 3N, 3N) products; each row of N entries is one relation row of one pair:
+                # both softmaxes, the cross-entropy and its gradient in one pass of the fused op
+                rs, rt = sc @ sc.transpose(-1, -2), tc @ tc.transpose(-1, -2)
+                loss, g = dense_soft_target_ce_with_grad(rs.view(-1, n), rt.view(-1, n), scale, t_scale, want_grad)
+                total = total + loss.sum().to(acc)
+                if want_grad:
+                    g = g.view(rs.shape)  # scale (softmax(rs) - softmax(rt)) per relation row
+                    gs[a:b] = ((g + g.transpose(-1, -2)) @ sc).to(acc).mul_(1.0 / rows)
+                continue
             # (c, h, 3N, 3, N): row (i, r) of block j is relation row r of pair (i, j)
             pt = F.softmax((tc @ tc.transpose(-1, -2)).to(acc).mul_(t_scale).unflatten(-1, (3, n)), -1)
             ls = F.log_softmax((sc @ sc.transpose(-1, -2)).to(acc).mul_(scale).unflatten(-1, (3, n)), -1)
@@ -82,7 +93,7 @@ class _AttentionRelationCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (gs,) = ctx.saved_tensors
-        return gs * grad, None, None, None, None
+        return gs * grad, None, None, None, None, None
 
 
 class _HiddenRelationMSE(torch.autograd.Function):
@@ -118,9 +129,12 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def attention_relation_loss_lean(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int = 1) -> torch.Tensor:
+def attention_relation_loss_lean(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int = 1,
+                                 fused: bool = True) -> torch.Tensor:
     """distill.attention_relation_loss as one product per side and chunk, its gradient computed
-    with it; products in the autocast dtype under autocast, softmaxes and the loss in float32."""
+    with it; products in the autocast dtype under autocast, softmaxes and the loss in float32.
+    fused: the softmaxes, the cross-entropy and its gradient per relation row in one pass
+    (vitfast.ops.dense_soft_target_cross_entropy's kernel) instead of ~15 eager float32 passes."""
     if student_qkv.shape[:2] != teacher_qkv.shape[:2]:
         raise UserError(f"attention relations need the same windows and tokens on both sides: student "
                         f"{tuple(student_qkv.shape[:2])}, teacher {tuple(teacher_qkv.shape[:2])}")
@@ -131,7 +145,7 @@ def attention_relation_loss_lean(student_qkv: torch.Tensor, teacher_qkv: torch.T
     acc = torch.promote_types(student_qkv.dtype, torch.float32)
     with torch.autocast(student_qkv.device.type, enabled=False):
         want = torch.is_grad_enabled() and student_qkv.requires_grad
-        return _AttentionRelationCE.apply(student_qkv.to(acc), teacher_qkv.detach(), heads, want, mm_dtype)
+        return _AttentionRelationCE.apply(student_qkv.to(acc), teacher_qkv.detach(), heads, want, mm_dtype, fused)
 
 
 def hidden_relation_loss_lean(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,22 @@ def sparse_soft_target_cross_entropy_reference(
     return reduce_loss(loss, reduction)
 
 
+def dense_soft_target_cross_entropy_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_scale: float = 1.0,
+    teacher_scale: float = 1.0,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """-sum_j softmax(teacher_scale t)_j log_softmax(student_scale s)_j per row, entries of teacher
+    probability 0 adding nothing (differentiable in the student logits; the teacher is a constant)."""
+    a = torch.log_softmax(student_logits.to(compute_dtype) * student_scale, dim=-1)
+    q = torch.softmax(teacher_logits.detach().to(compute_dtype) * teacher_scale, dim=-1)
+    loss = -torch.where(q > 0, q * a, torch.zeros((), dtype=compute_dtype, device=a.device)).sum(-1)
+    return reduce_loss(loss, reduction)
+
+
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
