@@ -15,11 +15,50 @@ namespace {
 inline float exp_np(float v) { return exp_nonpositive(v); }
 inline double exp_np(double v) { return std::exp(v); }
 
-// x[j] = scale * row[j] for one row of base (row r, stride in elements)
+// x[j] = scale * row[j] for row r of base (stride in elements); the dtype switch is per row, so
+// each branch is a plain loop the compiler vectorises
 template <typename Acc>
 void load_scaled(const void* base, DType dt, int64_t stride, int64_t r, int64_t C, Acc scale, Acc* x) {
   const int64_t off = r * stride;
-  for (int64_t j = 0; j < C; ++j) x[j] = scale * host_load<Acc>(base, dt, off + j);
+  switch (dt) {
+    case DType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+      for (int64_t j = 0; j < C; ++j) x[j] = scale * static_cast<Acc>(half_bits_to_float(src[j]));
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+      for (int64_t j = 0; j < C; ++j) x[j] = scale * static_cast<Acc>(bf16_bits_to_float(src[j]));
+      break;
+    }
+    case DType::kFloat32: {
+      const float* src = static_cast<const float*>(base) + off;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) x[j] = scale * static_cast<Acc>(src[j]);
+      break;
+    }
+    default: {
+      const double* src = static_cast<const double*>(base) + off;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) x[j] = scale * static_cast<Acc>(src[j]);
+    }
+  }
+}
+
+// row r of the (rows, C) gradient in dtype dt
+template <typename Acc>
+void store_row(void* base, DType dt, int64_t r, int64_t C, const Acc* g) {
+  if (dt == DType::kFloat32) {
+    float* dst = static_cast<float*>(base) + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) dst[j] = static_cast<float>(g[j]);
+  } else if (dt == DType::kFloat64) {
+    double* dst = static_cast<double*>(base) + r * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) dst[j] = static_cast<double>(g[j]);
+  } else {
+    for (int64_t j = 0; j < C; ++j) host_store<Acc>(base, dt, r * C + j, g[j]);
+  }
 }
 
 template <typename Acc>
@@ -33,9 +72,10 @@ VF_CPU_CLONES void rows(const DenseSoftCEParams& p, int64_t begin, int64_t end) 
     const Acc* ar = a.data();
     const Acc* br = b.data();
     Acc ma = kNegInf, mb = kNegInf;
+#pragma omp simd reduction(max : ma, mb)
     for (int64_t j = 0; j < C; ++j) {
-      ma = std::max(ma, ar[j]);
-      mb = std::max(mb, br[j]);
+      ma = ar[j] > ma ? ar[j] : ma;  // a NaN entry is skipped here and poisons the sums below
+      mb = br[j] > mb ? br[j] : mb;
     }
     // the weighted mean of a is taken relative to the row's first logit: float precision at the
     // spread of a row's logits, not at their size (see the CUDA kernel)
@@ -62,7 +102,7 @@ VF_CPU_CLONES void rows(const DenseSoftCEParams& p, int64_t begin, int64_t end) 
       const Acc q = br[j] == kNegInf ? Acc(0) : exp_np((br[j] - mb) - lb);
       g[j] = gs * (exp_np((ar[j] - ma) - la) - q);
     }
-    for (int64_t j = 0; j < C; ++j) host_store<Acc>(p.grad, p.student_dtype, r * C + j, g[j]);
+    store_row<Acc>(p.grad, p.student_dtype, r, C, g.data());
   }
 }
 
