@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,9 +56,14 @@ def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
     p = run("benchmarks/minivit_relations.py", "--device", "cpu", "--quick", "--json", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["results"]
-    assert 0 < r["predictions only"]["step_ms"] and -1 < r["relation_share"] < 1
+    assert all(0 < v["step_ms"] for k, v in r.items() if isinstance(v, dict) and "step_ms" in v)
+    # the shares as the script defines them (step times of a loaded 2-core machine can swing
+    # either way, so no range is asserted on the values themselves)
+    full, base = r["+ hidden relations (full)"]["step_ms"], r["predictions only"]["step_ms"]
+    assert r["relation_share"] == pytest.approx((full - base) / full)
+    eager = r["full, eager softmaxes (chunked)"]["step_ms"]
+    assert r["relation_share_chunked"] == pytest.approx((eager - base) / eager)
     assert set(r["losses_alone"]) == {"fused", "chunked", "autograd"} and r["width"] == 384
-    assert -1 < r["relation_share_chunked"] < 1
 
 
 def test_host_overhead_benchmark_on_cpu(tmp_path):

@@ -276,9 +276,12 @@ def test_hidden_relation_and_soft_ce():
     n = lambda v: torch.nn.functional.normalize(v, dim=-1)  # noqa: E731
     ref = ((n(x) @ n(x).transpose(-1, -2) - n(y) @ n(y).transpose(-1, -2)) ** 2).mean() * 5
     torch.testing.assert_close(hidden_relation_loss(x, y), ref)
-    a, b = torch.randn(4, 10), torch.randn(4, 10)
+    a, b = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10, requires_grad=True)
     ref = -(torch.softmax(b / 2, -1) * torch.log_softmax(a / 2, -1)).sum(-1).mean()
-    torch.testing.assert_close(soft_cross_entropy(a, b, 2.0), ref)
+    got = soft_cross_entropy(a, b, 2.0)  # the fused op; the teacher is a constant
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(ref, a, retain_graph=True)[0])
+    assert got.grad_fn is not None and b.grad is None
 
 
 def test_default_pairs_reproduce_the_official_swin_t_vs_b():
