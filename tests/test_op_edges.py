@@ -32,6 +32,10 @@ def test_meta_tensors_get_shapes_and_checks():
     assert v.shape == i.shape == (3, 5)
     loss = vitfast.sparse_soft_target_cross_entropy(torch.empty(3, 40, device=meta), v.float(), i, reduction="none")
     assert loss.shape == (3,)
+    s = torch.empty(3, 40, device=meta, dtype=torch.bfloat16, requires_grad=True)
+    loss = vitfast.dense_soft_target_cross_entropy(s, torch.empty(3, 40, device=meta), reduction="none")
+    assert loss.shape == (3,) and loss.dtype == torch.float32
+    assert torch.autograd.grad(loss.sum(), s)[0].shape == (3, 40)
     covariance_update_(torch.zeros((), dtype=torch.float64, device=meta), torch.empty(5, dtype=torch.float64, device=meta),
                        torch.empty(5, 5, dtype=torch.float64, device=meta), torch.empty(7, 5, device=meta))
     with pytest.raises(ValueError, match="argument 'num_heads'"):
@@ -40,6 +44,8 @@ def test_meta_tensors_get_shapes_and_checks():
         vitfast.head_mix_attention(torch.empty(2, 4, 48, device=meta), 2, 8, pre_mix=torch.empty(3, 3, device=meta))
     with pytest.raises(ValueError, match="argument 'k'"):
         vitfast.topk_softmax(torch.empty(3, 40, device=meta), 41)
+    with pytest.raises(ValueError, match="argument 'teacher_logits'"):
+        vitfast.dense_soft_target_cross_entropy(torch.empty(3, 40, device=meta), torch.empty(3, 41, device=meta))
     with pytest.raises(ValueError, match="argument 'm2'"):
         covariance_update_(torch.zeros((), dtype=torch.float64, device=meta),
                            torch.empty(5, dtype=torch.float64, device=meta),
@@ -77,6 +83,10 @@ def _empty_batch_ops():
         loss = vitfast.sparse_soft_target_cross_entropy(x, v, i, reduction="sum")
         loss.backward()
         assert loss.item() == 0 and x.grad.shape == (0, 10)
+        x = torch.randn(0, 10, requires_grad=True)
+        loss = vitfast.dense_soft_target_cross_entropy(x, torch.randn(0, 10), reduction="mean")
+        loss.backward()  # mean of nothing: NaN, as torch's own losses give
+        assert loss.shape == () and x.grad.shape == (0, 10)
         state = (torch.tensor(2.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                  torch.eye(3, dtype=torch.float64))
         covariance_update_(*state, torch.randn(0, 3))
@@ -88,6 +98,7 @@ def _empty_batch_ops():
     lambda: vitfast.topk_softmax(torch.tensor(1.0), 1),
     lambda: vitfast.sparse_soft_target_cross_entropy(torch.tensor(1.0), torch.rand(1, 1), torch.zeros(1, 1,
                                                                                                         dtype=torch.long)),
+    lambda: vitfast.dense_soft_target_cross_entropy(torch.tensor(1.0), torch.tensor(1.0)),
     lambda: vitfast.window_attention(torch.tensor(1.0), 1, 8),
     lambda: vitfast.head_mix_attention(torch.tensor(1.0), 1, 8),
     lambda: covariance_update_(torch.zeros((), dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
