@@ -61,6 +61,24 @@ def test_strided_rows(device):
     check(base.t().contiguous().t()[:15, :1200], t)  # column-major: copied by the op
 
 
+@pytest.mark.parametrize("shape", [(10,), (2, 3, 10), (2, 0, 10)])
+def test_leading_dims(device, shape):
+    """(..., C): any leading dims, the per-row loss shaped like them (token-level distillation)."""
+    s, t = torch.randn(*shape, device=device), torch.randn(*shape, device=device)
+    x = s.clone().requires_grad_()
+    loss = dense_soft_target_cross_entropy(x, t, 0.5, 0.5, reduction="none")
+    assert loss.shape == shape[:-1]
+    loss.sum().backward()
+    x64 = s.cpu().double().requires_grad_()
+    ref = reference(x64, t.cpu(), 0.5, 0.5, "none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-5, atol=1e-6)
+    mean = dense_soft_target_cross_entropy(s, t, 0.5, 0.5)
+    if loss.numel():
+        torch.testing.assert_close(mean, loss.mean())
+
+
 def test_is_kd_cross_entropy(device):
     """Independent of the reference's formula: -sum softmax(t / T) log_softmax(s / T), with the
     KL divergence's entropy term it differs from F.kl_div by exactly H(teacher)."""
@@ -176,7 +194,8 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("call,exc,match", [
     (lambda s, t: dense_soft_target_cross_entropy(s.int(), t), TypeError, "argument 'student_logits' must have dtype"),
     (lambda s, t: dense_soft_target_cross_entropy(s, t.long()), TypeError, "argument 'teacher_logits' must have dtype"),
-    (lambda s, t: dense_soft_target_cross_entropy(s[0], t[0]), ValueError, "argument 'student_logits' must be 2-D"),
+    (lambda s, t: dense_soft_target_cross_entropy(s[0, 0], t[0, 0]), ValueError, "argument 'student_logits' must have a class dim"),
+    (lambda s, t: dense_soft_target_cross_entropy(s.reshape(2, 2, 10), t), ValueError, "argument 'teacher_logits' must have the shape"),
     (lambda s, t: dense_soft_target_cross_entropy(s, t[:, :9]), ValueError, "argument 'teacher_logits' must have the shape"),
     (lambda s, t: dense_soft_target_cross_entropy(s[:, :0], t[:, :0]), ValueError, "argument 'student_logits' must have between"),
     (lambda s, t: dense_soft_target_cross_entropy(s, t, 0.0), ValueError, "argument 'student_scale'"),

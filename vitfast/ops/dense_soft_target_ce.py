@@ -95,10 +95,12 @@ def dense_soft_target_cross_entropy(
     temperature T is student_scale = teacher_scale = 1 / T (multiply by T^2 yourself if wanted).
 
     Args:
-        student_logits: (rows, C) float16/bfloat16/float32/float64; differentiable.
-        teacher_logits: (rows, C), any float dtype; a constant (a teacher that requires grad raises).
+        student_logits: (..., C) float16/bfloat16/float32/float64, any leading dims (token-level
+            distillation: (B, N, C)); differentiable.
+        teacher_logits: the same shape, any float dtype; a constant (a teacher that requires grad
+            raises).
         student_scale, teacher_scale: finite and > 0.
-        reduction: "mean" | "sum" | "none".
+        reduction: "mean" | "sum" | "none" (the loss per row, shaped like the leading dims).
 
     Returns the loss in float32 (float64 when either side is float64). Teacher entries of
     probability 0 (-inf logits) add nothing, even where the student's are -inf too.
@@ -108,13 +110,24 @@ def dense_soft_target_cross_entropy(
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         fail(ValueError, OP, "teacher_logits", "must not require grad (the teacher is a constant of this loss; "
              "pass teacher_logits.detach())")
+    if student_logits.dim() == 0:
+        fail(ValueError, OP, "student_logits", "must have a class dim (..., classes), got a 0-d tensor")
+    lead = student_logits.shape[:-1]
+    if student_logits.dim() != 2:  # leading dims flattened into rows (a view when contiguous)
+        if teacher_logits.shape != student_logits.shape:
+            fail(ValueError, OP, "teacher_logits", f"must have the shape of 'student_logits' "
+                 f"{list(student_logits.shape)}, got {list(teacher_logits.shape)}")
+        rows = math.prod(lead)  # not -1: a (..., 0) input must reach the class-count check
+        student_logits = student_logits.reshape(rows, student_logits.shape[-1])
+        teacher_logits = teacher_logits.reshape(rows, teacher_logits.shape[-1])
     want = torch.is_grad_enabled() and student_logits.requires_grad
     if _ext.native(student_logits.device):
         loss, _ = torch.ops.vitfast.dense_soft_target_ce(student_logits, teacher_logits, float(student_scale),
                                                          float(teacher_scale), want)
-        return reduce_loss(loss, reduction)
-    _ext.warn_fallback(OP, student_logits.device)
-    check_dense_soft_ce_args(student_logits, teacher_logits, student_scale, teacher_scale)
-    acc = _loss_dtype(student_logits, teacher_logits)
-    return dense_soft_target_cross_entropy_reference(student_logits, teacher_logits, student_scale, teacher_scale,
-                                                     reduction, acc)
+    else:
+        _ext.warn_fallback(OP, student_logits.device)
+        check_dense_soft_ce_args(student_logits, teacher_logits, student_scale, teacher_scale)
+        acc = _loss_dtype(student_logits, teacher_logits)
+        loss = dense_soft_target_cross_entropy_reference(student_logits, teacher_logits, student_scale,
+                                                         teacher_scale, "none", acc)
+    return reduce_loss(loss.reshape(lead) if len(lead) != 1 else loss, reduction)
