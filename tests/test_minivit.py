@@ -269,6 +269,27 @@ def test_lean_attention_relations_under_autocast(fused):
     assert ((g.double() - ref_grad).norm() / ref_grad.norm()).item() < 5e-2
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_relation_rows_match_eager_softmaxes_on_every_device(device, autocast):
+    """--relation-impl fused (the dense soft-target CE kernel on every relation row) against the
+    eager float32 softmaxes of the chunked form, on each device: float32, and bf16 autocast (the
+    GPU training setting: products in bf16, both paths round them alike)."""
+    from vitfast.minivit import relations
+
+    s = torch.randn(4, 50, 3 * 32, device=device, requires_grad=True)
+    t = torch.randn(4, 50, 3 * 48, device=device)
+    out = {}
+    for fused in (True, False):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = relations.attention_relation_loss_lean(s, t, 2, fused=fused)
+        out[fused] = (loss, torch.autograd.grad(loss, s)[0])
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[True][0], out[False][0], **tol)
+    torch.testing.assert_close(out[True][1], out[False][1], **tol)
+    ref = _attention_relations_f64(s.detach().cpu().double(), t.cpu().double(), 2)
+    assert abs(out[True][0].item() - ref.item()) / ref.item() < (2e-2 if autocast else 1e-5)
+
+
 def test_hidden_relation_and_soft_ce():
     x = torch.randn(2, 5, 8)
     assert hidden_relation_loss(x, x).item() < 1e-10

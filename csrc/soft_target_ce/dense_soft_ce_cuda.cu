@@ -113,8 +113,10 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
   const int64_t row = kBlock ? static_cast<int64_t>(blockIdx.x)
                              : static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + warp;
   if (row >= p.rows) return;  // whole warps only: the warp path has no block barrier
-  const int first = kBlock ? tid : lane, step = kBlock ? kThreads : 32;
-  const int C = static_cast<int>(p.cols);
+  // column indices: 64-bit on the block path, whose rows may come within a stride of 2^31 - 1
+  using Index = typename std::conditional<kBlock, int64_t, int>::type;
+  const Index first = kBlock ? tid : lane, step = kBlock ? kThreads : 32;
+  const Index C = static_cast<Index>(p.cols);
   const TS* s = static_cast<const TS*>(p.student) + row * p.student_stride;
   const int64_t t0 = row * p.teacher_stride;
   const A ss = static_cast<A>(p.student_scale), ts = static_cast<A>(p.teacher_scale);
@@ -126,11 +128,11 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
   // kUnroll loads of each side in flight per thread before they are used (memory-level
   // parallelism: a warp's row is only ~7 elements per lane at N = 197); a pad of -inf on both
   // sides adds nothing
-  for (int base = first; base < C; base += kUnroll * step) {
+  for (Index base = first; base < C; base += kUnroll * step) {
     A av[kUnroll], bv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = base + u * step;
+      const Index j = base + u * step;
       av[u] = j < C ? ss * to_acc<TS, A>(s[j]) : A(-INFINITY);
       bv[u] = j < C ? ts * load_as<A>(p.teacher, p.teacher_dtype, t0 + j) : A(-INFINITY);
     }
@@ -167,17 +169,17 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
   if (!p.grad) return;
   const A log_sb = static_cast<A>(log(st.sb));
   TS* g = static_cast<TS*>(p.grad) + row * static_cast<int64_t>(C);
-  for (int base = first; base < C; base += kUnroll * step) {
+  for (Index base = first; base < C; base += kUnroll * step) {
     A av[kUnroll], bv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = base + u * step;
+      const Index j = base + u * step;
       av[u] = j < C ? ss * to_acc<TS, A>(s[j]) : A(0);
       bv[u] = j < C ? ts * load_as<A>(p.teacher, p.teacher_dtype, t0 + j) : A(0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = base + u * step;
+      const Index j = base + u * step;
       const A q = bv[u] == -INFINITY ? A(0) : exp_a((bv[u] - st.mb) - log_sb);
       if (j < C) g[j] = from_acc<TS, A>(ss * (exp_a((av[u] - st.ma) - log_sa) - q));
     }
