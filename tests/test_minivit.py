@@ -290,6 +290,19 @@ def test_fused_relation_rows_match_eager_softmaxes_on_every_device(device, autoc
     assert abs(out[True][0].item() - ref.item()) / ref.item() < (2e-2 if autocast else 1e-5)
 
 
+def test_fused_relation_rows_without_the_extension(op_path):
+    """The fused relation path on the fallback (the op's reference with autograd, as without the
+    compiled extension): the float64 formula's values and gradients."""
+    from vitfast.minivit import relations
+
+    s = torch.randn(3, 6, 3 * 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 6, 3 * 8, dtype=torch.float64)
+    got, ref = relations.attention_relation_loss_lean(s, t, 2), _attention_relations_f64(s, t, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-10,
+                               atol=1e-14)
+
+
 def test_hidden_relation_and_soft_ce():
     x = torch.randn(2, 5, 8)
     assert hidden_relation_loss(x, x).item() < 1e-10
