@@ -154,6 +154,10 @@ def test_emulated_soft_target_ce_matches_reference(results, name):
 def test_emulated_dense_soft_target_ce_matches_reference(results, name):
     r = results[name]
     dtype = KERNEL_CASES[name][0]
+    if "without_distribution" in name:  # NaN rows where the reference has them, the rest matching
+        assert r["nan_rows_40"] == r["nan_rows_2000"] == 1.0, r
+        assert max(r["loss_40"], r["loss_2000"]) < 1e-5 and max(r["grad_40"], r["grad_2000"]) < 1e-5, r
+        return
     assert r["loss_dtype_ok"] == 1.0, r
     # float32 math on the device (float64 when either side is): __expf's few ulp on the loss
     assert r["loss"] < (1e-12 if dtype == torch.float64 else 1e-5), r

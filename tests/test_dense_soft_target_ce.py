@@ -120,6 +120,26 @@ def test_neg_inf_entries(device):
     assert rel_err(g[finite], x64.grad[finite]) < 1e-5
 
 
+def test_rows_without_a_distribution_are_nan(device):
+    """A teacher row with no finite logit (or a NaN) has no softmax, nor does a student row of
+    -inf or one with +inf: loss and gradient NaN, like the reference -- never a plausible-looking
+    gradient."""
+    for cols in (30, 3000):  # a warp per row on CUDA, and a block per row
+        s, t = pair(5, cols, torch.float32, device)
+        t[0] = float("-inf")
+        t[1, 3] = float("nan")
+        s[2] = float("-inf")
+        s[3, cols - 1] = float("inf")
+        x = s.clone().requires_grad_()
+        loss = dense_soft_target_cross_entropy(x, t, reduction="none")
+        loss.sum().backward()
+        assert torch.isnan(loss[:4]).all() and torch.isfinite(loss[4])
+        assert torch.isnan(x.grad[:4]).all(-1).all() and torch.isfinite(x.grad[4]).all()
+        ref = reference(s.cpu().double(), t.cpu(), reduction="none")
+        assert torch.isnan(ref[:4]).all()
+        torch.testing.assert_close(loss[4].cpu().double(), ref[4], rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("offset", [1e4, -3e4])
 def test_large_float32_logits(device, offset):
     """Logits near 1e4: the loss and the exponents are taken relative to the row (no rounded lse

@@ -96,10 +96,12 @@ VF_CPU_CLONES void rows(const DenseSoftCEParams& p, int64_t begin, int64_t end) 
     // softmax(a) - q, each exponent as (x - max) - log(sum): no rounded lse near a large max
     const Acc la = static_cast<Acc>(std::log(sa)), lb = static_cast<Acc>(std::log(sb));
     const Acc gs = static_cast<Acc>(p.student_scale);
+    // a teacher row without a finite logit has no softmax: NaN gradient, as its loss
+    const Acc zero_q = sb > 0.0 ? Acc(0) : std::numeric_limits<Acc>::quiet_NaN();
     std::vector<Acc>& g = a;  // a's own entry is read before it is overwritten
 #pragma omp simd
     for (int64_t j = 0; j < C; ++j) {
-      const Acc q = br[j] == kNegInf ? Acc(0) : exp_np((br[j] - mb) - lb);
+      const Acc q = br[j] == kNegInf ? zero_q : exp_np((br[j] - mb) - lb);
       g[j] = gs * (exp_np((ar[j] - ma) - la) - q);
     }
     store_row<Acc>(p.grad, p.student_dtype, r, C, g.data());

@@ -52,15 +52,21 @@ __device__ __forceinline__ A times(A x, A f) {
 // cb sums w (a - ref) with ref the row's first student logit: the loss (ma - ref) + log sa - cb / sb
 // then keeps float32's precision at the spread of a row's logits, not at their size (logits near
 // 1e4 would otherwise lose ~1e-3 to the cancellation of lse and the weighted mean).
+//
+// A NaN or +inf logit on either side leaves the row without a softmax: it is counted in `bad`
+// (merged like the sums) and the row's loss and gradient come out NaN. (Without the count, a thread
+// whose only entries were NaN keeps max -inf, and the merge's zero rescale would drop them.)
 template <typename A>
 struct State {
-  A ma, sa, mb, sb, cb, ref;
+  A ma, sa, mb, sb, cb, ref, bad;
 
   __device__ void init() {
     ma = mb = -INFINITY;
-    sa = sb = cb = A(0);
+    sa = sb = cb = bad = A(0);
   }
   __device__ void add(A a, A b) {
+    if (!(a < A(INFINITY)) && a != -INFINITY) bad += A(1);
+    if (!(b < A(INFINITY)) && b != -INFINITY) bad += A(1);
     if (a != -INFINITY) {  // probability 0; keeps exp(-inf - -inf) out of the sum
       if (a > ma) {
         sa = times(sa, exp_a(ma - a)) + A(1);
@@ -82,7 +88,8 @@ struct State {
       }
     }
   }
-  __device__ void merge(A oma, A osa, A omb, A osb, A ocb) {
+  __device__ void merge(A oma, A osa, A omb, A osb, A ocb, A obad) {
+    bad += obad;
     const A Ma = ma > oma ? ma : oma;
     if (Ma != -INFINITY) {
       sa = times(sa, exp_a(ma - Ma)) + times(osa, exp_a(oma - Ma));
@@ -101,7 +108,7 @@ struct State {
     for (int off = 16; off > 0; off >>= 1) {
       merge(__shfl_xor_sync(0xffffffffu, ma, off), __shfl_xor_sync(0xffffffffu, sa, off),
             __shfl_xor_sync(0xffffffffu, mb, off), __shfl_xor_sync(0xffffffffu, sb, off),
-            __shfl_xor_sync(0xffffffffu, cb, off));
+            __shfl_xor_sync(0xffffffffu, cb, off), __shfl_xor_sync(0xffffffffu, bad, off));
     }
   }
 };
@@ -142,7 +149,7 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
   st.merge_warp();
   if constexpr (kBlock) {
     VF_DYNAMIC_SMEM(smem);
-    A* red = reinterpret_cast<A*>(smem);  // 5 x (kThreads / 32)
+    A* red = reinterpret_cast<A*>(smem);  // 6 x (kThreads / 32)
     constexpr int W = kThreads / 32;
     if (lane == 0) {
       red[warp] = st.ma;
@@ -150,15 +157,18 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
       red[2 * W + warp] = st.mb;
       red[3 * W + warp] = st.sb;
       red[4 * W + warp] = st.cb;
+      red[5 * W + warp] = st.bad;
     }
     __syncthreads();
     // every warp merges the W partials itself (in the same order): no second barrier
     const A ref = st.ref;
     st.init();
     st.ref = ref;
-    if (lane < W) st.merge(red[lane], red[W + lane], red[2 * W + lane], red[3 * W + lane], red[4 * W + lane]);
+    if (lane < W)
+      st.merge(red[lane], red[W + lane], red[2 * W + lane], red[3 * W + lane], red[4 * W + lane], red[5 * W + lane]);
     st.merge_warp();
   }
+  if (st.bad > A(0)) st.sa = st.sb = A(NAN);  // no softmax: NaN loss and gradient
   // exponents as (x - max) - log(sum): exact differences, never a rounded lse near a large max
   const A log_sa = static_cast<A>(log(st.sa));
   if (first == 0) {
@@ -168,6 +178,8 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
   }
   if (!p.grad) return;
   const A log_sb = static_cast<A>(log(st.sb));
+  // a teacher row without a finite logit has no softmax: NaN gradient, as its loss
+  const A zero_q = st.sb > A(0) ? A(0) : A(NAN);
   TS* g = static_cast<TS*>(p.grad) + row * static_cast<int64_t>(C);
   for (Index base = first; base < C; base += kUnroll * step) {
     A av[kUnroll], bv[kUnroll];
@@ -180,7 +192,7 @@ __global__ void dense_soft_ce_kernel(DenseSoftCEParams p) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const Index j = base + u * step;
-      const A q = bv[u] == -INFINITY ? A(0) : exp_a((bv[u] - st.mb) - log_sb);
+      const A q = bv[u] == -INFINITY ? zero_q : exp_a((bv[u] - st.mb) - log_sb);
       if (j < C) g[j] = from_acc<TS, A>(ss * (exp_a((av[u] - st.ma) - log_sa) - q));
     }
   }
@@ -195,7 +207,7 @@ cudaError_t launch(const DenseSoftCEParams& p, cudaStream_t stream) {
   } else {
     if (p.rows > 2147483647) return cudaErrorInvalidValue;
     VF_LAUNCH((dense_soft_ce_kernel<TS, A, true>), static_cast<unsigned>(p.rows), kThreads,
-              5 * (kThreads / 32) * sizeof(A), stream, p);
+              6 * (kThreads / 32) * sizeof(A), stream, p);
   }
   return cudaGetLastError();
 }

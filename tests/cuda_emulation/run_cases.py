@@ -252,6 +252,28 @@ def dense_ce_case(make, scales=(1.0, 1.0), teacher_dtype=None, want_grad=True):
     return run
 
 
+def dense_ce_nan_rows_case():
+    """Rows without a distribution (teacher all -inf, a NaN, student all -inf) give NaN loss and
+    gradient rows, like the reference; the other rows match it (both the warp and block paths)."""
+    def run(mod):
+        out = {}
+        for cols in (40, 2000):
+            s, t = torch.randn(4, cols), torch.randn(4, cols)
+            t[0] = float("-inf")
+            t[1, 3] = float("nan")
+            s[2] = float("-inf")
+            loss, grad = mod.dense_soft_target_ce(s, t, 1.0, 1.0, True)
+            s64 = s.double().requires_grad_()
+            ref = dense_soft_target_cross_entropy_reference(s64, t, 1.0, 1.0, "none")
+            (rg,) = torch.autograd.grad(ref[3], s64)
+            out[f"nan_rows_{cols}"] = float(torch.isnan(loss[:3]).all().item() and torch.isnan(grad[:3]).all().item()
+                                            and torch.isnan(ref[:3]).all().item())
+            out[f"loss_{cols}"] = rel(loss[3:], ref[3:])
+            out[f"grad_{cols}"] = rel(grad[3], rg[3])
+        return out
+    return run
+
+
 def _pair(rows, cols, dtype, sl=None, scale=3.0, neg_inf=False):
     """Student and teacher logits of one dtype; `sl` slices the columns (rows not 16-byte aligned);
     neg_inf: teacher -inf entries, some where the student is -inf too (they must add nothing)."""
@@ -309,6 +331,7 @@ KERNEL_CASES = {
                                                                       teacher_dtype=torch.bfloat16)),
     "dense_ce_bf16_fp32_teacher_no_grad": (torch.bfloat16, dense_ce_case(_pair(6, 40, torch.bfloat16),
                                                                           teacher_dtype=torch.float32, want_grad=False)),
+    "dense_ce_fp32_rows_without_distribution": (torch.float32, dense_ce_nan_rows_case()),
     # one-kernel route: 3xTF32 tensor cores (forced where auto would pick the split GEMM) or SIMT
     "cov_fp32_offset_means_chunks": (torch.float32, cov_case(lambda: torch.randn(1500, 70) + 50, 700)),
     "cov_bf16": (torch.bfloat16, cov_case(lambda: (torch.randn(1100, 65) + 5).bfloat16(), 1100)),

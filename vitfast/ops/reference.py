@@ -97,7 +97,8 @@ def dense_soft_target_cross_entropy_reference(
     probability 0 adding nothing (differentiable in the student logits; the teacher is a constant)."""
     a = torch.log_softmax(student_logits.to(compute_dtype) * student_scale, dim=-1)
     q = torch.softmax(teacher_logits.detach().to(compute_dtype) * teacher_scale, dim=-1)
-    loss = -torch.where(q > 0, q * a, torch.zeros((), dtype=compute_dtype, device=a.device)).sum(-1)
+    # q == 0 (not q > 0): a teacher row without a softmax (NaN) must stay NaN
+    loss = -torch.where(q == 0, torch.zeros((), dtype=compute_dtype, device=a.device), q * a).sum(-1)
     return reduce_loss(loss, reduction)
 
 
