@@ -66,6 +66,15 @@ def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
     assert set(r["losses_alone"]) == {"fused", "chunked", "autograd"} and r["width"] == 384
 
 
+def test_cpu_dense_ce_benchmark_quick(tmp_path):
+    out = tmp_path / "d.json"
+    p = run("benchmarks/cpu_dense_ce.py", "--quick", "--json", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["relation_losses_ms"]) == {"fused", "chunked", "autograd"}
+    assert all(v > 0 for t in r["op_rows"]["ms"].values() for v in t.values())
+
+
 def test_host_overhead_benchmark_on_cpu(tmp_path):
     out = tmp_path / "h.json"
     p = run("benchmarks/host_overhead.py", "--device", "cpu", "--reps", "20", "--json", str(out))

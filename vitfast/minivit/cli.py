@@ -10,7 +10,7 @@ from ..engine.cli_args import (add_config_arg, add_model_kwargs_arg, add_run_arg
 
 
 def add_parser(sub) -> None:
-    from .pipeline import MiniViTConfig
+    from .pipeline import RELATION_IMPLS, MiniViTConfig
 
     d = MiniViTConfig()
     p = sub.add_parser("minivit", help="MiniViT weight multiplexing + distillation (no arguments: the embedded "
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     g.add_argument("--attn-weight", type=float, default=d.attn_weight, help="attention-relation loss weight")
     g.add_argument("--hidden-weight", type=float, default=d.hidden_weight, help="hidden-relation loss weight")
     g.add_argument("--relation-heads", type=int, default=d.relation_heads)
-    g.add_argument("--relation-impl", choices=["fused", "chunked", "autograd"], default=d.relation_impl,
+    g.add_argument("--relation-impl", choices=RELATION_IMPLS, default=d.relation_impl,
                    help="fused (default): each relation loss computes value and gradient together, a chunk of "
                         "windows at a time, keeping no (B, heads, N, N) relation for the backward (autograd keeps "
                         "GBs of them at ImageNet shapes), the softmaxes and cross-entropy of every relation row in one "
