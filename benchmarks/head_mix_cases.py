@@ -23,10 +23,11 @@ from window_attention_cases import environ, forced_route, swin_index
 # name: (windows, N, heads, d, window types of the shift mask; 0: a plain sequence, no table, no mask).
 # Mini-Swin at batch 128: stage 1 has 64 windows per image, stage 2 sixteen, stage 3 four; stages 2
 # and 3 (6 and 12 heads) are past the register kernels (3-4 heads): their forward runs the streaming
-# kernel, stage 2's backward the streaming backward (table and mask included), stage 3's the tile
-# kernels. The sequences' "vitfast" fwd column is the streaming forward too (what impl="auto" runs
-# without gradients); DeiT-S's and stage 2's backward is the streaming backward (3/4/6/8 heads),
-# timed beside the tile backward behind the same forward.
+# kernel, their backward the streaming backward (table and mask included; stage 3's 12 heads of 32
+# by 8-key halves). The sequences' "vitfast" fwd column is the streaming forward too (what
+# impl="auto" runs without gradients); DeiT-S's and stages 2-3's backward is the streaming backward
+# (3/4/6/8 heads, 12 of <= 32), timed beside the tile backward behind the same forward; DeiT-B's
+# (12 heads of 64) is the tile backward.
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),

@@ -107,6 +107,13 @@ def cases(device, small):
     out["head_mix_attention mini_swin_t stage2 bf16 fwd+bwd (streaming)"] = lambda: torch.autograd.grad(
         head_mix_attention(qkv6, 6, 32, pre_mix=mix[0], post_mix=mix[1], bias_table=table6, bias_index=index,
                            mask=mask6).float().sum(), [qkv6, table6, *mix])
+    # stage 3 (12 heads of 32): the streaming backward by 8-key halves, mixing gradients in passes
+    qkv12g = qkv12.detach().requires_grad_()
+    table12g = table12.detach().requires_grad_()
+    mix12g = [m.detach().requires_grad_() for m in mix12]
+    out["head_mix_attention mini_swin_t stage3 bf16 fwd+bwd (streaming)"] = lambda: torch.autograd.grad(
+        head_mix_attention(qkv12g, 12, 32, pre_mix=mix12g[0], post_mix=mix12g[1], bias_table=table12g,
+                           bias_index=index, mask=mask12).float().sum(), [qkv12g, table12g, *mix12g])
     return out
 
 

@@ -225,7 +225,8 @@ CASES = {
         lambda d: check_head_mix(d, BF16, (3, 197), 6, 64),                                  # streaming: DeiT-S rows, 4 chunks
         lambda d: check_head_mix(d, H16, (2, 130), 4, 48),                                   # streaming bwd: CaiT dims, 3 chunks
         lambda d: check_head_mix(d, BF16, (1, 100), 8, 48),                                  # streaming bwd: CaiT-S heads (221 KB)
-        lambda d: check_head_mix(d, H16, (8, 49), 12, 32, mask_types=2, table_len=169),     # streaming + mixed bias (stage 3)
+        lambda d: check_head_mix(d, H16, (8, 49), 12, 32, mask_types=2, table_len=169),     # streaming fwd + bwd, mixed bias (stage 3)
+        lambda d: check_head_mix(d, BF16, (2, 70), 12, 24),                                  # streaming bwd: 12 heads, 2 chunks
         lambda d: check_head_mix(d, BF16, (12, 49), 6, 32, mask_types=4, table_len=169),    # streaming bwd + table/mask (stage 2)
         lambda d: check_head_mix(d, BF16, (4, 49), 3, 32, mask_types=2, table_len=169),      # Mini-Swin window (registers)
         lambda d: check_head_mix(d, H16, (24, 49), 4, 32, mask_types=4, table_len=169),     # 4 heads, slot loop (registers)

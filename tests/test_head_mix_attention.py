@@ -499,13 +499,15 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     (torch.bfloat16, 64, 4, 32, False, "stream"),
     (torch.bfloat16, 49, 6, 32, True, "stream"),         # Mini-Swin-T stage 2
     (torch.bfloat16, 49, 8, 32, True, "stream"),         # Mini-Swin-B stage 2
-    (torch.bfloat16, 49, 12, 32, True, "stream+tiles"),  # Mini-Swin-T stage 3: 12 heads, tile backward
+    (torch.bfloat16, 49, 12, 32, True, "stream"),        # Mini-Swin-T stage 3: 12 heads of 32
+    (torch.float16, 49, 12, 24, False, "stream"),        # 12 heads of <= 32 channels
     (torch.bfloat16, 49, 3, 64, True, "stream"),
     (torch.bfloat16, 81, 3, 32, True, "stream"),
     (torch.float16, 197, 6, 64, False, "stream"),        # DeiT-S
     (torch.bfloat16, 197, 3, 64, False, "stream"),       # DeiT-Ti
     (torch.bfloat16, 197, 4, 48, False, "stream"),       # CaiT-XXS
-    (torch.bfloat16, 197, 12, 64, False, "stream+tiles"),  # DeiT-B: 12 heads, tile backward
+    (torch.bfloat16, 197, 12, 64, False, "stream+tiles"),  # DeiT-B: 12 heads of 64, tile backward
+    (torch.bfloat16, 197, 12, 48, False, "stream+tiles"),  # 12 heads past 32 channels
     (torch.bfloat16, 197, 8, 48, False, "stream"),       # CaiT-S
     (torch.bfloat16, 197, 8, 48, True, "stream"),
     (torch.bfloat16, 1024, 8, 32, True, "stream+tiles"),  # table-gradient sums past 128 MiB
@@ -541,7 +543,7 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     case = make_case("cuda", dtype, **shape)
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
-    want = "stream" if shape["heads"] <= 8 else "stream+tiles"
+    want = "stream" if shape["heads"] <= 8 or max(shape["dk"], dv) <= 32 else "stream+tiles"
     assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv,
                                          table=case["table"] is not None, mask=case["mask"] is not None) == want
     mix = make_mix(shape["heads"], "cuda")
@@ -572,10 +574,13 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     dict(grid=(2, 28, 28), heads=6, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=16),  # Mini-Swin-T stage 2, shifted
     dict(windows=256, heads=8, dk=32, wh=7, ww=7),                          # Mini-Swin-B stage 2, table only
     dict(windows=64, heads=3, dk=64, wh=8, ww=10, bias=False, mask_types=4),  # mask only
+    dict(grid=(2, 14, 14), heads=12, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=4),  # Mini-Swin-T stage 3, shifted
+    dict(windows=512, heads=12, dk=32, wh=7, ww=7, mask_types=4),           # stage 3 at bs 128: items loop
+    dict(windows=6, heads=12, dk=24, dv=16, wh=1, ww=70, layout="tinyvit", row_pad=3, bias=False),  # 12 heads, scalar
 ])
 def test_streaming_backward_matches_reference_and_tiles(monkeypatch, dtype, shape):
-    """Shapes the streaming backward takes (head_mix_stream_bwd.cuh: 3/4/6/8 heads, with or without
-    a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
+    """Shapes the streaming backward takes (head_mix_stream_bwd.cuh: 3/4/6/8 heads, 12 of <= 32
+    channels, with or without a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
     mixing and table gradients are summed per warp or thread, block and over blocks in fixed
     orders), and the tile backward behind the same forward (VITFAST_HEAD_MIX_STREAM_BWD=0) agrees."""
     from vitfast import _ext

@@ -116,7 +116,7 @@ def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: i
     """Which kernels head_mix_attention(impl="fused") runs for this shape, with or without a bias
     table and a mask: 'registers' (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+),
     'stream' (the streaming register forward and backward: fp16/bf16, 3/4/6/8 heads of <= 64
-    channels, any length, with or without table and mask; with a table while two per-SM blocks of
+    channels or 12 of <= 32, any length, with or without table and mask; with a table while two per-SM blocks of
     heads x tokens^2 table-gradient sums stay within 128 MiB), 'stream+tiles' (the streaming
     forward and the tile backward: 3/4/6/8/12 heads of <= 64 channels; a call with a table or mask
     whose pre-mixed bias would exceed 64 MiB runs the tiles instead), 'tiles' (CUDA, everything else;

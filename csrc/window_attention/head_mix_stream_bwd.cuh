@@ -40,6 +40,8 @@
 // passes of both: 72).
 #pragma once
 
+#include <utility>
+
 #include "head_mix_stream.cuh"
 #include "head_mix_stream_bwd_entry.h"
 
@@ -66,6 +68,42 @@ __device__ __forceinline__ void mix_stream_products(const T* a, int a_row, const
       mma::mma_16816<T>(out[h][1], af, b1);
     }
   }
+}
+
+// The same products for one 8-key half j of the tile only (12 heads: mix_stream_bwd_halves): one
+// ldmatrix.x4 gives the half's B fragments of two 16-channel steps.
+template <typename T, int kH, int D>
+__device__ __forceinline__ void mix_stream_products_half(const T* a, int a_row, const T* b, int lane, int j,
+                                                         float (&out)[kH][4]) {
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
+#pragma unroll
+  for (int h = 0; h < kH; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[h][e] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < D; k0 += 32) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, b + h * kTile + (8 * j + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t af[4];
+        mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + 16 * kk + (lane >> 4) * 8);
+        const uint32_t bb[2] = {bf[2 * kk], bf[2 * kk + 1]};
+        mma::mma_16816<T>(out[h], af, bb);
+      }
+    }
+  }
+}
+
+// f(integral_constant<int, i>) for i = 0 .. n-1: a loop whose index may pick registers (an array
+// indexed by a run-time value would go to local memory; picking by selects instead spilled more).
+template <typename F, int... I>
+__device__ __forceinline__ void mix_static_for(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int n, typename F>
+__device__ __forceinline__ void mix_static_for(F&& f) {
+  mix_static_for(f, std::make_integer_sequence<int, n>{});
 }
 
 // The mixing parameters in shared memory: [pre * scale | post | post_bias], read where used
@@ -133,6 +171,9 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
                                  const float* table_bias, float* dd_out, float* mix_partials, float* dtable_slots) {
   constexpr int kG = mix_stream_bwd_q_group(kH, D), kGroups = (kH + kG - 1) / kG;
   constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
+  constexpr bool kHalves = mix_stream_bwd_halves(kH);
+  constexpr int kMg = mix_stream_bwd_mix_group(kH), kMixPasses = kMg == kH ? 1 : kH / kMg;
+  static_assert(kH % kMg == 0, "mixing-gradient groups must tile the heads");
   const WindowAttentionParams& p = b.fwd;
   VF_DYNAMIC_SMEM(smem_raw);
   const MixStreamBwdLayout L = mix_stream_bwd_layout(kH, D);
@@ -147,7 +188,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   const int64_t items = p.windows * chunks;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool want_mix = mix_partials != nullptr;
-  const int passes = 1 + (want_mix ? 1 : 0) + kGroups;
+  const int passes = 1 + (want_mix ? kMixPasses : 0) + kGroups;
   const int steps = passes * tiles;
   const float scale = static_cast<float>(p.scale);
   const Strides3& gs = b.grad_qkv_strides;
@@ -211,50 +252,77 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
     auto valid_at = [&](int kt, int j, int e) { return rows[e >> 1] < N && key_at(kt, j, e) < N; };
 
     int step = 0;
-    // One pass over the key tiles: per tile, both products of every head, then body(kt, j, e, entry)
-    // for each of the lane's 8 entries (entry: P, dP', dP of every head), then tile_done(buffer)
-    // for the tile's own products.
+    // entry e of half j of key tile kt from the raw products of every head: body(kt, j, e, entry)
+    // (entry: P, dP', dP of every head)
+    auto visit = [&](int kt, int j, int e, float (&r)[kH], float (&d)[kH], auto&& body) {
+      MixStreamEntry<kH> en;
+      const int at = rows[e >> 1] * N + key_at(kt, j, e);
+      en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); },
+                 [&](int gg) { return mb != nullptr ? __ldg(mb + gg * nn + at) : 0.0f; });
+      body(kt, j, e, en);
+    };
+    // One pass over the key tiles: per tile, both products of every head (12 heads: per 8-key half),
+    // then body for each of the lane's 8 entries, then tile_done(buffer) for the tile's own products.
     auto pass = [&](auto&& body, auto&& tile_done) {
       for (int kt = 0; kt < tiles; ++kt, ++step) {
         begin_step(step);
         if (active) {
-          float sc[kH][2][4], dpc[kH][2][4];
-          products(step & 1, sc, dpc);
+          const int buf = step & 1;
+          if constexpr (kHalves) {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < 2; ++j) {
+              float sc[kH][4], dpc[kH][4];
+              mix_stream_products_half<T, kH, D>(q, warp * 16, reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer),
+                                                 lane, j, sc);
+              mix_stream_products_half<T, kH, D>(dout, warp * 16,
+                                                 reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer), lane,
+                                                 j, dpc);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float r[kH], d[kH];
+              for (int e = 0; e < 4; ++e) {
+                float r[kH], d[kH];
 #pragma unroll
-              for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
-              MixStreamEntry<kH> en;
-              const int at = rows[e >> 1] * N + key_at(kt, j, e);
-              en.compute(mw, valid_at(kt, j, e), r, d, [&](int h) { return lse_at(h, e >> 1); },
-                         [&](int gg) { return mb != nullptr ? __ldg(mb + gg * nn + at) : 0.0f; });
-              body(kt, j, e, en);
+                for (int h = 0; h < kH; ++h) r[h] = sc[h][e], d[h] = dpc[h][e];
+                visit(kt, j, e, r, d, body);
+              }
+            }
+          } else {
+            float sc[kH][2][4], dpc[kH][2][4];
+            products(buf, sc, dpc);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                float r[kH], d[kH];
+#pragma unroll
+                for (int h = 0; h < kH; ++h) r[h] = sc[h][j][e], d[h] = dpc[h][j][e];
+                visit(kt, j, e, r, d, body);
+              }
             }
           }
-          tile_done(step & 1);
+          tile_done(buf);
         }
         __syncthreads();  // buffer step & 1 is refilled by the issue of step + 2
       }
     };
     auto no_products = [](int) {};
 
-    // pass D: D_h = rowsum(P_h dP_h); d post and d post_bias
+    // pass D: D_h = rowsum(P_h dP_h); below 12 heads d post and d post_bias too
     {
+      constexpr bool kPost = kMg == kH;
       float dpart[kH][2] = {};
-      float gpost[kH * kH + kH] = {};
+      float gpost[kPost ? kH * kH + kH : 1] = {};
       pass(
           [&](int, int, int e, const MixStreamEntry<kH>& en) {
 #pragma unroll
             for (int h = 0; h < kH; ++h) dpart[h][e >> 1] += en.p[h] * en.dp[h];
-            if (want_mix) {
+            if constexpr (kPost) {
+              if (want_mix) {
 #pragma unroll
-              for (int gg = 0; gg < kH; ++gg) {
+                for (int gg = 0; gg < kH; ++gg) {
 #pragma unroll
-                for (int h = 0; h < kH; ++h) gpost[gg * kH + h] += en.dpm[gg] * en.p[h];
-                gpost[kH * kH + gg] += en.dpm[gg];
+                  for (int h = 0; h < kH; ++h) gpost[gg * kH + h] += en.dpm[gg] * en.p[h];
+                  gpost[kH * kH + gg] += en.dpm[gg];
+                }
               }
             }
           },
@@ -273,36 +341,56 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
             }
           }
         }
-        if (want_mix) mix_stream_flush<kH * kH + kH>(gpost, sums + kH * kH, lane);
+        if constexpr (kPost) {
+          if (want_mix) mix_stream_flush<kH * kH + kH>(gpost, sums + kH * kH, lane);
+        }
       }
     }
 
-    // pass dpre: d pre[g, h] = sum dS'_g S_h with S_h = scale raw_h + table_h (the scale at the end)
+    // pass dpre: d pre[g, h] = sum dS'_g S_h with S_h = scale raw_h + table_h (the scale at the
+    // end); at 12 heads one pass per group of kMg output heads g, with d post[g, :] and d
+    // post_bias[g] of the group too (pass D had no room for them). The passes are unrolled so that
+    // the group's heads index registers (the 12-head query-major kernel has its own unit per dtype,
+    // head_mix_stream_bwd_h12_<dtype>_cuda.cu: these copies double its compile time).
     if (want_mix) {
-      float gpre[kH * kH] = {};
-      pass(
-          [&](int kt, int j, int e, const MixStreamEntry<kH>& en) {
-            float sh[kH];
+      mix_static_for<kMixPasses>([&](auto pass_index) {
+        constexpr int g0 = decltype(pass_index)::value * kMg;
+        constexpr bool kPost = kMg != kH;
+        float gpre[kMg * kH] = {}, gpost[kPost ? kMg * kH : 1] = {}, gpb[kPost ? kMg : 1] = {};
+        pass(
+            [&](int kt, int j, int e, const MixStreamEntry<kH>& en) {
+              float sh[kH];
 #pragma unroll
-            for (int h = 0; h < kH; ++h) sh[h] = en.raw[h];
-            if (table_bias != nullptr && en.valid) {
-              const int at = rows[e >> 1] * N + key_at(kt, j, e);
+              for (int h = 0; h < kH; ++h) sh[h] = en.raw[h];
+              if (table_bias != nullptr && en.valid) {
+                const int at = rows[e >> 1] * N + key_at(kt, j, e);
 #pragma unroll
-              for (int h = 0; h < kH; ++h) sh[h] += inv_scale * __ldg(table_bias + h * nn + at);
-            }
+                for (int h = 0; h < kH; ++h) sh[h] += inv_scale * __ldg(table_bias + h * nn + at);
+              }
 #pragma unroll
-            for (int gg = 0; gg < kH; ++gg) {
-              const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
+              for (int gi = 0; gi < kMg; ++gi) {
+                const int gg = g0 + gi;
+                const float ds = en.p[gg] * (en.dp[gg] - dd_at(gg, e >> 1));
 #pragma unroll
-              for (int h = 0; h < kH; ++h) gpre[gg * kH + h] += ds * sh[h];
-            }
-          },
-          no_products);
-      if (active) {
+                for (int h = 0; h < kH; ++h) gpre[gi * kH + h] += ds * sh[h];
+                if constexpr (kPost) {
 #pragma unroll
-        for (int e = 0; e < kH * kH; ++e) gpre[e] *= scale;
-        mix_stream_flush<kH * kH>(gpre, sums, lane);
-      }
+                  for (int h = 0; h < kH; ++h) gpost[gi * kH + h] += en.dpm[gg] * en.p[h];
+                  gpb[gi] += en.dpm[gg];
+                }
+              }
+            },
+            no_products);
+        if (active) {
+#pragma unroll
+          for (int e = 0; e < kMg * kH; ++e) gpre[e] *= scale;
+          mix_stream_flush<kMg * kH>(gpre, sums + g0 * kH, lane);
+          if constexpr (kPost) {
+            mix_stream_flush<kMg * kH>(gpost, sums + kH * kH + g0 * kH, lane);
+            mix_stream_flush<kMg>(gpb, sums + 2 * kH * kH + g0, lane);
+          }
+        }
+      });
     }
 
     // one pass per group of heads: dQ_h += (scale dA_h) K_h (pre carries the scale)
@@ -367,6 +455,7 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   constexpr int kGv = mix_stream_bwd_v_group(kH, D), kGk = mix_stream_bwd_k_group(kH, D);
   constexpr int kVPasses = (kH + kGv - 1) / kGv, kKPasses = (kH + kGk - 1) / kGk;
   constexpr int ld = D + 8, kTile = kMixStreamKeys * ld, kMix = 2 * kH * kH + kH;
+  constexpr bool kHalves = mix_stream_bwd_halves(kH);
   const WindowAttentionParams& p = b.fwd;
   VF_DYNAMIC_SMEM(smem_raw);
   const MixStreamBwdLayout L = mix_stream_bwd_layout(kH, D);
@@ -444,33 +533,55 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
         const T* qb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
         const T* ob = reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer);
         const float* st = stats + buf * 2 * kH * kMixStreamKeys;
-        float sc[kH][2][4];
-        mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
         float pp[kGv][2][4];
+        // P'_h of the group at entry e of query half n, from the raw scores of every head
+        auto entry = [&](int n, int e, const float (&r)[kH]) {
+          const int il = 8 * n + 2 * t + (e & 1);
+          const bool valid = valid_at(qt, n, e);
+          float pr[kH];
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
+          for (int gg = 0; gg < kH; ++gg) {
+            float x = 0.0f;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = 8 * n + 2 * t + (e & 1);
-            const bool valid = valid_at(qt, n, e);
-            float pr[kH];
+            for (int h = 0; h < kH; ++h) x += mw.pre(gg, h) * r[h];
+            pr[gg] = valid ? wa::acc_exp(x + bias_at(qt, n, e, gg) - st[gg * kMixStreamKeys + il]) : 0.0f;
+          }
 #pragma unroll
-            for (int gg = 0; gg < kH; ++gg) {
-              float x = 0.0f;
+          for (int gi = 0; gi < kGv; ++gi) {
+            const int h = c0 + gi;
+            float x = 0.0f;
+            if (h < kH) {
+              x = mw.post_bias(h);
 #pragma unroll
-              for (int h = 0; h < kH; ++h) x += mw.pre(gg, h) * sc[h][n][e];
-              pr[gg] = valid ? wa::acc_exp(x + bias_at(qt, n, e, gg) - st[gg * kMixStreamKeys + il]) : 0.0f;
+              for (int gg = 0; gg < kH; ++gg) x += mw.post(h, gg) * pr[gg];
             }
+            pp[gi][n][e] = valid ? x : 0.0f;  // P'_h (the post bias only inside the N x N)
+          }
+        };
+        if constexpr (kHalves) {
 #pragma unroll
-            for (int gi = 0; gi < kGv; ++gi) {
-              const int h = c0 + gi;
-              float x = 0.0f;
-              if (h < kH) {
-                x = mw.post_bias(h);
+          for (int n = 0; n < 2; ++n) {
+            float sc[kH][4];
+            mix_stream_products_half<T, kH, D>(k, warp * 16, qb, lane, n, sc);
 #pragma unroll
-                for (int gg = 0; gg < kH; ++gg) x += mw.post(h, gg) * pr[gg];
-              }
-              pp[gi][n][e] = valid ? x : 0.0f;  // P'_h (the post bias only inside the N x N)
+            for (int e = 0; e < 4; ++e) {
+              float r[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][e];
+              entry(n, e, r);
+            }
+          }
+        } else {
+          float sc[kH][2][4];
+          mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float r[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e];
+              entry(n, e, r);
             }
           }
         }
@@ -507,33 +618,53 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
         const T* qb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
         const T* ob = reinterpret_cast<const T*>(smem_raw + L.tile_b + buf * L.tile_buffer);
         const float* st = stats + buf * 2 * kH * kMixStreamKeys;
-        float sc[kH][2][4], dpc[kH][2][4];
-        mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
-        mix_stream_products<T, kH, D>(v, warp * 16, ob, lane, dpc);
         float da[kGk][2][4];
+        // scale dA_h of the group at entry e of query half n, from both raw products of every head
+        auto entry = [&](int n, int e, float (&r)[kH], float (&d)[kH]) {
+          const int il = 8 * n + 2 * t + (e & 1);
+          MixStreamEntry<kH> en;
+          en.compute(mw, valid_at(qt, n, e), r, d, [&](int h) { return st[h * kMixStreamKeys + il]; },
+                     [&](int gg) { return bias_at(qt, n, e, gg); });
+          float ds[kH];
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
+          for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = 8 * n + 2 * t + (e & 1);
-            float r[kH], d[kH];
+          for (int gi = 0; gi < kGk; ++gi) {
+            const int h = c0 + gi;
+            float y = 0.0f;
+            if (h < kH) {
 #pragma unroll
-            for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
-            MixStreamEntry<kH> en;
-            en.compute(mw, valid_at(qt, n, e), r, d, [&](int h) { return st[h * kMixStreamKeys + il]; },
-                       [&](int gg) { return bias_at(qt, n, e, gg); });
-            float ds[kH];
+              for (int gg = 0; gg < kH; ++gg) y += mw.pre(gg, h) * ds[gg];
+            }
+            da[gi][n][e] = y;  // scale dA_h (zero outside the N x N: P is)
+          }
+        };
+        if constexpr (kHalves) {
 #pragma unroll
-            for (int gg = 0; gg < kH; ++gg) ds[gg] = en.p[gg] * (en.dp[gg] - st[(kH + gg) * kMixStreamKeys + il]);
+          for (int n = 0; n < 2; ++n) {
+            float sc[kH][4], dpc[kH][4];
+            mix_stream_products_half<T, kH, D>(k, warp * 16, qb, lane, n, sc);
+            mix_stream_products_half<T, kH, D>(v, warp * 16, ob, lane, n, dpc);
 #pragma unroll
-            for (int gi = 0; gi < kGk; ++gi) {
-              const int h = c0 + gi;
-              float y = 0.0f;
-              if (h < kH) {
+            for (int e = 0; e < 4; ++e) {
+              float r[kH], d[kH];
 #pragma unroll
-                for (int gg = 0; gg < kH; ++gg) y += mw.pre(gg, h) * ds[gg];
-              }
-              da[gi][n][e] = y;  // scale dA_h (zero outside the N x N: P is)
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][e], d[h] = dpc[h][e];
+              entry(n, e, r, d);
+            }
+          }
+        } else {
+          float sc[kH][2][4], dpc[kH][2][4];
+          mix_stream_products<T, kH, D>(k, warp * 16, qb, lane, sc);
+          mix_stream_products<T, kH, D>(v, warp * 16, ob, lane, dpc);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float r[kH], d[kH];
+#pragma unroll
+              for (int h = 0; h < kH; ++h) r[h] = sc[h][n][e], d[h] = dpc[h][n][e];
+              entry(n, e, r, d);
             }
           }
         }
@@ -698,8 +829,21 @@ auto with_mix_stream_bwd_shape(const WindowAttentionParams& p, F&& f) {
     case 3: return by_dim(std::integral_constant<int, 3>{});
     case 4: return by_dim(std::integral_constant<int, 4>{});
     case 6: return by_dim(std::integral_constant<int, 6>{});
-    default: return by_dim(std::integral_constant<int, 8>{});
+    case 8: return by_dim(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 12>{}, std::integral_constant<int, 32>{});  // the route's only 12
   }
+}
+
+// 12 heads: the query-major kernel's own unit (head_mix_stream_bwd_h12_<dtype>_cuda.cu)
+template <typename T>
+int64_t mix_stream_h12_workspace(const WindowAttentionBackwardParams& b) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_stream_bwd_h12_workspace_f16(b);
+  else return head_mix_stream_bwd_h12_workspace_bf16(b);
+}
+template <typename T>
+int mix_stream_h12_launch(const WindowAttentionBackwardParams& b, void* workspace, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_stream_bwd_h12_launch_f16(b, workspace, stream);
+  else return head_mix_stream_bwd_h12_launch_bf16(b, workspace, stream);
 }
 
 template <typename T>
@@ -707,7 +851,8 @@ bool mix_stream_try_backward_workspace(const WindowAttentionBackwardParams& b, i
   if constexpr (sizeof(T) == 2) {
     if (!mix_stream_bwd_route_ok(b.fwd)) return false;
     *elements = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
-      return mix_stream_bwd_workspace<T, decltype(h)::value, decltype(d)::value>(b);
+      if constexpr (decltype(h)::value == 12) return mix_stream_h12_workspace<T>(b);
+      else return mix_stream_bwd_workspace<T, decltype(h)::value, decltype(d)::value>(b);
     });
     return true;
   }
@@ -719,7 +864,8 @@ bool mix_stream_try_backward(const WindowAttentionBackwardParams& b, void* works
   if constexpr (sizeof(T) == 2) {
     if (!mix_stream_bwd_route_ok(b.fwd)) return false;
     *err = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
-      return mix_stream_backward<T, decltype(h)::value, decltype(d)::value>(b, static_cast<float*>(workspace), stream);
+      if constexpr (decltype(h)::value == 12) return mix_stream_h12_launch<T>(b, workspace, stream);
+      else return mix_stream_backward<T, decltype(h)::value, decltype(d)::value>(b, static_cast<float*>(workspace), stream);
     });
     return true;
   }

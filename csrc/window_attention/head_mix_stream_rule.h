@@ -95,17 +95,32 @@ inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
 // tiles of every head streamed. Each keeps its products of every head in registers (S and dP',
 // 8 x heads each), so its accumulators go per group of heads, the scores recomputed per group.
 
+// The shapes the streaming backward is compiled for: 3, 4, 6 or 8 heads of <= 64 channels, and 12
+// heads of <= 32 (Mini-Swin-T/S stage 3). 12 heads of 64 (DeiT-B) do not fit: 64 rows of q and dO
+// alone take 221 KB of shared memory.
+VF_HD constexpr bool mix_stream_bwd_shape_ok(int heads, int D) {
+  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || (heads == 12 && D == 32);
+}
+
+// Past 8 heads, both products of every head for a 16 x 16 tile (8 x heads registers each) leave no
+// room: the kernels form them one 8-key (8-query) half of a tile at a time (4 x heads each), and the
+// query-major kernel's mixing-gradient partials (2 heads^2 + heads, which pass D and pass dpre hold
+// at once below 12 heads) go in passes over groups of mix_stream_bwd_mix_group output heads.
+VF_HD constexpr bool mix_stream_bwd_halves(int heads) { return heads > 8; }
+VF_HD constexpr int mix_stream_bwd_mix_group(int heads) { return heads > 8 ? 2 : heads; }
+
 // Heads per dQ group (dQ: D / 2 registers per head) and per dV and dK group of the key-major
 // kernel (one accumulator of D / 2 registers per head; the dV passes hold the scores of every head
 // only, the dK passes both products). Chosen by ptxas like the forward's (benchmarks/NOTES.md).
 VF_HD constexpr int mix_stream_bwd_q_group(int heads, int D) {
-  return D == 64 ? (heads == 3 ? 3 : heads == 8 ? 1 : 2) : (heads == 6 ? 3 : heads == 8 ? 2 : heads);
+  return D == 64 ? (heads == 3 ? 3 : heads == 8 ? 1 : 2)
+                 : (heads == 6 || heads == 12 ? 3 : heads == 8 ? 2 : heads);
 }
 VF_HD constexpr int mix_stream_bwd_v_group(int heads, int D) {
-  return D == 64 ? (heads == 4 ? 2 : 3) : (heads == 8 ? 4 : heads);
+  return D == 64 ? (heads == 4 ? 2 : 3) : (heads == 8 || heads == 12 ? 4 : heads);
 }
 VF_HD constexpr int mix_stream_bwd_k_group(int heads, int D) {
-  return D == 64 ? (heads == 3 ? 3 : 2) : (heads == 6 ? 3 : heads == 8 ? 2 : heads);
+  return D == 64 ? (heads == 3 ? 3 : 2) : (heads == 6 || heads == 12 ? 3 : heads == 8 ? 2 : heads);
 }
 
 // Byte offsets: the block's resident rows of two roles (q and dO in the query-major kernel, k and v
@@ -145,12 +160,13 @@ inline bool mix_stream_bwd_disabled() {
 constexpr int64_t kMixStreamMaxTableSums = int64_t(1) << 25;
 
 // The streaming backward takes the streaming forward's shapes with 3, 4, 6 or 8 heads (DeiT-Ti/S,
-// CaiT-XXS/XS/S, Mini-Swin-T/S stage 2, Mini-Swin-B stage 2; 12 heads leave no registers beside
-// both products of every head, and 12 heads of 64 no shared memory for 64 rows of two roles), with
-// or without a table and a mask, when its shared memory fits (6 heads of 64: 169 KB; 8 heads of
-// 64: 221 KB, an H100 but not an A100) and, with a table, its per-block table-gradient sums.
+// CaiT-XXS/XS/S, Mini-Swin-T/S stage 2, Mini-Swin-B stage 2) and 12 heads of <= 32 channels
+// (Mini-Swin-T/S stage 3), with or without a table and a mask, when its shared memory fits (6 heads
+// of 64: 169 KB; 8 heads of 64: 221 KB; 12 of 32: 192 KB: an H100 but not an A100) and, with a
+// table, its per-block table-gradient sums.
 inline bool mix_stream_bwd_route_ok(const WindowAttentionParams& p) {
-  if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled() || p.heads > 8) return false;
+  if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled()) return false;
+  if (!mix_stream_bwd_shape_ok(p.heads, mix_stream_dim(p.dim_k, p.dim_v))) return false;
   int dev = 0, optin = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);

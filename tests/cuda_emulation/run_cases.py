@@ -133,9 +133,9 @@ HEAD_MIX_CASES = {
                                                             mask_types=2), {}),
     "mix_stream_fp16_h8_dk40_dv24_scalar": (torch.float16, dict(windows=2, heads=8, dk=40, dv=24, wh=5, ww=15,
                                                                 layout="tinyvit", row_pad=3, bias=False), {}),
-    # streaming backward too (head_mix_stream_bwd.cuh): 3, 4, 6 or 8 heads, with or without a table
-    # and a mask; the cases above with those head counts (n64 h4, n100 h6, h3 table, h6 grid shift,
-    # n65 h4, mask only, h8 scalar) run it as well
+    # streaming backward too (head_mix_stream_bwd.cuh): 3, 4, 6 or 8 heads, 12 of <= 32 channels,
+    # with or without a table and a mask; the cases above with those shapes (n64 h4, n100 h6, h12 n49,
+    # h3 table, h6 grid shift, n65 h4, mask only, h8 scalar) run it as well
     "mix_stream_bwd_fp16_h3_d64_n130_items": (torch.float16, dict(windows=3, heads=3, dk=64, wh=1, ww=130,
                                                                   bias=False), {}),
     "mix_stream_bwd_fp16_h6_d32_scalar": (torch.float16, dict(windows=2, heads=6, dk=32, wh=1, ww=80, row_pad=3,
@@ -146,6 +146,13 @@ HEAD_MIX_CASES = {
     # emulated device's 4 resident blocks (the per-block table-gradient sums loop over items)
     "mix_stream_bwd_fp16_h8_table_mask_items": (torch.float16, dict(windows=12, heads=8, dk=32, wh=7, ww=7,
                                                                     mask_types=3), dict(bias_buffer=False)),
+    # 12 heads of <= 32 channels (Mini-Swin-T/S stage 3; products per 8-key half, mixing gradients in
+    # passes over pairs of output heads): shifted windows with table and mask over more windows than
+    # resident blocks; a two-chunk sequence with scalar loads and padded head dims
+    "mix_stream_bwd_bf16_h12_grid_shift_items": (torch.bfloat16, dict(grid=(2, 14, 14), heads=12, dk=32, wh=7, ww=7,
+                                                                      shift=(3, 3), mask_types=4), {}),
+    "mix_stream_bwd_fp16_h12_dk24_n70_scalar": (torch.float16, dict(windows=2, heads=12, dk=24, dv=16, wh=1, ww=70, layout="tinyvit",
+                                                                    row_pad=3, bias=False), {}),
     # the tile backward behind the streaming forward (VITFAST_HEAD_MIX_STREAM_BWD=0)
     "mix_stream_tile_bwd_bf16_h6_n100": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False),
                                          dict(stream_bwd=False)),

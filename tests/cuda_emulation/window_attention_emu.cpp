@@ -17,6 +17,8 @@
 #include "window_attention/head_mix_stream_bwd_bf16_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_kv_f16_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_kv_bf16_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_h12_f16_cuda.cu"
+#include "window_attention/head_mix_stream_bwd_h12_bf16_cuda.cu"
 
 namespace {
 
