@@ -1,10 +1,11 @@
 // Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...) --
-// and windows the register kernels do not take (Mini-Swin's stage 2), with 3, 4, 6 or 8 heads of
-// <= 64 channels, fp16/bf16, with or without a table and a mask, on the register pattern of the
-// streaming forward (head_mix_stream.cuh). Compiled in two units per 16-bit dtype, one per kernel
+// and windows the register kernels do not take (Mini-Swin's stages 2-3), with 3, 4, 6 or 8 heads of
+// <= 64 channels or 12 of <= 32, fp16/bf16, with or without a table and a mask, on the register
+// pattern of the streaming forward (head_mix_stream.cuh). Compiled in three units per 16-bit dtype
 // (head_mix_stream_bwd_<dtype>_cuda.cu: the query-major kernel and the host sequence;
-// head_mix_stream_bwd_kv_<dtype>_cuda.cu: the key-major kernel), so that neither is the build's
-// critical path; they meet through head_mix_stream_bwd_entry.h.
+// head_mix_stream_bwd_kv_<dtype>_cuda.cu: the key-major kernel; head_mix_stream_bwd_h12_<dtype>_cuda.cu:
+// the 12-head query-major kernel and its host sequence), so that none is the build's critical
+// path; they meet through head_mix_stream_bwd_entry.h.
 //
 // Why: the tile backward (head_mix_bwd.cuh) measured 6.25 of DeiT-S's 8.05 ms forward+backward
 // (B128 H6 N197 d64 bf16, benchmarks/RESULTS.md) against 0.64 ms for SDPA's whole step.

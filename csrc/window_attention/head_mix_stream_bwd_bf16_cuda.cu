@@ -1,6 +1,7 @@
 // The streaming head-mix backward (head_mix_stream_bwd.cuh) for __nv_bfloat16: the query-major kernel and
 // the host sequence, in its own unit (its 16 instantiations would double the compile time of
-// head_mix_bwd_bf16_cuda.cu); the key-major kernel is in head_mix_stream_bwd_kv_bf16_cuda.cu.
+// head_mix_bwd_bf16_cuda.cu); the key-major kernel is in head_mix_stream_bwd_kv_bf16_cuda.cu;
+// the 12-head query-major kernel in head_mix_stream_bwd_h12_bf16_cuda.cu.
 #include "head_mix_stream_bwd.cuh"
 #include "head_mix_stream_bwd_entry.h"
 

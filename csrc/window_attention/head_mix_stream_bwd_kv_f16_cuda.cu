@@ -1,5 +1,5 @@
 // The key-major kernel of the streaming head-mix backward (head_mix_stream_bwd.cuh) for __half,
-// in its own unit so that its 16 instantiations compile beside the query-major kernel's
+// in its own unit so that its 18 instantiations compile beside the query-major kernel's
 // (head_mix_stream_bwd_f16_cuda.cu, which launches it) instead of after them.
 #include "head_mix_stream_bwd.cuh"
 #include "head_mix_stream_bwd_entry.h"
