@@ -105,7 +105,7 @@ VF_HD constexpr bool mix_stream_bwd_shape_ok(int heads, int D) {
 // Past 8 heads, both products of every head for a 16 x 16 tile (8 x heads registers each) leave no
 // room: the kernels form them one 8-key (8-query) half of a tile at a time (4 x heads each), and the
 // query-major kernel's mixing-gradient partials (2 heads^2 + heads, which pass D and pass dpre hold
-// at once below 12 heads) go in passes over groups of mix_stream_bwd_mix_group output heads.
+// at once below 12 heads) go in passes over groups of mix_stream_bwd_mix_group heads.
 VF_HD constexpr bool mix_stream_bwd_halves(int heads) { return heads > 8; }
 VF_HD constexpr int mix_stream_bwd_mix_group(int heads) { return heads > 8 ? 2 : heads; }
 

@@ -147,7 +147,7 @@ HEAD_MIX_CASES = {
     "mix_stream_bwd_fp16_h8_table_mask_items": (torch.float16, dict(windows=12, heads=8, dk=32, wh=7, ww=7,
                                                                     mask_types=3), dict(bias_buffer=False)),
     # 12 heads of <= 32 channels (Mini-Swin-T/S stage 3; products per 8-key half, mixing gradients in
-    # passes over pairs of output heads): shifted windows with table and mask over more windows than
+    # passes over pairs of heads): shifted windows with table and mask over more windows than
     # resident blocks; a two-chunk sequence with scalar loads and padded head dims
     "mix_stream_bwd_bf16_h12_grid_shift_items": (torch.bfloat16, dict(grid=(2, 14, 14), heads=12, dk=32, wh=7, ww=7,
                                                                       shift=(3, 3), mask_types=4), {}),
