@@ -25,9 +25,9 @@ from window_attention_cases import environ, forced_route, swin_index
 # and 3 (6 and 12 heads) are past the register kernels (3-4 heads): their forward runs the streaming
 # kernel, their backward the streaming backward (table and mask included; stage 3's 12 heads of 32
 # by 8-key halves). The sequences' "vitfast" fwd column is the streaming forward too (what
-# impl="auto" runs without gradients); DeiT-S's and stages 2-3's backward is the streaming backward
-# (3/4/6/8 heads, 12 of <= 32), timed beside the tile backward behind the same forward; DeiT-B's
-# (12 heads of 64) is the tile backward.
+# impl="auto" runs without gradients); every shape's backward past the register kernels is the
+# streaming backward (3/4/6/8 heads, 12 of <= 32; DeiT-B's 12 heads of 64 on the head-split
+# kernels), timed beside the tile backward behind the same forward.
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),

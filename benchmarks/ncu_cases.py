@@ -82,6 +82,13 @@ def cases(device, small):
             torch.autograd.grad(head_mix_attention(seq, 6, 64, pre_mix=mix[0], post_mix=mix[1], post_mix_bias=bias,
                                                    impl="fused").float().sum(), [seq, *mix, bias])
     out["head_mix_attention B128 H6 N197 d64 bf16 fwd+bwd (tile backward)"] = deit_tile_backward
+    # DeiT-B (12 heads of 64): the head-split backward (head_mix_split_bwd.cuh)
+    seq12 = torch.randn(128 // s, 197, 3 * 768, device=device).bfloat16().requires_grad_()
+    mix12b = [(torch.eye(12, device=device) + 0.1 * torch.randn(12, 12, device=device)).requires_grad_()
+              for _ in range(2)]
+    out["head_mix_attention B128 H12 N197 d64 bf16 fwd+bwd (head-split backward)"] = lambda: torch.autograd.grad(
+        head_mix_attention(seq12, 12, 64, pre_mix=mix12b[0], post_mix=mix12b[1], impl="fused").float().sum(),
+        [seq12, *mix12b])
 
     # the streaming forward (head_mix_stream.cuh) alone: DeiT-S inference (auto without gradients)
     # and Mini-Swin-T stage 3 (12 heads, table + shift mask)

@@ -221,6 +221,9 @@ CASES = {
     "head_mix_attention": [
         lambda d: check_head_mix(d, BF16, (2, 40), 3, 32),                                   # registers, pipelined (racecheck)
         lambda d: check_head_mix(d, BF16, (1, 70), 6, 32),                                   # streaming fwd + bwd (racecheck)
+        lambda d: check_head_mix(d, BF16, (1, 40), 12, 64),                                  # head-split bwd: exchanges (racecheck)
+        lambda d: check_head_mix(d, H16, (2, 197), 12, 64),                                  # head-split bwd: DeiT-B rows, 13 chunks
+        lambda d: check_head_mix(d, BF16, (8, 49), 12, 48, mask_types=2, table_len=169),    # head-split bwd + table/mask
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
         lambda d: check_head_mix(d, BF16, (3, 197), 6, 64),                                  # streaming: DeiT-S rows, 4 chunks
         lambda d: check_head_mix(d, H16, (2, 130), 4, 48),                                   # streaming bwd: CaiT dims, 3 chunks
@@ -252,9 +255,10 @@ def main(argv=None) -> int:
         print(f"sanitize_cases.py: no cases for op(s) {sorted(missing)}", file=sys.stderr)
         return 2
     names = args.ops or list(CASES)
-    # --smallest (racecheck): the first case of each op; head_mix_attention's first two, so its
-    # cp.async-pipelined kernels run (the register backward, the streaming forward and backward)
-    smallest = {"head_mix_attention": 2}
+    # --smallest (racecheck): the first case of each op; head_mix_attention's first three, so its
+    # cp.async-pipelined kernels run (the register backward, the streaming forward and backward,
+    # the head-split backward's shared-memory exchanges)
+    smallest = {"head_mix_attention": 3}
     torch.manual_seed(0)
     for name in names:
         for case in CASES[name][:smallest.get(name, 1)] if args.smallest else CASES[name]:

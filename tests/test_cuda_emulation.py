@@ -85,10 +85,10 @@ def test_emulated_head_mix_attention_matches_reference(results, name):
 def head_mix_route(dtype, kw, opts):
     """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads
     (head_mix_reg_rule.h); else the streaming forward for 16-bit 3/4/6/8/12 heads of <= 64
-    channels (head_mix_stream_rule.h), with the streaming backward for 3, 4, 6 or 8 heads and 12
-    of <= 32 channels ("stream";
-    the emulated device's 4 SMs leave its table-gradient sums small) or the tile backward
-    ("stream+tiles"); else the tile kernels. A case may force the tile kernels, or the tile backward
+    channels (head_mix_stream_rule.h), with the streaming backward ("stream": 12 heads of more
+    than 32 channels on the head-split kernels; the emulated device's 4 SMs leave its
+    table-gradient sums small) or, when a case asks for it, the tile backward ("stream+tiles");
+    else the tile kernels. A case may force the tile kernels, or the tile backward
     behind the streaming forward."""
     dk = kw.get("dk", 32)
     dv = kw.get("dv") or dk
@@ -99,9 +99,7 @@ def head_mix_route(dtype, kw, opts):
     if half and n <= 64 and max(dk, dv) <= 32 and (heads == 3 or (heads == 4 and n <= 55)):
         return "registers"
     if half and max(dk, dv) <= 64 and heads in (3, 4, 6, 8, 12):
-        if (heads in (3, 4, 6, 8) or max(dk, dv) <= 32) and opts.get("stream_bwd", True):
-            return "stream"
-        return "stream+tiles"
+        return "stream" if opts.get("stream_bwd", True) else "stream+tiles"
     return "tiles"
 
 
@@ -121,12 +119,16 @@ def test_emulated_head_mix_cases_cover_both_kernel_families():
     # table and mask (in both dtypes), table alone, mask alone, neither, shifted windows
     sb = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "stream"]
     assert {c[1]["heads"] for c in sb} == {3, 4, 6, 8, 12} and {c[0] for c in sb} == {torch.float16, torch.bfloat16}
-    # 12 heads (halves, mixing gradients in passes): both dtypes, table + mask and neither, scalar loads,
-    # items looping per block
-    h12 = [c for c in sb if c[1]["heads"] == 12]
-    assert {c[0] for c in h12} == {torch.float16, torch.bfloat16} and any(c[1].get("row_pad") for c in h12)
-    assert any(c[1].get("mask_types") for c in h12) and any(c[1].get("bias") is False for c in h12)
-    assert any(c[1].get("grid", (0, 0, 0))[0] * 4 > 4 for c in h12)
+    # 12 heads of <= 32 channels (halves, mixing gradients in passes) and of 48-64 (the head-split
+    # kernels): both dtypes, table + mask and neither, scalar loads, items looping per block
+    def wide(c):
+        return max(c[1]["dk"], c[1].get("dv") or c[1]["dk"]) > 32
+
+    for h12 in ([c for c in sb if c[1]["heads"] == 12 and not wide(c)], [c for c in sb if c[1]["heads"] == 12 and wide(c)]):
+        assert {c[0] for c in h12} == {torch.float16, torch.bfloat16} and any(c[1].get("row_pad") for c in h12)
+        assert any(c[1].get("mask_types") for c in h12) and any(c[1].get("bias") is False for c in h12)
+        assert any(c[1].get("grid", (0, 0, 0))[0] * 4 > 4 for c in h12)
+        assert any(c[1].get("wh") == 1 for c in h12)
     assert {32 if max(c[1]["dk"], c[1].get("dv") or c[1]["dk"]) <= 32 else 64 for c in sb} == {32, 64}
     assert any(c[1].get("row_pad") for c in sb)
     assert any(c[1].get("windows", 4) * -(-c[1]["wh"] * c[1]["ww"] // 64) > 8 for c in sb)

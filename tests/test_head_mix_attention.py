@@ -506,8 +506,10 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     (torch.float16, 197, 6, 64, False, "stream"),        # DeiT-S
     (torch.bfloat16, 197, 3, 64, False, "stream"),       # DeiT-Ti
     (torch.bfloat16, 197, 4, 48, False, "stream"),       # CaiT-XXS
-    (torch.bfloat16, 197, 12, 64, False, "stream+tiles"),  # DeiT-B: 12 heads of 64, tile backward
-    (torch.bfloat16, 197, 12, 48, False, "stream+tiles"),  # 12 heads past 32 channels
+    (torch.bfloat16, 197, 12, 64, False, "stream"),      # DeiT-B: 12 heads of 64, head-split backward
+    (torch.float16, 577, 12, 64, False, "stream"),       # DeiT-B @384
+    (torch.bfloat16, 197, 12, 48, False, "stream"),      # 12 heads past 32 channels
+    (torch.bfloat16, 49, 12, 64, True, "stream"),        # 12 heads of 64 with a table
     (torch.bfloat16, 197, 8, 48, False, "stream"),       # CaiT-S
     (torch.bfloat16, 197, 8, 48, True, "stream"),
     (torch.bfloat16, 1024, 8, 32, True, "stream+tiles"),  # table-gradient sums past 128 MiB
@@ -543,9 +545,8 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     case = make_case("cuda", dtype, **shape)
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
-    want = "stream" if shape["heads"] <= 8 or max(shape["dk"], dv) <= 32 else "stream+tiles"
     assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv,
-                                         table=case["table"] is not None, mask=case["mask"] is not None) == want
+                                         table=case["table"] is not None, mask=case["mask"] is not None) == "stream"
     mix = make_mix(shape["heads"], "cuda")
     run_and_compare(case, mix, dtype)
     kw = dict(layout=case["layout"], bias_table=case["table"], bias_index=case["index"], mask=case["mask"], **mix)
@@ -577,10 +578,16 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     dict(grid=(2, 14, 14), heads=12, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=4),  # Mini-Swin-T stage 3, shifted
     dict(windows=512, heads=12, dk=32, wh=7, ww=7, mask_types=4),           # stage 3 at bs 128: items loop
     dict(windows=6, heads=12, dk=24, dv=16, wh=1, ww=70, layout="tinyvit", row_pad=3, bias=False),  # 12 heads, scalar
+    # 12 heads of 48-64 channels: the head-split kernels (head_mix_split_bwd.cuh)
+    dict(windows=8, heads=12, dk=64, wh=1, ww=197, bias=False),             # DeiT-B rows
+    dict(windows=2, heads=12, dk=64, wh=1, ww=577, bias=False),             # DeiT-B @384: 37 query chunks
+    dict(windows=300, heads=12, dk=64, wh=1, ww=40, bias=False),            # more items than resident blocks
+    dict(grid=(2, 14, 14), heads=12, dk=48, wh=7, ww=7, shift=(3, 3), mask_types=4),  # table + mask, shifted
+    dict(windows=4, heads=12, dk=40, dv=56, wh=1, ww=37, layout="tinyvit", row_pad=3, bias=False),  # scalar loads
 ])
 def test_streaming_backward_matches_reference_and_tiles(monkeypatch, dtype, shape):
     """Shapes the streaming backward takes (head_mix_stream_bwd.cuh: 3/4/6/8 heads, 12 of <= 32
-    channels, with or without a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
+    channels; head_mix_split_bwd.cuh: 12 of 48-64; with or without a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
     mixing and table gradients are summed per warp or thread, block and over blocks in fixed
     orders), and the tile backward behind the same forward (VITFAST_HEAD_MIX_STREAM_BWD=0) agrees."""
     from vitfast import _ext

@@ -54,7 +54,8 @@ __device__ __forceinline__ MixRows<T> mix_qkv_rows(const WindowAttentionParams& 
 // D + 8, one rows x (D + 8) tile per head), tokens row0.. of window w; zero beyond the tokens,
 // beyond `dim` and for heads >= kH. kVec: 16-byte cp.async copies (dim % 8 == 0, aligned rows);
 // else element loads and plain stores (visible after the caller's barrier, like the copies).
-template <typename T, int kH, int D, bool kVec>
+// kThreads: the block's threads, which share the copies.
+template <typename T, int kH, int D, bool kVec, int kThreads = kMixStreamThreads>
 __device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p, const MixRows<T>& src_rows, int64_t w,
                                                  T* dst, int h0, int heads, int row0, int rows) {
   constexpr int ld = D + 8, kPerRow = D / 8;
@@ -62,7 +63,7 @@ __device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p,
   const T* base = src_rows.base;
   const int dim = src_rows.dim;
   const int per_head = rows * kPerRow, total = heads * per_head;
-  for (int e = threadIdx.x; e < total; e += kMixStreamThreads) {
+  for (int e = threadIdx.x; e < total; e += kThreads) {
     const int hh = e / per_head, r = (e - hh * per_head) / kPerRow, c = (e % kPerRow) * 8;
     const int token = row0 + r, head = h0 + hh;
     const bool row_ok = token < p.tokens && head < kH;

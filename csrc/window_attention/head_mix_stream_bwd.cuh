@@ -1,6 +1,7 @@
 // Head-mixing (talking-heads) attention backward for sequences -- DeiT / CaiT (N = 197, 577, ...) --
 // and windows the register kernels do not take (Mini-Swin's stages 2-3), with 3, 4, 6 or 8 heads of
-// <= 64 channels or 12 of <= 32, fp16/bf16, with or without a table and a mask, on the register
+// <= 64 channels or 12 of <= 32 (12 of 48-64: head_mix_split_bwd.cuh, dispatched from here),
+// fp16/bf16, with or without a table and a mask, on the register
 // pattern of the streaming forward (head_mix_stream.cuh). Compiled in three units per 16-bit dtype
 // (head_mix_stream_bwd_<dtype>_cuda.cu: the query-major kernel and the host sequence;
 // head_mix_stream_bwd_kv_<dtype>_cuda.cu: the key-major kernel; head_mix_stream_bwd_h12_<dtype>_cuda.cu:
@@ -43,6 +44,7 @@
 
 #include <utility>
 
+#include "head_mix_split_bwd_entry.h"
 #include "head_mix_stream.cuh"
 #include "head_mix_stream_bwd_entry.h"
 
@@ -696,67 +698,118 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
   }
 }
 
-// Sums each block's per-warp mixing-gradient sums in warp order: (blocks, 4, kMix) -> (blocks, kMix),
-// in place at the front (the slot reduction then adds the blocks in order).
-__global__ void mix_stream_warp_sum_kernel(float* partials, int64_t blocks, int mix) {
+// Sums each block's per-warp mixing-gradient sums in warp order: (blocks, warps, kMix) -> (blocks,
+// kMix), after them in the workspace (the slot reduction then adds the blocks in order).
+__global__ void mix_stream_warp_sum_kernel(float* partials, int64_t blocks, int mix, int warps) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= blocks * mix) return;
   const int64_t blk = e / mix;
   const int m = static_cast<int>(e - blk * mix);
-  const float* src = partials + blk * kMixStreamWarps * mix + m;
+  const float* src = partials + blk * warps * mix + m;
   float x = 0.0f;
-#pragma unroll
-  for (int u = 0; u < kMixStreamWarps; ++u) x += src[u * mix];
-  partials[static_cast<int64_t>(blocks) * kMixStreamWarps * mix + e] = x;
+  for (int u = 0; u < warps; ++u) x += src[u * mix];
+  partials[static_cast<int64_t>(blocks) * warps * mix + e] = x;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side
+// Host side, shared with the head-split kernels (head_mix_split_bwd.cuh)
 
-// Blocks of the query-major kernel: one per (window, 64-row chunk), or one wave of resident blocks
-// (each looping over items) when it sums the mixing or table gradients, so that their partials
-// stay few.
+// Blocks of a query-major kernel: one per item (window, chunk of `rows` rows), or one wave of
+// resident blocks (per_sm per SM, each looping over items) when it sums the mixing or table
+// gradients, so that their partials stay few.
+inline int64_t mix_bwd_q_blocks(const WindowAttentionBackwardParams& b, int rows, int per_sm) {
+  const WindowAttentionParams& p = b.fwd;
+  const int64_t items = p.windows * ((p.tokens + rows - 1) / rows);
+  if (b.grad_pre_mix == nullptr && b.dbias == nullptr) return items;
+  return std::max<int64_t>(1, std::min<int64_t>(items, static_cast<int64_t>(per_sm) * device_sms()));
+}
+
 template <typename T, int kH, int D>
 int64_t mix_stream_bwd_q_blocks(const WindowAttentionBackwardParams& b) {
-  const WindowAttentionParams& p = b.fwd;
-  const int64_t items = p.windows * ((p.tokens + kMixStreamRows - 1) / kMixStreamRows);
-  if (b.grad_pre_mix == nullptr && b.dbias == nullptr) return items;
-  const int per_sm = resident_blocks_per_sm(head_mix_bwd_stream_q_kernel<T, kH, D, true>, kMixStreamThreads,
-                                            mix_stream_bwd_layout(kH, D).total, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(items, static_cast<int64_t>(per_sm) * device_sms()));
+  if (b.grad_pre_mix == nullptr && b.dbias == nullptr) return mix_bwd_q_blocks(b, kMixStreamRows, 1);
+  return mix_bwd_q_blocks(b, kMixStreamRows,
+                          resident_blocks_per_sm(head_mix_bwd_stream_q_kernel<T, kH, D, true>, kMixStreamThreads,
+                                                 mix_stream_bwd_layout(kH, D).total, 1));
 }
 
 // Workspace (floats), each part from a multiple of 64: D (windows x heads x N) | the mixed bias
 // (table and mask, as the forward's) | the unmixed table bias (heads x N x N, for d pre; none when
 // the glue gave its (heads, N, N) table buffer, p.bias_buffer, which is filled instead) |
-// per-warp mixing sums (blocks x 4 x kMix) and per-block sums (blocks x kMix) | table-gradient
+// per-warp mixing sums (blocks x warps x kMix) and per-block sums (blocks x kMix) | table-gradient
 // sums (blocks x heads x N x N).
 struct MixStreamBwdWorkspace {
   int64_t dd = 0, bias = 0, table_bias = 0, mix = 0, table = 0, total = 0;
 };
 
-template <typename T, int kH, int D>
-MixStreamBwdWorkspace mix_stream_bwd_workspace_parts(const WindowAttentionBackwardParams& b) {
+inline MixStreamBwdWorkspace mix_bwd_workspace_parts(const WindowAttentionBackwardParams& b, int heads, int64_t blocks,
+                                                     int warps) {
   const WindowAttentionParams& p = b.fwd;
-  const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
   MixStreamBwdWorkspace ws;
-  int64_t end = round64(p.windows * kH * static_cast<int64_t>(p.tokens));
+  int64_t end = round64(p.windows * heads * static_cast<int64_t>(p.tokens));
   ws.bias = end;
   end += round64(mix_stream_bias_floats(p));
   ws.table_bias = end;
   if (p.table != nullptr && b.grad_pre_mix != nullptr && p.bias_buffer == nullptr)
-    end += round64(kH * static_cast<int64_t>(p.tokens) * p.tokens);
+    end += round64(heads * static_cast<int64_t>(p.tokens) * p.tokens);
   ws.mix = end;
-  if (b.grad_pre_mix != nullptr) end += round64(blocks * (kMixStreamWarps + 1) * (2 * kH * kH + kH));
+  if (b.grad_pre_mix != nullptr) end += round64(blocks * (warps + 1) * (2 * heads * heads + heads));
   ws.table = end;
-  if (b.dbias != nullptr) end += blocks * kH * static_cast<int64_t>(p.tokens) * p.tokens;
+  if (b.dbias != nullptr) end += blocks * heads * static_cast<int64_t>(p.tokens) * p.tokens;
   ws.total = end;
   return ws;
 }
 
 template <typename T, int kH, int D>
 int64_t mix_stream_bwd_workspace(const WindowAttentionBackwardParams& b) {
-  return mix_stream_bwd_workspace_parts<T, kH, D>(b).total;
+  return mix_bwd_workspace_parts(b, kH, mix_stream_bwd_q_blocks<T, kH, D>(b), kMixStreamWarps).total;
+}
+
+// The host sequence of a streaming backward: the mixed bias and the unmixed table bias rebuilt
+// into the workspace, launch_q(bias, table_bias, dd, mix, dtable) for the query-major kernel
+// (`blocks` blocks of `warps` warps), launch_kv(bias, dd) for the key-major one, then the
+// table-gradient and mixing-gradient reductions in a fixed order.
+template <int kH, typename LaunchQ, typename LaunchKv>
+int mix_bwd_sequence(const WindowAttentionBackwardParams& b, float* workspace, int64_t blocks, int warps,
+                     cudaStream_t stream, LaunchQ&& launch_q, LaunchKv&& launch_kv) {
+  const WindowAttentionParams& p = b.fwd;
+  constexpr int kMix = 2 * kH * kH + kH, kThreads = 256;
+  const MixStreamBwdWorkspace ws = mix_bwd_workspace_parts(b, kH, blocks, warps);
+  float* dd = workspace;
+  float* bias = mix_stream_bias_floats(p) > 0 ? workspace + ws.bias : nullptr;
+  float* mix = b.grad_pre_mix != nullptr ? workspace + ws.mix : nullptr;
+  float* dtable = b.dbias != nullptr ? workspace + ws.table : nullptr;
+  float* table_bias = nullptr;
+  if (bias != nullptr) {  // the forward's mixed bias, rebuilt (the forward's workspace is gone)
+    auto fill = head_mix_reg_bias_kernel<kH>;
+    VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), kThreads), kThreads, 0, stream, p, bias);
+  }
+  if (p.table != nullptr && mix != nullptr) {  // the unmixed table bias (heads x N x N), which d pre needs
+    WindowAttentionParams into = p;
+    if (into.bias_buffer == nullptr) into.bias_buffer = workspace + ws.table_bias;
+    table_bias = static_cast<float*>(into.bias_buffer);
+    auto fill = head_mix_table_kernel<float>;
+    VF_LAUNCH(fill, blocks_for(kH * static_cast<int64_t>(p.tokens) * p.tokens, kThreads), kThreads, 0, stream, into);
+  }
+  cudaError_t err = static_cast<cudaError_t>(
+      launch_q(static_cast<const float*>(bias), static_cast<const float*>(table_bias), dd, mix, dtable));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  err = static_cast<cudaError_t>(launch_kv(static_cast<const float*>(bias), static_cast<const float*>(dd)));
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (dtable != nullptr) {
+    const int64_t per_block = kH * static_cast<int64_t>(p.tokens) * p.tokens;
+    auto reduce = window_attention_slot_reduce_kernel<float>;
+    VF_LAUNCH(reduce, blocks_for(per_block, kThreads), kThreads, 0, stream, static_cast<const float*>(dtable), blocks,
+              per_block, static_cast<float*>(b.dbias));
+  }
+  if (mix != nullptr) {
+    auto sum_warps = mix_stream_warp_sum_kernel;
+    VF_LAUNCH(sum_warps, blocks_for(blocks * kMix, kThreads), kThreads, 0, stream, mix, blocks, kMix, warps);
+    auto reduce = window_attention_slot_reduce_kernel<float>;
+    VF_LAUNCH(reduce, blocks_for(kMix, kThreads), kThreads, 0, stream,
+              static_cast<const float*>(mix + blocks * warps * kMix), blocks, static_cast<int64_t>(kMix),
+              static_cast<float*>(b.grad_pre_mix));
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 // The key-major kernel (its own unit, head_mix_stream_bwd_kv_<dtype>_cuda.cu).
@@ -787,46 +840,17 @@ int mix_stream_backward(const WindowAttentionBackwardParams& b, float* workspace
   auto kq = vec_ok<T>(p, b.grad_out) ? head_mix_bwd_stream_q_kernel<T, kH, D, true>
                                      : head_mix_bwd_stream_q_kernel<T, kH, D, false>;
   const size_t smem = mix_stream_bwd_layout(kH, D).total;
-  cudaError_t err = cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t err = cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
-  constexpr int kMix = 2 * kH * kH + kH, kThreads = 256;
   const int64_t blocks = mix_stream_bwd_q_blocks<T, kH, D>(b);
-  const MixStreamBwdWorkspace ws = mix_stream_bwd_workspace_parts<T, kH, D>(b);
-  float* dd = workspace;
-  float* bias = mix_stream_bias_floats(p) > 0 ? workspace + ws.bias : nullptr;
-  float* mix = b.grad_pre_mix != nullptr ? workspace + ws.mix : nullptr;
-  float* dtable = b.dbias != nullptr ? workspace + ws.table : nullptr;
-  float* table_bias = nullptr;
-  if (bias != nullptr) {  // the forward's mixed bias, rebuilt (the forward's workspace is gone)
-    auto fill = head_mix_reg_bias_kernel<kH>;
-    VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), kThreads), kThreads, 0, stream, p, bias);
-  }
-  if (p.table != nullptr && mix != nullptr) {  // the unmixed table bias (heads x N x N), which d pre needs
-    WindowAttentionParams into = p;
-    if (into.bias_buffer == nullptr) into.bias_buffer = workspace + ws.table_bias;
-    table_bias = static_cast<float*>(into.bias_buffer);
-    auto fill = head_mix_table_kernel<float>;
-    VF_LAUNCH(fill, blocks_for(kH * static_cast<int64_t>(p.tokens) * p.tokens, kThreads), kThreads, 0, stream, into);
-  }
-  VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, static_cast<const float*>(bias),
-            static_cast<const float*>(table_bias), dd, mix, dtable);
-  err = static_cast<cudaError_t>(mix_stream_launch_kv<T>(b, bias, dd, stream));
-  if (err != cudaSuccess) return static_cast<int>(err);
-  if (dtable != nullptr) {
-    const int64_t per_block = kH * static_cast<int64_t>(p.tokens) * p.tokens;
-    auto reduce = window_attention_slot_reduce_kernel<float>;
-    VF_LAUNCH(reduce, blocks_for(per_block, kThreads), kThreads, 0, stream, static_cast<const float*>(dtable), blocks,
-              per_block, static_cast<float*>(b.dbias));
-  }
-  if (mix != nullptr) {
-    auto warps = mix_stream_warp_sum_kernel;
-    VF_LAUNCH(warps, blocks_for(blocks * kMix, kThreads), kThreads, 0, stream, mix, blocks, kMix);
-    auto reduce = window_attention_slot_reduce_kernel<float>;
-    VF_LAUNCH(reduce, blocks_for(kMix, kThreads), kThreads, 0, stream,
-              static_cast<const float*>(mix + blocks * kMixStreamWarps * kMix), blocks, static_cast<int64_t>(kMix),
-              static_cast<float*>(b.grad_pre_mix));
-  }
-  return static_cast<int>(cudaGetLastError());
+  return mix_bwd_sequence<kH>(
+      b, workspace, blocks, kMixStreamWarps, stream,
+      [&](const float* bias, const float* table_bias, float* dd, float* mix, float* dtable) {
+        VF_LAUNCH(kq, static_cast<unsigned>(blocks), kMixStreamThreads, smem, stream, b, bias, table_bias, dd, mix,
+                  dtable);
+        return static_cast<int>(cudaGetLastError());
+      },
+      [&](const float* bias, const float* dd) { return mix_stream_launch_kv<T>(b, bias, dd, stream); });
 }
 
 template <typename F>
@@ -840,7 +864,7 @@ auto with_mix_stream_bwd_shape(const WindowAttentionParams& p, F&& f) {
     case 4: return by_dim(std::integral_constant<int, 4>{});
     case 6: return by_dim(std::integral_constant<int, 6>{});
     case 8: return by_dim(std::integral_constant<int, 8>{});
-    default: return f(std::integral_constant<int, 12>{}, std::integral_constant<int, 32>{});  // the route's only 12
+    default: return f(std::integral_constant<int, 12>{}, std::integral_constant<int, 32>{});  // 12 of 64: head_mix_split_bwd.cuh
   }
 }
 
@@ -856,10 +880,29 @@ int mix_stream_h12_launch(const WindowAttentionBackwardParams& b, void* workspac
   else return head_mix_stream_bwd_h12_launch_bf16(b, workspace, stream);
 }
 
+// 12 heads of 48-64: the head-split kernels' unit (head_mix_split_bwd_<dtype>_cuda.cu)
+template <typename T>
+int64_t mix_split_workspace(const WindowAttentionBackwardParams& b) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_split_bwd_workspace_f16(b);
+  else return head_mix_split_bwd_workspace_bf16(b);
+}
+template <typename T>
+int mix_split_launch(const WindowAttentionBackwardParams& b, void* workspace, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_split_bwd_launch_f16(b, workspace, stream);
+  else return head_mix_split_bwd_launch_bf16(b, workspace, stream);
+}
+inline bool mix_split_route(const WindowAttentionParams& p) {
+  return mix_split_bwd_shape(p.heads, mix_stream_dim(p.dim_k, p.dim_v));
+}
+
 template <typename T>
 bool mix_stream_try_backward_workspace(const WindowAttentionBackwardParams& b, int64_t* elements) {
   if constexpr (sizeof(T) == 2) {
     if (!mix_stream_bwd_route_ok(b.fwd)) return false;
+    if (mix_split_route(b.fwd)) {
+      *elements = mix_split_workspace<T>(b);
+      return true;
+    }
     *elements = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
       if constexpr (decltype(h)::value == 12) return mix_stream_h12_workspace<T>(b);
       else return mix_stream_bwd_workspace<T, decltype(h)::value, decltype(d)::value>(b);
@@ -873,6 +916,10 @@ template <typename T>
 bool mix_stream_try_backward(const WindowAttentionBackwardParams& b, void* workspace, cudaStream_t stream, int* err) {
   if constexpr (sizeof(T) == 2) {
     if (!mix_stream_bwd_route_ok(b.fwd)) return false;
+    if (mix_split_route(b.fwd)) {
+      *err = mix_split_launch<T>(b, workspace, stream);
+      return true;
+    }
     *err = with_mix_stream_bwd_shape(b.fwd, [&](auto h, auto d) {
       if constexpr (decltype(h)::value == 12) return mix_stream_h12_launch<T>(b, workspace, stream);
       else return mix_stream_backward<T, decltype(h)::value, decltype(d)::value>(b, static_cast<float*>(workspace), stream);

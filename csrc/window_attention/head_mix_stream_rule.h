@@ -95,11 +95,51 @@ inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
 // tiles of every head streamed. Each keeps its products of every head in registers (S and dP',
 // 8 x heads each), so its accumulators go per group of heads, the scores recomputed per group.
 
-// The shapes the streaming backward is compiled for: 3, 4, 6 or 8 heads of <= 64 channels, and 12
-// heads of <= 32 (Mini-Swin-T/S stage 3). 12 heads of 64 (DeiT-B) do not fit: 64 rows of q and dO
-// alone take 221 KB of shared memory.
+// The shapes the streaming backward takes: 3, 4, 6, 8 or 12 heads of <= 64 channels. Its own
+// kernels hold 12 heads of <= 32 only (Mini-Swin-T/S stage 3): at 12 heads of 64 (DeiT-B) 64 rows
+// of q and dO alone take 221 KB of shared memory; those go to the head-split kernels below.
 VF_HD constexpr bool mix_stream_bwd_shape_ok(int heads, int D) {
-  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || (heads == 12 && D == 32);
+  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || heads == 12;
+}
+
+// 12 heads of 48-64 channels (DeiT-B, CaiT-S-like widths) take the head-split kernels of
+// head_mix_split_bwd.cuh instead: 16 rows of every head per block, 8 warps, each warp forming one
+// product (scores or dP') of a quarter of the heads, the products exchanged through shared memory
+// and mixed once per entry, so that no warp holds every head's products.
+VF_HD constexpr bool mix_split_bwd_shape(int heads, int D) { return heads == 12 && D == 64; }
+
+constexpr int kMixSplitWarps = 8;
+constexpr int kMixSplitRows = 16;                         // query rows (key rows) per block
+constexpr int kMixSplitXPitch = kMixSplitRows * 16 + 1;  // floats per head in the exchange (odd: heads on other banks)
+constexpr int kMixSplitYLd = 24;                          // 16-bit pitch of the exchanged 16 x 16 tiles (ldmatrix rows)
+
+// Byte offsets of the head-split kernels: resident rows of two roles (16 per head), two buffers of
+// a 16-row tile of every head for each streamed role, the float exchange (query-major: raw scores
+// -> S, dP', P, dS' of every head; key-major: raw scores and dP'), the 16-bit exchange (query-major:
+// dA; key-major: P' and dA), the weights [pre * scale | (pre * scale)^T | post | post^T |
+// post_bias] and the row statistics (query-major: lse and D of its 16 rows; key-major: two buffers
+// of the tile's lse and D).
+struct MixSplitBwdLayout {
+  size_t rows_a = 0, rows_b = 0, tile_a = 0, tile_b = 0, xch = 0, half = 0, weights = 0, stats = 0, total = 0;
+  size_t tile_buffer = 0;
+};
+
+VF_HD MixSplitBwdLayout mix_split_bwd_layout(int heads, int D, bool key_major) {
+  MixSplitBwdLayout L;
+  SmemOffsets so;
+  const size_t row = (static_cast<size_t>(D) + 8) * 2;
+  const size_t rows = static_cast<size_t>(heads) * kMixSplitRows * row;
+  L.rows_a = so.take(rows);
+  L.rows_b = so.take(rows);
+  L.tile_buffer = align128(static_cast<size_t>(heads) * kMixStreamKeys * row);
+  L.tile_a = so.take(2 * L.tile_buffer);
+  L.tile_b = so.take(2 * L.tile_buffer);
+  L.xch = so.take(static_cast<size_t>(key_major ? 2 : 4) * heads * kMixSplitXPitch * sizeof(float));
+  L.half = so.take(static_cast<size_t>(key_major ? 2 : 1) * heads * kMixSplitRows * kMixSplitYLd * 2);
+  L.weights = so.take(static_cast<size_t>(4 * heads * heads + heads) * sizeof(float));
+  L.stats = so.take(static_cast<size_t>(key_major ? 4 : 2) * kMixSplitRows * heads * sizeof(float));
+  L.total = so.end;
+  return L;
 }
 
 // Past 8 heads, both products of every head for a 16 x 16 tile (8 x heads registers each) leave no
@@ -159,11 +199,11 @@ inline bool mix_stream_bwd_disabled() {
 // windows at 8 heads on 132 SMs: 5 M) the tile backward runs instead.
 constexpr int64_t kMixStreamMaxTableSums = int64_t(1) << 25;
 
-// The streaming backward takes the streaming forward's shapes with 3, 4, 6 or 8 heads (DeiT-Ti/S,
-// CaiT-XXS/XS/S, Mini-Swin-T/S stage 2, Mini-Swin-B stage 2) and 12 heads of <= 32 channels
-// (Mini-Swin-T/S stage 3), with or without a table and a mask, when its shared memory fits (6 heads
-// of 64: 169 KB; 8 heads of 64: 221 KB; 12 of 32: 192 KB: an H100 but not an A100) and, with a
-// table, its per-block table-gradient sums.
+// The streaming backward takes every shape of the streaming forward (DeiT-Ti/S/B, CaiT-XXS/XS/S,
+// Mini-Swin-T/S stages 2-3, Mini-Swin-B stage 2), with or without a table and a mask, when its
+// shared memory fits (6 heads of 64: 169 KB; 8 heads of 64: 221 KB; 12 of 32: 192 KB; the
+// head-split kernels at 12 heads of 64: 223 KB: an H100 but not an A100) and, with a table, its
+// per-block table-gradient sums.
 inline bool mix_stream_bwd_route_ok(const WindowAttentionParams& p) {
   if (!mix_stream_route_ok(p) || mix_stream_bwd_disabled()) return false;
   if (!mix_stream_bwd_shape_ok(p.heads, mix_stream_dim(p.dim_k, p.dim_v))) return false;
@@ -173,7 +213,11 @@ inline bool mix_stream_bwd_route_ok(const WindowAttentionParams& p) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (p.table != nullptr && 2 * static_cast<int64_t>(sms) * p.heads * p.tokens * p.tokens > kMixStreamMaxTableSums)
     return false;
-  return mix_stream_bwd_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
+  const int D = mix_stream_dim(p.dim_k, p.dim_v);
+  const size_t need = mix_split_bwd_shape(p.heads, D)
+                          ? std::max(mix_split_bwd_layout(p.heads, D, false).total, mix_split_bwd_layout(p.heads, D, true).total)
+                          : mix_stream_bwd_layout(p.heads, D).total;
+  return need <= static_cast<size_t>(optin);
 }
 
 }  // namespace vitfast

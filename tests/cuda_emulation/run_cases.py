@@ -153,6 +153,13 @@ HEAD_MIX_CASES = {
                                                                       shift=(3, 3), mask_types=4), {}),
     "mix_stream_bwd_fp16_h12_dk24_n70_scalar": (torch.float16, dict(windows=2, heads=12, dk=24, dv=16, wh=1, ww=70, layout="tinyvit",
                                                                     row_pad=3, bias=False), {}),
+    # 12 heads of 48-64 channels (DeiT-B; head_mix_split_bwd.cuh, heads split between warps; the
+    # n100 sequence above runs it too): shifted windows with table and mask, 32 items over the
+    # emulated device's 4 resident blocks; scalar loads with padded, unequal head dims
+    "mix_split_bwd_bf16_h12_dk48_grid_shift_items": (torch.bfloat16, dict(grid=(2, 14, 14), heads=12, dk=48, wh=7,
+                                                                          ww=7, shift=(3, 3), mask_types=4), {}),
+    "mix_split_bwd_fp16_h12_dk40_dv56_scalar": (torch.float16, dict(windows=2, heads=12, dk=40, dv=56, wh=1, ww=37,
+                                                                    layout="tinyvit", row_pad=3, bias=False), {}),
     # the tile backward behind the streaming forward (VITFAST_HEAD_MIX_STREAM_BWD=0)
     "mix_stream_tile_bwd_bf16_h6_n100": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False),
                                          dict(stream_bwd=False)),

@@ -19,6 +19,8 @@
 #include "window_attention/head_mix_stream_bwd_kv_bf16_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_h12_f16_cuda.cu"
 #include "window_attention/head_mix_stream_bwd_h12_bf16_cuda.cu"
+#include "window_attention/head_mix_split_bwd_f16_cuda.cu"
+#include "window_attention/head_mix_split_bwd_bf16_cuda.cu"
 
 namespace {
 
