@@ -27,7 +27,9 @@ from window_attention_cases import environ, forced_route, swin_index
 # by 8-key halves). The sequences' "vitfast" fwd column is the streaming forward too (what
 # impl="auto" runs without gradients); every shape's backward past the register kernels is the
 # streaming backward (3/4/6/8 heads, 12 of <= 32; DeiT-B's 12 heads of 64 on the head-split
-# kernels), timed beside the tile backward behind the same forward.
+# kernels), timed beside the tile backward behind the same forward. DeiT-B's forward is also timed
+# on the head-split kernel ("vitfast (head-split forward)", VITFAST_HEAD_MIX_SPLIT_FWD=1); Mini-Swin-B
+# stage 3 (16 heads) runs the head-split forward and backward.
 SHAPES = {
     "deit_s_B128_H6_N197": (128, 197, 6, 64, 0),
     "deit_b_B128_H12_N197": (128, 197, 12, 64, 0),
@@ -36,6 +38,7 @@ SHAPES = {
     "mini_swin_b_stage1": (8192, 49, 4, 32, 64),
     "mini_swin_t_stage2": (2048, 49, 6, 32, 16),
     "mini_swin_t_stage3": (512, 49, 12, 32, 4),
+    "mini_swin_b_stage3": (512, 49, 16, 32, 4),
 }
 
 
@@ -94,6 +97,8 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
         impls["vitfast (tile kernels)"] = ours
     if route == "stream":  # the streaming forward with the tile backward (VITFAST_HEAD_MIX_STREAM_BWD=0)
         impls["vitfast (tile backward)"] = ours
+    if route == "stream" and heads == 12 and d > 32:  # the head-split forward on request (DeiT-B)
+        impls["vitfast (head-split forward)"] = ours
     if windowed:
         impls["window_attention (no mixes)"] = lambda: window_attention(qkv, heads, d, bias_table=table,
                                                                         bias_index=index, mask=mask)
@@ -107,14 +112,16 @@ def bench_head_mix(device, name, dtype, reps, use_compile, quick=False):
     for label, fn in impls.items():
         grad = torch.randn_like(fn())
         wrt = [x for x in leaves if label in ("vitfast", "vitfast sdpa", "vitfast (tile kernels)",
-                                              "vitfast (tile backward)", "eager talking heads",
+                                              "vitfast (tile backward)", "vitfast (head-split forward)",
+                                              "eager talking heads",
                                               "torch.compile(eager)") or x is qkv or x is table]
 
         def step(fn=fn, grad=grad, wrt=wrt):
             torch.autograd.grad(fn(), wrt, grad)
 
         with forced_route("tiles" if label == "vitfast (tile kernels)" else None), \
-                environ("VITFAST_HEAD_MIX_STREAM_BWD", "0" if label == "vitfast (tile backward)" else None):
+                environ("VITFAST_HEAD_MIX_STREAM_BWD", "0" if label == "vitfast (tile backward)" else None), \
+                environ("VITFAST_HEAD_MIX_SPLIT_FWD", "1" if label == "vitfast (head-split forward)" else None):
             with torch.no_grad():
                 fwd[label] = time_ms(fn, device, 3, reps)
             fwd_bwd[label] = time_ms(step, device, 3, reps)

@@ -145,7 +145,7 @@ PYBIND11_MODULE(_C, m) {
         if (mask) b.fwd.mask = &flag;
         return std::string(vitfast::head_mix_attention_cuda_route(b.fwd));
       },
-      "'registers', 'stream' (streaming forward and backward; 12 heads of 48-64 on the head-split backward), 'stream+tiles' (streaming forward, tile backward) or "
+      "'registers', 'stream' (streaming forward and backward; head-split kernels for 12 heads of 48-64 and 16 of <= 32), 'stream+tiles' (streaming or head-split forward, tile backward) or "
       "'tiles': the kernels head_mix_attention's fused route runs for (dtype name, tokens, heads, dim_k, dim_v, "
       "has a table, has a mask) on the current GPU (VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces the tile kernels, "
       "VITFAST_HEAD_MIX_STREAM_BWD=0 the tile backward).");

@@ -224,6 +224,9 @@ CASES = {
         lambda d: check_head_mix(d, BF16, (1, 40), 12, 64),                                  # head-split bwd: exchanges (racecheck)
         lambda d: check_head_mix(d, H16, (2, 197), 12, 64),                                  # head-split bwd: DeiT-B rows, 13 chunks
         lambda d: check_head_mix(d, BF16, (8, 49), 12, 48, mask_types=2, table_len=169),    # head-split bwd + table/mask
+        lambda d: check_head_mix(d, BF16, (8, 49), 16, 32, mask_types=2, table_len=169),    # head-split fwd + bwd, 16 heads
+        lambda d: check_head_mix(d, H16, (2, 49), 24, 32, table_len=169),                    # head-split fwd, 24 heads
+        lambda d: check_head_mix(d, BF16, (1, 70), 16, 48),                                  # head-split fwd, CaiT-M dims
         lambda d: check_head_mix(d, BF16, (2, 40), 4, 32),                                   # a sequence
         lambda d: check_head_mix(d, BF16, (3, 197), 6, 64),                                  # streaming: DeiT-S rows, 4 chunks
         lambda d: check_head_mix(d, H16, (2, 130), 4, 48),                                   # streaming bwd: CaiT dims, 3 chunks

@@ -85,10 +85,11 @@ def test_emulated_head_mix_attention_matches_reference(results, name):
 def head_mix_route(dtype, kw, opts):
     """Register kernels for 16-bit windows of <= 64 tokens, head dims <= 32 and 3 or 4 heads
     (head_mix_reg_rule.h); else the streaming forward for 16-bit 3/4/6/8/12 heads of <= 64
-    channels (head_mix_stream_rule.h), with the streaming backward ("stream": 12 heads of more
-    than 32 channels on the head-split kernels; the emulated device's 4 SMs leave its
-    table-gradient sums small) or, when a case asks for it, the tile backward ("stream+tiles");
-    else the tile kernels. A case may force the tile kernels, or the tile backward
+    channels (head_mix_stream_rule.h) or the head-split forward for 16 heads of <= 64 and 24 of
+    <= 32, with the streaming backward ("stream": 12 heads of more than 32 channels and 16 of <= 32
+    on the head-split kernels; the emulated device's 4 SMs leave its table-gradient sums small) or
+    the tile backward ("stream+tiles": 16 heads of more than 32, 24 heads, or when a case asks for
+    it); else the tile kernels. A case may force the tile kernels, or the tile backward
     behind the streaming forward."""
     dk = kw.get("dk", 32)
     dv = kw.get("dv") or dk
@@ -98,8 +99,11 @@ def head_mix_route(dtype, kw, opts):
     # 4 heads fit the register backward's shared memory (227 KB) up to 55 tokens, 3 heads up to 64
     if half and n <= 64 and max(dk, dv) <= 32 and (heads == 3 or (heads == 4 and n <= 55)):
         return "registers"
-    if half and max(dk, dv) <= 64 and heads in (3, 4, 6, 8, 12):
-        return "stream" if opts.get("stream_bwd", True) else "stream+tiles"
+    wide = max(dk, dv) > 32
+    if half and max(dk, dv) <= 64 and (heads in (3, 4, 6, 8, 12, 16) or (heads == 24 and not wide)):
+        # 16 heads of 48-64 and 24 heads: the head-split forward with the tile backward
+        stream_bwd = heads in (3, 4, 6, 8, 12) or (heads == 16 and not wide)
+        return "stream" if stream_bwd and opts.get("stream_bwd", True) else "stream+tiles"
     return "tiles"
 
 
@@ -118,7 +122,15 @@ def test_emulated_head_mix_cases_cover_both_kernel_families():
     # loads, more items than the emulated device's resident blocks (its query-major kernel loops),
     # table and mask (in both dtypes), table alone, mask alone, neither, shifted windows
     sb = [c for c in HEAD_MIX_CASES.values() if head_mix_route(*c) == "stream"]
-    assert {c[1]["heads"] for c in sb} == {3, 4, 6, 8, 12} and {c[0] for c in sb} == {torch.float16, torch.bfloat16}
+    assert {c[1]["heads"] for c in sb} == {3, 4, 6, 8, 12, 16} and {c[0] for c in sb} == {torch.float16, torch.bfloat16}
+    # the head-split forward: 16 and 24 heads, both dtypes, both padded head dims, table + mask and
+    # neither, scalar loads, a sequence; and DeiT-B's 12 heads of 64 on request
+    split = [c for c in HEAD_MIX_CASES.values() if c[1]["heads"] in (16, 24) and head_mix_route(*c) != "tiles"]
+    assert {c[1]["heads"] for c in split} == {16, 24} and {c[0] for c in split} == {torch.float16, torch.bfloat16}
+    assert {32 if max(c[1]["dk"], c[1].get("dv") or c[1]["dk"]) <= 32 else 64 for c in split} == {32, 64}
+    assert any(c[1].get("mask_types") for c in split) and any(c[1].get("bias") is False for c in split)
+    assert any(c[1].get("row_pad") for c in split) and any(c[1].get("wh") == 1 for c in split)
+    assert any(c[2].get("split_fwd") and c[1]["heads"] == 12 and c[1]["dk"] > 32 for c in HEAD_MIX_CASES.values())
     # 12 heads of <= 32 channels (halves, mixing gradients in passes) and of 48-64 (the head-split
     # kernels): both dtypes, table + mask and neither, scalar loads, items looping per block
     def wide(c):

@@ -513,7 +513,11 @@ def test_register_and_tile_kernels_both_match_reference(monkeypatch, dtype, shap
     (torch.bfloat16, 197, 8, 48, False, "stream"),       # CaiT-S
     (torch.bfloat16, 197, 8, 48, True, "stream"),
     (torch.bfloat16, 1024, 8, 32, True, "stream+tiles"),  # table-gradient sums past 128 MiB
-    (torch.bfloat16, 577, 16, 48, False, "tiles"),       # CaiT-M: 16 heads
+    (torch.bfloat16, 577, 16, 48, False, "stream+tiles"),  # CaiT-M: head-split forward, tile backward
+    (torch.bfloat16, 49, 16, 32, True, "stream"),        # Mini-Swin-B stage 3: head-split forward and backward
+    (torch.float16, 49, 24, 32, True, "stream+tiles"),   # Mini-Swin-T stage 4: head-split forward
+    (torch.bfloat16, 49, 24, 64, True, "tiles"),         # 24 heads of 64: no head-split forward
+    (torch.bfloat16, 49, 32, 32, True, "tiles"),         # Mini-Swin-B stage 4
     (torch.bfloat16, 49, 5, 32, True, "tiles"),
     (torch.bfloat16, 197, 6, 80, False, "tiles"),
     (torch.float32, 49, 3, 32, True, "tiles"),
@@ -535,18 +539,26 @@ def test_register_route_rule(dtype, tokens, heads, dk, table, route):
     dict(windows=64, heads=12, dk=32, wh=7, ww=7, mask_types=16),            # Mini-Swin-T stage 3
     dict(grid=(2, 28, 28), heads=6, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=16),  # stage 2, shifted map
     dict(windows=3, heads=4, dk=40, dv=24, wh=5, ww=15, layout="tinyvit", row_pad=3),  # scalar loads
+    # the head-split forward (head_mix_split_fwd.cuh)
+    dict(windows=64, heads=16, dk=32, wh=7, ww=7, mask_types=4),            # Mini-Swin-B stage 3
+    dict(windows=32, heads=24, dk=32, wh=7, ww=7),                          # Mini-Swin-T stage 4 (table only)
+    dict(windows=2, heads=16, dk=48, wh=1, ww=577, bias=False),             # CaiT-M @384
+    dict(windows=3, heads=16, dk=40, dv=24, wh=5, ww=15, layout="tinyvit", row_pad=3),  # scalar loads
 ])
 def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape):
-    """Shapes the streaming forward takes (head_mix_stream.cuh): output and lse-dependent
-    gradients (the tile backward reads the streaming forward's log-sum-exp) against float64, the
+    """Shapes the streaming forward takes (head_mix_stream.cuh; 16 and 24 heads: the head-split
+    forward, head_mix_split_fwd.cuh): output and lse-dependent gradients (the tile backward reads
+    the streaming forward's log-sum-exp; 24 heads' backward is the composite) against float64, the
     inference route (auto under no_grad) against the same, and the forced tile forward agrees."""
     from vitfast import _ext
 
     case = make_case("cuda", dtype, **shape)
     n = shape["wh"] * shape["ww"]
     dv = shape.get("dv", shape["dk"])
+    wide = max(shape["dk"], dv) > 32
+    want = "stream" if shape["heads"] <= 12 or (shape["heads"] == 16 and not wide) else "stream+tiles"
     assert _ext.head_mix_attention_route(torch.device("cuda"), dtype, n, shape["heads"], shape["dk"], dv,
-                                         table=case["table"] is not None, mask=case["mask"] is not None) == "stream"
+                                         table=case["table"] is not None, mask=case["mask"] is not None) == want
     mix = make_mix(shape["heads"], "cuda")
     run_and_compare(case, mix, dtype)
     kw = dict(layout=case["layout"], bias_table=case["table"], bias_index=case["index"], mask=case["mask"], **mix)
@@ -584,10 +596,12 @@ def test_streaming_forward_matches_reference_and_tiles(monkeypatch, dtype, shape
     dict(windows=300, heads=12, dk=64, wh=1, ww=40, bias=False),            # more items than resident blocks
     dict(grid=(2, 14, 14), heads=12, dk=48, wh=7, ww=7, shift=(3, 3), mask_types=4),  # table + mask, shifted
     dict(windows=4, heads=12, dk=40, dv=56, wh=1, ww=37, layout="tinyvit", row_pad=3, bias=False),  # scalar loads
+    dict(grid=(2, 28, 28), heads=16, dk=32, wh=7, ww=7, shift=(3, 3), mask_types=16),  # 16 heads of 32, shifted
+    dict(windows=300, heads=16, dk=24, dv=16, wh=1, ww=40, layout="tinyvit", row_pad=3, bias=False),  # 16, scalar
 ])
 def test_streaming_backward_matches_reference_and_tiles(monkeypatch, dtype, shape):
     """Shapes the streaming backward takes (head_mix_stream_bwd.cuh: 3/4/6/8 heads, 12 of <= 32
-    channels; head_mix_split_bwd.cuh: 12 of 48-64; with or without a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
+    channels; head_mix_split_bwd.cuh: 12 of 48-64, 16 of <= 32; with or without a table and a mask): every gradient against float64, bitwise reproducible over two runs (the
     mixing and table gradients are summed per warp or thread, block and over blocks in fixed
     orders), and the tile backward behind the same forward (VITFAST_HEAD_MIX_STREAM_BWD=0) agrees."""
     from vitfast import _ext
@@ -639,3 +653,28 @@ def test_register_backward_pipeline_changes_no_bit(monkeypatch):
     monkeypatch.setenv("VITFAST_HEAD_MIX_PIPELINE", "0")
     plain = grads()
     assert all(torch.equal(a, b) for a, b in zip(piped, plain))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(windows=8, heads=12, dk=64, wh=1, ww=197, bias=False),             # DeiT-B rows
+    dict(windows=4, heads=12, dk=48, wh=7, ww=7, mask_types=2),             # table and mask
+    dict(windows=3, heads=12, dk=40, dv=56, wh=1, ww=37, layout="tinyvit", row_pad=3, bias=False),  # scalar loads
+])
+def test_head_split_forward_on_request_matches_streaming_forward(monkeypatch, dtype, shape):
+    """VITFAST_HEAD_MIX_SPLIT_FWD=1 runs DeiT-B's 12 heads of 48-64 on the head-split forward
+    (head_mix_split_fwd.cuh) instead of the streaming forward, to time one against the other in one
+    process: both match float64 (with the head-split backward behind them) and each other."""
+    case = make_case("cuda", dtype, **shape)
+    mix = make_mix(shape["heads"], "cuda")
+    kw = dict(layout=case["layout"], bias_table=case["table"], bias_index=case["index"], mask=case["mask"], **mix)
+    if case["window_size"]:
+        kw.update(window_size=case["window_size"], shift_size=case["shift"])
+    with torch.no_grad():
+        streaming = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
+        monkeypatch.setenv("VITFAST_HEAD_MIX_SPLIT_FWD", "1")
+        split = head_mix_attention(case["qkv"], case["heads"], case["dk"], case["dv"], impl="fused", **kw)
+    run_and_compare(case, mix, dtype)
+    assert rel_err(split.float(), streaming.float()) < OUT_TOL[dtype]

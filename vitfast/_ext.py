@@ -116,10 +116,12 @@ def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: i
     """Which kernels head_mix_attention(impl="fused") runs for this shape, with or without a bias
     table and a mask: 'registers' (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+),
     'stream' (the streaming register forward and backward: fp16/bf16, 3/4/6/8/12 heads of <= 64
-    channels, 12 of 48-64 on the head-split backward, any length, with or without table and mask; with a
-    table while two per-SM blocks of heads x tokens^2 table-gradient sums stay within 128 MiB),
-    'stream+tiles' (the streaming forward and the tile backward, where those sums do not fit or
-    VITFAST_HEAD_MIX_STREAM_BWD=0: 3/4/6/8/12 heads of <= 64 channels; a call with a table or mask
+    channels, 12 of 48-64 on the head-split backward, 16 of <= 32 on the head-split forward and
+    backward, any length, with or without table and mask; with a table while two per-SM blocks of
+    heads x tokens^2 table-gradient sums stay within 128 MiB), 'stream+tiles' (the streaming or
+    head-split forward and the tile backward, where those sums do not fit or
+    VITFAST_HEAD_MIX_STREAM_BWD=0, and for 16 heads of 48-64 and 24 of <= 32 -- whose 16-bit backward
+    fits no block: the op runs its composite; a call with a table or mask
     whose pre-mixed bias would exceed 64 MiB runs the tiles instead), 'tiles' (CUDA, everything else;
     VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
     if device.type != "cuda" or not cuda_kernels_built():

@@ -33,49 +33,11 @@
 #pragma once
 
 #include "head_mix_split_bwd_entry.h"
+#include "head_mix_split_common.cuh"
 #include "head_mix_stream_bwd.cuh"
 
 namespace vitfast {
 namespace {
-
-constexpr int kMixSplitThreads = kMixSplitWarps * 32;
-
-// The mixing parameters in shared memory as rows, so that every sum over heads reads 16-byte
-// vectors: [pre * scale (g, h) | its transpose (h, g) | post (g, h) | its transpose | post_bias].
-template <int kH>
-struct MixSplitWeights {
-  static_assert(kH % 4 == 0, "rows of 16-byte vectors");
-  const float* w;
-  enum Section { kPre = 0, kPreT = 1, kPost = 2, kPostT = 3 };
-
-  static __device__ __forceinline__ void fill(const WindowAttentionParams& p, float scale, float* dst) {
-    constexpr int n = kH * kH;
-    for (int e = threadIdx.x; e < 4 * n + kH; e += kMixSplitThreads) {
-      const int part = e / n, r = e - part * n;
-      int src = 2 * n + (e - 4 * n);  // post_bias
-      if (part < 4) {
-        const int i = r / kH, j = r - i * kH;
-        src = (part >> 1) * n + ((part & 1) ? j * kH + i : r);
-      }
-      dst[e] = MixRegWeights<kH>::mix_weight(p, scale, src);
-    }
-  }
-  // sum_j row(i)[j] x[j], j in order
-  __device__ __forceinline__ float dot(Section s, int i, const float (&x)[kH]) const {
-    const float4* r = reinterpret_cast<const float4*>(w + s * kH * kH + i * kH);
-    float acc = 0.0f;
-#pragma unroll
-    for (int u = 0; u < kH / 4; ++u) {
-      const float4 v = r[u];
-      acc += v.x * x[4 * u];
-      acc += v.y * x[4 * u + 1];
-      acc += v.z * x[4 * u + 2];
-      acc += v.w * x[4 * u + 3];
-    }
-    return acc;
-  }
-  __device__ __forceinline__ float post_bias(int g) const { return w[4 * kH * kH + g]; }
-};
 
 // Entry e (row-major in the 16 x 16 tile) of every head: raw scores and dP' from the float
 // exchanges xs / xd (dpm zeroed outside the N x N), P_g = exp(S'_g - lse_g) (zero outside),
@@ -96,31 +58,6 @@ __device__ __forceinline__ void mix_split_entry(const MixSplitWeights<kH>& mw, b
   for (int g = 0; g < kH; ++g) ds[g] = p[g] * (mw.dot(W::kPostT, g, dpm) - dd(g));
 }
 
-// The warp's product of heads h0 .. h0 + kHW - 1 (resident rows `a` against tile `b`, both one
-// 16 x (D + 8) block per head), written to the float exchange x[head][row][column].
-template <typename T, int kHW, int D>
-__device__ __forceinline__ void mix_split_products(const T* a, const T* b, int h0, float* x, int lane) {
-  constexpr int kTile = kMixSplitRows * (D + 8);
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int hi = 0; hi < kHW; ++hi) {
-    const int h = h0 + hi;
-    float c[1][2][4];
-    mix_stream_products<T, 1, D>(a + h * kTile, 0, b + h * kTile, lane, c);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[h * kMixSplitXPitch + (g + 8 * (e >> 1)) * 16 + 8 * j + 2 * t + (e & 1)] = c[0][j][e];
-    }
-  }
-}
-
-// The A fragment of head h's 16 x 16 tile in a 16-bit exchange.
-template <typename T>
-__device__ __forceinline__ void mix_split_a(const T* y, int h, int lane, uint32_t (&a)[4]) {
-  mma::ldmatrix_x4(a, y + (h * kMixSplitRows + (lane & 15)) * kMixSplitYLd + (lane >> 4) * 8);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Query-major: D, dQ, the mixing and table gradients
 
@@ -129,7 +66,7 @@ __global__ void __launch_bounds__(kMixSplitThreads, 1)
     head_mix_bwd_split_q_kernel(const WindowAttentionBackwardParams b, const float* mixed_bias,
                                 const float* table_bias, float* dd_out, float* mix_partials, float* dtable_slots) {
   using W = MixSplitWeights<kH>;
-  constexpr int kHW = kH / 4, ld = D + 8, kTile = kMixSplitRows * ld, kMix = 2 * kH * kH + kH;
+  constexpr int kHW = kH / 4, kMix = 2 * kH * kH + kH;
   constexpr int kX = kMixSplitXPitch, kY = kMixSplitRows * kMixSplitYLd, kDh = D / 2;
   const WindowAttentionParams& p = b.fwd;
   VF_DYNAMIC_SMEM(smem_raw);
@@ -180,13 +117,8 @@ __global__ void __launch_bounds__(kMixSplitThreads, 1)
     const int row0 = static_cast<int>(item % chunks) * kMixSplitRows, row = row0 + er;
     const float* mb = mix_stream_window_bias<kH>(mixed_bias, p, w);
     auto issue = [&](int s) {  // step s: key and value tiles (every head) of key tile s % tiles
-      const int kt = s % tiles, buf = s & 1;
-      mix_stream_issue<T, kH, D, kVec, kMixSplitThreads>(
-          p, k_src, w, reinterpret_cast<T*>(smem_raw + L.tile_a + buf * L.tile_buffer), 0, kH, kt * kMixStreamKeys,
-          kMixStreamKeys);
-      mix_stream_issue<T, kH, D, kVec, kMixSplitThreads>(
-          p, v_src, w, reinterpret_cast<T*>(smem_raw + L.tile_b + buf * L.tile_buffer), 0, kH, kt * kMixStreamKeys,
-          kMixStreamKeys);
+      mix_split_issue_pair<T, kH, D, kVec>(p, k_src, v_src, w, smem_raw, L.tile_a, L.tile_b, L.tile_buffer, s & 1,
+                                           (s % tiles) * kMixStreamKeys);
     };
     __syncthreads();  // the previous item's last readers of every buffer are done
     mix_stream_issue<T, kH, D, kVec, kMixSplitThreads>(p, q_src, w, q, 0, kH, row0, kMixSplitRows);
@@ -277,13 +209,8 @@ __global__ void __launch_bounds__(kMixSplitThreads, 1)
         }
       }
       __syncthreads();
-      const T* kb = reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer);
-#pragma unroll
-      for (int hi = 0; hi < kHW; ++hi) {
-        uint32_t a[4];
-        mix_split_a<T>(ya, h0 + hi, lane, a);
-        mma_times_rows<T, kDh>(dq[hi], a, kb + (h0 + hi) * kTile + role * kDh, ld, lane);
-      }
+      mix_split_accumulate<T, kHW, kDh, D>(dq, ya, reinterpret_cast<const T*>(smem_raw + L.tile_a + buf * L.tile_buffer),
+                                           h0, role * kDh, lane);
       if (want_mix) {
         for (int e = warp * 32; e < warp * 32 + 32; ++e) {
           float u[kHW], v[kHW];
@@ -327,7 +254,7 @@ template <typename T, int kH, int D, bool kVec>
 __global__ void __launch_bounds__(kMixSplitThreads, 1)
     head_mix_bwd_split_kv_kernel(const WindowAttentionBackwardParams b, const float* mixed_bias, const float* dd_in) {
   using W = MixSplitWeights<kH>;
-  constexpr int kHW = kH / 4, ld = D + 8, kTile = kMixSplitRows * ld;
+  constexpr int kHW = kH / 4;
   constexpr int kX = kMixSplitXPitch, kY = kMixSplitRows * kMixSplitYLd;
   const WindowAttentionParams& p = b.fwd;
   VF_DYNAMIC_SMEM(smem_raw);
@@ -360,12 +287,8 @@ __global__ void __launch_bounds__(kMixSplitThreads, 1)
   // after the barrier that opens step s, like the copies)
   auto issue = [&](int s) {
     const int buf = s & 1;
-    mix_stream_issue<T, kH, D, kVec, kMixSplitThreads>(
-        p, q_src, w, reinterpret_cast<T*>(smem_raw + L.tile_a + buf * L.tile_buffer), 0, kH, s * kMixStreamKeys,
-        kMixStreamKeys);
-    mix_stream_issue<T, kH, D, kVec, kMixSplitThreads>(
-        p, o_src, w, reinterpret_cast<T*>(smem_raw + L.tile_b + buf * L.tile_buffer), 0, kH, s * kMixStreamKeys,
-        kMixStreamKeys);
+    mix_split_issue_pair<T, kH, D, kVec>(p, q_src, o_src, w, smem_raw, L.tile_a, L.tile_b, L.tile_buffer, buf,
+                                         s * kMixStreamKeys);
     float* st = stats + buf * 2 * kH * kMixStreamKeys;
     for (int e = tid; e < kH * kMixStreamKeys; e += kMixSplitThreads) {
       const int h = e / kMixStreamKeys, i = s * kMixStreamKeys + (e - h * kMixStreamKeys);
@@ -413,12 +336,7 @@ __global__ void __launch_bounds__(kMixSplitThreads, 1)
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int hi = 0; hi < kHW; ++hi) {
-      uint32_t a[4];
-      mix_split_a<T>(role == 0 ? yp : ya, h0 + hi, lane, a);
-      mma_times_rows<T, D>(acc[hi], a, (role == 0 ? ob : qb) + (h0 + hi) * kTile, ld, lane);
-    }
+    mix_split_accumulate<T, kHW, D, D>(acc, role == 0 ? yp : ya, role == 0 ? ob : qb, h0, 0, lane);
     __syncthreads();  // the exchanges are rewritten by the next tile; buffer qt & 1 refilled by qt + 2's issue
   }
 #pragma unroll

@@ -25,8 +25,11 @@
 // head_mix_reg.cuh (M_g = sum_h pre[g, h] table_h + mask, types x heads x N x N), read per score.
 #pragma once
 
+#include <type_traits>
+
 #include "../common/cp_async.cuh"
 #include "head_mix_reg.cuh"
+#include "head_mix_split_fwd_entry.h"
 #include "head_mix_stream_rule.h"
 
 namespace vitfast {
@@ -76,6 +79,54 @@ __device__ __forceinline__ void mix_stream_issue(const WindowAttentionParams& p,
     } else {
 #pragma unroll
       for (int u = 0; u < 8; ++u) d[u] = row_ok && c + u < dim ? src[u] : wa::zero<T>();
+    }
+  }
+}
+
+// (The backward kernels' products, head_mix_stream_bwd.cuh and head_mix_split_*.cuh.)
+// raw_h = a_h b_h^T for the warp's 16 rows of `a` (resident rows, 64 per head, from row `a_row`)
+// against one streamed 16-row tile `b` of every head: C fragments of two n8 halves per head.
+template <typename T, int kH, int D>
+__device__ __forceinline__ void mix_stream_products(const T* a, int a_row, const T* b, int lane,
+                                                    float (&out)[kH][2][4]) {
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
+#pragma unroll
+  for (int h = 0; h < kH; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[h][0][e] = out[h][1][e] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      uint32_t af[4], bf[4];
+      mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+      mma::ldmatrix_x4(bf, b + h * kTile + ((lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma::mma_16816<T>(out[h][0], af, b0);
+      mma::mma_16816<T>(out[h][1], af, b1);
+    }
+  }
+}
+
+// The same products for one 8-key half j of the tile only (12 heads: mix_stream_bwd_halves): one
+// ldmatrix.x4 gives the half's B fragments of two 16-channel steps.
+template <typename T, int kH, int D>
+__device__ __forceinline__ void mix_stream_products_half(const T* a, int a_row, const T* b, int lane, int j,
+                                                         float (&out)[kH][4]) {
+  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
+#pragma unroll
+  for (int h = 0; h < kH; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[h][e] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < D; k0 += 32) {
+      uint32_t bf[4];
+      mma::ldmatrix_x4(bf, b + h * kTile + (8 * j + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t af[4];
+        mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + 16 * kk + (lane >> 4) * 8);
+        const uint32_t bb[2] = {bf[2 * kk], bf[2 * kk + 1]};
+        mma::mma_16816<T>(out[h], af, bb);
+      }
     }
   }
 }
@@ -314,26 +365,30 @@ auto with_mix_stream_heads(int heads, F&& f) {
     case 4: return f(std::integral_constant<int, 4>{});
     case 6: return f(std::integral_constant<int, 6>{});
     case 8: return f(std::integral_constant<int, 8>{});
-    default: return f(std::integral_constant<int, 12>{});
+    default: return f(std::integral_constant<int, 12>{});  // 16 and 24 heads: head_mix_split_fwd.cuh
   }
 }
 
+// The forward's mixed bias (table and mask pre-mixed, types x heads x N x N floats) filled into the
+// workspace; null without a table and a mask. Shared with the head-split forward.
+template <int kH>
+const float* mix_stream_fill_bias(const WindowAttentionParams& p, float* workspace, cudaStream_t stream) {
+  if (mix_stream_bias_floats(p) == 0) return nullptr;
+  auto fill = head_mix_reg_bias_kernel<kH>;
+  VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), 256), 256, 0, stream, p, workspace);
+  return workspace;
+}
+
 template <typename T, int kH, int D>
-int mix_stream_forward(const WindowAttentionParams& p, float* mixed_bias, cudaStream_t stream) {
-  if (mix_stream_bias_floats(p) > 0) {
-    auto fill = head_mix_reg_bias_kernel<kH>;
-    VF_LAUNCH(fill, blocks_for(mix_stream_bias_floats(p), 256), 256, 0, stream, p, mixed_bias);
-  } else {
-    mixed_bias = nullptr;
-  }
+int mix_stream_forward(const WindowAttentionParams& p, float* workspace, cudaStream_t stream) {
+  const float* mixed_bias = mix_stream_fill_bias<kH>(p, workspace, stream);
   auto kernel = vec_ok<T>(p, nullptr) ? head_mix_fwd_stream_kernel<T, kH, D, true>
                                       : head_mix_fwd_stream_kernel<T, kH, D, false>;
   const size_t smem = mix_stream_layout(kH, D).total;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t chunks = (p.tokens + kMixStreamRows - 1) / kMixStreamRows;
-  VF_LAUNCH(kernel, static_cast<unsigned>(p.windows * chunks), kMixStreamThreads, smem, stream, p,
-            static_cast<const float*>(mixed_bias));
+  VF_LAUNCH(kernel, static_cast<unsigned>(p.windows * chunks), kMixStreamThreads, smem, stream, p, mixed_bias);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -347,10 +402,21 @@ bool mix_stream_try_forward_workspace(const WindowAttentionParams& p, int64_t* e
   return false;
 }
 
+// the head-split forward's unit (head_mix_split_fwd_<dtype>_cuda.cu)
+template <typename T>
+int mix_split_forward_launch(const WindowAttentionParams& p, float* mixed_bias, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half>) return head_mix_split_fwd_launch_f16(p, mixed_bias, stream);
+  else return head_mix_split_fwd_launch_bf16(p, mixed_bias, stream);
+}
+
 template <typename T>
 bool mix_stream_try_forward(const WindowAttentionParams& p, void* workspace, cudaStream_t stream, int* err) {
   if constexpr (sizeof(T) == 2) {
     if (!mix_stream_route_ok(p)) return false;
+    if (mix_split_fwd_runs(p.heads, mix_stream_dim(p.dim_k, p.dim_v))) {
+      *err = mix_split_forward_launch<T>(p, static_cast<float*>(workspace), stream);
+      return true;
+    }
     *err = with_mix_stream_heads(p.heads, [&](auto h) {
       constexpr int kH = decltype(h)::value;
       float* bias = static_cast<float*>(workspace);

@@ -51,53 +51,6 @@
 namespace vitfast {
 namespace {
 
-// raw_h = a_h b_h^T for the warp's 16 rows of `a` (resident rows, 64 per head, from row `a_row`)
-// against one streamed 16-row tile `b` of every head: C fragments of two n8 halves per head.
-template <typename T, int kH, int D>
-__device__ __forceinline__ void mix_stream_products(const T* a, int a_row, const T* b, int lane,
-                                                    float (&out)[kH][2][4]) {
-  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
-#pragma unroll
-  for (int h = 0; h < kH; ++h) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[h][0][e] = out[h][1][e] = 0.0f;
-#pragma unroll
-    for (int k0 = 0; k0 < D; k0 += 16) {
-      uint32_t af[4], bf[4];
-      mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
-      mma::ldmatrix_x4(bf, b + h * kTile + ((lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
-      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma::mma_16816<T>(out[h][0], af, b0);
-      mma::mma_16816<T>(out[h][1], af, b1);
-    }
-  }
-}
-
-// The same products for one 8-key half j of the tile only (12 heads: mix_stream_bwd_halves): one
-// ldmatrix.x4 gives the half's B fragments of two 16-channel steps.
-template <typename T, int kH, int D>
-__device__ __forceinline__ void mix_stream_products_half(const T* a, int a_row, const T* b, int lane, int j,
-                                                         float (&out)[kH][4]) {
-  constexpr int ld = D + 8, kTile = kMixStreamKeys * ld;
-#pragma unroll
-  for (int h = 0; h < kH; ++h) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[h][e] = 0.0f;
-#pragma unroll
-    for (int k0 = 0; k0 < D; k0 += 32) {
-      uint32_t bf[4];
-      mma::ldmatrix_x4(bf, b + h * kTile + (8 * j + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        uint32_t af[4];
-        mma::ldmatrix_x4(af, a + (h * kMixStreamRows + a_row + (lane & 15)) * ld + k0 + 16 * kk + (lane >> 4) * 8);
-        const uint32_t bb[2] = {bf[2 * kk], bf[2 * kk + 1]};
-        mma::mma_16816<T>(out[h], af, bb);
-      }
-    }
-  }
-}
-
 // f(integral_constant<int, i>) for i = 0 .. n-1: a loop whose index may pick registers (an array
 // indexed by a run-time value would go to local memory; picking by selects instead spilled more).
 template <typename F, int... I>

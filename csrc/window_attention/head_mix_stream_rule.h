@@ -62,7 +62,8 @@ VF_HD MixStreamLayout mix_stream_layout(int heads, int D) {
 
 // The head counts the kernel is compiled for (DeiT-Ti/S/B: 3/6/12, CaiT-XXS/XS/S: 4/6/8, Mini-Swin-T/S
 // stages 2-3: 6/12, Mini-Swin-B stage 2: 8). 16 and more heads (CaiT-M, Mini-Swin-B stage 3, the
-// last stages) spill: the score tiles of every head alone take 8 x heads registers.
+// last stages) spill: the score tiles of every head alone take 8 x heads registers; 16 and 24 of
+// them run the head-split forward instead (mix_split_fwd_shape below).
 inline bool mix_stream_heads_ok(int heads) {
   return heads == 3 || heads == 4 || heads == 6 || heads == 8 || heads == 12;
 }
@@ -74,39 +75,26 @@ inline int64_t mix_stream_bias_floats(const WindowAttentionParams& p) {
   return (p.mask != nullptr ? p.mask_windows : 1) * mix_reg_bias_block(p.heads, p.tokens);
 }
 
-// fp16/bf16 on sm_80+, head dims <= 64, the head counts above, shapes the register kernels
-// (head_mix_reg.cuh) do not take, when shared memory and the mixed bias fit. The forward only:
-// the backward of these shapes runs the tile kernels, which read the same log-sum-exp.
-inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
-  if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || mix_reg_route_disabled()) return false;
-  if (p.dim_k > 64 || p.dim_v > 64 || !mix_stream_heads_ok(p.heads) || mix_reg_route_ok(p)) return false;
-  if (mix_stream_bias_floats(p) > kMixStreamMaxBias) return false;
-  int dev = 0, major = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return major >= 8 &&
-         mix_stream_layout(p.heads, mix_stream_dim(p.dim_k, p.dim_v)).total <= static_cast<size_t>(optin);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Streaming backward (head_mix_stream_bwd.cuh): a query-major kernel (D, dQ, mixing gradients)
 // and a key-major kernel (dK, dV), both with 64 rows of every head resident per block and 16-row
 // tiles of every head streamed. Each keeps its products of every head in registers (S and dP',
 // 8 x heads each), so its accumulators go per group of heads, the scores recomputed per group.
 
-// The shapes the streaming backward takes: 3, 4, 6, 8 or 12 heads of <= 64 channels. Its own
-// kernels hold 12 heads of <= 32 only (Mini-Swin-T/S stage 3): at 12 heads of 64 (DeiT-B) 64 rows
-// of q and dO alone take 221 KB of shared memory; those go to the head-split kernels below.
+// The shapes the streaming backward takes: 3, 4, 6, 8 or 12 heads of <= 64 channels and 16 of <=
+// 32. Its own kernels hold 12 heads of <= 32 only (Mini-Swin-T/S stage 3): at 12 heads of 64
+// (DeiT-B) 64 rows of q and dO alone take 221 KB of shared memory; those and 16 heads go to the
+// head-split kernels below.
+VF_HD constexpr bool mix_split_bwd_shape(int heads, int D);
 VF_HD constexpr bool mix_stream_bwd_shape_ok(int heads, int D) {
-  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || heads == 12;
+  return heads == 3 || heads == 4 || heads == 6 || heads == 8 || heads == 12 || mix_split_bwd_shape(heads, D);
 }
 
-// 12 heads of 48-64 channels (DeiT-B, CaiT-S-like widths) take the head-split kernels of
-// head_mix_split_bwd.cuh instead: 16 rows of every head per block, 8 warps, each warp forming one
+// 12 heads of 48-64 channels (DeiT-B) and 16 of <= 32 (Mini-Swin-B stage 3) take the head-split
+// kernels of head_mix_split_bwd.cuh instead (16 of 64 and 24 heads do not fit their shared memory): 16 rows of every head per block, 8 warps, each warp forming one
 // product (scores or dP') of a quarter of the heads, the products exchanged through shared memory
 // and mixed once per entry, so that no warp holds every head's products.
-VF_HD constexpr bool mix_split_bwd_shape(int heads, int D) { return heads == 12 && D == 64; }
+VF_HD constexpr bool mix_split_bwd_shape(int heads, int D) { return (heads == 12 && D == 64) || (heads == 16 && D == 32); }
 
 constexpr int kMixSplitWarps = 8;
 constexpr int kMixSplitRows = 16;                         // query rows (key rows) per block
@@ -185,6 +173,62 @@ VF_HD MixStreamBwdLayout mix_stream_bwd_layout(int heads, int D) {
   L.stats = so.take(static_cast<size_t>(2 * kMixStreamRows) * heads * sizeof(float));
   L.total = so.end;
   return L;
+}
+
+// The head-split forward (head_mix_split_fwd.cuh): 16 heads of <= 64 channels (CaiT-M, Mini-Swin-B
+// stage 3) and 24 of <= 32 (Mini-Swin-T/S stage 4), which the streaming forward does not hold; 12
+// heads of 48-64 (DeiT-B) with VITFAST_HEAD_MIX_SPLIT_FWD=1, to measure it against the streaming
+// forward in one process.
+VF_HD constexpr bool mix_split_fwd_shape(int heads, int D) { return heads == 16 || (heads == 24 && D == 32); }
+inline bool mix_split_fwd_forced() {
+  const char* v = std::getenv("VITFAST_HEAD_MIX_SPLIT_FWD");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+inline bool mix_split_fwd_runs(int heads, int D) {
+  return mix_split_fwd_shape(heads, D) || (heads == 12 && D == 64 && mix_split_fwd_forced());
+}
+
+// Byte offsets of the head-split forward: q of the block's 16 rows of every head, two buffers of a
+// key tile and of a value tile of every head, the float exchange (raw scores), the 16-bit
+// exchange (P'), the weights (as the backward's) and the rows' lse ([row][head]).
+struct MixSplitFwdLayout {
+  size_t q = 0, k = 0, v = 0, xch = 0, half = 0, weights = 0, lse = 0, total = 0;
+  size_t tile_buffer = 0;
+};
+
+VF_HD MixSplitFwdLayout mix_split_fwd_layout(int heads, int D) {
+  MixSplitFwdLayout L;
+  SmemOffsets so;
+  const size_t row = (static_cast<size_t>(D) + 8) * 2;
+  L.q = so.take(static_cast<size_t>(heads) * kMixSplitRows * row);
+  L.tile_buffer = align128(static_cast<size_t>(heads) * kMixStreamKeys * row);
+  L.k = so.take(2 * L.tile_buffer);
+  L.v = so.take(2 * L.tile_buffer);
+  L.xch = so.take(static_cast<size_t>(heads) * kMixSplitXPitch * sizeof(float));
+  L.half = so.take(static_cast<size_t>(heads) * kMixSplitRows * kMixSplitYLd * 2);
+  L.weights = so.take(static_cast<size_t>(4 * heads * heads + heads) * sizeof(float));
+  L.lse = so.take(static_cast<size_t>(kMixSplitRows) * heads * sizeof(float));
+  L.total = so.end;
+  return L;
+}
+
+// fp16/bf16 on sm_80+, head dims <= 64, the head counts above (streaming forward) or the head-split
+// forward's, shapes the register kernels (head_mix_reg.cuh) do not take, when shared memory and the
+// mixed bias fit. The backward: mix_stream_bwd_route_ok below, else the tile kernels, which read the
+// same log-sum-exp.
+inline bool mix_stream_route_ok(const WindowAttentionParams& p) {
+  if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || mix_reg_route_disabled()) return false;
+  if (p.dim_k > 64 || p.dim_v > 64 || mix_reg_route_ok(p)) return false;
+  const int D = mix_stream_dim(p.dim_k, p.dim_v);
+  if (!mix_stream_heads_ok(p.heads) && !mix_split_fwd_shape(p.heads, D)) return false;
+  if (mix_stream_bias_floats(p) > kMixStreamMaxBias) return false;
+  int dev = 0, major = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t need = mix_split_fwd_runs(p.heads, D) ? mix_split_fwd_layout(p.heads, D).total
+                                                     : mix_stream_layout(p.heads, D).total;
+  return major >= 8 && need <= static_cast<size_t>(optin);
 }
 
 // VITFAST_HEAD_MIX_STREAM_BWD=0 keeps the tile backward behind the streaming forward (to measure

@@ -160,10 +160,12 @@ int64_t head_mix_attention_forward_workspace(const WindowAttentionParams& p);
 int head_mix_attention_forward_cuda(const WindowAttentionParams& p, void* workspace, void* stream);
 int64_t head_mix_attention_backward_workspace(const WindowAttentionBackwardParams& p);
 // "registers" (fp16/bf16, <= 64 tokens, head dims <= 32, 3 or 4 heads, sm_80+; head_mix_reg.cuh),
-// "stream" (fp16/bf16 of any length, 3/4/6/8/12 heads of <= 64 channels, with or without a table
-// and a mask: the streaming forward and backward, head_mix_stream*.cuh; 12 heads of 48-64 on the
-// head-split backward, head_mix_split_bwd.cuh), "stream+tiles" (the streaming forward, the tile
-// backward: table-gradient sums past their limit, or VITFAST_HEAD_MIX_STREAM_BWD=0) or "tiles".
+// "stream" (fp16/bf16 of any length, 3/4/6/8/12 heads of <= 64 channels and 16 of <= 32, with or
+// without a table and a mask: the streaming forward and backward, head_mix_stream*.cuh; 12 heads of
+// 48-64 on the head-split backward, 16 of <= 32 on the head-split forward and backward,
+// head_mix_split_*.cuh), "stream+tiles" (the streaming or head-split forward, the tile backward:
+// 16 heads of 48-64, 24 of <= 32, table-gradient sums past their limit, or
+// VITFAST_HEAD_MIX_STREAM_BWD=0) or "tiles".
 const char* head_mix_attention_cuda_route(const WindowAttentionParams& p);
 int head_mix_attention_backward_cuda(const WindowAttentionBackwardParams& p, void* workspace, void* stream);
 

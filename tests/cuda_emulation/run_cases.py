@@ -84,7 +84,8 @@ EXTRA = {"key_chunks_bf16_n1024": (torch.bfloat16, dict(windows=1, heads=1, dk=3
 
 # head-mixing attention -- name: (dtype, make_case kwargs, options); options: scratch=True keeps
 # every accumulator in global scratch (VITFAST_HEAD_MIX_SCRATCH), bias_buffer=False gathers the
-# table per score
+# table per score, split_fwd=True asks for the head-split forward (VITFAST_HEAD_MIX_SPLIT_FWD=1),
+# fwd_only=True checks the forward alone (shapes whose backward is the op's composite)
 HEAD_MIX_CASES = {
     # tile kernels (forced where the register kernels would take the shape)
     "mix_swin_bf16_mask_slots": (torch.bfloat16, dict(windows=6, heads=3, dk=32, wh=7, ww=7,
@@ -160,6 +161,22 @@ HEAD_MIX_CASES = {
                                                                           ww=7, shift=(3, 3), mask_types=4), {}),
     "mix_split_bwd_fp16_h12_dk40_dv56_scalar": (torch.float16, dict(windows=2, heads=12, dk=40, dv=56, wh=1, ww=37,
                                                                     layout="tinyvit", row_pad=3, bias=False), {}),
+    # the head-split forward (head_mix_split_fwd.cuh): 16 heads of <= 32 with the head-split
+    # backward (Mini-Swin-B stage 3: shifted windows, table and mask; scalar loads); 16 of 48
+    # (CaiT-M) and 24 of 32 (Mini-Swin-T stage 4, table only) with the tile backward; 12 of 64 on
+    # request (VITFAST_HEAD_MIX_SPLIT_FWD=1), with the head-split backward
+    "mix_split_bf16_h16_grid_shift": (torch.bfloat16, dict(grid=(2, 14, 14), heads=16, dk=32, wh=7, ww=7,
+                                                           shift=(3, 3), mask_types=4), {}),
+    "mix_split_fp16_h16_dk24_dv16_scalar": (torch.float16, dict(windows=2, heads=16, dk=24, dv=16, wh=1, ww=40,
+                                                                layout="tinyvit", row_pad=3, bias=False), {}),
+    "mix_split_fwd_fp16_cait_m_h16_dk48_n50": (torch.float16, dict(windows=2, heads=16, dk=48, wh=1, ww=50,
+                                                                   bias=False), {}),
+    # (24 heads of 32 in 16 bits: no tile backward fits a block, the op's backward is the composite)
+    "mix_split_fwd_bf16_h24_stage4_table": (torch.bfloat16, dict(windows=3, heads=24, dk=32, wh=7, ww=7),
+                                            dict(fwd_only=True)),
+    "mix_split_fwd_bf16_deit_b_forced_n70_scalar": (torch.bfloat16, dict(windows=2, heads=12, dk=64, wh=1, ww=70,
+                                                                         row_pad=3, bias=False),
+                                                    dict(split_fwd=True)),
     # the tile backward behind the streaming forward (VITFAST_HEAD_MIX_STREAM_BWD=0)
     "mix_stream_tile_bwd_bf16_h6_n100": (torch.bfloat16, dict(windows=2, heads=6, dk=64, wh=1, ww=100, bias=False),
                                          dict(stream_bwd=False)),
@@ -175,6 +192,8 @@ def run_head_mix(mod, dtype, kw, opts):
         os.environ["VITFAST_WINDOW_ATTENTION_ROUTE"] = opts["route"]
     if opts.get("stream_bwd") is False:
         os.environ["VITFAST_HEAD_MIX_STREAM_BWD"] = "0"
+    if opts.get("split_fwd"):
+        os.environ["VITFAST_HEAD_MIX_SPLIT_FWD"] = "1"
     torch.manual_seed(0)
     case = make_case("cpu", dtype, **kw)
     heads, dk, dv = case["heads"], case["dk"], case["dv"]
@@ -190,13 +209,18 @@ def run_head_mix(mod, dtype, kw, opts):
         n = case["window_size"][0] * case["window_size"][1] if case["window_size"] else case["qkv"].shape[1]
         routes = mod.head_mix_routes(case["qkv"], heads, dk, dv, n, table is not None, case["mask"] is not None)
         out, lse = mod.head_mix_attention_forward(bias_buffer, case["qkv"], *args)
-        grad = torch.randn_like(out)
-        g1 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
-        g2 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
+        if opts.get("fwd_only"):  # no fused backward fits: compare the forward, run it twice
+            g1 = g2 = [out]
+            g2 = [mod.head_mix_attention_forward(bias_buffer, case["qkv"], *args)[0]]
+        else:
+            grad = torch.randn_like(out)
+            g1 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
+            g2 = mod.head_mix_attention_backward(bias_buffer, grad, case["qkv"], lse, *args)
     finally:
         os.environ.pop("VITFAST_HEAD_MIX_SCRATCH", None)
         os.environ.pop("VITFAST_WINDOW_ATTENTION_ROUTE", None)
         os.environ.pop("VITFAST_HEAD_MIX_STREAM_BWD", None)
+        os.environ.pop("VITFAST_HEAD_MIX_SPLIT_FWD", None)
     deterministic = float(all(torch.equal(a, b) for a, b in zip(g1, g2)))
     q64 = case["qkv"].double().requires_grad_()
     leaves = [q64] + ([case["table"].double().requires_grad_()] if table is not None else [])
@@ -204,6 +228,8 @@ def run_head_mix(mod, dtype, kw, opts):
     ref = head_mix_attention_reference(q64, heads, dk, dv, offsets, hs, dk ** -0.5,
                                        leaves[1] if table is not None else None, case["index"], case["mask"],
                                        m64[0], m64[1], m64[2], m64[3], window, shift)
+    if opts.get("fwd_only"):
+        return {"out": rel(out, ref), "deterministic": deterministic, "routes": routes}
     rg = torch.autograd.grad(ref, leaves + [m64[0], m64[2], m64[3]], grad.double())
     gq, gt, gpre, gpost, gpb = g1
     res = {"out": rel(out, ref), "grad_qkv": rel(gq, rg[0]), "deterministic": deterministic, "routes": routes}

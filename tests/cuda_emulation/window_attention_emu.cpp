@@ -21,6 +21,8 @@
 #include "window_attention/head_mix_stream_bwd_h12_bf16_cuda.cu"
 #include "window_attention/head_mix_split_bwd_f16_cuda.cu"
 #include "window_attention/head_mix_split_bwd_bf16_cuda.cu"
+#include "window_attention/head_mix_split_fwd_f16_cuda.cu"
+#include "window_attention/head_mix_split_fwd_bf16_cuda.cu"
 
 namespace {
 
