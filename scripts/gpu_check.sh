@@ -94,7 +94,7 @@ case "$PHASE" in
     step toolchain 60 $PY -m pytest -q -rfs --tb=short tests/test_build.py
     # (2) correctness, fail-early: the ops against float64, then the timm peer checks
     # (torch.compile of the ops on CUDA costs tens of seconds per test: the "later" phase)
-    step tests-ops 100 $PY -m pytest -q -rs -m cuda -k "not torch_compile" --maxfail=20 \
+    step tests-ops 140 $PY -m pytest -q -rs -m cuda -k "not torch_compile" --maxfail=20 \
       tests/test_head_mix_attention.py tests/test_window_attention.py tests/test_topk_softmax.py \
       tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py tests/test_op_edges.py \
       tests/test_check_parity.py
@@ -117,7 +117,7 @@ case "$PHASE" in
     # after fixing what a "first" run found, on a fresh machine: the fixed paths first; the
     # build's own checks (a native error message formats, no embedded libstdc++) before anything
     step toolchain 60 $PY -m pytest -q -rfs --tb=short tests/test_build.py
-    step tests-ops 100 $PY -m pytest -q -rfs -m cuda -k "not torch_compile" --tb=short \
+    step tests-ops 140 $PY -m pytest -q -rfs -m cuda -k "not torch_compile" --tb=short \
       tests/test_head_mix_attention.py tests/test_window_attention.py tests/test_topk_softmax.py \
       tests/test_soft_target_ce.py tests/test_covariance.py tests/test_fallback.py tests/test_op_edges.py \
       tests/test_check_parity.py

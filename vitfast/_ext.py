@@ -120,8 +120,8 @@ def head_mix_attention_route(device: torch.device, dtype: torch.dtype, tokens: i
     backward, any length, with or without table and mask; with a table while two per-SM blocks of
     heads x tokens^2 table-gradient sums stay within 128 MiB), 'stream+tiles' (the streaming or
     head-split forward and the tile backward, where those sums do not fit or
-    VITFAST_HEAD_MIX_STREAM_BWD=0, and for 16 heads of 48-64 and 24 of <= 32 -- whose 16-bit backward
-    fits no block: the op runs its composite; a call with a table or mask
+    VITFAST_HEAD_MIX_STREAM_BWD=0, and for 16 heads of 48-64 and 24 of <= 32 -- 24 heads of 32 fit
+    no tile-backward block in 16 bits, so the op runs its composite backward; a call with a table or mask
     whose pre-mixed bias would exceed 64 MiB runs the tiles instead), 'tiles' (CUDA, everything else;
     VITFAST_WINDOW_ATTENTION_ROUTE=tiles forces it) or 'cpu'."""
     if device.type != "cuda" or not cuda_kernels_built():

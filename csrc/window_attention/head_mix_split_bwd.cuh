@@ -1,5 +1,7 @@
 // Head-mixing attention backward with the heads split between warps: 12 heads of 48-64 channels
-// (DeiT-B, B128 N197 and N577 in issue 12's bars), fp16/bf16, with or without a table and a mask.
+// (DeiT-B, B128 N197 and N577 in issue 12's bars) and 16 of <= 32 (Mini-Swin-B stage 3), fp16/bf16,
+// with or without a table and a mask. Shares its pieces with the head-split forward
+// (head_mix_split_common.cuh).
 // Compiled in head_mix_split_bwd_<dtype>_cuda.cu; head_mix_stream_bwd.cuh's dispatch calls it.
 //
 // Why not the streaming kernels (head_mix_stream_bwd.cuh): they keep both products of every head
@@ -10,26 +12,27 @@
 //
 // Both kernels: 8 warps, 16 resident rows of every head, 16-row tiles of every head streamed by
 // cp.async (double-buffered, as in head_mix_stream.cuh). Per tile:
-//   1. products: warp w forms one product of heads 3 (w % 4) .. 3 (w % 4) + 2 (12 heads) on tensor
-//      cores -- the raw scores (w < 4) or dP' (w >= 4) -- and writes them to the float exchange;
+//   1. products: warp w forms one product of a quarter of the heads, kHW (w % 4) .. kHW (w % 4) +
+//      kHW - 1 (kHW = 3 at 12 heads, 4 at 16), on tensor cores -- the raw scores (w < 4) or dP'
+//      (w >= 4) -- and writes them to the float exchange;
 //   2. mixing: thread i takes entry (i / 16, i % 16) of the 16 x 16 tile and mixes it over every
 //      head (P, dP, dS', dA; the key-major kernel P' too), in fp32, writing 16-bit tiles for step 3;
 //   3. accumulation: each warp multiplies the exchanged tiles of its heads into its accumulators.
 // Every product is formed once per pass (the streaming kernels re-form every head's products per
-// group of heads) and no warp holds more than 3 heads' accumulators.
+// group of heads) and no warp holds more than a quarter of the heads' accumulators.
 //
 // Query-major kernel (16 query rows per block; K and V tiles streamed), two passes over the keys:
 //   pass D: D_h = rowsum(P_h dP_h), summed over the row's 16 threads at the end;
-//   main pass: dA of every head -> dQ_h += dA_h K_h (warp w: its 3 heads, half of the columns);
+//   main pass: dA of every head -> dQ_h += dA_h K_h (warp w: its kHW heads, half of the columns);
 //     the table gradient per entry (as in the streaming kernels: an entry is always added to by
 //     the same thread, plain adds in item order); with mixing gradients, S, dP', P and dS' of every
-//     head stay in the exchange and each lane sums a 3 x 3 block of d post = sum dP'_g P_h or d pre
+//     head stay in the exchange and each lane sums a kHW x kHW block of d post = sum dP'_g P_h or d pre
 //     = sum dS'_g S_h (and d post_bias) over its warp's 32 entries of the tile: per-lane partials,
 //     no shuffles, added to the warp's sums in the workspace per item; then over warps and blocks
 //     in order (bitwise reproducible).
 // Key-major kernel (16 keys per block; q and dO tiles streamed with their lse and D), one pass:
 //   P'_h and dA_h of every head per entry -> dV_h += P'^T_h dO_h (warps 0-3) and dK_h += dA^T_h Q_h
-//   (warps 4-7), each warp its 3 heads: complete per block, no atomics.
+//   (warps 4-7), each warp its kHW heads: complete per block, no atomics.
 #pragma once
 
 #include "head_mix_split_bwd_entry.h"

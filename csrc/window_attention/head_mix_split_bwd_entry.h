@@ -1,5 +1,5 @@
 // Entry points of the head-split head-mix backward (head_mix_split_bwd.cuh; 12 heads of 48-64
-// channels), one unit per 16-bit dtype (head_mix_split_bwd_<dtype>_cuda.cu), called by the
+// channels, 16 of <= 32), one unit per 16-bit dtype (head_mix_split_bwd_<dtype>_cuda.cu), called by the
 // streaming backward's dispatch (head_mix_stream_bwd.cuh) for that shape: the workspace (floats)
 // and the launch of the whole backward (a cudaError_t).
 #pragma once
