@@ -42,7 +42,12 @@ def main(argv=None) -> int:
     images = torch.randn(args.images, 3, 224, 224, device=dev)
     layers = linear_layers(model)
     res = {"model": args.model, "images": args.images, "layers": len(layers), "params": count_params(model),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "complete": False}
+
+    def save():  # after every stage: a step cut by its time limit keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
 
     collect_linear_stats(model, images[:args.batch_size], layers, args.batch_size, dev, progress=False)  # warm-up
     torch.cuda.synchronize()
@@ -50,6 +55,7 @@ def main(argv=None) -> int:
     outs, _ = collect_linear_stats(model, images, layers, args.batch_size, dev, progress=False)
     torch.cuda.synchronize()
     res["collect_s"] = time.perf_counter() - t
+    save()
 
     t = time.perf_counter()
     bases, means = {}, {}
@@ -67,6 +73,7 @@ def main(argv=None) -> int:
     res["search_s"] = time.perf_counter() - t
     res["evaluations"] = sum(len(c.ranks) for c in choices)
     res["ranks_per_forward"] = runner.replicas
+    save()
     del runner
 
     total = count_params(model)
@@ -77,10 +84,9 @@ def main(argv=None) -> int:
     res["compressed_img_s"] = throughput(compressed, batch, dev)
     res["compressed_params"] = count_params(compressed)
     res["bars"] = {"collect < 15 s": res["collect_s"] < 15, "AAFM search < 600 s": res["search_s"] < 600}
+    res["complete"] = True
     print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    save()
     return 0
 
 

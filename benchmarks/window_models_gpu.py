@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import vitfast
 from vitfast.timing import peak_memory_mb, time_ms
-from markdown_out import emit
+from markdown_out import emit, exit_on_sigterm
 
 MODELS = ("swin_tiny_patch4_window7_224", "tiny_vit_21m_224")
 # patched+compiled vs compiled: window attention (issue 3), CaiT talking heads (issue 12)
@@ -32,16 +32,25 @@ COMPILED_BAR = {"swin_tiny_patch4_window7_224": 1.15, "tiny_vit_21m_224": 1.25, 
 EAGER_BAR = {"swin_tiny_patch4_window7_224": 1.5, "tiny_vit_21m_224": 1.5}  # patched eager vs eager
 
 
-def variant_models(name, device, use_compile):
+VARIANTS = ("eager", "patched", "compiled", "patched+compiled", "patched(sdpa)+compiled", "patched(fused)+compiled")
+
+
+def variant_models(name, device, use_compile, only=None):
+    """The variants of one model, made one at a time (each a copy of the same random weights), in
+    `only`'s order when given; compiled ones only with use_compile, the explicit head_mix routes only
+    for CaiT (talking heads: "auto" is sdpa there)."""
     base = timm.create_model(name).to(device)
-    out = {"eager": base, "patched": vitfast.patch(copy.deepcopy(base))}
+    makers = {"eager": lambda: base, "patched": lambda: vitfast.patch(copy.deepcopy(base))}
     if use_compile:
-        out["compiled"] = torch.compile(copy.deepcopy(base))
-        out["patched+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base)))
-        if name.startswith("cait_"):  # talking heads: both head_mix_attention routes explicitly ("auto" is sdpa here)
-            out["patched(sdpa)+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base), head_mix_impl="sdpa"))
-            out["patched(fused)+compiled"] = torch.compile(vitfast.patch(copy.deepcopy(base), head_mix_impl="fused"))
-    return out
+        makers["compiled"] = lambda: torch.compile(copy.deepcopy(base))
+        makers["patched+compiled"] = lambda: torch.compile(vitfast.patch(copy.deepcopy(base)))
+        if name.startswith("cait_"):
+            for impl in ("sdpa", "fused"):
+                makers[f"patched({impl})+compiled"] = (
+                    lambda impl=impl: torch.compile(vitfast.patch(copy.deepcopy(base), head_mix_impl=impl)))
+    for variant in (only if only is not None else VARIANTS):
+        if variant in makers:
+            yield variant, makers[variant]()
 
 
 def measure(model, device, batch, size, reps, amp_dtype, infer=True):
@@ -101,7 +110,8 @@ def bars(results):
 def markdown(report) -> str:
     lines = ["", "## Models end to end (`benchmarks/window_models_gpu.py`)", "",
              f"bs {report['batch']}, {report['size']} x {report['size']}, bf16 autocast, AdamW; "
-             f"{report['device']}, torch {report['torch']}, timm {report['timm']}, {report['date']}", "",
+             f"{report['device']}, torch {report['torch']}, timm {report['timm']}, {report['date']}"
+             + ("" if report["complete"] else "; **cut short** (time limit): what is not listed was not measured"), "",
              "| model | variant | train img/s | infer img/s | peak train MB | first step s |", "|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
         for v, m in r.items():
@@ -122,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="bs 2, 64 x 64, few repeats, no compile (smoke test)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                    help=f"which variants, in this order (default: all that apply: {', '.join(VARIANTS)})")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compiled-infer", action="store_true",
                     help="also time inference of the compiled variants (a second compile each)")
@@ -148,18 +160,22 @@ def main(argv=None) -> int:
                 json.dump(report, f, indent=2)
         return report
 
-    for name in args.models:
-        results[name] = {}
-        for variant, model in variant_models(name, device, use_compile).items():
-            infer = args.compiled_infer or "compiled" not in variant
-            results[name][variant] = measure(model, device, batch, size, reps, amp, infer)
-            print(name, variant, json.dumps(results[name][variant]), flush=True)
-            write(False)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    text = markdown(write(True))
-    emit(text, args.append_markdown)
+    exit_on_sigterm()
+    done = False
+    try:
+        for name in args.models:
+            results[name] = {}
+            for variant, model in variant_models(name, device, use_compile, args.variants):
+                infer = args.compiled_infer or "compiled" not in variant
+                results[name][variant] = measure(model, device, batch, size, reps, amp, infer)
+                print(name, variant, json.dumps(results[name][variant]), flush=True)
+                write(False)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        done = True
+    finally:  # also when the step's time limit strikes: the report of what was measured
+        emit(markdown(write(done)), args.append_markdown)
     return 0
 
 

@@ -13,6 +13,10 @@
 #   bash scripts/gpu_check.sh recheck [OUTDIR]  # after fixing what "first" found, fresh machine: build, the op
 #       tests, the head-mix no-fit check (cuda-gdb backtrace if it crashes), bench, kernel times,
 #       memcheck, racecheck (smallest cases), models
+#   bash scripts/gpu_check.sh bars   [OUTDIR]   # a session after recheck + second, <= 8 min: issue 13's
+#       compiled Mini-DeiT-S / Mini-Swin-T steps against DeiT-S / Swin-T, issue 12's cait_s24 step
+#   bash scripts/gpu_check.sh bars2  [OUTDIR]   # <= 4 min, warm: Mini-DeiT-S with eager talking heads
+#       (against bars' results), the lowrank DeiT-B search time
 #   bash scripts/gpu_check.sh later  [OUTDIR]   # a later session: CaiT and MiniViT models end to end, the
 #       torch.compile tests and op baselines, synccheck/initcheck, pipeline timings
 #
@@ -148,6 +152,28 @@ case "$PHASE" in
     step models 225 $PY benchmarks/window_models_gpu.py --reps 10 --json "$OUTDIR/models_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
     ;;
+  bars)
+    # the bars of issues 12 and 13 (compiled training steps, bs 128), for a session after recheck +
+    # second: each compile is ~25-90 s, so the pairs a bar compares come first and together
+    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    mkdir -p gpu_out  # survives to bars2 on the warm machine ($OUT does not)
+    step minivit 230 $PY benchmarks/minivit_gpu.py --models deit_small_patch16_224 "mini_deit_small (fused)" \
+      swin_tiny_patch4_window7_224 "mini_swin_tiny (fused)" --json gpu_out/minivit_gpu.json \
+      --append-markdown "$OUTDIR/RESULTS.md"
+    cp gpu_out/minivit_gpu.json "$OUTDIR/" 2>/dev/null
+    step cait 170 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --variants compiled "patched+compiled" \
+      "patched(fused)+compiled" --json "$OUTDIR/cait_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
+    ;;
+  bars2)
+    # the same warm machine, <= 4 min: issue 13's fused-vs-eager-talking-heads bar (against bars'
+    # results) and issue 15's DeiT-B search time (predicted 50-100 s; the relation losses' share
+    # stays in `later`)
+    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    PREV=(); [ -f gpu_out/minivit_gpu.json ] && PREV=(--previous gpu_out/minivit_gpu.json)
+    step minivit-eager 80 $PY benchmarks/minivit_gpu.py --models "mini_deit_small (eager talking heads)" "${PREV[@]}" \
+      --json "$OUTDIR/minivit_gpu2.json" --append-markdown "$OUTDIR/RESULTS.md"
+    step lowrank 150 $PY benchmarks/lowrank_gpu.py --json "$OUTDIR/lowrank_gpu.json"
+    ;;
   later)
     [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
     step head-mix-models 420 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
@@ -164,7 +190,7 @@ case "$PHASE" in
     step tinyvit 200 $PY benchmarks/tinyvit_gpu.py --json "$OUTDIR/tinyvit_gpu.json"
     ;;
   *)
-    echo "gpu_check.sh: phase must be first, recheck, second or later, got '$PHASE'" >&2
+    echo "gpu_check.sh: phase must be first, recheck, second, bars, bars2 or later, got '$PHASE'" >&2
     exit 2
     ;;
 esac

@@ -51,6 +51,46 @@ def test_minivit_benchmark_quick_on_cpu(tmp_path):
     assert "mini_deit_small (sdpa route)" in report["results"]
 
 
+def test_minivit_benchmark_subsets_join_through_previous(tmp_path):
+    """`gpu_check.sh bars` measures the models of two bars, `bars2` a third model against them."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(first), "--models",
+            "deit_small_patch16_224", "mini_deit_small (fused)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = json.loads(first.read_text())
+    assert list(a["results"]) == ["deit_small_patch16_224", "mini_deit_small (fused)"]
+    assert list(a["bars"]) == ["mini_deit_small (fused) vs deit_small_patch16_224"]
+    p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(second), "--models",
+            "mini_deit_small (eager talking heads)", "--previous", str(first))
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = json.loads(second.read_text())
+    assert b["results"]["mini_deit_small (fused)"] == a["results"]["mini_deit_small (fused)"]
+    assert "mini_deit_small (fused) vs mini_deit_small (eager talking heads)" in b["bars"]
+    assert "(earlier run, --previous)" in p.stdout
+    p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--models", "mini_deit_large")
+    assert p.returncode == 2 and "unknown" in p.stderr
+
+
+def test_model_benchmark_reports_what_it_measured_when_its_time_limit_strikes(tmp_path):
+    """timeout(1) ends a gpu_check step with SIGTERM: the markdown report of the variants measured
+    so far is still appended, marked as cut short."""
+    import signal
+    md, out = tmp_path / "r.md", tmp_path / "m.json"
+    p = subprocess.Popen([sys.executable, "benchmarks/window_models_gpu.py", "--device", "cpu", "--quick",
+                          "--models", "swin_tiny_patch4_window7_224", "--variants", "eager", "patched", "eager",
+                          "patched", "--reps", "2", "--json", str(out), "--append-markdown", str(md)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:  # the first variant measured
+        if line.startswith("swin_tiny_patch4_window7_224 eager"):
+            break
+    p.send_signal(signal.SIGTERM)
+    p.stdout.read()
+    assert p.wait(timeout=120) == 124
+    report = md.read_text()
+    assert "**cut short**" in report and "| swin_tiny_patch4_window7_224 | eager |" in report
+    assert json.loads(out.read_text())["complete"] is False
+
+
 def test_minivit_relations_benchmark_quick_on_cpu(tmp_path):
     out = tmp_path / "rel.json"
     p = run("benchmarks/minivit_relations.py", "--device", "cpu", "--quick", "--json", str(out))
@@ -94,7 +134,7 @@ def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
 def test_gpu_check_script_parses_and_rejects_unknown_phases():
     assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0
     text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
-    for phase in ("first)", "second)", "later)"):
+    for phase in ("first)", "recheck)", "second)", "bars)", "bars2)", "later)"):
         assert phase in text
 
 
