@@ -4,11 +4,13 @@ cudaProfilerStart/Stop, so `ncu --profile-from-start off` records exactly these 
 
     ncu --profile-from-start off --kernel-name-base demangled --kernel-name regex:vitfast ... \
         python benchmarks/ncu_cases.py
+    python benchmarks/ncu_cases.py --match "head-split|streaming"     # a subset
     python benchmarks/ncu_cases.py --device cpu --small    # smoke test of this script
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -128,9 +130,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="shapes divided by 16 (smoke test)")
+    ap.add_argument("--match", metavar="REGEX", help="only the cases whose names this regex finds (re.search)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     todo = cases(device, args.small)
+    if args.match:
+        todo = {name: fn for name, fn in todo.items() if re.search(args.match, name)}
+        if not todo:
+            ap.error(f"--match {args.match!r}: no case matches")
     for fn in todo.values():  # warm-up: autotuning, allocations, lazy module loads
         fn()
     if device.type == "cuda":

@@ -12,7 +12,7 @@
 #       Swin / TinyViT end to end, train and inference, eager and compiled -> appended to RESULTS.md
 #   bash scripts/gpu_check.sh recheck [OUTDIR]  # after fixing what "first" found, fresh machine: build, the op
 #       tests, the head-mix no-fit check (cuda-gdb backtrace if it crashes), bench, kernel times,
-#       memcheck, racecheck (smallest cases), models
+#       memcheck, models, racecheck (smallest cases), ncu of the kernels not yet profiled
 #   bash scripts/gpu_check.sh bars   [OUTDIR]   # a session after recheck + second, <= 8 min: issue 13's
 #       compiled Mini-DeiT-S / Mini-Swin-T steps against DeiT-S / Swin-T, issue 12's cait_s24 step
 #   bash scripts/gpu_check.sh bars2  [OUTDIR]   # <= 4 min, warm: Mini-DeiT-S with eager talking heads
@@ -143,8 +143,18 @@ case "$PHASE" in
     step memcheck 80 "${SAN[@]}" --tool memcheck $PY scripts/sanitize_cases.py
     step tests-models 110 $PY -m pytest -q -rfs -m cuda --tb=short tests/test_patch.py tests/test_patch_cait.py
     # the register kernels' shared dS^T / bias-gradient buffers (its first window case runs them);
-    # last, so the deadline cuts it before the model checks
+    # late, so the deadline cuts it before the model checks
     step racecheck 50 "${SAN[@]}" --tool racecheck --racecheck-report all $PY scripts/sanitize_cases.py --smallest
+    # Nsight Compute of the kernels no GPU has profiled yet (register window and head-mix kernels,
+    # streaming and head-split head-mix kernels), for tuning without a GPU; last: whatever time the
+    # carried prebuilt saved (gpu_prebuilt/) lets it run
+    if command -v ncu >/dev/null; then
+      step ncu 90 ncu --target-processes all --profile-from-start off --kernel-name-base demangled \
+        --kernel-name regex:vitfast --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --log-file "$OUTDIR/profiles.txt" $PY benchmarks/ncu_cases.py \
+        --match '^(window|head_mix)_attention .*(fwd\+bwd|\((streaming|head-split)[^)]*\))$'
+    fi
     ;;
   second)
     # (6) models end to end; appends to the first command's RESULTS.md when it is here

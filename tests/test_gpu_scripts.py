@@ -29,6 +29,20 @@ def test_ncu_cases_run_on_cpu():
     assert "head_mix_attention" in p.stdout and "window_attention" in p.stdout
 
 
+def test_recheck_profiles_the_kernels_no_gpu_has_profiled():
+    """The recheck's ncu step (--match in gpu_check.sh) takes the register, streaming and head-split
+    cases, not the tile kernels, the SDPA route or the ops the first run profiled."""
+    import re
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    regex = re.search(r"--match '([^']+)'", text).group(1)
+    p = run("benchmarks/ncu_cases.py", "--device", "cpu", "--small", "--match", regex)
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = p.stdout.strip().splitlines()[-1].removeprefix("profiled: ").split("; ")
+    assert len(names) == 8 and sum("(streaming" in n for n in names) == 4
+    assert any("head-split" in n for n in names) and "window_attention swin_t stage1 bf16 fwd+bwd" in names
+    assert not any(t in n for n in names for t in ("tile", "sdpa", "pipeline", "topk", "covariance", "soft_target"))
+
+
 def test_benchmark_runner_quick_on_cpu(tmp_path):
     out = tmp_path / "r.json"
     p = run("benchmarks/run_gpu.py", "--device", "cpu", "--quick", "--json", str(out), "--markdown",
