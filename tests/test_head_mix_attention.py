@@ -300,6 +300,8 @@ def test_shapes_the_kernels_cannot_hold_run_the_composite(monkeypatch, dtype, fi
     # one warning per shape, not per call, naming what runs as the composite
     msgs = [str(w.message) for w in seen if "composite" in str(w.message)]
     assert len(msgs) == 1 and ("fused CUDA forward" if not fits[0] else "fused CUDA backward") in msgs[0]
+    # its hint holds for the call: 16-bit inputs already are (24 / 32 heads of 32 in bf16), wider not
+    assert ("16-bit inputs (autocast)" in msgs[0]) == (dtype == torch.float64)
     assert asked and asked[0][1:5] == (dtype, 3, 8, 8)
 
 

@@ -17,11 +17,14 @@ def warn_composite(op: str, what: str, qkv: torch.Tensor, num_heads: int, dim_k:
     if key in _warned:
         return
     _warned.add(key)
+    # the hint must be true for the call at hand: in 16 bits only fewer or narrower heads help
+    # (e.g. 24 heads of 32 have a fused forward but no fused backward, 32 heads neither)
+    hint = ("fewer or narrower heads run fused" if qkv.dtype in (torch.float16, torch.bfloat16)
+            else "16-bit inputs (autocast) or fewer / narrower heads run fused")
     warnings.warn(
         f"vitfast.{op}: the fused CUDA {what} for {str(qkv.dtype).removeprefix('torch.')} with {num_heads} heads "
         f"(dim_k {dim_k}, dim_v {dim_v}) needs more shared memory per block than this GPU has; this shape runs "
-        f"{route} (a composite). 16-bit inputs (autocast) or fewer / narrower heads run fused.",
-        RuntimeWarning, stacklevel=4)
+        f"{route} (a composite). {hint}.", RuntimeWarning, stacklevel=4)
 
 
 def wide(qkv: torch.Tensor) -> torch.Tensor:
