@@ -180,7 +180,7 @@ case "$PHASE" in
     # stays in `later`)
     [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
     PREV=(); [ -f gpu_out/minivit_gpu.json ] && PREV=(--previous gpu_out/minivit_gpu.json)
-    step minivit-eager 80 $PY benchmarks/minivit_gpu.py --models "mini_deit_small (eager talking heads)" "${PREV[@]}" \
+    step minivit-eager 80 $PY benchmarks/minivit_gpu.py --models "mini_deit_small (eager talking heads)" ${PREV[@]+"${PREV[@]}"} \
       --json "$OUTDIR/minivit_gpu2.json" --append-markdown "$OUTDIR/RESULTS.md"
     step lowrank 150 $PY benchmarks/lowrank_gpu.py --json "$OUTDIR/lowrank_gpu.json"
     ;;
