@@ -218,7 +218,7 @@ def run_selftest(exe, mode, seed):
 @pytest.mark.parametrize("seed", [SEED + 1, SEED + 2, SEED + 3])
 def test_emulator_passes_a_correct_kernel(selftest, seed):
     proc = run_selftest(selftest, "ok", seed)
-    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "ok"], (proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "ok", "ok"], (proc.stdout, proc.stderr)
 
 
 @pytest.mark.parametrize("seed", [SEED + 1, SEED + 2, SEED + 3])
@@ -229,6 +229,39 @@ def test_emulator_catches_a_missing_barrier_or_wait(selftest, mode, seed):
     a wrong result under every scheduler seed, not only under an unlucky thread order."""
     proc = run_selftest(selftest, mode, seed)
     assert proc.returncode == 1 and proc.stdout.strip() == "wrong", (proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def selftest_asan(tmp_path_factory):
+    """The self-test built with AddressSanitizer, as scripts/emulator_memcheck.sh builds the
+    emulator's binding: the emulator's memcheck on the CPU."""
+    exe = str(tmp_path_factory.mktemp("emu_asan") / "emulator_selftest_asan")
+    src = os.path.join(HERE, "cuda_emulation", "emulator_selftest.cpp")
+    proc = subprocess.run([os.environ.get("CXX", "g++"), "-O1", "-std=c++20", "-w", "-fsanitize=address",
+                           "-fno-omit-frame-pointer", "-I", os.path.join(os.path.dirname(HERE), "csrc"), src,
+                           "-o", exe], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "asan" in proc.stderr.lower():
+        pytest.skip(f"this compiler cannot link AddressSanitizer: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def test_emulator_under_asan_runs_a_correct_kernel_clean(selftest_asan):
+    """Fiber stacks switched in user space, exact-size shared memory: no false report."""
+    proc = run_selftest(selftest_asan, "ok", SEED + 1)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "ok", "ok"], (proc.stdout, proc.stderr[-3000:])
+    assert "AddressSanitizer" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode,kernel,access", [("smem_overflow", "smem_store", "WRITE"),
+                                                ("global_overflow", "shifted_copy", "READ")])
+def test_emulator_under_asan_reports_an_out_of_bounds_access(selftest_asan, mode, kernel, access):
+    """One float past the end of the launch's dynamic shared memory (inside what used to be the
+    buffer's alignment slack) or of a global buffer: reported, naming the kernel."""
+    proc = run_selftest(selftest_asan, mode, SEED + 1)
+    assert proc.returncode != 0
+    assert "heap-buffer-overflow" in proc.stderr and f"{access} of size 4" in proc.stderr, proc.stderr[-3000:]
+    assert kernel in proc.stderr
 
 
 def test_emulator_reports_a_barrier_deadlock(selftest):

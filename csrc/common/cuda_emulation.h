@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <sys/mman.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -162,9 +163,16 @@ struct Barrier {
   std::vector<Fiber*> waiting;
 };
 
+// A block's dynamic shared memory: exactly the launch's bytes, 128-byte aligned like
+// __align__(128) shared memory, on the heap by itself, so that an emulator built with
+// AddressSanitizer (run_cases.py, VITFAST_EMU_ASAN=1) reports any access past its end.
+struct SharedBytes {
+  void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t(128)); }
+};
+
 struct Block {
-  std::vector<unsigned char> storage;
-  unsigned char* smem = nullptr;  // 128-byte aligned, like __align__(128) shared memory
+  std::unique_ptr<unsigned char, SharedBytes> storage;
+  unsigned char* smem = nullptr;
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<uint64_t> lanes;  // shuffle exchange, one slot per thread
@@ -305,8 +313,9 @@ inline void barrier_wait(Barrier& b) {
 inline void run_block(dim3 grid3, dim3 block3, unsigned b, size_t smem) {
   const unsigned n = block3.x * block3.y * block3.z;
   Block blk;
-  blk.storage.assign(smem + 128, 0xA5);  // garbage, like real shared memory
-  blk.smem = blk.storage.data() + (128 - reinterpret_cast<uintptr_t>(blk.storage.data()) % 128) % 128;
+  blk.storage.reset(static_cast<unsigned char*>(::operator new(smem, std::align_val_t(128))));
+  blk.smem = blk.storage.get();
+  std::memset(blk.smem, 0xA5, smem);  // garbage, like real shared memory
   blk.all.expected = n;
   blk.warps.resize(n / 32);
   for (auto& w : blk.warps) w.expected = 32;

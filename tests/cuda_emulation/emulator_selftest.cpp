@@ -1,11 +1,16 @@
 // Self-test of the CUDA emulator (csrc/common/cuda_emulation.h): a correct kernel must pass, and
 // each classic synchronisation bug must be caught, not hidden by a lucky thread order. Built with
 // g++ and run by tests/test_cuda_emulation.py, one mode per process:
-//   ok        double-buffered cp.async tile sums, barriers, shuffles: prints "ok" and exits 0
+//   ok        double-buffered cp.async tile sums, barriers, shuffles, dynamic shared memory: prints
+//             "ok" three times and exits 0
 //   deadlock  one thread returns early, the others wait at __syncthreads: the emulator aborts
 //   war       the same kernel without the barrier before a buffer is refilled: wrong sums
 //   raw       the same kernel reading a tile before waiting for its copies: wrong sums
 //   shuffle   a lane reads a neighbour's shared-memory slot without __syncwarp: wrong values
+// Built with -fsanitize=address (the emulator's memcheck, VITFAST_EMU_ASAN=1 in run_cases.py):
+//   smem_overflow    a thread stores one float past the end of the launch's dynamic shared memory
+//   global_overflow  a thread loads one float past the end of a global buffer
+// each of which AddressSanitizer must report (heap-buffer-overflow); the ok mode must run clean.
 // A wrong result prints "wrong" and exits 1.
 #define VITFAST_CUDA_EMULATION
 #include <cstdio>
@@ -62,6 +67,34 @@ __global__ void neighbours(float* out) {
   out[t] = mine + __shfl_xor_sync(0xffffffffu, mine, 1);
 }
 
+// thread t stores slot t + kOff of the launch's dynamic shared memory (kOff = 1 with kThreads
+// slots: the last thread one past the end), then reads its own slot back
+template <int kOff>
+__global__ void smem_store(float* out) {
+  VF_DYNAMIC_SMEM(raw);
+  float* slots = reinterpret_cast<float*>(raw);
+  slots[threadIdx.x + kOff] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = slots[threadIdx.x];
+}
+
+__global__ void shifted_copy(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+static int check_smem(bool overflow) {
+  std::vector<float> out(kThreads);
+  const size_t bytes = (overflow ? kThreads : kThreads + 1) * sizeof(float);  // the slots the threads store
+  VF_LAUNCH(smem_store<1>, dim3(2), dim3(kThreads), bytes, nullptr, out.data());
+  for (int t = 1; t < kThreads; ++t)
+    if (out[t] != static_cast<float>(t - 1)) return std::puts("wrong"), 1;
+  return std::puts("ok"), 0;
+}
+
+static int check_global_overflow() {
+  std::vector<float> in(kThreads, 1.0f), out(kThreads);  // thread kThreads - 1 reads in[kThreads]
+  VF_LAUNCH(shifted_copy, dim3(1), dim3(kThreads), 0, nullptr, in.data(), out.data());
+  return std::puts("ok"), 0;
+}
+
 static int check_tiles(int bug) {
   const int blocks = 16;
   std::vector<float> in(blocks * kTiles * kTile), out(blocks * kThreads);
@@ -96,7 +129,9 @@ static int check_neighbours(bool sync) {
 
 int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "ok";
-  if (!std::strcmp(mode, "ok")) return check_tiles(kNone) | check_neighbours(true);
+  if (!std::strcmp(mode, "ok")) return check_tiles(kNone) | check_neighbours(true) | check_smem(false);
+  if (!std::strcmp(mode, "smem_overflow")) return check_smem(true);
+  if (!std::strcmp(mode, "global_overflow")) return check_global_overflow();
   if (!std::strcmp(mode, "war")) return check_tiles(kWar);
   if (!std::strcmp(mode, "raw")) return check_tiles(kRaw);
   if (!std::strcmp(mode, "shuffle")) return check_neighbours(false);

@@ -38,14 +38,16 @@ def build():
         sources.append(emu)
         sources += sorted(glob.glob(os.path.join(ROOT, "csrc", d, "*_op.cpp")))
         sources += sorted(glob.glob(os.path.join(ROOT, "csrc", d, "*_cpu.cpp")))
-    out = os.path.join(ROOT, "build", "cuda_emulation")
+    asan = os.environ.get("VITFAST_EMU_ASAN") == "1"  # memcheck on the CPU: scripts/emulator_memcheck.sh
+    out = os.path.join(ROOT, "build", "cuda_emulation_asan" if asan else "cuda_emulation")
     os.makedirs(out, exist_ok=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     return cpp_extension.load(
-        name="vitfast_cuda_emu", sources=sources,
+        name="vitfast_cuda_emu_asan" if asan else "vitfast_cuda_emu", sources=sources,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2", "-std=c++20", "-DVITFAST_CUDA_EMULATION", "-DVITFAST_NO_REGISTRATION",
-                      "-fno-strict-aliasing", "-w"],
-        build_directory=out, verbose=False)
+                      "-fno-strict-aliasing", "-w"] + sanitize,
+        extra_ldflags=sanitize, build_directory=out, verbose=False)
 
 
 # window attention -- name: (dtype, make_case kwargs); small shapes, each exercising one kernel path
