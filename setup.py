@@ -7,6 +7,8 @@ Environment switches:
                                 that newer GPUs (Blackwell) JIT-compile at load.
   MAX_JOBS                      parallel compile jobs (default: all cores).
   VITFAST_DEBUG=1               -O0 -g and device debug info.
+  VITFAST_SANITIZE=address      host code built with AddressSanitizer (run Python with libasan
+                                preloaded: scripts/cpu_memcheck.sh)
 """
 import glob
 import os
@@ -121,6 +123,11 @@ def extensions():
     sources = [s for s in sources if s not in cuda_glue]
     include_dirs = [os.path.join(ROOT, "csrc"), write_build_config(with_cuda, archs)]
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = os.environ.get("VITFAST_SANITIZE", "")
+    if sanitize not in ("", "address"):
+        sys.exit(f"VITFAST_SANITIZE must be empty or address, got {sanitize!r}")
+    san_flags = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
+    cxx += san_flags
     # `omp simd` loops of the CPU kernels vectorise (no OpenMP runtime needed); no-trapping-math
     # lets the compiler if-convert float compares (results unchanged: FP traps are never enabled)
     cxx += ["-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math"]
@@ -137,11 +144,11 @@ def extensions():
             nvcc += ["-G", "-O0"]
         ext = cpp_extension.CUDAExtension(
             "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=shared_libstdcxx())
+            extra_link_args=shared_libstdcxx() + san_flags)
     else:
         ext = cpp_extension.CppExtension(
             "vitfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-            extra_link_args=shared_libstdcxx())
+            extra_link_args=shared_libstdcxx() + san_flags)
     what = f"CUDA kernels for TORCH_CUDA_ARCH_LIST={archs}" if with_cuda else "CPU kernels only"
     print(f"vitfast: building vitfast._C with {what}; {len(ext.sources)} sources, MAX_JOBS={os.environ['MAX_JOBS']}",
           flush=True)

@@ -28,11 +28,12 @@ EOF
 # leaks: Python and torch keep allocations for the process's life; halt at the first error
 # (each case's line on stderr as it ends; the results' JSON, checked by the tests, is not needed)
 rc=0
-LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="detect_leaks=0:halt_on_error=1" \
+# (libstdc++ right after the runtime, so that ASan's __cxa_throw interceptor finds the real one)
+LD_PRELOAD="$LIBASAN $(${CXX:-g++} -print-file-name=libstdc++.so.6)" ASAN_OPTIONS="detect_leaks=0:halt_on_error=1" \
   $PY tests/cuda_emulation/run_cases.py "$@" >/dev/null || rc=$?
 if [ $rc = 0 ]; then
   echo "emulator_memcheck: no out-of-bounds access in ${*:-every case}"
 else
-  echo "emulator_memcheck: FAILED (exit $rc; ASan's report above names the kernel and the access)"
+  echo "emulator_memcheck: FAILED (exit $rc): an ASan report above names the kernel and the access; else the error above"
 fi
 exit $rc

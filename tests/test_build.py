@@ -64,3 +64,12 @@ def test_extension_uses_the_shared_libstdcxx():
     assert not embedded, embedded[:5]
     with pytest.raises(ValueError, match="k"):
         torch.ops.vitfast.topk_softmax(torch.randn(2, 3), 5)  # the C++ check formats ints into its message
+
+
+def test_build_switches_reject_unknown_values():
+    """setup.py names the switch and the value it does not know, before compiling anything."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for var, value in (("VITFAST_SANITIZE", "thread"), ("VITFAST_BUILD", "rocm")):
+        p = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, var: value}, timeout=120)
+        assert p.returncode != 0 and var in p.stderr and repr(value) in p.stderr, (var, p.stderr[-500:])

@@ -449,6 +449,9 @@ def main():
     mod = build()
     print(f"built in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     names = sys.argv[1:] or list(CASES)
+    unknown = [n for n in names if n not in CASES and n not in EXTRA]
+    if unknown:
+        raise SystemExit(f"run_cases.py: unknown cases {unknown}; the cases: {' '.join(CASES)}")
     results = {}
     for name in names:
         t0 = time.time()
