@@ -9,8 +9,8 @@
 #
 #   bash scripts/emulator_memcheck.sh [CASE ...]     # default: every case of run_cases.py
 #
-# The binding builds once into build/cuda_emulation_asan (~8 min on 2 cores); the cases take
-# ~2-5x their plain emulator time. Needs gcc's libasan.
+# The binding builds once into build/cuda_emulation_asan; on the 2-core machine the build took
+# ~8 min and all 84 cases ~8 min (benchmarks/NOTES.md). Needs gcc's libasan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

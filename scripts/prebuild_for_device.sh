@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds vitfast._C here for the GPU machine (Python 3.12, torch 2.11.0+cu130, sm_90) and packs it
 # into gpu_prebuilt/ (scripts/prebuilt.py), so that scripts/gpu_check.sh skips its build step when
-# it is carried: run(..., carry=["gpu_wheels", "gpu_prebuilt"]). 25-40 min on the 2-core machine;
+# it is carried: run(..., carry=["gpu_wheels", "gpu_prebuilt"]). ~10 min on the 2-core machine the first time;
 # run it whenever csrc/ or setup.py changed since the last pack (the check refuses a stale one).
 #
 #   bash scripts/prebuild_for_device.sh [VENV_DIR] [BUILD_DIR]
@@ -33,18 +33,9 @@ tar -C "$HERE" -cf - --exclude='*.so' --exclude=__pycache__ csrc vitfast setup.p
 t0=$SECONDS
 (cd "$BUILD" && VITFAST_BUILD=cuda MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$VENV/bin/python" setup.py build_ext --inplace)
 echo "prebuild: built in $((SECONDS - t0)) s"
-EXT="$("$VENV/bin/python" -c 'import sysconfig; print("_C" + sysconfig.get_config_var("EXT_SUFFIX"))')"
-# pack from the copy: its csrc/ and setup.py are this tree's, so the digests agree
-"$VENV/bin/python" - "$BUILD" "$HERE/gpu_prebuilt" <<'EOF'
-import importlib.util, os, sys
-build, out = sys.argv[1:]
-spec = importlib.util.spec_from_file_location("prebuilt", os.path.join(os.getcwd(), "scripts", "prebuilt.py"))
-prebuilt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prebuilt)
-m = prebuilt.pack(out, root=build)
-assert m["sources"] == prebuilt.source_digest(os.getcwd()), "the copy's sources differ from this tree's"
-print(f"prebuild: packed {m['extension']} ({m['bytes'] / 2**20:.1f} MiB stripped) for torch {m['torch']}, "
-      f"archs {m['archs']} -> {out}")
-EOF
+# pack from the copy (its csrc/ and setup.py are this tree's, so the digests agree)
+"$VENV/bin/python" scripts/prebuilt.py pack "$HERE/gpu_prebuilt" --root "$BUILD"
+[ "$("$VENV/bin/python" scripts/prebuilt.py digest --root "$BUILD")" = "$("$VENV/bin/python" scripts/prebuilt.py digest)" ] \
+  || { echo "prebuild: the copy's sources differ from this tree's" >&2; exit 1; }
 du -sh "$HERE/gpu_prebuilt"
-echo "prebuild: $EXT ready; carry gpu_prebuilt"
+echo "prebuild: ready; carry gpu_prebuilt"

@@ -1,5 +1,6 @@
 """A vitfast._C built on this machine for another one (the GPU machine: Python 3.12, torch 2.11.0,
-sm_90), carried there so that the GPU check skips its build step (63-125 s of 15 device-minutes).
+sm_90), carried there so that the GPU check skips its build step (63 s and 125 s of the 15
+device-minutes in the two H100 runs).
 
     # here: a Python and torch like the device's (a venv of pyenv's 3.12 with the torch 2.11.0 wheel)
     TORCH_CUDA_ARCH_LIST=9.0 VITFAST_BUILD=cuda <py312> setup.py build_ext --inplace
@@ -149,16 +150,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("pack", "install", "check", "digest"))
     ap.add_argument("dir", nargs="?", default="gpu_prebuilt")
+    ap.add_argument("--root", default=ROOT, help="the tree whose sources and vitfast/ it packs (default: this one)")
     args = ap.parse_args(argv)
     if args.action == "digest":
-        print(source_digest())
+        print(source_digest(args.root))
         return 0
     if args.action == "pack":
-        m = pack(args.dir)
+        m = pack(args.dir, root=args.root)
         print(f"packed {m['extension']} ({m['bytes'] / 2**20:.1f} MiB stripped) for torch {m['torch']}, "
               f"archs {m['archs']}, sources {m['sources'][:12]} -> {args.dir}")
         return 0
-    ok, why = check() if args.action == "check" else install(args.dir)
+    ok, why = check() if args.action == "check" else install(args.dir, root=args.root)
     print(f"prebuilt: {why}")
     return 0 if ok else 1
 
