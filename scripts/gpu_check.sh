@@ -39,8 +39,8 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # only the GPU that is here (sm_90 
   TORCH_CUDA_ARCH_LIST="$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo 9.0)"
   export TORCH_CUDA_ARCH_LIST
 fi
-# the parity fuzz (tests/test_check_parity.py) needs hypothesis, which the device lacks and cannot
-# download: carry its pure-Python wheels (`pip download --no-deps -d gpu_wheels hypothesis==6.155.2
+# the parity fuzz (tests/test_check_parity.py) needs hypothesis, which the device cannot download
+# (its image lists it since 2026-11, not yet seen by one of our calls): carry its pure-Python wheels (`pip download --no-deps -d gpu_wheels hypothesis==6.155.2
 # sortedcontainers==2.4.0`, run(carry=["gpu_wheels"])); without them those tests skip
 if [ -d gpu_wheels ] && ! $PY -c 'import hypothesis' 2>/dev/null; then
   $PY -m pip install -q --no-index --find-links gpu_wheels hypothesis >/dev/null 2>&1 || echo "gpu_wheels: install failed"
@@ -68,13 +68,19 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log, remember pass/
   tail -n 4 "$log" | sed 's/^/    /'
   return $rc
 }
+RESULTS_BASE=0  # lines of RESULTS.md that were there before this call (results_md)
+results_md() {  # the phases after first/recheck append to a copy of benchmarks/RESULTS.md
+  [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+  RESULTS_BASE=$(wc -l <"$OUTDIR/RESULTS.md")
+}
 finish() {
   {
     echo "gpu_check.sh $PHASE: $((SECONDS - T0))s in all"
     echo "| step | result |"
     echo "|---|---|"
     for s in "${ORDER[@]}"; do echo "| $s | ${STATUS[$s]} |"; done
-    [ -f "$OUTDIR/RESULTS.md" ] && grep -E '\| (PASS|FAIL) \|$' "$OUTDIR/RESULTS.md"
+    # the bars this call measured: not those of the benchmarks/RESULTS.md a phase appends to
+    [ -f "$OUTDIR/RESULTS.md" ] && tail -n +"$((RESULTS_BASE + 1))" "$OUTDIR/RESULTS.md" | grep -E '\| (PASS|FAIL) \|$'
   } | tee "$OUTDIR/summary.txt"
   tar -C "$OUTDIR" -cJf "$OUTDIR/logs.tar.xz" logs && rm -rf "$OUTDIR/logs"
   for s in "${ORDER[@]}"; do [[ ${STATUS[$s]} == PASS* || ${STATUS[$s]} == "NOT USED"* ]] || exit 1; done
@@ -158,14 +164,14 @@ case "$PHASE" in
     ;;
   second)
     # (6) models end to end; appends to the first command's RESULTS.md when it is here
-    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    results_md
     step models 225 $PY benchmarks/window_models_gpu.py --reps 10 --json "$OUTDIR/models_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
     ;;
   bars)
     # the bars of issues 12 and 13 (compiled training steps, bs 128), for a session after recheck +
     # second: each compile is ~25-90 s, so the pairs a bar compares come first and together
-    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    results_md
     mkdir -p gpu_out  # survives to bars2 on the warm machine ($OUT does not)
     step minivit 230 $PY benchmarks/minivit_gpu.py --models deit_small_patch16_224 "mini_deit_small (fused)" \
       swin_tiny_patch4_window7_224 "mini_swin_tiny (fused)" --json gpu_out/minivit_gpu.json \
@@ -178,14 +184,14 @@ case "$PHASE" in
     # the same warm machine, <= 4 min: issue 13's fused-vs-eager-talking-heads bar (against bars'
     # results) and issue 15's DeiT-B search time (predicted 50-100 s; the relation losses' share
     # stays in `later`)
-    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    results_md
     PREV=(); [ -f gpu_out/minivit_gpu.json ] && PREV=(--previous gpu_out/minivit_gpu.json)
     step minivit-eager 80 $PY benchmarks/minivit_gpu.py --models "mini_deit_small (eager talking heads)" ${PREV[@]+"${PREV[@]}"} \
       --json "$OUTDIR/minivit_gpu2.json" --append-markdown "$OUTDIR/RESULTS.md"
     step lowrank 150 $PY benchmarks/lowrank_gpu.py --json "$OUTDIR/lowrank_gpu.json"
     ;;
   later)
-    [ -f "$OUTDIR/RESULTS.md" ] || cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md"
+    results_md
     step head-mix-models 420 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
     step minivit 420 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"

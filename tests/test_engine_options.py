@@ -82,3 +82,31 @@ def test_command_lines_take_compile_and_amp_dtype():
     with pytest.raises(SystemExit):
         parser.parse_args(["lowrank", "--amp-dtype", "int8"])
     assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_every_command_has_one_workers_default():
+    """--workers not given means the same thing in every pipeline (min(4, CPUs - 1), at least 1), 0
+    loads in the main process, and a negative count is refused by name."""
+    import os
+
+    from vitfast.cli import build_parser
+    from vitfast.engine.cli_args import default_workers, resolve_workers
+    from vitfast.minivit.cli import config_from_args
+    from vitfast.tinyvit.cli import _workers
+
+    assert default_workers() == max(1, min(4, (os.cpu_count() or 1) - 1))
+    assert resolve_workers(None) == default_workers() and resolve_workers(0) == 0 and resolve_workers(3) == 3
+    with pytest.raises(UserError, match="--workers"):
+        resolve_workers(-1)
+    parser = build_parser()
+    user = ["minivit", "--teacher", "deit_tiny_patch16_224", "--data", "some/folder"]
+    assert config_from_args(parser.parse_args(user)).workers == default_workers()
+    assert config_from_args(parser.parse_args(user + ["--workers", "0"])).workers == 0
+    with pytest.raises(UserError, match="--workers"):
+        config_from_args(parser.parse_args(user + ["--workers", "-2"]))
+    # the embedded default keeps its own recipe (the digits sit in memory: no workers) unless given
+    assert config_from_args(parser.parse_args(["minivit"])).workers == 0
+    assert config_from_args(parser.parse_args(["minivit", "--workers", "2"])).workers == 2
+    for argv in (["tinyvit", "distill", "--out", "x"], ["tinyvit", "save-logits", "--out", "x"]):
+        assert _workers(parser.parse_args(argv)) == default_workers()
+        assert _workers(parser.parse_args(argv + ["--workers", "0"])) == 0

@@ -164,3 +164,30 @@ def test_window_models_benchmark_quick_on_cpu(tmp_path):
                                                               "cait_xxs24_224"}
     assert all(set(r) >= {"eager", "patched"} for r in report["results"].values())
     assert {b["what"].split(" ")[0] for b in report["bars"]} == {"swin_tiny_patch4_window7_224", "tiny_vit_21m_224"}
+
+
+def test_gpu_check_summary_quotes_only_the_bars_this_call_measured(tmp_path):
+    """A phase that appends to a copy of benchmarks/RESULTS.md must not quote that file's older
+    bars in its summary as if it had measured them (gpu_check.sh's results_md and finish)."""
+    text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    functions = text[text.index("RESULTS_BASE=0"):text.index("\n}\n", text.index("finish() {")) + 3]
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    script = f"""set -uo pipefail
+cd {ROOT!r}
+OUTDIR={str(out)!r}; PHASE=bars; T0=$SECONDS
+declare -a ORDER=(minivit); declare -A STATUS=([minivit]="PASS 3s")
+{functions}
+results_md
+echo '| new bar measured here | 1.2x | PASS |' >>"$OUTDIR/RESULTS.md"
+finish
+"""
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    summary = (out / "summary.txt").read_text()
+    old = [line for line in open(os.path.join(ROOT, "benchmarks", "RESULTS.md")).read().splitlines()
+           if line.endswith(("| PASS |", "| FAIL |"))]
+    assert old, "benchmarks/RESULTS.md has bars: the test needs them to mean anything"
+    assert "| new bar measured here | 1.2x | PASS |" in summary and "| minivit | PASS 3s |" in summary
+    assert not any(line in summary for line in old)
+    assert (out / "logs.tar.xz").exists()

@@ -1,7 +1,7 @@
 """`vitfast minivit` end to end on CPU: the embedded default's ablation (short), and a tiny timm Swin
 teacher from a safetensors checkpoint on an ImageFolder of PNG files through the whole Swin path --
-killed mid-run and resumed to the same bits as an uninterrupted run, a changed configuration
-refused with one line, user mistakes answered with one line."""
+killed mid-run and resumed (with another --workers) to the same bits as an uninterrupted run, a
+changed configuration refused with one line, user mistakes answered with one line."""
 import json
 import os
 import signal
@@ -93,7 +93,9 @@ def test_swin_imagefolder_kill_resume_and_refusal(folder_and_teacher):
         time.sleep(rng.uniform(1.0, 8.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    p = vitfast(*swin_args(data, ckpt, killed, epochs=3))
+    # finished with a data-loader worker (the others loaded in the main process): each sample is
+    # augmented under its own seed (random crops and flips here), so the worker count changes nothing
+    p = vitfast(*swin_args(data, ckpt, killed, epochs=3, extra=("--workers", "1")))
     assert p.returncode == 0, p.stderr[-3000:]
     a = load_file(os.path.join(ref, "mini_model", "model.safetensors"))
     b = load_file(os.path.join(killed, "mini_model", "model.safetensors"))

@@ -319,7 +319,8 @@ __global__ void __launch_bounds__(kMixStreamThreads, 1)
       mix_static_for<kMixPasses>([&](auto pass_index) {
         constexpr int g0 = decltype(pass_index)::value * kMg;
         constexpr bool kPost = kMg != kH;
-        float gpre[kMg * kH] = {}, gpost[kPost ? kMg * kH : 1] = {}, gpb[kPost ? kMg : 1] = {};
+        float gpre[kMg * kH] = {};
+        [[maybe_unused]] float gpost[kPost ? kMg * kH : 1] = {}, gpb[kPost ? kMg : 1] = {};  // kPost only
         pass(
             [&](int kt, int j, int e, const MixStreamEntry<kH>& en) {
               float sh[kH];

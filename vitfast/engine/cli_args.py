@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -63,12 +64,32 @@ def train_config(a) -> TrainConfig:
     return cfg
 
 
+def default_workers() -> int:
+    """min(4, CPUs - 1) and at least 1: the augmentation leaves the main process, which keeps the
+    model (results do not depend on it). On 2 cores one worker leaves the epoch time as it is (the
+    cores are busy either way) but takes the main process from ~45% waiting on augmentation to ~15%
+    (benchmarks/cpu_save_logits.py)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def resolve_workers(value: int | None) -> int:
+    """--workers as given (0: load in the main process), or default_workers() when not given."""
+    if value is None:
+        return default_workers()
+    if value < 0:
+        raise UserError(f"argument --workers must be >= 0, got {value}")
+    return value
+
+
+WORKERS_HELP = "data-loader worker processes; 0 loads in the main process; not given: min(4, CPUs - 1), at least 1"
+
+
 def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", "--out", default=output, help="run folder (resumed if it holds the same run)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to continue a run already in --output instead of resuming it")
-    g.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -172,7 +172,11 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         gnorm_sum = torch.zeros((), device=device)
         gnorm_max = torch.zeros((), device=device)
         count, steps, t0 = 0, 0, time.time()
-        for batch in tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+        # one iterator, handed to tqdm: tqdm.auto's bar calls iter() on an iterable in its constructor
+        # and again to loop, and a DataLoader's second iterator starts a second set of workers
+        # (the first stays alive, its prefetched batches wasted) and, drawing its seeds after the
+        # first's, made the epoch's order depend on --workers
+        for batch in tqdm(iter(batches(epoch)), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                           disable=not progress or rank != 0, leave=False):
             with amp:
                 loss, n, metrics = loss_fn(wrapped, batch)

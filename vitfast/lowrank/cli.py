@@ -93,6 +93,7 @@ def run(args) -> int:
     else:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
+        from ..engine.cli_args import default_workers
         from ..engine.evaluation import folder_loader, folder_tensors
 
         model, kwargs = _load_model(args)
@@ -102,7 +103,7 @@ def run(args) -> int:
         proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed)
         eval_x = eval_y = None
         if args.eval_data:
-            loader = folder_loader(args.eval_data, model, args.batch_size, workers=min(4, os.cpu_count() or 1))
+            loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers())
             eval_x = lambda: loader  # noqa: E731
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
     vdist.cleanup()

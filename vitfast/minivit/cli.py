@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..engine.cli_args import (add_config_arg, add_model_kwargs_arg, add_run_args, add_train_args, input_size,
-                               model_kwargs, train_config)
+                               model_kwargs, resolve_workers, train_config)
 
 
 def add_parser(sub) -> None:
@@ -85,6 +85,8 @@ def config_from_args(a):
     for name in ("batch_size", "aa", "reprob", "mixup", "cutmix", "smoothing", "workers"):
         if not embedded or name in explicit:
             value = getattr(a, name)
+            if name == "workers":
+                value = resolve_workers(value)
             cfg = replace(cfg, **{name: None if name == "aa" and value == "none" else value})
     train = train_config(a)
     if embedded:

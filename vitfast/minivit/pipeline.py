@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import distributed as vdist
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
 from ..engine.checkpoint import atomic_write_json
+from ..engine.cli_args import default_workers
 from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
@@ -74,7 +75,7 @@ class MiniViTConfig:
     cutmix: float = 1.0
     smoothing: float = 0.1
     batch_size: int = 128
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # vitfast.engine.cli_args
     # training (vitfast.engine)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=5e-4, weight_decay=0.05,
                                                                    warmup_epochs=1, clip_grad=5.0))

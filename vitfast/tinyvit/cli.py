@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..engine.cli_args import add_config_arg
+    from ..engine.cli_args import WORKERS_HELP, add_config_arg
 
     add_config_arg(s)
     s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
@@ -47,8 +47,8 @@ def add_parser(sub) -> None:
     s.add_argument("--encoding", choices=["exact", "compact"], default="exact")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--workers", type=int, default=None,
-                   help="data-loader worker processes (default: min(4, CPUs - 1), at least 1: the replayed "
-                        "augmentation runs beside the teacher; the epoch log says which side is waiting)")
+                   help=WORKERS_HELP + "; the replayed augmentation runs beside the teacher, and the "
+                        "epoch log says which side is waiting")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=d)
     s.add_argument("--out", "--output", dest="out", required=True, help="store directory")
@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
     t.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="autocast dtype on CUDA (float16 uses a GradScaler; float32: no autocast)")
     t.add_argument("--compile", action="store_true", help="torch.compile the student's training steps")
-    t.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: min(4, CPUs - 1), at least 1)")
+    t.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=d)
     t.add_argument("--out", "--output", dest="out", required=True, help="checkpoint directory (resumed if present)")
@@ -98,19 +98,11 @@ def add_parser(sub) -> None:
 
 
 def _workers(args) -> int:
-    """--workers, or min(4, CPUs - 1) and at least 1: the augmentation leaves the main process, which
-    keeps the teacher/student (results do not depend on it). On 2 cores one worker leaves the epoch
-    time as it is (the cores are busy either way) but takes the main process from ~45% waiting on
-    augmentation to ~15% (benchmarks/cpu_save_logits.py)."""
-    import os
+    """--workers, or the shared default (vitfast.engine.cli_args.default_workers): the replayed
+    augmentation runs beside the teacher/student."""
+    from ..engine.cli_args import resolve_workers
 
-    from ..errors import UserError
-
-    if args.workers is None:
-        return max(1, min(4, (os.cpu_count() or 1) - 1))
-    if args.workers < 0:
-        raise UserError(f"argument --workers must be >= 0, got {args.workers}")
-    return args.workers
+    return resolve_workers(args.workers)
 
 
 def _data_and_transform(args, recipe: dict | None = None):
