@@ -40,8 +40,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # only the GPU that is here (sm_90 
   export TORCH_CUDA_ARCH_LIST
 fi
 # the parity fuzz (tests/test_check_parity.py) needs hypothesis, which the device cannot download
-# (its image lists it since 2026-11, not yet seen by one of our calls): carry its pure-Python wheels (`pip download --no-deps -d gpu_wheels hypothesis==6.155.2
-# sortedcontainers==2.4.0`, run(carry=["gpu_wheels"])); without them those tests skip
+# (its image lists it since 2026-11, not yet seen by one of our calls): carry its pure-Python
+# wheels (`pip download --no-deps -d gpu_wheels hypothesis==6.155.2 sortedcontainers==2.4.0`,
+# run(carry=["gpu_wheels"])); without them those tests skip
 if [ -d gpu_wheels ] && ! $PY -c 'import hypothesis' 2>/dev/null; then
   $PY -m pip install -q --no-index --find-links gpu_wheels hypothesis >/dev/null 2>&1 || echo "gpu_wheels: install failed"
 fi

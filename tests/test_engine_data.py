@@ -35,6 +35,7 @@ def test_batches_are_the_same_for_any_number_of_workers():
     assert len(ref) == 4  # 24 samples, drop_last
     for workers in (1, 2):
         got = batches(workers)
+        assert len(got) == len(ref), workers
         for (xa, ya), (xb, yb) in zip(ref, got):
             assert torch.equal(ya, yb) and torch.equal(xa, xb), workers
     # the augmentation is random all the same: other epochs and seeds draw other images
