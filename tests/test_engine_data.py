@@ -58,10 +58,10 @@ def test_loading_in_the_main_process_leaves_its_rng_streams_alone():
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
-def test_fit_iterates_each_epochs_batches_once(tmp_path):
+def test_fit_iterates_each_epochs_batches_once(tmp_path, monkeypatch):
     """tqdm.auto's bar calls iter() on what it is given, and again to loop: handed a DataLoader, a
-    second set of workers started each epoch and the order depended on --workers. fit hands it one
-    iterator."""
+    second set of workers started each epoch and the order depended on --workers. The bar is
+    handed one iterator, drawn as a bar, as log lines or not at all."""
     from torch import nn
 
     from vitfast.engine import TrainConfig, fit
@@ -84,9 +84,41 @@ def test_fit_iterates_each_epochs_batches_once(tmp_path):
         x, y = batch
         return nn.functional.cross_entropy(m(x), y), len(y), {}
 
-    for progress in (False, True):
+    for progress, how in ((False, "bar"), (True, "bar"), (True, "lines")):
+        monkeypatch.setenv("VITFAST_PROGRESS", how)
         calls.clear()
         fit(nn.Linear(3, 2), TrainConfig(epochs=2, lr=1e-2, warmup_epochs=0), batches=Counted, steps_per_epoch=2,
-            loss_fn=loss_fn, device="cpu", out_dir=str(tmp_path / str(progress)), progress=progress,
+            loss_fn=loss_fn, device="cpu", out_dir=str(tmp_path / f"{progress}{how}"), progress=progress,
             log=lambda *_: None)
-        assert calls == [0, 1], (progress, calls)
+        assert calls == [0, 1], (progress, how, calls)
+
+
+class AfterTheScope(torch.utils.data.Dataset):
+    """What the RNG gives right after a sample's augmentation scope."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from vitfast.data.seeding import augmentation_rng, reseed
+
+        with augmentation_rng():
+            reseed(100 + i)
+            torch.rand(1)
+        return torch.rand(1)
+
+
+def test_the_augmentation_scope_restores_the_callers_rngs_only_in_the_main_process():
+    """In the main process the caller's streams go on as if nothing had been drawn; a worker's
+    RNGs serve the data set alone, so nothing is saved and restored there (it cost 0.07 ms)."""
+    from vitfast.data.seeding import reseed
+
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(AfterTheScope()[0], expected)
+    reseed(101)
+    torch.rand(1)
+    unrestored = torch.rand(1)  # the second draw of sample 1's own stream
+    got = list(torch.utils.data.DataLoader(AfterTheScope(), batch_size=None, num_workers=1))
+    assert torch.equal(got[1], unrestored)

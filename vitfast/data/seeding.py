@@ -49,6 +49,19 @@ def preserved_rng():
 
 
 @contextlib.contextmanager
+def augmentation_rng():
+    """The RNG scope of a sample's (or a pair's) augmentation, which reseeds inside it: in the main
+    process the caller's states are saved and restored (preserved_rng); in a data-loader worker,
+    whose RNGs serve the dataset alone, nothing is (saving and restoring the three states cost
+    0.07 ms, ten reseeds: timeit on the 2-core machine)."""
+    if torch.utils.data.get_worker_info() is not None:
+        yield
+    else:
+        with preserved_rng():
+            yield
+
+
+@contextlib.contextmanager
 def seeded(seed: int):
     """Run a block with Python, NumPy and torch (CPU) RNGs seeded from `seed`, restoring the
     caller's RNG states afterwards."""

@@ -91,7 +91,13 @@ def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
                    help="refuse to continue a run already in --output instead of resuming it")
     g.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_arg(g)
+
+
+def add_progress_arg(p) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress output (otherwise a bar on a terminal, a line every 30 s in a log file; "
+                        "VITFAST_PROGRESS=bar|lines|off)")
 
 
 def input_size(value) -> tuple | None:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .. import distributed as vdist
-from ..data.seeding import reseed, sample_seed, seeded
+from ..data.seeding import augmentation_rng, reseed, sample_seed
 from ..errors import UserError
 
 
@@ -39,13 +39,8 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        seed = sample_seed(self.seed, self.epoch, int(i))
-        if torch.utils.data.get_worker_info() is not None:
-            # a worker's RNGs serve this dataset alone: nothing of the caller's to restore (saving
-            # and restoring the three states costs ~0.15 ms a sample, NumPy's most; seeding ~0.02 ms)
-            reseed(seed)
-            return self.dataset[i]
-        with seeded(seed):
+        with augmentation_rng():
+            reseed(sample_seed(self.seed, self.epoch, int(i)))
             return self.dataset[i]
 
 

@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed as vdist
 from ..errors import UserError
+from ..progress import progress as progress_bar
 from .checkpoint import load_training_state, save_training_state
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -172,12 +172,10 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         gnorm_sum = torch.zeros((), device=device)
         gnorm_max = torch.zeros((), device=device)
         count, steps, t0 = 0, 0, time.time()
-        # one iterator, handed to tqdm: tqdm.auto's bar calls iter() on an iterable in its constructor
-        # and again to loop, and a DataLoader's second iterator starts a second set of workers
-        # (the first stays alive, its prefetched batches wasted) and, drawing its seeds after the
-        # first's, made the epoch's order depend on --workers
-        for batch in tqdm(iter(batches(epoch)), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                          disable=not progress or rank != 0, leave=False):
+        # progress() takes one iterator: a second DataLoader iterator would start a second set of
+        # workers and, drawing its seeds after the first's, make the epoch's order depend on --workers
+        for batch in progress_bar(batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                                  enabled=progress and rank == 0, leave=False):
             with amp:
                 loss, n, metrics = loss_fn(wrapped, batch)
             opt.zero_grad(set_to_none=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress as progress_bar
 from .layers import LowRankLinear, get_module, set_module
 
 
@@ -36,8 +36,8 @@ def sensitivities(model: nn.Module, runner, layers: dict[str, nn.Linear], bases:
     """S_i(k) = distance(original output, output with only layer i replaced by AFM at rank k):
     KL for logits, relative squared error otherwise (`block_cache.SearchRunner`)."""
     choices = []
-    bar = tqdm(total=sum(len(candidate_ranks(lin, rank_step)) for lin in layers.values()), desc="AAFM sensitivity",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=sum(len(candidate_ranks(lin, rank_step)) for lin in layers.values()),
+                       desc="AAFM sensitivity", enabled=progress, leave=False)
     for name, lin in layers.items():
         full = lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
         c = LayerChoice(name, lin.in_features, lin.out_features, full, candidate_ranks(lin, rank_step))

@@ -11,7 +11,7 @@ import torch
 def add_parser(sub) -> None:
     p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..engine.cli_args import add_config_arg
+    from ..engine.cli_args import add_config_arg, add_progress_arg
 
     add_config_arg(p)
     p.add_argument("--model", help="timm model name (default: the embedded digits ViT)")
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-budget-mb", type=float, help="cap on the statistics held at once (more passes if needed)")
     p.add_argument("--no-svd-baseline", action="store_true", help="skip the weight-SVD comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_progress_arg(p)
     p.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="autocast dtype on CUDA for statistics, search, GFM and evaluation (float32: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student for GFM's training steps")
@@ -72,7 +73,7 @@ def run(args) -> int:
     cfg = LowRankConfig(target_params=args.target_params, rank_step=args.rank_step, batch_size=args.batch_size,
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
                         compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
-                        progress=rank == 0, search_batch=args.search_batch, amp_dtype=args.amp_dtype,
+                        progress=rank == 0 and args.progress, search_batch=args.search_batch, amp_dtype=args.amp_dtype,
                         compile=args.compile)
     cfg.validate()  # every argument before any loading or computing
     # the output folder remembers what it holds: another configuration or other inputs are refused

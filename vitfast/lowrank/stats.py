@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..engine.trainer import autocast_for
+from ..progress import progress as progress_bar
 from ..ops import CovarianceAccumulator
 
 
@@ -99,7 +99,7 @@ def collect_linear_stats(model: nn.Module, images, layers: dict[str, nn.Linear],
             handles.append(lin.register_forward_hook(hook))
         try:
             with autocast_for(device, amp):
-                for xb in tqdm(list(batches(images, batch_size)), desc="collect", disable=not progress, leave=False):
+                for xb in progress_bar(list(batches(images, batch_size)), desc="collect", enabled=progress, leave=False):
                     xb = to_device(xb, device)
                     current["mask"] = mask_fn(xb)
                     call(model, xb)

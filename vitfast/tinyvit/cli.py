@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..engine.cli_args import WORKERS_HELP, add_config_arg
+    from ..engine.cli_args import WORKERS_HELP, add_config_arg, add_progress_arg
 
     add_config_arg(s)
     s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
                         "epoch log says which side is waiting")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=d)
+    add_progress_arg(s)
     s.add_argument("--out", "--output", dest="out", required=True, help="store directory")
     s.set_defaults(func=run_save)
 
@@ -78,6 +79,7 @@ def add_parser(sub) -> None:
     t.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=d)
+    add_progress_arg(t)
     t.add_argument("--out", "--output", dest="out", required=True, help="checkpoint directory (resumed if present)")
     t.set_defaults(func=run_distill)
 
@@ -159,8 +161,8 @@ def run_save(args) -> int:
     if getattr(teacher, "num_classes", classes) != classes:
         raise UserError(f"the teacher has {teacher.num_classes} classes, --data {classes}")
     save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
-                name, device, _workers(args), progress=rank == 0, log=print if rank == 0 else (lambda *_: None),
-                recipe=recipe)
+                name, device, _workers(args), progress=rank == 0 and args.progress,
+                log=print if rank == 0 else (lambda *_: None), recipe=recipe)
     vdist.cleanup()
     return 0
 
@@ -214,8 +216,8 @@ def run_distill(args) -> int:
         eval_set = lambda: loader  # noqa: E731
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
-                  args.labels_only, args.seed, mix, progress=rank == 0, log=print if rank == 0 else (lambda *_: None),
-                  amp_dtype=args.amp_dtype, compile=args.compile)
+                  args.labels_only, args.seed, mix, progress=rank == 0 and args.progress,
+                  log=print if rank == 0 else (lambda *_: None), amp_dtype=args.amp_dtype, compile=args.compile)
     if rank == 0:
         import os
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.seeding import MASK32, preserved_rng, reseed, sample_seed, seeded  # noqa: F401 (this module's API)
+from ..data.seeding import (  # noqa: F401 (this module's API)
+    MASK32, augmentation_rng, preserved_rng, reseed, sample_seed, seeded)
 
 
 def epoch_plan(dataset_size: int, epoch: int, base_seed: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +48,7 @@ class ReplayAugment:
         self.mixup_args = mixup_args
 
     def image(self, key: int, seed: int) -> tuple[torch.Tensor, int]:
-        with preserved_rng():
+        with augmentation_rng():
             return self._image(key, seed)
 
     def _image(self, key: int, seed: int) -> tuple[torch.Tensor, int]:
@@ -59,8 +60,9 @@ class ReplayAugment:
         """Augmented (and, with mixup, mixed) images of the two samples of a pair, (2, ...), and,
         when num_classes is given, their soft labels (2, num_classes) as timm's Mixup makes them.
         Each image is drawn under its own seed, the mix under the pair's: the same draws as
-        seeding each step separately, with the caller's RNG states saved and restored once."""
-        with preserved_rng():
+        seeding each step separately, with the caller's RNG states saved and restored once (in
+        the main process; a data-loader worker's RNGs are its own: augmentation_rng)."""
+        with augmentation_rng():
             (a, la), (b, lb) = self._image(keys[0], seeds[0]), self._image(keys[1], seeds[1])
             x, y = torch.stack([a, b]), torch.tensor([la, lb])
             if not self.mixup_args:

@@ -8,10 +8,10 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed as vdist
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
+from ..progress import progress as progress_bar
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
 from .store import (LogitStore, ShardWriter, StoreError, StoreMeta, epoch_state, read_meta, remove_stale_shards,
                     shard_complete, write_meta)
@@ -108,8 +108,8 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
             return int(keep.sum())
 
         batches = _Waited(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers))
-        for kb, sb, cb, xb, *_ in tqdm(batches, desc=f"save-logits epoch {epoch}", disable=not progress or rank != 0,
-                                       leave=False):
+        for kb, sb, cb, xb, *_ in progress_bar(batches, desc=f"save-logits epoch {epoch}",
+                                               enabled=progress and rank == 0, leave=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = teacher(xb.to(device, non_blocking=True))
             v, i = topk_softmax(logits, k)  # fused kernel on the teacher's own (bf16) logits

@@ -1,0 +1,123 @@
+"""Progress output: tqdm's bar on a terminal, plain lines in a log file, nothing when disabled;
+the iterable is iterated once in every mode."""
+import io
+
+import pytest
+
+from vitfast.errors import UserError
+from vitfast.progress import MODE_ENV, INTERVAL_ENV, mode, progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class Counted:
+    """An iterable that counts the iterators made of it (a DataLoader starts workers per iterator)."""
+
+    def __init__(self, n):
+        self.n, self.iters = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.iters += 1
+        return iter(range(self.n))
+
+
+def test_mode_follows_the_stream_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    assert mode(Terminal()) == "bar"
+    assert mode(io.StringIO()) == "lines"
+    for value in ("bar", "lines", "off", " Lines "):
+        monkeypatch.setenv(MODE_ENV, value)
+        assert mode(Terminal()) == mode(io.StringIO()) == value.strip().lower()
+    monkeypatch.setenv(MODE_ENV, "fancy")
+    with pytest.raises(UserError, match=f"{MODE_ENV} must be one of bar, lines, off, got 'fancy'"):
+        mode(io.StringIO())
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_a_bad_interval_is_named(monkeypatch, value):
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    monkeypatch.setenv(INTERVAL_ENV, value)
+    with pytest.raises(UserError, match=f"{INTERVAL_ENV} must be a positive number of seconds, got '{value}'"):
+        progress(range(3), stream=io.StringIO())
+
+
+def test_a_log_file_gets_whole_lines_ending_at_the_total(monkeypatch):
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    monkeypatch.setenv(INTERVAL_ENV, "1e-9")  # every update is due: one line each
+    log = io.StringIO()
+    items = Counted(5)
+    assert list(progress(items, desc="collect", stream=log, leave=False)) == list(range(5))
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert all(line.startswith("collect:") and line == line.rstrip() for line in lines)
+    # one line per count; the end kept although leave=False (the log says where it ended), once
+    assert [f"{i}/5" in line for i, line in enumerate(lines)] == [True] * 6, lines
+    assert "100%" in lines[-1]
+    assert items.iters == 1
+
+
+def test_a_log_file_gets_few_lines_at_the_default_interval(monkeypatch):
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    monkeypatch.delenv(INTERVAL_ENV, raising=False)
+    log = io.StringIO()
+    bar = progress(total=1000, desc="AAFM sensitivity", stream=log, leave=False)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines  # the start and the end: the loop took far less than 30 s
+    assert "0/1000" in lines[0] and "1000/1000" in lines[1]
+
+
+def test_a_terminal_gets_the_bar_and_disabled_gets_nothing(monkeypatch):
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    term = Terminal()
+    items = Counted(4)
+    assert list(progress(items, desc="epoch 1/2", stream=term, leave=False)) == list(range(4))
+    assert "\r" in term.getvalue() and "epoch 1/2" in term.getvalue()
+    assert items.iters == 1
+    for stream in (Terminal(), io.StringIO()):
+        items = Counted(3)
+        assert list(progress(items, stream=stream, enabled=False)) == [0, 1, 2]
+        assert stream.getvalue() == "" and items.iters == 1
+    monkeypatch.setenv(MODE_ENV, "off")
+    term = Terminal()
+    assert list(progress(range(3), stream=term)) == [0, 1, 2] and term.getvalue() == ""
+
+
+def test_every_command_takes_no_progress():
+    from vitfast.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["lowrank"], ["minivit"], ["tinyvit", "distill", "--out", "x"],
+                 ["tinyvit", "save-logits", "--out", "x"]):
+        assert parser.parse_args(argv).progress is True, argv
+        assert parser.parse_args(argv + ["--no-progress"]).progress is False, argv
+
+
+def test_a_logged_run_writes_lines_and_no_progress_writes_none(tmp_path):
+    """save-logits on the embedded default, stderr a file as under nohup."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out, *extra):
+        env = {**os.environ, INTERVAL_ENV: "1e-9"}
+        env.pop(MODE_ENV, None)
+        done = subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", "save-logits", "--out", str(tmp_path / out),
+                               "--epochs", "1", "--workers", "0", *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    logged = run("a")
+    bars = [line for line in logged.splitlines() if line.startswith("save-logits epoch 0:")]
+    assert "\r" not in logged and len(bars) >= 2 and "100%" in bars[-1], logged
+    assert "save-logits epoch" not in run("b", "--no-progress")
