@@ -57,13 +57,16 @@ def test_a_log_file_gets_whole_lines_ending_at_the_total(monkeypatch):
     assert "\r" not in text and "\x1b" not in text and text.endswith("\n")
     lines = text.splitlines()
     assert all(line.startswith("collect:") and line == line.rstrip() for line in lines)
-    # one line per count; the end kept although leave=False (the log says where it ended), once
-    assert [f"{i}/5" in line for i, line in enumerate(lines)] == [True] * 6, lines
+    # one line per count (none before the first interval); the end kept although leave=False (the
+    # log says where it ended), once
+    assert [f"{i}/5" in line for i, line in enumerate(lines, 1)] == [True] * 5, lines
     assert "100%" in lines[-1]
     assert items.iters == 1
 
 
-def test_a_log_file_gets_few_lines_at_the_default_interval(monkeypatch):
+def test_a_log_file_gets_a_line_per_interval_and_none_for_a_short_loop(monkeypatch):
+    import time
+
     monkeypatch.delenv(MODE_ENV, raising=False)
     monkeypatch.delenv(INTERVAL_ENV, raising=False)
     log = io.StringIO()
@@ -71,9 +74,17 @@ def test_a_log_file_gets_few_lines_at_the_default_interval(monkeypatch):
     for _ in range(1000):
         bar.update(1)
     bar.close()
+    assert log.getvalue() == ""  # far shorter than 30 s: the pipeline's own log lines say enough
+    monkeypatch.setenv(INTERVAL_ENV, "0.2")
+    log = io.StringIO()
+    bar = progress(total=8, desc="GFM 1/30", stream=log, leave=False)
+    for _ in range(8):
+        time.sleep(0.1)
+        bar.update(1)
+    bar.close()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 2, lines  # the start and the end: the loop took far less than 30 s
-    assert "0/1000" in lines[0] and "1000/1000" in lines[1]
+    # ~0.8 s: a line at most every 0.2 s once 0.2 s have passed, and the end (a slow machine: more)
+    assert 2 <= len(lines) <= 8 and "8/8" in lines[-1] and "0/8" not in log.getvalue(), lines
 
 
 def test_a_terminal_gets_the_bar_and_disabled_gets_nothing(monkeypatch):

@@ -1,7 +1,7 @@
 """Progress bars for every pipeline. On a terminal or in a notebook: tqdm's bar. Where stderr is
-not a terminal (nohup, a batch job's log, a CI log): a plain line at most every 30 s and one at
-the end, instead of a bar redrawn ten times a second behind carriage returns that fills the log
-file with one endless line.
+not a terminal (nohup, a batch job's log, a CI log): a plain line every 30 s and one at the end
+for a loop that runs longer than that (none for a shorter one), instead of a bar redrawn ten
+times a second behind carriage returns that fills the log file with one endless line.
 
 VITFAST_PROGRESS=bar|lines|off overrides the choice (an IDE console that is not a TTY but draws
 bars: `bar`); VITFAST_PROGRESS_INTERVAL sets the seconds between lines."""
@@ -91,7 +91,10 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
     if how == "bar":
         return auto_tqdm(source, total=total, desc=desc, file=stream, **kwargs)
     seconds = interval_s()
-    # leave=True: the last line says where it ended; ascii: no block characters in a log file
-    kwargs.update(leave=True, ascii=True, mininterval=seconds, maxinterval=seconds, dynamic_ncols=False)
+    # delay: a loop shorter than the interval leaves no line (the pipelines log each epoch and
+    # stage); leave=True: a longer one ends with a line that says where it ended; ascii: no block
+    # characters in a log file
+    kwargs.update(delay=seconds, leave=True, ascii=True, mininterval=seconds, maxinterval=seconds,
+                  dynamic_ncols=False)
     return std_tqdm(source, total=total, desc=desc, file=LineStream(sys.stderr if stream is None else stream),
                     **kwargs)

@@ -96,8 +96,8 @@ def add_run_args(p: argparse.ArgumentParser, output: str) -> None:
 
 def add_progress_arg(p) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress output (otherwise a bar on a terminal, a line every 30 s in a log file; "
-                        "VITFAST_PROGRESS=bar|lines|off)")
+                   help="no progress output (otherwise a bar on a terminal; in a log file, a line every 30 s "
+                        "of a longer loop; VITFAST_PROGRESS=bar|lines|off)")
 
 
 def input_size(value) -> tuple | None:
