@@ -132,3 +132,15 @@ def test_a_logged_run_writes_lines_and_no_progress_writes_none(tmp_path):
     bars = [line for line in logged.splitlines() if line.startswith("save-logits epoch 0:")]
     assert "\r" not in logged and len(bars) >= 2 and "100%" in bars[-1], logged
     assert "save-logits epoch" not in run("b", "--no-progress")
+
+
+def test_a_bad_environment_fails_before_the_command_runs(tmp_path, monkeypatch, capsys):
+    from vitfast.cli import main
+
+    for name, value in ((MODE_ENV, "quiet"), (INTERVAL_ENV, "0")):
+        monkeypatch.setenv(MODE_ENV, "lines")
+        monkeypatch.setenv(INTERVAL_ENV, "30")
+        monkeypatch.setenv(name, value)
+        assert main(["tinyvit", "save-logits", "--out", str(tmp_path / "store"), "--epochs", "1"]) == 2
+        assert f"vitfast: environment variable {name} must be" in capsys.readouterr().err
+        assert not (tmp_path / "store").exists()

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if command is not parser:
             apply_config_file(command, rest)
         args = parser.parse_args(argv)
+        from .progress import check_environment
+
+        check_environment()  # a bad VITFAST_PROGRESS* fails now, not after the first expensive stage
         return args.func(args)
     except UserError as exc:
         print(f"vitfast: {_user_message(exc)}", file=sys.stderr)

@@ -52,6 +52,12 @@ def interval_s() -> float:
     return seconds
 
 
+def check_environment() -> None:
+    """Raise the UserError a bad VITFAST_PROGRESS or VITFAST_PROGRESS_INTERVAL would raise later."""
+    mode()
+    interval_s()
+
+
 class LineStream:
     """A text stream for tqdm that writes each redraw as a line of its own: tqdm starts a redraw
     with a carriage return and pads it with spaces; blank redraws (a bar cleared) and redraws
