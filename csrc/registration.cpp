@@ -11,6 +11,7 @@
 #include <vector>
 #include <torch/library.h>
 
+#include "common/cpu_isa.h"
 #include "topk_softmax/topk_softmax.h"
 #include "soft_target_ce/soft_target_ce.h"
 #include "window_attention/window_attention.h"
@@ -90,6 +91,8 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_runtime_version"] = py::none();
 #endif
     d["compiler"] = VITFAST_COMPILER;
+    // the widest instruction set of this CPU that the CPU attention kernels have a variant for
+    d["cpu_isa"] = vitfast::cpu_isa_name(vitfast::cpu_isa_supported());
     // every op of the vitfast library as the dispatcher knows it (one list: the TORCH_LIBRARY above)
     std::vector<std::string> names;
     for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {

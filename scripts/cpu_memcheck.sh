@@ -25,7 +25,7 @@ VITFAST_BUILD=cpu VITFAST_SANITIZE=address MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY
 echo "cpu_memcheck: built $(ls vitfast/_C*.so) with AddressSanitizer"
 [ $# -gt 0 ] || set -- tests/test_topk_softmax.py tests/test_soft_target_ce.py tests/test_dense_soft_target_ce.py \
   tests/test_covariance.py tests/test_window_attention.py tests/test_head_mix_attention.py tests/test_op_edges.py \
-  tests/test_arguments.py -m "not cuda" -k "not torch_compile"
+  tests/test_arguments.py tests/test_cpu_isa.py -m "not cuda" -k "not torch_compile"
 # leaks: Python and torch keep allocations for the process's life; reports go to files (pytest
 # captures the test's stderr, and a halted process would take it along)
 rm -f "$BUILD"/asan.*

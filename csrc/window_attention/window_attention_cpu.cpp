@@ -1,5 +1,5 @@
-// Windowed attention on the CPU: one (window, head) at a time, blocks of 4 query rows in register
-// tiles, exact softmax per query row.
+// Windowed attention on the CPU: one (window, head) at a time, blocks of query rows (kR forward, up
+// to 32 backward) in register tiles sized per instruction set, exact softmax per query row.
 // Accumulates in float (double for float64 inputs); same addressing as the CUDA kernels.
 #include <algorithm>
 #include <cmath>
@@ -14,11 +14,11 @@ namespace {
 
 using namespace wa_cpu;
 
-template <typename Acc, DType DT>
-VF_CPU_CLONES void forward_range(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
+template <typename Acc, DType DT, int32_t J>
+VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const int32_t n = p.tokens, dk = p.dim_k, dv = p.dim_v;
-  const int32_t ldn = round_up(n, kJ), ldv = round_up(dv, kJ), rows_alloc = round_up(n, kR);
+  const int32_t ldn = round_up(n, J), ldv = round_up(dv, J), rows_alloc = round_up(n, kR);
   const Acc scale = static_cast<Acc>(p.scale);
   const std::vector<Acc> tbias = table_bias<Acc>(p);
   HeadTiles<Acc, DT> t;
@@ -33,7 +33,7 @@ VF_CPU_CLONES void forward_range(const WindowAttentionParams& p, int64_t w_begin
       Acc* lse = static_cast<Acc*>(p.lse) + (w * p.heads + h) * n;
       for (int32_t i0 = 0; i0 < n; i0 += kR) {
         const int32_t rows = std::min(kR, n - i0);
-        gemm_rows(&q[static_cast<size_t>(i0) * dk], dk, kt.data(), ldn, dk, s.data());  // S = Q K^T
+        gemm_rows<J>(&q[static_cast<size_t>(i0) * dk], dk, kt.data(), ldn, dk, s.data());  // S = Q K^T
         Acc l[kR] = {};
         for (int32_t r = 0; r < kR; ++r) {
           Acc* sr = &s[static_cast<size_t>(r) * ldn];
@@ -42,11 +42,9 @@ VF_CPU_CLONES void forward_range(const WindowAttentionParams& p, int64_t w_begin
             continue;
           }
           const Acc* br = &t.bias[static_cast<size_t>(i0 + r) * n];
-          Acc mx = -std::numeric_limits<Acc>::infinity();
-          for (int32_t j = 0; j < n; ++j) {
-            sr[j] = scale * sr[j] + br[j];
-            mx = sr[j] > mx ? sr[j] : mx;
-          }
+#pragma omp simd
+          for (int32_t j = 0; j < n; ++j) sr[j] = scale * sr[j] + br[j];
+          const Acc mx = row_max(sr, n);
           Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int32_t j = 0; j < n; ++j) {
@@ -56,7 +54,7 @@ VF_CPU_CLONES void forward_range(const WindowAttentionParams& p, int64_t w_begin
           l[r] = sum;
           lse[i0 + r] = mx + std::log(sum);
         }
-        gemm_rows(s.data(), ldn, v.data(), ldv, n, o.data());  // O = P V
+        gemm_rows<J>(s.data(), ldn, v.data(), ldv, n, o.data());  // O = P V
         for (int32_t r = 0; r < rows; ++r) {
           typename S::T* dst = out +
                                token_offset(p.grid, p.out_strides.img, p.out_strides.y, p.out_strides.x, w, i0 + r) +
@@ -69,40 +67,47 @@ VF_CPU_CLONES void forward_range(const WindowAttentionParams& p, int64_t w_begin
   }
 }
 
-template <typename Acc, DType DT>
-VF_CPU_CLONES void backward_range(const WindowAttentionBackwardParams& b, int64_t w_begin, int64_t w_end) {
+// Backward: blocks of backward_block_rows() query rows, so dK and dV (D += A^T X over the block)
+// are register-tiled GEMMs rather than a pass over their accumulators per kR rows.
+template <typename Acc, DType DT, int32_t J>
+VF_INLINE void backward_body(const WindowAttentionBackwardParams& b, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const WindowAttentionParams& p = b.fwd;
   const int32_t n = p.tokens, dk = p.dim_k, dv = p.dim_v;
-  const int32_t ldn = round_up(n, kJ), ldk = round_up(dk, kJ), rows_alloc = round_up(n, kR);
+  const int32_t ldn = round_up(n, J), ldk = round_up(dk, J), ldv = round_up(dv, J), n_pad = round_up(n, kR);
+  const int32_t blk = backward_block_rows(n, (static_cast<size_t>(2) * ldn + ldk) * sizeof(Acc));
+  const int32_t rows_alloc = round_up(n, blk);
   const Acc scale = static_cast<Acc>(p.scale);
   const std::vector<Acc> tbias = table_bias<Acc>(p);
   HeadTiles<Acc, DT> t;
   std::vector<Acc> q, k, kt, vt, o, dout, dk_acc, dv_acc;
-  std::vector<Acc> s(static_cast<size_t>(kR) * ldn), dp(static_cast<size_t>(kR) * ldn),
-      dq(static_cast<size_t>(kR) * ldk);
+  std::vector<Acc> s(static_cast<size_t>(blk) * ldn), dp(static_cast<size_t>(blk) * ldn),
+      dq(static_cast<size_t>(blk) * ldk);
   Acc* dbias = static_cast<Acc*>(b.dbias);
   auto* grad = static_cast<typename S::T*>(b.grad_qkv);
   const Strides3& gs = b.grad_qkv_strides;
   for (int64_t w = w_begin; w < w_end; ++w) {
     for (int32_t h = 0; h < p.heads; ++h) {
-      t.rows(p, p.qkv, p.qkv_strides, w, p.q_off + h * p.head_stride, dk, dk, rows_alloc, q);
+      t.rows(p, p.qkv, p.qkv_strides, w, p.q_off + h * p.head_stride, dk, ldk, rows_alloc, q);
       t.rows(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, dk, ldk, n, k);
       t.cols(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, dk, ldn, kt);
       t.cols(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, ldn, vt);
       t.rows(p, p.out, p.out_strides, w, h * dv, dv, dv, n, o);
-      t.rows(p, b.grad_out, p.out_strides, w, h * dv, dv, dv, rows_alloc, dout);
+      t.rows(p, b.grad_out, p.out_strides, w, h * dv, dv, ldv, rows_alloc, dout);
       t.gather_bias(p, tbias, w, h);
-      dk_acc.assign(static_cast<size_t>(n) * dk, Acc(0));
-      dv_acc.assign(static_cast<size_t>(n) * dv, Acc(0));
+      dk_acc.assign(static_cast<size_t>(n_pad) * ldk, Acc(0));
+      dv_acc.assign(static_cast<size_t>(n_pad) * ldv, Acc(0));
       const Acc* lse = static_cast<const Acc*>(p.lse) + (w * p.heads + h) * n;
-      for (int32_t i0 = 0; i0 < n; i0 += kR) {
-        const int32_t rows = std::min(kR, n - i0);
-        const Acc* qi = &q[static_cast<size_t>(i0) * dk];
-        const Acc* doi = &dout[static_cast<size_t>(i0) * dv];
-        gemm_rows(qi, dk, kt.data(), ldn, dk, s.data());    // S = Q K^T
-        gemm_rows(doi, dv, vt.data(), ldn, dv, dp.data());  // dP = dO V^T
-        for (int32_t r = 0; r < kR; ++r) {
+      for (int32_t i0 = 0; i0 < n; i0 += blk) {
+        const int32_t rows = std::min(blk, n - i0);
+        const Acc* qi = &q[static_cast<size_t>(i0) * ldk];
+        const Acc* doi = &dout[static_cast<size_t>(i0) * ldv];
+        for (int32_t r0 = 0; r0 < blk; r0 += kR) {
+          const size_t o_s = static_cast<size_t>(r0) * ldn;
+          gemm_rows<J>(qi + static_cast<size_t>(r0) * ldk, ldk, kt.data(), ldn, dk, &s[o_s]);   // S = Q K^T
+          gemm_rows<J>(doi + static_cast<size_t>(r0) * ldv, ldv, vt.data(), ldn, dv, &dp[o_s]);  // dP = dO V^T
+        }
+        for (int32_t r = 0; r < blk; ++r) {
           Acc* sr = &s[static_cast<size_t>(r) * ldn];
           Acc* dpr = &dp[static_cast<size_t>(r) * ldn];
           if (r >= rows) {  // padding rows contribute nothing
@@ -110,7 +115,7 @@ VF_CPU_CLONES void backward_range(const WindowAttentionBackwardParams& b, int64_
             std::fill(dpr, dpr + ldn, Acc(0));
             continue;
           }
-          const Acc* dor = doi + static_cast<size_t>(r) * dv;
+          const Acc* dor = doi + static_cast<size_t>(r) * ldv;
           const Acc* orow = &o[static_cast<size_t>(i0 + r) * dv];
           Acc d_r = 0;  // rowsum(dO * O)
 #pragma omp simd reduction(+ : d_r)
@@ -129,9 +134,10 @@ VF_CPU_CLONES void backward_range(const WindowAttentionBackwardParams& b, int64_
             for (int32_t j = 0; j < n; ++j) db[j] += dpr[j];
           }
         }
-        gemm_rows(dp.data(), ldn, k.data(), ldk, n, dq.data());        // dQ = dS K
-        add_outer_rows(dp.data(), ldn, qi, dk, n, dk, dk_acc.data());  // dK += dS^T Q
-        add_outer_rows(s.data(), ldn, doi, dv, n, dv, dv_acc.data());  // dV += P^T dO
+        for (int32_t r0 = 0; r0 < blk; r0 += kR)  // dQ = dS K
+          gemm_rows<J>(&dp[static_cast<size_t>(r0) * ldn], ldn, k.data(), ldk, n, &dq[static_cast<size_t>(r0) * ldk]);
+        add_gemm_tn<J>(dp.data(), ldn, qi, ldk, blk, n, ldk, dk_acc.data());   // dK += dS^T Q
+        add_gemm_tn<J>(s.data(), ldn, doi, ldv, blk, n, ldv, dv_acc.data());   // dV += P^T dO
         for (int32_t r = 0; r < rows; ++r) {
           typename S::T* dst = grad + token_offset(p.grid, gs.img, gs.y, gs.x, w, i0 + r) + p.q_off + h * p.head_stride;
           for (int32_t c = 0; c < dk; ++c) dst[c] = S::store(scale * dq[static_cast<size_t>(r) * ldk + c]);
@@ -139,12 +145,15 @@ VF_CPU_CLONES void backward_range(const WindowAttentionBackwardParams& b, int64_
       }
       for (int32_t j = 0; j < n; ++j) {
         typename S::T* row = grad + token_offset(p.grid, gs.img, gs.y, gs.x, w, j) + h * p.head_stride;
-        for (int32_t c = 0; c < dk; ++c) row[p.k_off + c] = S::store(scale * dk_acc[static_cast<size_t>(j) * dk + c]);
-        for (int32_t c = 0; c < dv; ++c) row[p.v_off + c] = S::store(dv_acc[static_cast<size_t>(j) * dv + c]);
+        for (int32_t c = 0; c < dk; ++c) row[p.k_off + c] = S::store(scale * dk_acc[static_cast<size_t>(j) * ldk + c]);
+        for (int32_t c = 0; c < dv; ++c) row[p.v_off + c] = S::store(dv_acc[static_cast<size_t>(j) * ldv + c]);
       }
     }
   }
 }
+
+VF_ISA_KERNEL(forward_range, forward_body, WindowAttentionParams)
+VF_ISA_KERNEL(backward_range, backward_body, WindowAttentionBackwardParams)
 
 template <typename Acc>
 void segment_sum(const Acc* dbias, const int64_t* order, const int64_t* bounds, int64_t heads, int64_t L, int64_t nn,

@@ -1,6 +1,7 @@
 // Building blocks of the CPU window-attention kernels (plain and head-mixing): storage
 // conversions, register-tiled small products, per-head tiles. Header-only and forced inline, so
-// each target clone of a kernel (VF_CPU_CLONES) gets its own vector code for them.
+// each instruction-set variant of a kernel (cpu_isa.h, VF_ISA_KERNEL below) gets its own vector
+// code for them.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "../common/cpu_dtype.h"
+#include "../common/cpu_isa.h"
 #include "../common/cpu_math.h"
 #include "window_attention.h"
 
@@ -22,6 +24,16 @@ namespace wa_cpu {
 // exp(x) for x <= 0: the vectorised polynomial for float, std::exp for double.
 VF_INLINE float exp_np(float x) { return exp_nonpositive(x); }
 VF_INLINE double exp_np(double x) { return std::exp(x); }
+
+// max_j x[j] over n entries, vectorised (a NaN entry may or may not win; either way the softmax
+// built on it is NaN for that row, since exp(NaN - max) is NaN).
+template <typename Acc>
+VF_INLINE Acc row_max(const Acc* x, int32_t n) {
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int32_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
 
 // The table part of the bias, bias[h][i*N + j] = table[h, index[i, j]], gathered once per call
 // (it does not depend on the window).
@@ -69,43 +81,68 @@ struct Storage<DType::kFloat64> {
   static VF_INLINE T store(double v) { return v; }
 };
 
-// Register tiles of the small products: kR rows x kJ columns of accumulators (8 AVX2 registers
-// for float), so each loaded element of the right operand feeds kR FMAs.
+// Register tiles of the small products: kR rows x J columns of accumulators, J = tile_cols<isa,
+// Acc>() (two vector registers per row: 8 accumulator registers), so each loaded element of the
+// right operand feeds kR FMAs. Kernels are templates on J, compiled once per instruction set
+// (cpu_isa.h); every padded leading dimension below is a multiple of J.
 constexpr int32_t kR = 4;
-constexpr int32_t kJ = 16;
 
 inline int32_t round_up(int32_t n, int32_t m) { return (n + m - 1) / m * m; }
 
 // C[r][j] = sum_{c < kdim} A[r * lda + c] * B[c * ldb + j] for r < kR, j < ldb. ldb is a multiple
-// of kJ (B zero-padded), A has kR readable rows; C has leading dim ldb.
-template <typename Acc>
+// of J (B zero-padded), A has kR readable rows; C has leading dim ldb.
+template <int32_t J, typename Acc>
 VF_INLINE void gemm_rows(const Acc* A, int32_t lda, const Acc* B, int32_t ldb, int32_t kdim, Acc* C) {
-  for (int32_t j0 = 0; j0 < ldb; j0 += kJ) {
-    Acc acc[kR][kJ] = {};
+  for (int32_t j0 = 0; j0 < ldb; j0 += J) {
+    Acc acc[kR][J] = {};
     for (int32_t c = 0; c < kdim; ++c) {
       const Acc* b = B + static_cast<size_t>(c) * ldb + j0;
       for (int32_t r = 0; r < kR; ++r) {
         const Acc a = A[static_cast<size_t>(r) * lda + c];
 #pragma omp simd
-        for (int32_t jj = 0; jj < kJ; ++jj) acc[r][jj] += a * b[jj];
+        for (int32_t jj = 0; jj < J; ++jj) acc[r][jj] += a * b[jj];
       }
     }
     for (int32_t r = 0; r < kR; ++r)
-      for (int32_t jj = 0; jj < kJ; ++jj) C[static_cast<size_t>(r) * ldb + j0 + jj] = acc[r][jj];
+      for (int32_t jj = 0; jj < J; ++jj) C[static_cast<size_t>(r) * ldb + j0 + jj] = acc[r][jj];
   }
 }
 
-// D[j][c] += sum_{r < kR} A[r * lda + j] * X[r * ldx + c] for j < n, c < dim: a rank-kR update of
-// an n x dim accumulator (ld dim).
-template <typename Acc>
-VF_INLINE void add_outer_rows(const Acc* A, int32_t lda, const Acc* X, int32_t ldx, int32_t n, int32_t dim, Acc* D) {
-  const Acc *x0 = X, *x1 = X + ldx, *x2 = X + 2 * static_cast<size_t>(ldx), *x3 = X + 3 * static_cast<size_t>(ldx);
-  for (int32_t j = 0; j < n; ++j) {
-    const Acc a0 = A[j], a1 = A[lda + j], a2 = A[2 * static_cast<size_t>(lda) + j], a3 = A[3 * static_cast<size_t>(lda) + j];
-    Acc* d = D + static_cast<size_t>(j) * dim;
+// D[j][c] += sum_{r < kdim} A[r * lda + j] * X[r * ldx + c] for j < round_up(n, kR), c < ldd:
+// D += A^T X, the key-side gradients (dK += dS^T Q, dV += P^T dO) of a block of kdim query rows.
+// Register tiles of kR keys x J channels, so D is read and written once per block, not once per
+// query row. ldd is a multiple of J; A has round_up(n, kR) readable columns, X ldd readable
+// columns (zero padding: a padded column of A times anything finite adds 0).
+template <int32_t J, typename Acc>
+VF_INLINE void add_gemm_tn(const Acc* A, int32_t lda, const Acc* X, int32_t ldx, int32_t kdim, int32_t n,
+                           int32_t ldd, Acc* D) {
+  for (int32_t j0 = 0; j0 < n; j0 += kR) {
+    for (int32_t c0 = 0; c0 < ldd; c0 += J) {
+      Acc acc[kR][J];
+      for (int32_t jr = 0; jr < kR; ++jr)
+        for (int32_t cc = 0; cc < J; ++cc) acc[jr][cc] = D[static_cast<size_t>(j0 + jr) * ldd + c0 + cc];
+      for (int32_t r = 0; r < kdim; ++r) {
+        const Acc* x = X + static_cast<size_t>(r) * ldx + c0;
+        const Acc* a = A + static_cast<size_t>(r) * lda + j0;
+        for (int32_t jr = 0; jr < kR; ++jr) {
+          const Acc av = a[jr];
 #pragma omp simd
-    for (int32_t c = 0; c < dim; ++c) d[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c];
+          for (int32_t cc = 0; cc < J; ++cc) acc[jr][cc] += av * x[cc];
+        }
+      }
+      for (int32_t jr = 0; jr < kR; ++jr)
+        for (int32_t cc = 0; cc < J; ++cc) D[static_cast<size_t>(j0 + jr) * ldd + c0 + cc] = acc[jr][cc];
+    }
   }
+}
+
+// Query rows per block of the backward passes: the key-side products (add_gemm_tn) read and write
+// their accumulators once per block, so more rows pay, until the block's scratch (`per_row` bytes
+// a row) outgrows a core's L2 (~2 MB).
+inline int32_t backward_block_rows(int32_t n, size_t per_row) {
+  int32_t rows = 32;
+  while (rows > kR && rows * per_row > (size_t{2} << 20)) rows /= 2;
+  return std::min(rows, round_up(n, kR));
 }
 
 // One head of one window as contiguous, zero-padded Acc tiles.
@@ -115,7 +152,7 @@ struct HeadTiles {
   std::vector<Acc> bias;
 
   // out[t][c] = src row t, channel c, for t < n (leading dim ld, rows_alloc rows, zeros elsewhere)
-  static void rows(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int32_t off,
+  static VF_INLINE void rows(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int32_t off,
                    int32_t dim, int32_t ld, int32_t rows_alloc, std::vector<Acc>& out) {
     const auto* base = static_cast<const typename S::T*>(src);
     out.assign(static_cast<size_t>(rows_alloc) * ld, Acc(0));
@@ -127,7 +164,7 @@ struct HeadTiles {
   }
 
   // out[c][t] = src row t, channel c (dim x ld, ld >= n, zero-padded)
-  static void cols(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int32_t off,
+  static VF_INLINE void cols(const WindowAttentionParams& p, const void* src, const Strides3& s, int64_t w, int32_t off,
                    int32_t dim, int32_t ld, std::vector<Acc>& out) {
     const auto* base = static_cast<const typename S::T*>(src);
     out.assign(static_cast<size_t>(dim) * ld, Acc(0));
@@ -151,6 +188,33 @@ struct HeadTiles {
     }
   }
 };
+
+// Defines NAME<Acc, DT>(params, w_begin, w_end): BODY<Acc, DT, J>(...) (a VF_INLINE template)
+// compiled for AVX-512, AVX2 and baseline x86-64 with their tile widths J, run as cpu_isa() picks.
+#define VF_ISA_KERNEL(NAME, BODY, PARAMS)                                                        \
+  template <typename Acc, DType DT>                                                               \
+  VF_TARGET_AVX512 void NAME##_avx512(const PARAMS& p, int64_t w_begin, int64_t w_end) {          \
+    BODY<Acc, DT, tile_cols<CpuIsa::kAvx512, Acc>()>(p, w_begin, w_end);                         \
+  }                                                                                              \
+  template <typename Acc, DType DT>                                                               \
+  VF_TARGET_AVX2 void NAME##_avx2(const PARAMS& p, int64_t w_begin, int64_t w_end) {              \
+    BODY<Acc, DT, tile_cols<CpuIsa::kAvx2, Acc>()>(p, w_begin, w_end);                           \
+  }                                                                                              \
+  template <typename Acc, DType DT>                                                               \
+  void NAME##_base(const PARAMS& p, int64_t w_begin, int64_t w_end) {                            \
+    BODY<Acc, DT, tile_cols<CpuIsa::kBase, Acc>()>(p, w_begin, w_end);                           \
+  }                                                                                              \
+  template <typename Acc, DType DT>                                                               \
+  void NAME(const PARAMS& p, int64_t w_begin, int64_t w_end) {                                   \
+    switch (cpu_isa()) {                                                                         \
+      case CpuIsa::kAvx512:                                                                      \
+        return NAME##_avx512<Acc, DT>(p, w_begin, w_end);                                        \
+      case CpuIsa::kAvx2:                                                                        \
+        return NAME##_avx2<Acc, DT>(p, w_begin, w_end);                                          \
+      default:                                                                                   \
+        return NAME##_base<Acc, DT>(p, w_begin, w_end);                                          \
+    }                                                                                            \
+  }
 
 // f(std::integral_constant<DType, dt>) for the run-time storage dtype
 template <typename F>
