@@ -118,3 +118,25 @@ def test_named_layout_with_unused_channels_is_refused():
     # an explicit layout may leave channels out on purpose
     out = vitfast.window_attention(torch.randn(2, 4, 48), 1, 8, layout=(0, 8, 16, 48))
     assert out.shape == (2, 4, 8)
+
+
+def test_cpu_attention_underflow_is_exactly_zero():
+    """In the CPU attention kernels a probability below FLT_MIN is 0, not ~1e-38, which made the
+    products it enters subnormal (x86's slow path: Swin's -100 shift mask doubled the CPU
+    window-attention backward). Seen through the gradient of a table entry that only masked pairs
+    use: the gradients of masked scores, P (dP - D), are then exactly 0."""
+    n = 5
+    eye = torch.eye(n, dtype=torch.long)
+    index = eye + 2 * eye.roll(1, 1)  # table entries: 1 the query itself, 2 its neighbour, 0 the rest
+    mask = torch.where(index > 0, 0.0, -100.0).unsqueeze(0)  # two keys a query
+    for op in ("window", "head_mix"):
+        qkv = torch.randn(3, n, 3 * 2 * 8, requires_grad=True)
+        table = torch.randn(2, 3, requires_grad=True)
+        if op == "window":
+            out = vitfast.window_attention(qkv, 2, 8, bias_table=table, bias_index=index, mask=mask)
+        else:
+            out = vitfast.head_mix_attention(qkv, 2, 8, bias_table=table, bias_index=index, mask=mask,
+                                             post_mix=torch.tensor([[1.0, 0.5], [0.2, 1.0]]), impl="fused")
+        out.backward(torch.randn_like(out))
+        assert torch.all(table.grad[:, 0] == 0), (op, table.grad)
+        assert torch.all(table.grad[:, 1:] != 0), (op, table.grad)  # the kept pairs still have gradients
