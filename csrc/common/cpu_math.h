@@ -17,8 +17,8 @@ namespace vitfast {
 // exp(x) for x <= 0 (the softmax case: x - max), NaN propagated, ~2 ulp (Cephes expf polynomial).
 // Below -87.3 (and -inf) it returns 0: e^x is within 2% of FLT_MIN or below there. A tiny but
 // nonzero probability (a masked score, -100) made the products it enters (P V, dS = P (dP - D))
-// subnormal, and x86 takes a slow path for those: with Swin's shifted-window mask the CPU window
-// attention took 1.75x as long forward+backward before this.
+// subnormal, and x86 takes a slow path for those (Swin's shifted-window mask slowed the CPU
+// window attention that way).
 inline float exp_nonpositive(float x) {
   const float xc = x > -87.3f ? x : -87.3f;  // NaN -> -87.3 here; restored below
   // round to nearest with the 1.5 * 2^23 trick: plain adds vectorise on baseline x86-64 (SSE2
