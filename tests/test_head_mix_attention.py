@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from vitfast.ops import head_mix_attention, qkv_layout, window_attention
 from vitfast.ops.reference import head_mix_attention_reference
@@ -50,12 +51,18 @@ def run_and_compare(case, mix, dtype, impl="fused"):
     table64 = case["table"].detach().cpu().double().requires_grad_() if table is not None else None
     params64 = {k: v.detach().cpu().double().requires_grad_() for k, v in mix.items()}
     offsets, head_stride = qkv_layout(case["layout"], case["heads"], case["dk"], case["dv"])
-    ref = head_mix_attention_reference(
-        qkv64, case["heads"], case["dk"], case["dv"], offsets, head_stride, case["dk"] ** -0.5, table64,
-        None if case["index"] is None else case["index"].cpu(), None if case["mask"] is None else case["mask"].cpu(),
-        window_size=case["window_size"] or (), shift_size=case["shift"] if case["window_size"] else (), **params64)
+
+    def reference(qkv64, table64, **params64):
+        return head_mix_attention_reference(
+            qkv64, case["heads"], case["dk"], case["dv"], offsets, head_stride, case["dk"] ** -0.5, table64,
+            None if case["index"] is None else case["index"].cpu(), None if case["mask"] is None else case["mask"].cpu(),
+            window_size=case["window_size"] or (), shift_size=case["shift"] if case["window_size"] else (), **params64)
+
+    with MixTerms(params64) as terms:
+        ref = reference(qkv64, table64, **params64)
     ref_inputs = [qkv64] + ([table64] if table is not None else []) + list(params64.values())
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.cpu().double())
+    ref_grads = torch.autograd.grad(ref, ref_inputs + terms.outputs(), grad.cpu().double())
+    term_scale = terms.scales(ref_grads[len(ref_inputs):])
     assert rel_err(out.cpu(), ref) < OUT_TOL[dtype]
     names = ["qkv"] + (["table"] if table is not None else []) + list(params)
     for name, g, rg, x in zip(names, grads, ref_grads, inputs):
@@ -68,8 +75,65 @@ def run_and_compare(case, mix, dtype, impl="fused"):
             # bounded relative to the gradients' own scale, as the other gradients are
             scale = max(r.abs().max().item() for r in ref_grads)
             assert g.abs().max() < GRAD_TOL[dtype] * max(scale, 1.0), (name, g.abs().max().item(), scale)
+        elif name in term_scale:
+            # a mixing parameter's gradient is a sum over every score, whose terms can cancel to far
+            # below their size (a 16-bit eager computation then misses the sum by 10%): each entry's
+            # error is bounded in units of rounding of the sum of its terms' magnitudes instead
+            units = ((g.cpu().double() - rg).abs() / term_scale[name]).max().item() / (torch.finfo(dtype).eps / 2)
+            assert units < COND_UNITS[dtype], (name, units)
         else:
             assert rel_err(g.cpu(), rg) < GRAD_TOL[dtype], (name, rel_err(g.cpu(), rg))
+
+
+# Bound on a mixing parameter's error over its terms' size (MixTerms), in units of rounding of the
+# dtype (finfo.eps / 2). Worst seen on the CPU over 290 seeds of every case here and in test_cpu_isa,
+# both routes: 2.0 units in 16 bits, 20 in 32 and 64 bits (pre_mix, impl="sdpa"). The maths is pinned
+# by the float64 cases (a gradient scaled by 1 + 1e-11 fails them); in bfloat16 the bound is 3% of the
+# terms' size, which is what impl="sdpa" (like eager talking heads) can promise there.
+COND_UNITS = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 64, torch.float64: 64}
+
+
+class MixTerms(TorchFunctionMode):
+    """Records, inside the float64 reference, the tensors each mixing parameter meets: the scores S
+    that the pre-softmax mix combines, the probabilities P that the post-softmax one combines, and
+    the softmax's and P' V's operands. `scales` turns their gradients into the size of the terms that
+    each parameter entry's gradient sums (pre_mix[g, h]: dS'_g S_h, post_mix[g, h]: dP'_g P_h,
+    post_mix_bias[g]: dP'_g), each term's size taken before the cancellations that rounding misses."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ids = {id(params[k]): k for k in ("pre_mix", "post_mix") if k in params}
+        self.has_bias = "post_mix_bias" in params
+        self.found = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.einsum and len(args) == 3 and id(args[1]) in self.ids:  # ("gh,whij->wgij", mix, x)
+            self.found[self.ids[id(args[1])]] = (args[2], out)
+        elif func is torch.Tensor.softmax:
+            self.found["softmax"] = (args[0], out)
+        elif func in (torch.Tensor.matmul, torch.matmul):  # q @ k^T, then p @ v: the last one stays
+            self.found["p @ v"] = (args[1], out)
+        return out
+
+    def outputs(self):
+        return [out for _, out in self.found.values()]
+
+    def scales(self, grads):
+        grad = {k: g for k, g in zip(self.found, grads)}
+        scale = {}
+        if "pre_mix" in self.found:
+            # dS' = P (dP - D), D = rowsum(P dP): rounding follows P (|dP| + |D|), not the cancelled dS'
+            p, dp = self.found["softmax"][1], grad["softmax"]
+            ds = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+            scale["pre_mix"] = torch.einsum("wgij,whij->gh", ds, self.found["pre_mix"][0].abs())
+        # dP'_ij = dO_i . v_j: rounding follows |dO_i| . |v_j|
+        dp_mix = grad["p @ v"].abs() @ self.found["p @ v"][0].abs().transpose(-1, -2)
+        if "post_mix" in self.found:
+            scale["post_mix"] = torch.einsum("wgij,whij->gh", dp_mix, self.found["post_mix"][0])
+        if self.has_bias:
+            scale["post_mix_bias"] = dp_mix.sum((0, 2, 3))
+        return {k: v.clamp_min(1e-300) for k, v in scale.items()}
 
 
 def fused_grads(case, mix):

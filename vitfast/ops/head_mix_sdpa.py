@@ -83,7 +83,11 @@ def head_mix_attention_sdpa(qkv, num_heads, dim_k, dim_v, offsets, head_stride, 
     if post_mix is not None:  # o[w, h] = P_h [v_1 | ... | v_H]; out_g = sum_h post[g, h] P_h v_g
         o = torch.einsum("gh,whngd->wgnd", post_mix.to(dtype), o.unflatten(-1, (H, dim_v)))
     if post_mix_bias is not None:  # a constant added to every probability: + b_g * sum_j v_g[j]
-        o = o + post_mix_bias.to(dtype)[None, :, None, None] * v.sum(2, keepdim=True)
+        # in float32 (or wider) before one cast: a 16-bit sum_j v_j and product would round the
+        # term, and b's gradient sum_(w,i) dO_i . sum_j v_j (much cancellation) would sum rounded terms
+        wide = torch.promote_types(post_mix_bias.dtype, torch.float32)
+        term = post_mix_bias.to(wide)[None, :, None, None] * v.sum(2, keepdim=True, dtype=wide)
+        o = o + term.to(dtype)
     out = o.transpose(1, 2).reshape(windows, n, H * dim_v)
     if pre_mix_bias is not None and pre_mix_bias.requires_grad:
         out = out + 0 * pre_mix_bias.sum()  # cancels in the softmax: in the graph, gradient exactly zero
