@@ -4,7 +4,8 @@ PyTorch's SDPA with a materialised bias, and patched against unpatched timm mode
     python benchmarks/cpu_window_attention.py [--threads N] [--markdown FILE]
 
 Op: Swin-T stage-1 windows (256 windows x 3 heads, N=49, d=32, float32, bias table), forward
-(no grad) and forward+backward (qkv and table gradients). Models: swin_tiny_patch4_window7_224
+(no grad) and forward+backward (qkv and table gradients), for a regular block and for a shifted one
+(plus Swin's shift mask: 64 window types of a 56 x 56 map, shift 3). Models: swin_tiny_patch4_window7_224
 and tiny_vit_5m_224 at batch 8, 224 px: a training step (forward + backward) and inference.
 Medians of repeated runs in one process; the machine and thread count are printed with them.
 """
@@ -26,6 +27,17 @@ def median_ms(fn, warmup=3, reps=15):
     return time_ms(fn, torch.device("cpu"), warmup, reps)
 
 
+def shift_mask(size=56, window=7, shift=3):
+    """Swin's mask of a cyclically shifted map: (types, N, N), -100 between tokens of different
+    regions (the construction of timm's SwinTransformerBlock)."""
+    region = torch.zeros(size, size)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for n, (a, b) in enumerate((a, b) for a in cuts for b in cuts):
+        region[a, b] = n
+    ids = region.view(size // window, window, size // window, window).transpose(1, 2).reshape(-1, window * window)
+    return (ids[:, :, None] != ids[:, None, :]).float() * -100.0
+
+
 def op_rows():
     from vitfast.ops import window_attention
 
@@ -33,21 +45,25 @@ def op_rows():
     qkv = torch.randn(B, N, 3 * H * d, requires_grad=True)
     table = torch.randn(169, H, requires_grad=True)
     idx = torch.randint(0, 169, (N, N))
+    mask = shift_mask()  # 64 types: window w has type w % 64, 4 images of 64 windows
 
-    def ours():
-        return window_attention(qkv, H, d, layout="swin", bias_table=table.t(), bias_index=idx)
+    def ours(m):
+        return window_attention(qkv, H, d, layout="swin", bias_table=table.t(), bias_index=idx, mask=m)
 
-    def sdpa():
+    def sdpa(m):
         q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = table[idx.view(-1)].view(N, N, H).permute(2, 0, 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0)).transpose(1, 2).reshape(B, N, H * d)
+        bias = table[idx.view(-1)].view(N, N, H).permute(2, 0, 1).unsqueeze(0)
+        if m is not None:  # (images, types, H, N, N) broadcast, as timm adds it
+            bias = (bias.unsqueeze(0) + m[None, :, None]).reshape(-1, H, N, N).repeat(B // m.shape[0], 1, 1, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, N, H * d)
 
     rows = []
-    for name, f in (("vitfast", ours), ("SDPA + materialised bias", sdpa)):
-        with torch.no_grad():
-            fwd = median_ms(f)
-        both = median_ms(lambda: f().sum().backward())
-        rows.append((name, fwd, both))
+    for block, m in (("regular", None), ("shifted", mask)):
+        for name, f in (("vitfast", ours), ("SDPA + materialised bias", sdpa)):
+            with torch.no_grad():
+                fwd = median_ms(lambda: f(m))
+            both = median_ms(lambda: f(m).sum().backward())
+            rows.append((block, name, fwd, both))
     return rows
 
 
@@ -83,8 +99,8 @@ def main(argv=None) -> int:
     env = (f"{datetime.date.today()}, CPU {platform.machine()} {platform.processor() or ''}".strip()
            + f", {torch.get_num_threads()} threads, torch {torch.__version__}")
     lines = [f"CPU path of window attention ({env})", "",
-             "| op (Swin-T stage 1, fp32) | forward ms | forward+backward ms |", "|---|---|---|"]
-    lines += [f"| {n} | {a:.1f} | {b:.1f} |" for n, a, b in op_rows()]
+             "| Swin-T stage 1, fp32 | op | forward ms | forward+backward ms |", "|---|---|---|---|"]
+    lines += [f"| {blk} | {n} | {a:.1f} | {b:.1f} |" for blk, n, a, b in op_rows()]
     lines += ["", f"| model (batch {args.batch}, 224) | | train step ms | inference ms |", "|---|---|---|---|"]
     lines += [f"| {m} | {l} | {t:.0f} | {i:.0f} |" for m, l, t, i in model_rows(args.batch)]
     text = "\n".join(lines) + "\n"

@@ -88,7 +88,7 @@ def run_and_compare(case, mix, dtype, impl="fused"):
 # Bound on a mixing parameter's error over its terms' size (MixTerms), in units of rounding of the
 # dtype (finfo.eps / 2). Worst seen on the CPU over 290 seeds of every case here and in test_cpu_isa,
 # both routes: 2.0 units in 16 bits, 20 in 32 and 64 bits (pre_mix, impl="sdpa"). The maths is pinned
-# by the float64 cases (a gradient scaled by 1 + 1e-11 fails them); in bfloat16 the bound is 3% of the
+# by the float64 cases (a gradient scaled by 1 + 1e-11 fails ~all of them); in bfloat16 the bound is 3% of the
 # terms' size, which is what impl="sdpa" (like eager talking heads) can promise there.
 COND_UNITS = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 64, torch.float64: 64}
 

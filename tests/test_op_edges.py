@@ -140,3 +140,35 @@ def test_cpu_attention_underflow_is_exactly_zero():
         out.backward(torch.randn_like(out))
         assert torch.all(table.grad[:, 0] == 0), (op, table.grad)
         assert torch.all(table.grad[:, 1:] != 0), (op, table.grad)  # the kept pairs still have gradients
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.float64])
+def test_mask_in_any_float_dtype(dev, qkv_dtype):
+    """The attention ops take the shift mask in any float dtype: with values every dtype holds
+    exactly, a float16 / bfloat16 / float64 mask gives the float32 mask's results bit for bit
+    (the CPU kernels read a float32 or float64 mask in place and convert the others once per type;
+    the windows outnumber the types, so converted types are reused)."""
+    heads, dk, n, types = 2, 8, 9, 3
+    qkv = torch.randn(4 * types, n, 3 * heads * dk, device=dev, dtype=qkv_dtype)
+    table, index = torch.randn(heads, 5, device=dev, dtype=qkv_dtype), torch.randint(0, 5, (n, n), device=dev)
+    mask = torch.randn(types, n, n, device=dev).to(torch.bfloat16).float()  # exact in every float dtype
+    mask = torch.where(torch.rand(types, n, n, device=dev) < 0.3, -100.0, mask)
+    mix = torch.tensor([[1.0, 0.3], [-0.2, 0.9]], device=dev, dtype=qkv_dtype)
+
+    def run(op, m):
+        x, t = qkv.clone().requires_grad_(), table.clone().requires_grad_()
+        if op == "window":
+            out = vitfast.window_attention(x, heads, dk, bias_table=t, bias_index=index, mask=m)
+        else:
+            out = vitfast.head_mix_attention(x, heads, dk, bias_table=t, bias_index=index, mask=m, pre_mix=mix,
+                                             post_mix=mix, impl="fused")
+        out.backward(torch.linspace(-1, 1, out.numel(), device=dev, dtype=qkv_dtype).view_as(out))
+        return out.detach(), x.grad, t.grad
+
+    for op in ("window", "head_mix"):
+        want = run(op, mask)
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            got = run(op, mask.to(dtype))
+            for name, a, b in zip(("out", "grad qkv", "grad table"), got, want):
+                assert torch.equal(a, b), (op, dtype, name, (a - b).abs().max().item())

@@ -77,12 +77,14 @@ struct WindowTiles {
   const WindowAttentionParams& p;
   int32_t n, ldn, ldk, rows_alloc;
   std::vector<Acc> tbias;                 // (H, n, n) table part of the bias
-  std::vector<Acc> mask;                  // (n, n) of this window, empty without a mask
+  MaskValues<Acc> masks;
+  const Acc* mask = nullptr;              // (n, n) of this window, null without a mask
   std::vector<std::vector<Acc>> q, kt;    // q rows (rows_alloc x ldk), k columns (dk x ldn)
 
   WindowTiles(const WindowAttentionParams& params, int32_t blk)
       : p(params), n(params.tokens), ldn(round_up(params.tokens, J)), ldk(round_up(params.dim_k, J)),
-        rows_alloc(round_up(params.tokens, blk)), tbias(table_bias<Acc>(params)), q(params.heads), kt(params.heads) {}
+        rows_alloc(round_up(params.tokens, blk)), tbias(table_bias<Acc>(params)), masks(params), q(params.heads),
+        kt(params.heads) {}
 
   VF_INLINE void load(int64_t w) {
     for (int32_t h = 0; h < p.heads; ++h) {
@@ -90,11 +92,7 @@ struct WindowTiles {
                                q[h]);
       HeadTiles<Acc, DT>::cols(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, p.dim_k, ldn, kt[h]);
     }
-    if (p.mask != nullptr) {
-      const int64_t nn = static_cast<int64_t>(n) * n, base = (w % p.mask_windows) * nn;
-      mask.resize(static_cast<size_t>(nn));
-      for (int64_t e = 0; e < nn; ++e) mask[e] = host_load<Acc>(p.mask, p.mask_dtype, base + e);
-    }
+    mask = masks.window(w);
   }
 
   // a[h] = scale * q_h k_h^T + table bias, rows i0 .. i0 + blk (padding rows and columns: 0)
@@ -135,8 +133,8 @@ struct WindowTiles {
           std::fill(row, row + ldn, Acc(0));
           continue;
         }
-        if (!mask.empty()) {
-          const Acc* m = &mask[static_cast<size_t>(i0 + r) * n];
+        if (mask != nullptr) {
+          const Acc* m = mask + static_cast<size_t>(i0 + r) * n;
 #pragma omp simd
           for (int32_t j = 0; j < n; ++j) row[j] += m[j];
         }

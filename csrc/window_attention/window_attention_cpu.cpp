@@ -21,6 +21,7 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
   const int32_t ldn = round_up(n, J), ldv = round_up(dv, J), rows_alloc = round_up(n, kR);
   const Acc scale = static_cast<Acc>(p.scale);
   const std::vector<Acc> tbias = table_bias<Acc>(p);
+  MaskValues<Acc> masks(p);
   HeadTiles<Acc, DT> t;
   std::vector<Acc> q, kt, v, s(static_cast<size_t>(kR) * ldn), o(static_cast<size_t>(kR) * ldv);
   auto* out = static_cast<typename S::T*>(p.out);
@@ -29,7 +30,7 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
       t.rows(p, p.qkv, p.qkv_strides, w, p.q_off + h * p.head_stride, dk, dk, rows_alloc, q);
       t.cols(p, p.qkv, p.qkv_strides, w, p.k_off + h * p.head_stride, dk, ldn, kt);
       t.rows(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, ldv, n, v);
-      t.gather_bias(p, tbias, w, h);
+      t.gather_bias(p, tbias, masks.window(w), h);
       Acc* lse = static_cast<Acc*>(p.lse) + (w * p.heads + h) * n;
       for (int32_t i0 = 0; i0 < n; i0 += kR) {
         const int32_t rows = std::min(kR, n - i0);
@@ -79,6 +80,7 @@ VF_INLINE void backward_body(const WindowAttentionBackwardParams& b, int64_t w_b
   const int32_t rows_alloc = round_up(n, blk);
   const Acc scale = static_cast<Acc>(p.scale);
   const std::vector<Acc> tbias = table_bias<Acc>(p);
+  MaskValues<Acc> masks(p);
   HeadTiles<Acc, DT> t;
   std::vector<Acc> q, k, kt, vt, o, dout, dk_acc, dv_acc;
   std::vector<Acc> s(static_cast<size_t>(blk) * ldn), dp(static_cast<size_t>(blk) * ldn),
@@ -94,7 +96,7 @@ VF_INLINE void backward_body(const WindowAttentionBackwardParams& b, int64_t w_b
       t.cols(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, ldn, vt);
       t.rows(p, p.out, p.out_strides, w, h * dv, dv, dv, n, o);
       t.rows(p, b.grad_out, p.out_strides, w, h * dv, dv, ldv, rows_alloc, dout);
-      t.gather_bias(p, tbias, w, h);
+      t.gather_bias(p, tbias, masks.window(w), h);
       dk_acc.assign(static_cast<size_t>(n_pad) * ldk, Acc(0));
       dv_acc.assign(static_cast<size_t>(n_pad) * ldv, Acc(0));
       const Acc* lse = static_cast<const Acc*>(p.lse) + (w * p.heads + h) * n;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +52,45 @@ std::vector<Acc> table_bias(const WindowAttentionParams& p) {
   }
   return out;
 }
+
+// The shift mask as Acc, (n, n) per window type: a view when it is stored as Acc (Swin's float32
+// buffer), else each type converted on first use (was a dtype switch per element, window and head).
+template <typename Acc>
+class MaskValues {
+ public:
+  explicit MaskValues(const WindowAttentionParams& p)
+      : src_(p.mask), dtype_(p.mask_dtype), types_(p.mask_windows), nn_(static_cast<int64_t>(p.tokens) * p.tokens) {
+    if (src_ == nullptr) return;
+    constexpr DType kAcc = std::is_same<Acc, double>::value ? DType::kFloat64 : DType::kFloat32;
+    if (dtype_ == kAcc) {
+      view_ = static_cast<const Acc*>(src_);
+    } else {
+      owned_.reset(new Acc[static_cast<size_t>(types_ * nn_)]);  // uninitialised: filled per type
+      ready_.assign(static_cast<size_t>(types_), false);
+    }
+  }
+
+  // mask[w % types] (n x n), nullptr without a mask
+  const Acc* window(int64_t w) {
+    if (src_ == nullptr) return nullptr;
+    const int64_t type = w % types_;
+    if (view_ != nullptr) return view_ + type * nn_;
+    Acc* out = owned_.get() + type * nn_;
+    if (!ready_[type]) {
+      for (int64_t e = 0; e < nn_; ++e) out[e] = host_load<Acc>(src_, dtype_, type * nn_ + e);
+      ready_[type] = true;
+    }
+    return out;
+  }
+
+ private:
+  const void* src_;
+  DType dtype_;
+  int64_t types_, nn_;
+  const Acc* view_ = nullptr;
+  std::unique_ptr<Acc[]> owned_;
+  std::vector<bool> ready_;
+};
 
 // Element type and conversions of the qkv / output storage dtype (one dispatch per call, not per
 // element).
@@ -174,17 +214,18 @@ struct HeadTiles {
     }
   }
 
-  // bias = table part (precomputed) + mask[w % mask_windows] (0 where absent), n x n
-  void gather_bias(const WindowAttentionParams& p, const std::vector<Acc>& tbias, int64_t w, int32_t h) {
+  // bias = table part (precomputed) + the window's mask (either may be absent), n x n
+  void gather_bias(const WindowAttentionParams& p, const std::vector<Acc>& tbias, const Acc* mask, int32_t h) {
     const int64_t nn = static_cast<int64_t>(p.tokens) * p.tokens;
     if (tbias.empty()) {
       bias.assign(static_cast<size_t>(nn), Acc(0));
     } else {
       bias.assign(tbias.begin() + h * nn, tbias.begin() + (h + 1) * nn);
     }
-    if (p.mask != nullptr) {
-      const int64_t base = (w % p.mask_windows) * nn;
-      for (int64_t e = 0; e < nn; ++e) bias[e] += host_load<Acc>(p.mask, p.mask_dtype, base + e);
+    if (mask != nullptr) {
+      Acc* b = bias.data();
+#pragma omp simd
+      for (int64_t e = 0; e < nn; ++e) b[e] += mask[e];
     }
   }
 };
