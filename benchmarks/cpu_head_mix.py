@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from vitfast.timing import time_ms
-from markdown_out import emit
+from markdown_out import cpu_env, emit
 
 
 def median_ms(fn, warmup=3, reps=15):
@@ -98,15 +95,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import vitfast
-
     torch.manual_seed(0)
-    isa = vitfast.build_info().get("cpu_isa", "?")
-    if os.environ.get("VITFAST_CPU_ISA"):
-        isa += f", VITFAST_CPU_ISA={os.environ['VITFAST_CPU_ISA']}"
-    env = (f"{datetime.date.today()}, CPU {platform.machine()} {platform.processor() or ''}".strip()
-           + f", {torch.get_num_threads()} threads, torch {torch.__version__}, kernels' ISA {isa}")
-    lines = [f"CPU path of head-mixing attention ({env})", "",
+    lines = [f"CPU path of head-mixing attention ({cpu_env()})", "",
              "| shape (fp32) | | forward ms | forward+backward ms |", "|---|---|---|---|"]
     rows = op_rows("Mini-DeiT-Ti: 16 x 197, 3 x 64", 16, 3, 197, 64, False)
     rows += op_rows("Mini-Swin-T s1: 256 x 49, 3 x 32, table", 256, 3, 49, 32, True)

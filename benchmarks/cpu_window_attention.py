@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from vitfast.timing import time_ms
-from markdown_out import emit
+from markdown_out import cpu_env, emit
 
 
 def median_ms(fn, warmup=3, reps=15):
@@ -96,9 +94,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    env = (f"{datetime.date.today()}, CPU {platform.machine()} {platform.processor() or ''}".strip()
-           + f", {torch.get_num_threads()} threads, torch {torch.__version__}")
-    lines = [f"CPU path of window attention ({env})", "",
+    lines = [f"CPU path of window attention ({cpu_env()})", "",
              "| Swin-T stage 1, fp32 | op | forward ms | forward+backward ms |", "|---|---|---|---|"]
     lines += [f"| {blk} | {n} | {a:.1f} | {b:.1f} |" for blk, n, a, b in op_rows()]
     lines += ["", f"| model (batch {args.batch}, 224) | | train step ms | inference ms |", "|---|---|---|---|"]
