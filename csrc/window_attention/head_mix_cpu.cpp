@@ -23,8 +23,13 @@ VF_INLINE void mix_heads(const Acc* w, int32_t H, const Acc* src, Acc* dst, size
   for (int32_t g = 0; g < H; ++g) {
     for (int32_t r = 0; r < rows; ++r) {
       Acc* d = dst + g * pitch + static_cast<size_t>(r) * ld;
-      std::fill(d, d + len, Acc(0));
-      for (int32_t h = 0; h < H; ++h) {
+      {  // the first head sets d (no zero-fill pass)
+        const Acc c = w[g * H];
+        const Acc* s = src + static_cast<size_t>(r) * ld;
+#pragma omp simd
+        for (int32_t j = 0; j < len; ++j) d[j] = c * s[j];
+      }
+      for (int32_t h = 1; h < H; ++h) {
         const Acc c = w[g * H + h];
         const Acc* s = src + h * pitch + static_cast<size_t>(r) * ld;
 #pragma omp simd
@@ -41,8 +46,13 @@ VF_INLINE void mix_heads_t(const Acc* w, int32_t H, const Acc* src, Acc* dst, si
   for (int32_t h = 0; h < H; ++h) {
     for (int32_t r = 0; r < rows; ++r) {
       Acc* d = dst + h * pitch + static_cast<size_t>(r) * ld;
-      std::fill(d, d + len, Acc(0));
-      for (int32_t g = 0; g < H; ++g) {
+      {  // the first head sets d (no zero-fill pass)
+        const Acc c = w[h];
+        const Acc* s = src + static_cast<size_t>(r) * ld;
+#pragma omp simd
+        for (int32_t j = 0; j < len; ++j) d[j] = c * s[j];
+      }
+      for (int32_t g = 1; g < H; ++g) {
         const Acc c = w[g * H + h];
         const Acc* s = src + g * pitch + static_cast<size_t>(r) * ld;
 #pragma omp simd
