@@ -72,4 +72,11 @@ constexpr int32_t tile_cols() {
   return static_cast<int32_t>(2 * (I == CpuIsa::kAvx512 ? 64 : I == CpuIsa::kAvx2 ? 32 : 16) / sizeof(Acc));
 }
 
+// Rows of the tallest register tile: 8 rows x 2 vectors = 16 accumulators fit AVX-512's 32
+// registers; AVX2 and SSE have 16, so they keep 4 rows.
+template <CpuIsa I>
+constexpr int32_t tile_rows_max() {
+  return I == CpuIsa::kAvx512 ? 8 : 4;
+}
+
 }  // namespace vitfast

@@ -1,5 +1,5 @@
 // Head-mixing (talking-heads) attention on the CPU: one window at a time, all heads together,
-// blocks of query rows (kR forward, up to 32 backward), register tiles sized per instruction set.
+// blocks of query rows (4 or 8 forward, up to 32 backward), register tiles sized per instruction set.
 // Whole score rows fit in memory here, so the softmax of the mixed scores is exact per row (the
 // CUDA kernels need two passes over the keys for the same thing).
 // Accumulates in float (double for float64 inputs); same addressing as the CUDA kernels.
@@ -106,12 +106,14 @@ struct WindowTiles {
   }
 
   // a[h] = scale * q_h k_h^T + table bias, rows i0 .. i0 + blk (padding rows and columns: 0)
+  // (R rows a register tile; blk a multiple of R)
+  template <int32_t R = kR>
   VF_INLINE void scores(int32_t i0, int32_t rows, int32_t blk, Acc* a, size_t pitch) const {
     const Acc scale = static_cast<Acc>(p.scale);
     for (int32_t h = 0; h < p.heads; ++h) {
       Acc* ah = a + h * pitch;
-      for (int32_t r0 = 0; r0 < blk; r0 += kR)
-        gemm_rows<J>(&q[h][static_cast<size_t>(i0 + r0) * ldk], ldk, kt[h].data(), ldn, p.dim_k,
+      for (int32_t r0 = 0; r0 < blk; r0 += R)
+        gemm_rows<J, R>(&q[h][static_cast<size_t>(i0 + r0) * ldk], ldk, kt[h].data(), ldn, p.dim_k,
                      ah + static_cast<size_t>(r0) * ldn);
       for (int32_t r = 0; r < blk; ++r) {
         Acc* row = ah + static_cast<size_t>(r) * ldn;
@@ -191,15 +193,15 @@ struct WindowTiles {
   }
 };
 
-// Forward: blocks of kR query rows (no key-side accumulation, so nothing gains from taller blocks).
-template <typename Acc, DType DT, int32_t J>
+// Forward: blocks of R query rows, one register tile tall (no key-side accumulation to share).
+template <typename Acc, DType DT, int32_t J, int32_t R>
 VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const int32_t n = p.tokens, dv = p.dim_v, H = p.heads;
   const int32_t ldv = round_up(dv, J);
-  WindowTiles<Acc, DT, J> t(p, kR);
-  const size_t pitch = static_cast<size_t>(kR) * t.ldn;
-  std::vector<Acc> a(H * pitch), s(H * pitch), o(static_cast<size_t>(kR) * ldv);
+  WindowTiles<Acc, DT, J> t(p, R);
+  const size_t pitch = static_cast<size_t>(R) * t.ldn;
+  std::vector<Acc> a(H * pitch), s(H * pitch), o(static_cast<size_t>(R) * ldv);
   std::vector<std::vector<Acc>> v(H);
   auto* out = static_cast<typename S::T*>(p.out);
   Acc* lse = static_cast<Acc*>(p.lse);
@@ -207,13 +209,13 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
     t.load(w);
     for (int32_t h = 0; h < H; ++h)
       HeadTiles<Acc, DT>::rows(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, ldv, n, v[h]);
-    for (int32_t i0 = 0; i0 < n; i0 += kR) {
-      const int32_t rows = std::min(kR, n - i0);
-      t.scores(i0, rows, kR, a.data(), pitch);
-      t.mixed_probs(a.data(), s.data(), pitch, i0, rows, kR, nullptr, lse, w);
-      t.post_mixed(s.data(), a.data(), pitch, rows, kR);  // a: the mixed probabilities P'
+    for (int32_t i0 = 0; i0 < n; i0 += R) {
+      const int32_t rows = std::min(R, n - i0);
+      t.template scores<R>(i0, rows, R, a.data(), pitch);
+      t.mixed_probs(a.data(), s.data(), pitch, i0, rows, R, nullptr, lse, w);
+      t.post_mixed(s.data(), a.data(), pitch, rows, R);  // a: the mixed probabilities P'
       for (int32_t g = 0; g < H; ++g) {
-        gemm_rows<J>(&a[g * pitch], t.ldn, v[g].data(), ldv, n, o.data());  // O = P' V
+        gemm_rows<J, R>(&a[g * pitch], t.ldn, v[g].data(), ldv, n, o.data());  // O = P' V
         for (int32_t r = 0; r < rows; ++r) {
           typename S::T* dst = out +
                                token_offset(p.grid, p.out_strides.img, p.out_strides.y, p.out_strides.x, w, i0 + r) +
@@ -227,7 +229,7 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
 
 // Backward: blocks of backward_block_rows() query rows, so dK and dV (D += A^T X over the block)
 // are register-tiled GEMMs rather than a pass over their accumulators per kR rows.
-template <typename Acc, DType DT, int32_t J>
+template <typename Acc, DType DT, int32_t J, int32_t /*RT: kR-row tiles throughout*/>
 VF_INLINE void backward_body(const WindowAttentionBackwardParams& b, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const WindowAttentionParams& p = b.fwd;

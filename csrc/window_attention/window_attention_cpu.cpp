@@ -1,5 +1,5 @@
-// Windowed attention on the CPU: one (window, head) at a time, blocks of query rows (kR forward, up
-// to 32 backward) in register tiles sized per instruction set, exact softmax per query row.
+// Windowed attention on the CPU: one (window, head) at a time, blocks of query rows (4 or 8 forward,
+// up to 32 backward) in register tiles sized per instruction set, exact softmax per query row.
 // Accumulates in float (double for float64 inputs); same addressing as the CUDA kernels.
 #include <algorithm>
 #include <cmath>
@@ -14,16 +14,17 @@ namespace {
 
 using namespace wa_cpu;
 
-template <typename Acc, DType DT, int32_t J>
+// Forward: blocks of R query rows, one register tile tall.
+template <typename Acc, DType DT, int32_t J, int32_t R>
 VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const int32_t n = p.tokens, dk = p.dim_k, dv = p.dim_v;
-  const int32_t ldn = round_up(n, J), ldv = round_up(dv, J), rows_alloc = round_up(n, kR);
+  const int32_t ldn = round_up(n, J), ldv = round_up(dv, J), rows_alloc = round_up(n, R);
   const Acc scale = static_cast<Acc>(p.scale);
   const std::vector<Acc> tbias = table_bias<Acc>(p);
   MaskValues<Acc> masks(p);
   HeadTiles<Acc, DT> t;
-  std::vector<Acc> q, kt, v, s(static_cast<size_t>(kR) * ldn), o(static_cast<size_t>(kR) * ldv);
+  std::vector<Acc> q, kt, v, s(static_cast<size_t>(R) * ldn), o(static_cast<size_t>(R) * ldv);
   auto* out = static_cast<typename S::T*>(p.out);
   for (int64_t w = w_begin; w < w_end; ++w) {
     for (int32_t h = 0; h < p.heads; ++h) {
@@ -32,11 +33,11 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
       t.rows(p, p.qkv, p.qkv_strides, w, p.v_off + h * p.head_stride, dv, ldv, n, v);
       t.gather_bias(p, tbias, masks.window(w), h);
       Acc* lse = static_cast<Acc*>(p.lse) + (w * p.heads + h) * n;
-      for (int32_t i0 = 0; i0 < n; i0 += kR) {
-        const int32_t rows = std::min(kR, n - i0);
-        gemm_rows<J>(&q[static_cast<size_t>(i0) * dk], dk, kt.data(), ldn, dk, s.data());  // S = Q K^T
-        Acc l[kR] = {};
-        for (int32_t r = 0; r < kR; ++r) {
+      for (int32_t i0 = 0; i0 < n; i0 += R) {
+        const int32_t rows = std::min(R, n - i0);
+        gemm_rows<J, R>(&q[static_cast<size_t>(i0) * dk], dk, kt.data(), ldn, dk, s.data());  // S = Q K^T
+        Acc l[R] = {};
+        for (int32_t r = 0; r < R; ++r) {
           Acc* sr = &s[static_cast<size_t>(r) * ldn];
           if (r >= rows) {  // padding rows: P = 0
             std::fill(sr, sr + ldn, Acc(0));
@@ -55,7 +56,7 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
           l[r] = sum;
           lse[i0 + r] = mx + std::log(sum);
         }
-        gemm_rows<J>(s.data(), ldn, v.data(), ldv, n, o.data());  // O = P V
+        gemm_rows<J, R>(s.data(), ldn, v.data(), ldv, n, o.data());  // O = P V
         for (int32_t r = 0; r < rows; ++r) {
           typename S::T* dst = out +
                                token_offset(p.grid, p.out_strides.img, p.out_strides.y, p.out_strides.x, w, i0 + r) +
@@ -70,7 +71,7 @@ VF_INLINE void forward_body(const WindowAttentionParams& p, int64_t w_begin, int
 
 // Backward: blocks of backward_block_rows() query rows, so dK and dV (D += A^T X over the block)
 // are register-tiled GEMMs rather than a pass over their accumulators per kR rows.
-template <typename Acc, DType DT, int32_t J>
+template <typename Acc, DType DT, int32_t J, int32_t /*RT: kR-row tiles throughout*/>
 VF_INLINE void backward_body(const WindowAttentionBackwardParams& b, int64_t w_begin, int64_t w_end) {
   using S = Storage<DT>;
   const WindowAttentionParams& p = b.fwd;

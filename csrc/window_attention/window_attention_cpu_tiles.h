@@ -121,29 +121,31 @@ struct Storage<DType::kFloat64> {
   static VF_INLINE T store(double v) { return v; }
 };
 
-// Register tiles of the small products: kR rows x J columns of accumulators, J = tile_cols<isa,
-// Acc>() (two vector registers per row: 8 accumulator registers), so each loaded element of the
-// right operand feeds kR FMAs. Kernels are templates on J, compiled once per instruction set
-// (cpu_isa.h); every padded leading dimension below is a multiple of J.
+// Register tiles of the small products: R rows x J columns of accumulators, J = tile_cols<isa,
+// Acc>() (two vector registers per row), so each loaded element of the right operand feeds R FMAs.
+// The forward passes take R = tile_rows_max<isa>() (8 rows, 16 accumulators, on AVX-512), the
+// backward kR = 4 (its blocks of up to 32 rows share key-side tiles of kR keys). Kernels are
+// templates on J and R, compiled once per instruction set (cpu_isa.h); every padded leading
+// dimension below is a multiple of J.
 constexpr int32_t kR = 4;
 
 inline int32_t round_up(int32_t n, int32_t m) { return (n + m - 1) / m * m; }
 
-// C[r][j] = sum_{c < kdim} A[r * lda + c] * B[c * ldb + j] for r < kR, j < ldb. ldb is a multiple
-// of J (B zero-padded), A has kR readable rows; C has leading dim ldb.
-template <int32_t J, typename Acc>
+// C[r][j] = sum_{c < kdim} A[r * lda + c] * B[c * ldb + j] for r < R, j < ldb. ldb is a multiple
+// of J (B zero-padded), A has R readable rows; C has leading dim ldb.
+template <int32_t J, int32_t R = kR, typename Acc>
 VF_INLINE void gemm_rows(const Acc* A, int32_t lda, const Acc* B, int32_t ldb, int32_t kdim, Acc* C) {
   for (int32_t j0 = 0; j0 < ldb; j0 += J) {
-    Acc acc[kR][J] = {};
+    Acc acc[R][J] = {};
     for (int32_t c = 0; c < kdim; ++c) {
       const Acc* b = B + static_cast<size_t>(c) * ldb + j0;
-      for (int32_t r = 0; r < kR; ++r) {
+      for (int32_t r = 0; r < R; ++r) {
         const Acc a = A[static_cast<size_t>(r) * lda + c];
 #pragma omp simd
         for (int32_t jj = 0; jj < J; ++jj) acc[r][jj] += a * b[jj];
       }
     }
-    for (int32_t r = 0; r < kR; ++r)
+    for (int32_t r = 0; r < R; ++r)
       for (int32_t jj = 0; jj < J; ++jj) C[static_cast<size_t>(r) * ldb + j0 + jj] = acc[r][jj];
   }
 }
@@ -230,20 +232,24 @@ struct HeadTiles {
   }
 };
 
-// Defines NAME<Acc, DT>(params, w_begin, w_end): BODY<Acc, DT, J>(...) (a VF_INLINE template)
-// compiled for AVX-512, AVX2 and baseline x86-64 with their tile widths J, run as cpu_isa() picks.
+// Defines NAME<Acc, DT>(params, w_begin, w_end): BODY<Acc, DT, J, RT>(...) (a VF_INLINE template)
+// compiled for AVX-512, AVX2 and baseline x86-64 with their tile widths J and tallest tiles RT,
+// run as cpu_isa() picks.
 #define VF_ISA_KERNEL(NAME, BODY, PARAMS)                                                        \
   template <typename Acc, DType DT>                                                               \
   VF_TARGET_AVX512 void NAME##_avx512(const PARAMS& p, int64_t w_begin, int64_t w_end) {          \
-    BODY<Acc, DT, tile_cols<CpuIsa::kAvx512, Acc>()>(p, w_begin, w_end);                         \
+    constexpr CpuIsa kI = CpuIsa::kAvx512;                                                     \
+    BODY<Acc, DT, tile_cols<kI, Acc>(), tile_rows_max<kI>()>(p, w_begin, w_end);               \
   }                                                                                              \
   template <typename Acc, DType DT>                                                               \
   VF_TARGET_AVX2 void NAME##_avx2(const PARAMS& p, int64_t w_begin, int64_t w_end) {              \
-    BODY<Acc, DT, tile_cols<CpuIsa::kAvx2, Acc>()>(p, w_begin, w_end);                           \
+    constexpr CpuIsa kI = CpuIsa::kAvx2;                                                       \
+    BODY<Acc, DT, tile_cols<kI, Acc>(), tile_rows_max<kI>()>(p, w_begin, w_end);               \
   }                                                                                              \
   template <typename Acc, DType DT>                                                               \
   void NAME##_base(const PARAMS& p, int64_t w_begin, int64_t w_end) {                            \
-    BODY<Acc, DT, tile_cols<CpuIsa::kBase, Acc>()>(p, w_begin, w_end);                           \
+    constexpr CpuIsa kI = CpuIsa::kBase;                                                       \
+    BODY<Acc, DT, tile_cols<kI, Acc>(), tile_rows_max<kI>()>(p, w_begin, w_end);               \
   }                                                                                              \
   template <typename Acc, DType DT>                                                               \
   void NAME(const PARAMS& p, int64_t w_begin, int64_t w_end) {                                   \
