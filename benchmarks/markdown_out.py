@@ -26,8 +26,9 @@ def cpu_env() -> str:
     isa = vitfast.build_info().get("cpu_isa", "?")
     if os.environ.get("VITFAST_CPU_ISA"):
         isa += f", VITFAST_CPU_ISA={os.environ['VITFAST_CPU_ISA']}"
+    threads = torch.get_num_threads()
     return (f"{datetime.date.today()}, CPU {platform.machine()} {platform.processor() or ''}".strip()
-            + f", {torch.get_num_threads()} threads, torch {torch.__version__}, kernels' ISA {isa}")
+            + f", {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}, kernels' ISA {isa}")
 
 
 def exit_on_sigterm() -> None:
