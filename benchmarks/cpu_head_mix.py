@@ -2,7 +2,7 @@
 the op against eager talking heads, the op's own SDPA route, and plain SDPA without the mixes (the
 floor); and a Mini-DeiT-Ti (vitfast.minivit.multiplex, every 2 layers) against deit_tiny.
 
-    python benchmarks/cpu_head_mix.py [--threads N] [--batch B] [--markdown FILE]
+    python benchmarks/cpu_head_mix.py [--threads N] [--batch B] [--markdown FILE] [--quick]
 
 Op shapes, float32, both transforms and the post-softmax bias: Mini-DeiT-Ti (16 sequences of 197
 tokens, 3 heads of 64) and Mini-Swin-T stage 1 (256 windows of 49 tokens, 3 heads of 32, bias
@@ -12,18 +12,13 @@ runs in one process; the instruction set the kernels ran (VITFAST_CPU_ISA lowers
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 import torch.nn.functional as F
 
-from vitfast.timing import time_ms
-from markdown_out import cpu_env, emit
-
-
-def median_ms(fn, warmup=3, reps=15):
-    return time_ms(fn, torch.device("cpu"), warmup, reps)
+from cpu_report import cpu_env, cpu_options, median_ms
+from markdown_out import emit
 
 
 def op_rows(name, B, H, N, d, table):
@@ -88,14 +83,7 @@ def model_rows(batch):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--markdown", help="write the tables here too")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = cpu_options(__doc__, argv, lambda ap: ap.add_argument("--batch", type=int, default=16))
     lines = [f"CPU path of head-mixing attention ({cpu_env()})", "",
              "| shape (fp32) | | forward ms | forward+backward ms |", "|---|---|---|---|"]
     rows = op_rows("Mini-DeiT-Ti: 16 x 197, 3 x 64", 16, 3, 197, 64, False)

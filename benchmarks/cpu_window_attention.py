@@ -1,7 +1,7 @@
 """CPU timings of the fused window attention (the CPU path, not a GPU claim): the op against
 PyTorch's SDPA with a materialised bias, and patched against unpatched timm models.
 
-    python benchmarks/cpu_window_attention.py [--threads N] [--markdown FILE]
+    python benchmarks/cpu_window_attention.py [--threads N] [--batch B] [--markdown FILE] [--quick]
 
 Op: Swin-T stage-1 windows (256 windows x 3 heads, N=49, d=32, float32, bias table), forward
 (no grad) and forward+backward (qkv and table gradients), for a regular block and for a shifted one
@@ -11,18 +11,13 @@ Medians of repeated runs in one process; the machine and thread count are printe
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 import torch.nn.functional as F
 
-from vitfast.timing import time_ms
-from markdown_out import cpu_env, emit
-
-
-def median_ms(fn, warmup=3, reps=15):
-    return time_ms(fn, torch.device("cpu"), warmup, reps)
+from cpu_report import cpu_env, cpu_options, median_ms
+from markdown_out import emit
 
 
 def shift_mask(size=56, window=7, shift=3):
@@ -86,14 +81,7 @@ def model_rows(batch):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--markdown", help="write the tables here too")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = cpu_options(__doc__, argv, lambda ap: ap.add_argument("--batch", type=int, default=8))
     lines = [f"CPU path of window attention ({cpu_env()})", "",
              "| Swin-T stage 1, fp32 | op | forward ms | forward+backward ms |", "|---|---|---|---|"]
     lines += [f"| {blk} | {n} | {a:.1f} | {b:.1f} |" for blk, n, a, b in op_rows()]

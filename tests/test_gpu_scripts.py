@@ -137,6 +137,26 @@ def test_host_overhead_benchmark_on_cpu(tmp_path):
     assert len(r) == 4 and all(v["vitfast_us"] > 0 and v["baseline_us"] > 0 for v in r.values())
 
 
+@pytest.mark.parametrize("script, rows", [
+    ("cpu_attention_shapes.py", ["Swin-T s1: 256 x 49", "DeiT-Ti: 16 x 197"]),
+    ("cpu_head_mix.py", ["| vitfast (fused) |", "| SDPA, no mixes (floor) |", "| Mini (multiplex, share=2) |"]),
+    ("cpu_window_attention.py", ["| shifted | vitfast |", "| tiny_vit_5m_224 | vitfast.patch |"]),
+])
+def test_cpu_attention_reports_run_quick(tmp_path, script, rows):
+    """The CPU attention reports (README's CPU figures come from them) still run; --quick says in
+    its header that its numbers are no measurement."""
+    md = tmp_path / "r.md"
+    extra = ["--batch", "1"] if script != "cpu_attention_shapes.py" else []
+    p = run(f"benchmarks/{script}", "--quick", "--threads", "1", "--markdown", str(md), *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = md.read_text()
+    assert "1 thread" in text and "smoke run, not a measurement" in text
+    for row in rows:
+        line = next(l for l in text.splitlines() if row in l)
+        times = [float(c) for c in line.strip("|").split("|")[-2:]]
+        assert all(t > 0 for t in times), line
+
+
 def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
     p = run("benchmarks/cpu_save_logits.py", "--workers", "1", "--images", "20", "--epochs", "1", "--teacher",
             "vit_tiny_patch16_224", "--markdown", str(tmp_path / "s.md"))
