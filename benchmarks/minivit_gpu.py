@@ -13,6 +13,9 @@ autocast, AdamW, random weights and labels: the shapes are the real ones):
     python benchmarks/minivit_gpu.py --models "mini_deit_small (eager talking heads)" --previous minivit.json
     python benchmarks/minivit_gpu.py --device cpu --quick        # smoke test of this script
 
+--profile-top N adds each model's N costliest operators of a train step (torch.profiler), so that a
+missed bar points at its cause.
+
 --previous adds the results of an earlier run on the same GPU (its JSON) to this run's bars, so the
 bars can be split over time-limited steps (scripts/gpu_check.sh bars / bars2).
 """
@@ -28,7 +31,7 @@ import torch
 
 import vitfast.models  # noqa: F401  (mini_* names)
 from vitfast.minivit import mini_blocks
-from window_models_gpu import measure
+from window_models_gpu import measure, top_ops_markdown
 from markdown_out import emit, exit_on_sigterm
 
 MODELS = ("deit_small_patch16_224", "mini_deit_small (fused)", "mini_deit_small (eager talking heads)",
@@ -60,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME",
                     help=f"which to measure, in this order (default: all: {', '.join(MODELS)})")
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="also profile two train steps of each model and report its N costliest operators")
     ap.add_argument("--previous", help="JSON of an earlier run of this script on the same GPU: its results join the bars")
     ap.add_argument("--json")
     ap.add_argument("--append-markdown")
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
             model = build(name, device)
             if not args.quick:
                 model = torch.compile(model)
-            results[name] = measure(model, device, batch, 224, reps, torch.bfloat16, infer=False)
+            results[name] = measure(model, device, batch, 224, reps, torch.bfloat16, infer=False,
+                                    profile_top=args.profile_top)
             results[name]["params"] = sum(p.numel() for p in model.parameters())
             print(name, json.dumps(results[name]), flush=True)
             write()
@@ -126,6 +132,9 @@ def markdown(report, batch, quick, earlier, done) -> str:
         mem = "" if r["peak_train_mb"] is None else f"{r['peak_train_mb']:.0f}"
         where = " (earlier run, --previous)" if name in earlier else ""
         lines.append(f"| {name}{where} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.0f} | {mem} |")
+    for name, r in report["results"].items():
+        if r.get("top_ops"):
+            lines += top_ops_markdown(name, r["top_ops"])
     lines += ["", "| bar | needed | measured | |", "|---|---|---|---|"]
     for what, b in report["bars"].items():
         lines.append(f"| {what} | {b['need']:g}x | {b['got']:.2f}x | {'PASS' if b['pass'] else 'FAIL'} |")

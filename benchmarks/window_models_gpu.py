@@ -53,7 +53,37 @@ def variant_models(name, device, use_compile, only=None):
             yield variant, makers[variant]()
 
 
-def measure(model, device, batch, size, reps, amp_dtype, infer=True):
+def top_ops(step, device, n: int, steps: int = 2) -> list[dict]:
+    """Where a step's time goes: the n operators / kernels with the most self time (device time on
+    a GPU, CPU time otherwise) over `steps` profiled steps, per step -- so that a missed bar says
+    which part of the model to look at (the depth-wise convolution, the attention, the optimiser)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, field, 0) > 0]
+    total = sum(getattr(e, field) for e in events)
+    events.sort(key=lambda e: getattr(e, field), reverse=True)
+    return [{"name": e.key, "ms_per_step": getattr(e, field) / 1e3 / steps, "calls_per_step": e.count / steps,
+             "share": getattr(e, field) / total} for e in events[:n]]
+
+
+def top_ops_markdown(title: str, ops: list[dict]) -> list[str]:
+    lines = ["", f"{title}: the operators with the most self time of a train step (torch.profiler)", "",
+             "| operator / kernel | ms per step | calls per step | share |", "|---|---|---|---|"]
+    for o in ops:
+        name = o["name"] if len(o["name"]) <= 90 else o["name"][:87] + "..."
+        lines.append(f"| `{name.replace('|', '/')}` | {o['ms_per_step']:.2f} | {o['calls_per_step']:g} "
+                     f"| {100 * o['share']:.1f}% |")
+    return lines
+
+
+def measure(model, device, batch, size, reps, amp_dtype, infer=True, profile_top=0):
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -77,6 +107,8 @@ def measure(model, device, batch, size, reps, amp_dtype, infer=True):
     train_ms = time_ms(train_step, device, 3, reps)
     mem = peak_memory_mb(train_step, device)
     out = {"train_img_s": batch / train_ms * 1e3, "train_ms": train_ms, "peak_train_mb": mem, "first_step_s": first_s}
+    if profile_top:
+        out["top_ops"] = top_ops(train_step, device, profile_top)
     if infer:  # a compiled model would compile again for eval mode + no_grad
         model.eval()
         infer_step()
@@ -118,6 +150,10 @@ def markdown(report) -> str:
             mem = "" if m["peak_train_mb"] is None else f"{m['peak_train_mb']:.0f}"
             infer = f"{m['infer_img_s']:.0f}" if "infer_img_s" in m else "not measured"
             lines.append(f"| {name} | {v} | {m['train_img_s']:.0f} | {infer} | {mem} | {m['first_step_s']:.1f} |")
+    for name, r in report["results"].items():
+        for v, m in r.items():
+            if m.get("top_ops"):
+                lines += top_ops_markdown(f"{name}, {v}", m["top_ops"])
     lines += ["", "| bar | needed | measured | |", "|---|---|---|---|"]
     for b in report["bars"]:
         need = f"{b['need']:g}x" if isinstance(b["need"], float) else b["need"]
@@ -137,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compiled-infer", action="store_true",
                     help="also time inference of the compiled variants (a second compile each)")
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="also profile two train steps of each variant and report its N costliest operators")
     ap.add_argument("--json")
     ap.add_argument("--append-markdown")
     args = ap.parse_args(argv)
@@ -167,7 +205,7 @@ def main(argv=None) -> int:
             results[name] = {}
             for variant, model in variant_models(name, device, use_compile, args.variants):
                 infer = args.compiled_infer or "compiled" not in variant
-                results[name][variant] = measure(model, device, batch, size, reps, amp, infer)
+                results[name][variant] = measure(model, device, batch, size, reps, amp, infer, args.profile_top)
                 print(name, variant, json.dumps(results[name][variant]), flush=True)
                 write(False)
                 del model

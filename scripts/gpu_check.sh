@@ -175,11 +175,11 @@ case "$PHASE" in
     results_md
     mkdir -p gpu_out  # survives to bars2 on the warm machine ($OUT does not)
     step minivit 230 $PY benchmarks/minivit_gpu.py --models deit_small_patch16_224 "mini_deit_small (fused)" \
-      swin_tiny_patch4_window7_224 "mini_swin_tiny (fused)" --json gpu_out/minivit_gpu.json \
+      swin_tiny_patch4_window7_224 "mini_swin_tiny (fused)" --profile-top 12 --json gpu_out/minivit_gpu.json \
       --append-markdown "$OUTDIR/RESULTS.md"
     cp gpu_out/minivit_gpu.json "$OUTDIR/" 2>/dev/null
     step cait 170 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --variants compiled "patched+compiled" \
-      "patched(fused)+compiled" --json "$OUTDIR/cait_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
+      "patched(fused)+compiled" --profile-top 12 --json "$OUTDIR/cait_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
     ;;
   bars2)
     # the same warm machine, <= 4 min: issue 13's fused-vs-eager-talking-heads bar (against bars'
@@ -195,7 +195,7 @@ case "$PHASE" in
     results_md
     step head-mix-models 420 $PY benchmarks/window_models_gpu.py --models cait_s24_224 --json "$OUTDIR/cait_gpu.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
-    step minivit 420 $PY benchmarks/minivit_gpu.py --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
+    step minivit 420 $PY benchmarks/minivit_gpu.py --profile-top 12 --json "$OUTDIR/minivit_gpu.json" --append-markdown "$OUTDIR/RESULTS.md"
     step minivit-relations 120 $PY benchmarks/minivit_relations.py --json "$OUTDIR/minivit_relations.json" \
       --append-markdown "$OUTDIR/RESULTS.md"
     step tests-compile 240 $PY -m pytest -q -rs -m cuda -k torch_compile tests

@@ -69,10 +69,15 @@ def test_minivit_benchmark_subsets_join_through_previous(tmp_path):
     """`gpu_check.sh bars` measures the models of two bars, `bars2` a third model against them."""
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(first), "--models",
-            "deit_small_patch16_224", "mini_deit_small (fused)")
+            "deit_small_patch16_224", "mini_deit_small (fused)", "--profile-top", "5")
     assert p.returncode == 0, p.stderr[-3000:]
     a = json.loads(first.read_text())
     assert list(a["results"]) == ["deit_small_patch16_224", "mini_deit_small (fused)"]
+    # --profile-top: each model's costliest operators, costliest first, in the JSON and the report
+    for r in a["results"].values():
+        ms = [o["ms_per_step"] for o in r["top_ops"]]
+        assert len(ms) == 5 and ms == sorted(ms, reverse=True) and 0 < sum(o["share"] for o in r["top_ops"]) <= 1
+    assert p.stdout.count("the operators with the most self time") == 2
     assert list(a["bars"]) == ["mini_deit_small (fused) vs deit_small_patch16_224"]
     p = run("benchmarks/minivit_gpu.py", "--device", "cpu", "--quick", "--json", str(second), "--models",
             "mini_deit_small (eager talking heads)", "--previous", str(first))
