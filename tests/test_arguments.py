@@ -51,6 +51,25 @@ def test_lowrank_refuses_another_configuration_in_the_same_folder(tmp_path):
     one_line_error(vitfast("lowrank", "--out", str(out), "--target-params", "0.8"), "target_params")
 
 
+def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_path):
+    """engine.run: after an argument error, the runs this process started forget their run.json
+    unless they saved something beside it (then the record keeps guarding the saved state)."""
+    from vitfast.engine.run import RunDir, abandon_unsaved_runs
+
+    bare, saved, other = (RunDir(str(tmp_path / n), {"lr": 1.0}, {"data": "x"}) for n in ("bare", "saved", "other"))
+    assert not bare.start() and not saved.start()
+    (tmp_path / "bare" / "log.txt").write_text("started\n")
+    (tmp_path / "saved" / "checkpoint.safetensors").write_bytes(b"state")
+    abandon_unsaved_runs()
+    assert not os.path.exists(bare.path) and os.path.exists(saved.path)
+    # a run resumed (not started) by this process is never dropped
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text('{"config": {"lr": 1.0}, "identity": {"data": "x"}}')
+    assert other.start()
+    abandon_unsaved_runs()
+    assert os.path.exists(other.path)
+
+
 @pytest.mark.parametrize("args,words", [
     (["--topk", "0"], "--topk"),
     (["--topk", "11"], "--topk"),

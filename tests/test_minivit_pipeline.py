@@ -72,6 +72,29 @@ def test_embedded_default_ablation_short(tmp_path):
     assert os.path.exists(os.path.join(run, "summary.csv")) and os.path.exists(os.path.join(run, "log.txt"))
 
 
+def test_input_size_comes_from_the_model_and_a_refusal_does_not_block_the_corrected_run(folder_and_teacher):
+    """A teacher built for 32 x 32 (--model-kwargs img_size=32; timm's pretrained_cfg still says
+    224) trains and reports without --input-size or --eval-data; an --input-size it cannot take is
+    refused up front; an argument refused once the run had started (--layer-pairs is checked
+    against the model) leaves no run record, so the corrected command runs in the same folder."""
+    data, ckpt, root = folder_and_teacher
+    out = str(root / "sized")
+    base = ["minivit", *SWIN, "--num-classes", "3", "--checkpoint", ckpt, "--data", data, "--share", "stage",
+            "--epochs", "1", "--batch-size", "8", "--workers", "0", "--aa", "none", "--reprob", "0", "--output", out,
+            "--no-progress"]
+    p = vitfast(*base, "--input-size", "64")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-3000:]
+    assert "--input-size 64x64" in p.stderr and "32x32" in p.stderr
+    p = vitfast(*base, "--layer-pairs", "9:9")
+    assert p.returncode == 2 and "layer 9" in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "run.json"))
+    p = vitfast(*base)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["comparison"]["mini"]["macs"] > 0 and report["comparison"]["original"]["images_per_s"] > 0
+    assert os.path.exists(os.path.join(out, "run.json"))
+
+
 def test_swin_imagefolder_kill_resume_and_refusal(folder_and_teacher):
     data, ckpt, root = folder_and_teacher
     ref = str(root / "ref")

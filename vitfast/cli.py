@@ -137,6 +137,7 @@ def _command_parser(parser, argv):
 
 def main(argv: list[str] | None = None) -> int:
     from .engine.cli_args import apply_config_file
+    from .engine.run import abandon_unsaved_runs
     from .errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -151,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         check_environment()  # a bad VITFAST_PROGRESS* fails now, not after the first expensive stage
         return args.func(args)
     except UserError as exc:
+        abandon_unsaved_runs()
         print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a UserError raised inside a DataLoader worker comes back as this
         if "UserError" in str(exc):
+            abandon_unsaved_runs()
             print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
             return 2
         raise

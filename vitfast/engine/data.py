@@ -76,13 +76,14 @@ def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, workers: int =
 def train_transform(model, input_size=None, aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
                     interpolation: str | None = None):
     """timm's training transform with the model's mean/std, interpolation and input size."""
-    from timm.data import create_transform, resolve_model_data_config
+    from timm.data import create_transform
 
     from ..data.augment import install_posterize_fix
+    from .data_config import model_data_config
 
     install_posterize_fix()
-    cfg = resolve_model_data_config(model)
-    size = tuple(input_size) if input_size is not None else cfg["input_size"]
+    cfg = model_data_config(model, input_size)
+    size = tuple(cfg["input_size"])
     tf = create_transform(size, is_training=True, auto_augment=aa, re_prob=reprob, mean=cfg["mean"],
                           std=cfg["std"], interpolation=interpolation or cfg.get("interpolation", "bicubic"))
     if size[0] == 1:  # grayscale models (the embedded digits): the folder's RGB images as one channel

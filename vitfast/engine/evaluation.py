@@ -10,11 +10,11 @@ from .trainer import autocast_for
 
 
 def eval_transform(model: nn.Module, input_size=None):
-    from timm.data import create_transform, resolve_model_data_config
+    from timm.data import create_transform
 
-    cfg = resolve_model_data_config(model)
-    if input_size is not None:
-        cfg["input_size"] = tuple(input_size)
+    from .data_config import model_data_config
+
+    cfg = model_data_config(model, input_size)
     return create_transform(**cfg, is_training=False), cfg
 
 

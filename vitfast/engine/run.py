@@ -53,9 +53,23 @@ def _first_difference(a, b, prefix=""):
     return None if a == b else (prefix[:-1], a, b)
 
 
+# RunDirs whose run.json this process wrote (abandon_unsaved_runs)
+_started: list["RunDir"] = []
+
+
+def abandon_unsaved_runs() -> None:
+    """After an argument error found once the run had started: forget the runs this process started
+    that saved nothing yet, so that the corrected command is not refused as another configuration."""
+    while _started:
+        _started.pop().abandon_if_unsaved()
+
+
 class RunDir:
     """root/run.json holds {"config": ..., "identity": ...}. check() on an existing run compares
     them (keys in `volatile` may change: worker counts, progress bars) and raises ResumeMismatch."""
+
+    # what a run writes before it has anything to resume
+    UNSAVED = (RUN_FILE, "log.txt")
 
     def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every")):
         self.root = root
@@ -86,4 +100,14 @@ class RunDir:
             return True
         os.makedirs(self.root, exist_ok=True)
         atomic_write_json(self.path, {"config": self.config, "identity": self.identity})
+        _started.append(self)
         return False
+
+    def abandon_if_unsaved(self) -> None:
+        """Removes run.json when the folder holds nothing else of the run (no checkpoint, no stage
+        result): a run stopped by a wrong argument has nothing to protect. A run that saved
+        anything, or was killed (no Python error path), stays binding."""
+        if not os.path.exists(self.path):
+            return
+        if all(name in self.UNSAVED for name in os.listdir(self.root)):
+            os.remove(self.path)

@@ -21,6 +21,7 @@ from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_diges
 from ..engine.checkpoint import atomic_write_json
 from ..engine.cli_args import default_workers
 from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
+from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
 from ..errors import UserError
@@ -433,7 +434,7 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
     if rank == 0:
         device = torch.device(cfg.device)
         example = next(iter(eval_batches()))[0][:32] if eval_batches else \
-            torch.randn(32, *teacher.pretrained_cfg.get("input_size", (3, 224, 224)))
+            torch.randn(32, *model_data_config(teacher, cfg.input_size)["input_size"])
 
         def acc(m):
             return {"top1": evaluate(m, eval_batches(), device)["top1"]} if eval_batches else {}

@@ -37,10 +37,10 @@ def recipe_for(model, input_size=None, **options) -> dict:
     """The augmentation recipe a store is written with, JSON-able (store.json keeps it, and every
     student replays it): the model's timm data config plus TinyViT's augmentation, options
     overriding (aa, reprob, mixup, cutmix; None keeps the default)."""
-    from timm.data import resolve_model_data_config
+    from ..engine.data_config import model_data_config
 
-    cfg = resolve_model_data_config(model)
-    size = list(input_size) if input_size is not None else list(cfg["input_size"])
+    cfg = model_data_config(model, input_size)
+    size = list(cfg["input_size"])
     recipe = {"input_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
               "interpolation": cfg.get("interpolation", "bicubic"), **RECIPE}
     recipe.update({k: v for k, v in options.items() if v is not None})
