@@ -224,3 +224,39 @@ def test_configurable_outputs_and_features(tmp_path):
     with pytest.raises(ValueError, match="an output must be one of"):
         run_lowrank(model, inputs, LowRankConfig(output="cls", progress=False), str(tmp_path / "x"), "bert")
     assert not os.path.exists(tmp_path / "x")  # refused before any work
+
+
+def test_cli_compresses_a_timm_model_built_for_another_size(tmp_path):
+    """`vitfast lowrank --model NAME --model-kwargs img_size=32 ...` feeds the model at the size it
+    was built for (timm's pretrained_cfg still says 224), the compressed model reloads with those
+    arguments, and an --input-size the model cannot take is refused in one line."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import vitfast
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    arch = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3"]
+    kw = {k: int(v) for k, v in (a.split("=") for a in arch)}
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=2, **kw).state_dict(), str(tmp_path / "m.safetensors"))
+    base = [sys.executable, "-m", "vitfast", "lowrank", "--model", "vit_tiny_patch16_224", "--checkpoint",
+            str(tmp_path / "m.safetensors"), "--num-classes", "2", "--model-kwargs", *arch, "--data", str(tmp_path / "data"),
+            "--proxy-size", "16", "--batch-size", "8", "--rank-step", "16", "--gfm-epochs", "1", "--no-svd-baseline",
+            "--no-progress"]
+    p = subprocess.run([*base, "--input-size", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert p.returncode == 2 and "--input-size 64x64" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = subprocess.run([*base, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    structure = json.load(open(tmp_path / "o" / "compressed" / "structure.json"))
+    assert structure["model_kwargs"] == {**kw, "num_classes": 2}
+    model = vitfast.load_compressed(str(tmp_path / "o" / "compressed"))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)

@@ -112,6 +112,18 @@ def input_size(value) -> tuple | None:
     return tuple(parts)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, said once: not where the help text names it already, not
+    for switches (store_true / store_false) and not when it is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or "default" in text.lower()
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_model_kwargs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. img_size=384 'depths=(2,2,6,2)' (like timm's train.py)")

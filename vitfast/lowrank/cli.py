@@ -9,15 +9,17 @@ import torch
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..engine.cli_args import add_config_arg, add_progress_arg
+    from ..engine.cli_args import HelpFormatter, add_config_arg, add_model_kwargs_arg, add_progress_arg
 
+    p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
+                       formatter_class=HelpFormatter)
     add_config_arg(p)
     p.add_argument("--model", help="timm model name (default: the embedded digits ViT)")
     p.add_argument("--checkpoint", help="weights for --model (.safetensors, or a torch state_dict file)")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for --model (needs the hub)")
     p.add_argument("--num-classes", type=int, help="classes of --model's head, if not its default")
+    add_model_kwargs_arg(p)
+    p.add_argument("--input-size", help="N or C,H,W: the images --model is fed (default: the size it was built for)")
     p.add_argument("--data", help="ImageFolder directory of unlabeled proxy images")
     p.add_argument("--eval-data", help="ImageFolder directory for accuracy (class folders in the model's order)")
     p.add_argument("--proxy-size", type=int, default=2000, help="proxy images drawn from --data")
@@ -46,9 +48,12 @@ def _load_model(args):
     from ..engine.models import create_model
     from ..errors import UserError
 
-    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    from ..engine.cli_args import model_kwargs
+
+    extra = model_kwargs(getattr(args, "model_kwargs", None))
+    kwargs = {**extra, **({"num_classes": args.num_classes} if args.num_classes else {})}
     model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
-                         pretrained=getattr(args, "pretrained", False))
+                         pretrained=getattr(args, "pretrained", False), **extra)
     if model.vitfast_weights == "random" and args.model != "vitfast_digits_vit":
         raise UserError(f"argument --model {args.model}: no weights given (--checkpoint FILE or --pretrained); "
                         "compressing a randomly initialised model would be meaningless")
@@ -82,6 +87,8 @@ def run(args) -> int:
                                                                           "config", "compile")},
            {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
             "eval_data": folder_digest(args.eval_data)}).start(resume=True)
+    if args.model is None and (args.model_kwargs or args.input_size):
+        raise UserError("arguments --model-kwargs and --input-size describe --model: give --model too")
     if args.model is None and args.data is None:
         from ..data.digits import digits_splits
         from ..models.digits_vit import load_digits_teacher
@@ -94,17 +101,18 @@ def run(args) -> int:
     else:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
-        from ..engine.cli_args import default_workers
+        from ..engine.cli_args import default_workers, input_size
         from ..engine.evaluation import folder_loader, folder_tensors
 
         model, kwargs = _load_model(args)
         name = args.model
         # the few-shot proxy set (reused by every stage: in memory) and the streamed evaluation set,
         # both through the model's own timm data configuration (timm's validate.py transform)
-        proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed)
+        size = input_size(args.input_size)
+        proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed, input_size=size)
         eval_x = eval_y = None
         if args.eval_data:
-            loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers())
+            loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers(), input_size=size)
             eval_x = lambda: loader  # noqa: E731
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
     vdist.cleanup()

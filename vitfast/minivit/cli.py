@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..engine.cli_args import (add_config_arg, add_model_kwargs_arg, add_run_args, add_train_args, input_size,
+from ..engine.cli_args import (HelpFormatter, add_config_arg, add_model_kwargs_arg, add_run_args, add_train_args, input_size,
                                model_kwargs, resolve_workers, train_config)
 
 
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
     d = MiniViTConfig()
     p = sub.add_parser("minivit", help="MiniViT weight multiplexing + distillation (no arguments: the embedded "
-                       "default ablation)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "default ablation)", formatter_class=HelpFormatter)
     add_config_arg(p)
     g = p.add_argument_group("model")
     g.add_argument("--teacher", "--model", dest="teacher", help="timm ViT/DeiT or Swin name (default: the embedded "

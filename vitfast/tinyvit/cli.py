@@ -25,19 +25,21 @@ def add_parser(sub) -> None:
     p = sub.add_parser("tinyvit", help="TinyViT fast distillation: save-logits, distill, inspect, verify")
     tsub = p.add_subparsers(dest="tinyvit_command", required=True)
     d = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..engine.cli_args import HelpFormatter
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..engine.cli_args import WORKERS_HELP, add_config_arg, add_progress_arg
+                        formatter_class=HelpFormatter)
+    from ..engine.cli_args import WORKERS_HELP, add_config_arg, add_model_kwargs_arg, add_progress_arg
 
     add_config_arg(s)
     s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
     s.add_argument("--checkpoint")
     s.add_argument("--num-classes", type=int, help="classes of the teacher's head, if not its default")
+    add_model_kwargs_arg(s)
     s.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     s.add_argument("--epochs", default="30", help="N (epochs 0..N-1) or A:B")
     s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="images the teacher sees (default: its timm data config)")
+                   help="images the teacher sees (default: the size it was built for)")
     s.add_argument("--aa", default=None, help="timm auto-augment policy ('none' to disable; default TinyViT's "
                                               "rand-m9-mstd0.5-inc1)")
     s.add_argument("--reprob", type=float, default=None, help="random erasing probability (default 0.25)")
@@ -56,10 +58,11 @@ def add_parser(sub) -> None:
     s.set_defaults(func=run_save)
 
     t = tsub.add_parser("distill", help="train a student from a store (no teacher in the loop)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     add_config_arg(t)
     t.add_argument("--student", "--model", dest="student",
                    help="timm model name, e.g. tiny_vit_5m_224 (default: embedded digits student)")
+    add_model_kwargs_arg(t)
     t.add_argument("--store", help="logit store (omit with --labels-only)")
     t.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     t.add_argument("--eval-data", help="ImageFolder directory for accuracy each epoch")
@@ -92,6 +95,7 @@ def add_parser(sub) -> None:
     v.add_argument("--teacher")
     v.add_argument("--checkpoint")
     v.add_argument("--num-classes", type=int)
+    add_model_kwargs_arg(v)
     v.add_argument("--data")
     v.add_argument("--samples", type=int, default=64)
     v.add_argument("--epoch", type=int, default=None, help="check only this epoch (default: every epoch)")
@@ -121,7 +125,19 @@ def _store_recipe(args):
     return store_recipe(args.store) if getattr(args, "data", None) else None
 
 
+def _model_kwargs(args, name_option: str) -> dict:
+    """--model-kwargs as a dict; refused without the model they describe."""
+    from ..engine.cli_args import model_kwargs
+    from ..errors import UserError
+
+    kwargs = model_kwargs(getattr(args, "model_kwargs", None))
+    if kwargs and not getattr(args, name_option.lstrip("-").replace("-", "_")):
+        raise UserError(f"argument --model-kwargs describes {name_option}: give {name_option} too")
+    return kwargs
+
+
 def _teacher(args):
+    kwargs = _model_kwargs(args, "--teacher")
     if not args.teacher:
         from ..models.digits_vit import load_digits_teacher
 
@@ -131,7 +147,7 @@ def _teacher(args):
     from ..errors import UserError
 
     model = create_model(args.teacher, num_classes=getattr(args, "num_classes", None), checkpoint=args.checkpoint,
-                         what="--teacher")
+                         what="--teacher", **kwargs)
     if model.vitfast_weights == "random":
         raise UserError(f"argument --teacher {args.teacher}: no weights given (--checkpoint FILE); a random teacher "
                         "would fill the store with noise")
@@ -203,12 +219,19 @@ def run_distill(args) -> int:
     ds, tf, mix, eval_set = _data_and_transform(args, recipe)
     torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
     student = _student(args, len(ds.classes) if hasattr(ds, "classes") else 10)  # the embedded digits have 10
+    _check_student_size(student, recipe, args.student)
     if not args.no_patch:
         from ..patching import patch, patched_modules
 
-        patch(student)  # the fused window attention (tiny_vit_*, swin_*); other students are unchanged
-        if patched_modules(student) and rank == 0:
-            print(f"distill: fused window attention in {len(patched_modules(student))} modules")
+        import warnings
+
+        with warnings.catch_warnings():  # nothing to fuse is said below, in the command's own words
+            warnings.simplefilter("ignore", RuntimeWarning)
+            patch(student)  # the fused window attention (tiny_vit_*, swin_*); other students are unchanged
+        if rank == 0:
+            n = len(patched_modules(student))
+            print(f"distill: fused attention in {n} modules" if n else
+                  f"distill: vitfast.patch has nothing to fuse in {type(student).__name__}; it trains unchanged")
     if args.eval_data:  # streamed through the student's own timm data config (timm's validate.py)
         from ..engine.evaluation import folder_loader
 
@@ -231,13 +254,28 @@ def run_distill(args) -> int:
 
 
 def _student(args, classes: int):
+    kwargs = _model_kwargs(args, "--student")
     if args.student:
         from ..engine.models import create_model
 
-        return create_model(args.student, num_classes=classes, what="--student")
+        return create_model(args.student, num_classes=classes, what="--student", **kwargs)
     from .defaults import digits_student
 
     return digits_student()
+
+
+def _check_student_size(student, recipe, name) -> None:
+    """The student sees the images the teacher saw (the store's replayed augmentation): a student
+    built for another size is refused here, not by an assertion at its first step."""
+    from ..engine.data_config import built_size
+    from ..errors import UserError
+
+    built = built_size(student)
+    if recipe is None or built is None or tuple(recipe["input_size"][1:]) == built:
+        return
+    h, w = recipe["input_size"][1:]
+    raise UserError(f"argument --student {name}: it takes {built[0]}x{built[1]} images, the store's are {h}x{w} "
+                    f"(its teacher's size); build the student for them (--model-kwargs img_size={h})")
 
 
 def run_inspect(args) -> int:
