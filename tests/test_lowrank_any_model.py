@@ -233,23 +233,12 @@ def test_cli_compresses_a_timm_model_built_for_another_size(tmp_path):
     import subprocess
     import sys
 
-    import numpy as np
-    from PIL import Image
-    from safetensors.torch import save_file
-
     import vitfast
+    from small_models import VIT32, random_image_folder, save_vit32, vit32_kwargs
 
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
-    arch = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3"]
-    kw = {k: int(v) for k, v in (a.split("=") for a in arch)}
-    torch.manual_seed(0)
-    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=2, **kw).state_dict(), str(tmp_path / "m.safetensors"))
-    base = [sys.executable, "-m", "vitfast", "lowrank", "--model", "vit_tiny_patch16_224", "--checkpoint",
-            str(tmp_path / "m.safetensors"), "--num-classes", "2", "--model-kwargs", *arch, "--data", str(tmp_path / "data"),
+    data, ckpt, kw = random_image_folder(tmp_path / "data"), save_vit32(tmp_path / "m.safetensors"), vit32_kwargs()
+    base = [sys.executable, "-m", "vitfast", "lowrank", "--model", "vit_tiny_patch16_224", "--checkpoint", ckpt,
+            "--num-classes", "2", "--model-kwargs", *VIT32, "--data", data,
             "--proxy-size", "16", "--batch-size", "8", "--rank-step", "16", "--gfm-epochs", "1", "--no-svd-baseline",
             "--no-progress"]
     p = subprocess.run([*base, "--input-size", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)

@@ -325,28 +325,19 @@ def test_teacher_and_student_built_for_another_size(tmp_path):
     of 32 x 32 images (not timm's 224 from pretrained_cfg); a student built for another size is
     refused in one line that says which (not an assertion at its first step), and nothing it
     wrote blocks the corrected command in the same folder."""
-    from PIL import Image
-    from safetensors.torch import save_file
+    from small_models import VIT32, random_image_folder, save_vit32
 
     from vitfast.tinyvit.defaults import store_recipe
 
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
-    arch = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3"]
-    torch.manual_seed(0)
-    teacher = timm.create_model("vit_tiny_patch16_224", num_classes=2, **{k: int(v) for k, v in (a.split("=") for a in arch)})
-    save_file(teacher.state_dict(), str(tmp_path / "t.safetensors"))
-    data, store, out = str(tmp_path / "data"), str(tmp_path / "store"), str(tmp_path / "student")
+    data, ckpt = random_image_folder(tmp_path / "data", per_class=6), save_vit32(tmp_path / "t.safetensors")
+    store, out = str(tmp_path / "store"), str(tmp_path / "student")
 
     def vitfast(*args):
         return subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", *args], capture_output=True, text=True,
                               timeout=600)
 
-    model = ["--teacher", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "t.safetensors"), "--num-classes", "2",
-             "--model-kwargs", *arch, "--data", data]
+    model = ["--teacher", "vit_tiny_patch16_224", "--checkpoint", ckpt, "--num-classes", "2", "--model-kwargs", *VIT32,
+             "--data", data]
     p = vitfast("save-logits", *model, "--epochs", "1", "--batch-size", "4", "--out", store, "--no-progress")
     assert p.returncode == 0, p.stderr[-3000:]
     assert store_recipe(store)["input_size"] == [3, 32, 32]
