@@ -68,6 +68,18 @@ def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_p
     assert other.start()
     abandon_unsaved_runs()
     assert os.path.exists(other.path)
+    # the Python API's entry points (minivit.train_mini) behave like the command line
+    from vitfast.engine.run import forgets_unsaved_runs_on_refusal
+    from vitfast.errors import UserError
+
+    @forgets_unsaved_runs_on_refusal
+    def pipeline(root):
+        RunDir(root, {"lr": 2.0}, {"data": "x"}).start()
+        raise UserError("argument --layer-pairs: no such layer")
+
+    with pytest.raises(UserError):
+        pipeline(str(tmp_path / "api"))
+    assert not os.path.exists(tmp_path / "api" / "run.json")
 
 
 @pytest.mark.parametrize("args,words", [

@@ -64,6 +64,22 @@ def abandon_unsaved_runs() -> None:
         _started.pop().abandon_if_unsaved()
 
 
+def forgets_unsaved_runs_on_refusal(fn):
+    """Decorates a pipeline entry point of the Python API the way the command line behaves: a
+    UserError raised inside it drops the run records it started without saving anything."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError:
+            abandon_unsaved_runs()
+            raise
+
+    return wrapper
+
+
 class RunDir:
     """root/run.json holds {"config": ..., "identity": ...}. check() on an existing run compares
     them (keys in `volatile` may change: worker counts, progress bars) and raises ResumeMismatch."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import distributed as vdist
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
 from ..engine.checkpoint import atomic_write_json
+from ..engine.run import forgets_unsaved_runs_on_refusal
 from ..engine.cli_args import default_workers
 from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
 from ..engine.data_config import model_data_config
@@ -262,6 +263,7 @@ def _add_relations(cfg, cap_s, cap_t, parts, total):
     return total
 
 
+@forgets_unsaved_runs_on_refusal
 def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
                out_dir: str, log: RunLog | None = None) -> dict:
     """Multiplex `teacher`, train the Mini model into out_dir (resumable, configuration-checked),
