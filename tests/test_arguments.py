@@ -29,6 +29,8 @@ def one_line_error(p, words):
     (["--gfm-epochs", "0"], "--gfm-epochs"),
     (["--model", "vit_tiny_patch16_224", "--data", "."], "no weights given"),
     (["--model", "vit_tiny_patch16_22", "--data", "."], "did you mean"),
+    (["--model-kwargs", "img_size=32"], "give --model too"),
+    (["--input-size", "32"], "give --model too"),
 ])
 def test_lowrank_refuses(tmp_path, args, words):
     one_line_error(vitfast("lowrank", "--out", str(tmp_path / "o"), *args), words)
@@ -89,11 +91,26 @@ def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_p
     (["--epochs", "3:1"], "--epochs"),
     (["--epochs", "x"], "--epochs"),
     (["--batch-size", "1"], "--batch-size"),
+    (["--input-size", "3", "32"], "--input-size must be N or C,H,W"),
+    (["--input-size", "32"], "it applies with --data"),
+    (["--model-kwargs", "img_size=32"], "give --teacher too"),
 ])
 def test_save_logits_refuses_and_leaves_nothing(tmp_path, args, words):
     store = tmp_path / "store"
     one_line_error(vitfast("tinyvit", "save-logits", "--out", str(store), *args), words)
     assert not (store / "store.json").exists()  # the corrected run is not blocked
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model-kwargs", "img_size=32"], "give --teacher too"),
+    (["--input-size", "32"], "it applies with --data"),
+])
+def test_minivit_refuses_model_options_without_a_model(tmp_path, args, words):
+    """The embedded default has its own model: options that describe another one are refused, not
+    silently ignored, and nothing is left in --output."""
+    out = tmp_path / "m"
+    one_line_error(vitfast("minivit", "--output", str(out), "--no-ablation", *args), words)
+    assert not (out / "run.json").exists()
 
 
 def test_distill_refuses_bad_epochs_and_missing_data(tmp_path):

@@ -88,6 +88,10 @@ class MiniViTConfig:
 
     def validate(self) -> None:
         self.train.validate()
+        if self.teacher is None and self.model_kwargs:
+            raise UserError("argument --model-kwargs describes --teacher: give --teacher too")
+        if self.teacher is None and self.data is None and self.input_size is not None:
+            raise UserError("argument --input-size: the embedded digits are 16 x 16 images; it applies with --data")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"argument --alpha must lie in [0, 1], got {self.alpha}")
         if self.temperature <= 0:

@@ -38,8 +38,8 @@ def add_parser(sub) -> None:
     add_model_kwargs_arg(s)
     s.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
     s.add_argument("--epochs", default="30", help="N (epochs 0..N-1) or A:B")
-    s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="images the teacher sees (default: the size it was built for)")
+    s.add_argument("--input-size", nargs="+", metavar="N|C,H,W",
+                   help="images the teacher sees: N, C,H,W or C H W (default: the size it was built for)")
     s.add_argument("--aa", default=None, help="timm auto-augment policy ('none' to disable; default TinyViT's "
                                               "rand-m9-mstd0.5-inc1)")
     s.add_argument("--reprob", type=float, default=None, help="random erasing probability (default 0.25)")
@@ -125,6 +125,13 @@ def _store_recipe(args):
     return store_recipe(args.store) if getattr(args, "data", None) else None
 
 
+def _input_size(values) -> tuple | None:
+    """--input-size as the other commands take it (N or C,H,W), or as three numbers C H W."""
+    from ..engine.cli_args import input_size
+
+    return None if not values else input_size(",".join(values))
+
+
 def _model_kwargs(args, name_option: str) -> dict:
     """--model-kwargs as a dict; refused without the model they describe."""
     from ..engine.cli_args import model_kwargs
@@ -160,6 +167,9 @@ def run_save(args) -> int:
     from .train import save_logits
 
     epochs = _epochs(args.epochs)  # checked before the teacher is even loaded
+    size = _input_size(args.input_size)
+    if size is not None and not args.data:
+        raise UserError("argument --input-size: the embedded digits are 16 x 16 images; it applies with --data")
     if args.batch_size < 2:
         raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
     rank, world, device = vdist.setup(args.device)
@@ -168,7 +178,7 @@ def run_save(args) -> int:
     if args.data:
         from .defaults import recipe_for
 
-        recipe = recipe_for(teacher, args.input_size, aa=args.aa, reprob=args.reprob, mixup=args.mixup,
+        recipe = recipe_for(teacher, size, aa=args.aa, reprob=args.reprob, mixup=args.mixup,
                             cutmix=args.cutmix)
     ds, tf, mix, _ = _data_and_transform(args, recipe)
     classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
