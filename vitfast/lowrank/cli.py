@@ -2,7 +2,6 @@
 data given, on the embedded digits teacher and data set."""
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch

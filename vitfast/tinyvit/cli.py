@@ -1,7 +1,6 @@
 """`vitfast tinyvit save-logits | distill | inspect | verify`."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
