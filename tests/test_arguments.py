@@ -53,6 +53,38 @@ def test_lowrank_refuses_another_configuration_in_the_same_folder(tmp_path):
     one_line_error(vitfast("lowrank", "--out", str(out), "--target-params", "0.8"), "target_params")
 
 
+def test_help_states_each_default_once():
+    """--help appends an option's default only where its own text does not name one, and never
+    None; every other default is still shown (every command's parser)."""
+    import argparse
+
+    from vitfast.cli import build_parser
+    from vitfast.engine.cli_args import HelpFormatter
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    checked = 0
+    for p in parsers(build_parser()):
+        if p.formatter_class is not HelpFormatter:
+            continue
+        fmt = p._get_formatter()
+        for a in p._actions:
+            text = fmt._get_help_string(a) or ""
+            assert "(default: None)" not in text, (p.prog, a.dest, text)
+            if a.help and "default" in a.help.lower():  # names its default: nothing appended
+                assert text == a.help, (p.prog, a.dest, text)
+            elif a.help and a.default not in (None, argparse.SUPPRESS) \
+                    and not isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                assert "(default: %(default)s)" in text, (p.prog, a.dest, text)
+            checked += 1
+    assert checked > 100  # lowrank, minivit, tinyvit save-logits and distill
+
+
 def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_path):
     """engine.run: after an argument error, the runs this process started forget their run.json
     unless they saved something beside it (then the record keeps guarding the saved state)."""

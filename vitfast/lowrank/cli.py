@@ -44,10 +44,9 @@ def add_parser(sub) -> None:
 
 def _load_model(args):
     """The model to compress, with its weights checked (a randomly initialised model is refused)."""
+    from ..engine.cli_args import model_kwargs
     from ..engine.models import create_model
     from ..errors import UserError
-
-    from ..engine.cli_args import model_kwargs
 
     extra = model_kwargs(getattr(args, "model_kwargs", None))
     kwargs = {**extra, **({"num_classes": args.num_classes} if args.num_classes else {})}
@@ -68,6 +67,7 @@ def run(args) -> int:
     from .pipeline import LowRankConfig, run_lowrank
 
     from ..engine import RunDir, file_digest, folder_digest
+    from ..engine.cli_args import input_size, model_kwargs
     from ..errors import UserError
 
     if args.proxy_size < 1:
@@ -80,14 +80,16 @@ def run(args) -> int:
                         progress=rank == 0 and args.progress, search_batch=args.search_batch, amp_dtype=args.amp_dtype,
                         compile=args.compile)
     cfg.validate()  # every argument before any loading or computing
+    if args.model is None and (args.model_kwargs or args.input_size):
+        raise UserError("arguments --model-kwargs and --input-size describe --model: give --model too")
+    size = input_size(args.input_size)
+    model_kwargs(args.model_kwargs)  # a malformed KEY=VALUE is refused here, not after the run started
     # the output folder remembers what it holds: another configuration or other inputs are refused
     # (search_batch and compile change the speed, not what is computed)
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "search_batch",
                                                                           "config", "compile")},
            {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
             "eval_data": folder_digest(args.eval_data)}).start(resume=True)
-    if args.model is None and (args.model_kwargs or args.input_size):
-        raise UserError("arguments --model-kwargs and --input-size describe --model: give --model too")
     if args.model is None and args.data is None:
         from ..data.digits import digits_splits
         from ..models.digits_vit import load_digits_teacher
@@ -100,14 +102,13 @@ def run(args) -> int:
     else:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
-        from ..engine.cli_args import default_workers, input_size
+        from ..engine.cli_args import default_workers
         from ..engine.evaluation import folder_loader, folder_tensors
 
         model, kwargs = _load_model(args)
         name = args.model
         # the few-shot proxy set (reused by every stage: in memory) and the streamed evaluation set,
         # both through the model's own timm data configuration (timm's validate.py transform)
-        size = input_size(args.input_size)
         proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed, input_size=size)
         eval_x = eval_y = None
         if args.eval_data:
