@@ -80,6 +80,14 @@ def test_bad_share_is_named(bad, words):
         parse_share("0,1,2;3,4,5", [2, 4])
 
 
+def test_share_past_every_stage_is_refused_not_clamped():
+    assert parse_share(4, [2, 4]) == [[0, 1], [2, 3, 4, 5]]     # a whole stage, named by number: kept
+    with pytest.raises(UserError, match=r"--share: 5 layers .*stages of \[2, 4\] .*--share stage"):
+        parse_share(5, [2, 4])
+    with pytest.raises(UserError, match="--share stage"):
+        parse_share("24", [12])
+
+
 def test_init_first_mean_random():
     model = tiny_vit()
     blocks = list(model.blocks)

@@ -48,6 +48,11 @@ def parse_share(share, depths: list[int]) -> list[list[int]]:
     if isinstance(share, int):
         if share < 1:
             raise UserError(f"argument --share must be >= 1 (layers per group), got {share}")
+        if share > max(depths):
+            # Not clamped: a number past the depth is more likely a mistake (a group count, another
+            # model's depth) than a request to share whole stages, which 'stage' says plainly.
+            raise UserError(f"argument --share: {share} layers per group is more than any stage has "
+                            f"(stages of {depths} layers); use --share stage to share each whole stage")
         return [list(range(s + i, s + min(i + share, d))) for s, d in zip(starts, depths) for i in range(0, d, share)]
     if share in ("stage", "all"):
         return [list(range(s, s + d)) for s, d in zip(starts, depths)]
