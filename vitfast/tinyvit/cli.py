@@ -295,6 +295,12 @@ def run_inspect(args) -> int:
     m = store.meta
     print(f"store {args.store}: teacher {m.teacher!r}, {m.num_classes} classes, top-{m.k}, {m.encoding} encoding, "
           f"{m.record_bytes} bytes/record, data set of {m.dataset_size}, seed {m.seed}")
+    if m.data:
+        counts = m.data.get("class_counts") or {}
+        print(f"  data: {m.data.get('kind')}, sha256 {m.data.get('sha256', '')[:16]}"
+              + (f", {len(counts)} classes of {min(counts.values())}-{max(counts.values())} images" if counts else ""))
+    else:
+        print("  data: not recorded (a store written before vitfast kept it: readers cannot check their data against it)")
     incomplete = 0
     for e in store.epochs():
         state = store.epoch_state(e)
@@ -316,7 +322,7 @@ def run_verify(args) -> int:
     stored (epoch, key)s with the replayed augmentation."""
     from ..ops import topk_softmax
     from .replay import ReplayAugment, epoch_plan
-    from .store import LogitStore, StoreError
+    from .store import LogitStore, StoreError, check_store_data
 
     store = LogitStore(args.store)
     m = store.meta
@@ -338,6 +344,11 @@ def run_verify(args) -> int:
         device = torch.device(args.device)
         teacher = teacher.to(device).eval()
         ds, tf, _, _ = _data_and_transform(args, _store_recipe(args))
+        try:
+            check_store_data(args.store, m, ds)
+        except StoreError as exc:
+            print(f"data check FAILED: {exc}")
+            failed.append("data")
         augment = ReplayAugment(ds, tf, (m.augmentation or {}).get("mixup"))
         rng = np.random.default_rng(0)
         pairs_each = max(1, args.samples // (2 * len(good)))  # spread over every epoch checked

@@ -35,11 +35,12 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
+from ..data.identity import data_identity, identity_mismatch
 from ..errors import UserError
 
 MAGIC = b"VFLSTORE"
@@ -65,6 +66,7 @@ class StoreMeta:
     dataset_size: int = 0
     seed: int = 0
     augmentation: dict | None = None
+    data: dict | None = None  # vitfast.data.identity of the data set (None: a store written before it was kept)
 
     @property
     def index_bits(self) -> int:
@@ -147,6 +149,8 @@ def write_meta(root: str, meta: StoreMeta) -> None:
     path = os.path.join(root, "store.json")
     if os.path.exists(path):
         existing = read_meta(root)
+        if existing.data is None:  # written before data identities were kept: resumable as before
+            meta = replace(meta, data=None)
         if existing != meta:
             raise StoreError(f"store '{root}' already holds {existing}, which differs from {meta}")
         return
@@ -167,6 +171,17 @@ def read_meta(root: str) -> StoreMeta:
     if d.pop("format", None) != "vitfast-logit-store" or d.pop("version", None) != VERSION:
         raise StoreError(f"'{path}' is not a version-{VERSION} vitfast logit store")
     return StoreMeta(**d)
+
+
+def check_store_data(root: str, meta: StoreMeta, dataset) -> None:
+    """A StoreError when `dataset` is not the data the store was written for: its soft labels are
+    matched to images by position (a store that predates data identities, or data that cannot say
+    what it holds, is taken on trust, as before)."""
+    why = identity_mismatch(meta.data, data_identity(dataset))
+    if why:
+        raise StoreError(f"store '{root}' was written for other data than these {len(dataset)} samples: {why}; "
+                         "its soft labels are matched to images by position, so pass the data it was written "
+                         "for, or write a store for these (save-logits)")
 
 
 def shard_complete(root: str, meta: StoreMeta, epoch: int, rank: int, world: int) -> bool:

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from .. import distributed as vdist
+from ..data.identity import data_identity
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from ..progress import progress as progress_bar
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
-from .store import (LogitStore, ShardWriter, StoreError, StoreMeta, epoch_state, read_meta, remove_stale_shards,
-                    shard_complete, write_meta)
+from .store import (LogitStore, ShardWriter, StoreError, StoreMeta, check_store_data, epoch_state, read_meta,
+                    remove_stale_shards, shard_complete, write_meta)
 
 
 class StoreCollate:
@@ -71,7 +72,7 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
         raise UserError(f"argument --topk must lie in [1, min(classes, {TOPK_MAX_K})] = [1, "
                         f"{min(num_classes, TOPK_MAX_K)}], got {k}")
     meta = StoreMeta(k=k, num_classes=int(num_classes), encoding=encoding, teacher=teacher_name,
-                     dataset_size=len(dataset), seed=base_seed,
+                     dataset_size=len(dataset), seed=base_seed, data=data_identity(dataset),
                      augmentation={"transform": repr(transform), "mixup": mixup_args,
                                    **({"recipe": recipe} if recipe is not None else {})})
     if rank == 0:
@@ -184,6 +185,7 @@ class StoreReplay:
             if len(dataset) != meta.dataset_size:
                 raise StoreError(f"store '{root}' was written for {meta.dataset_size} samples, the data set has "
                                  f"{len(dataset)}")
+            check_store_data(root, meta, dataset)
             written, here = (meta.augmentation or {}).get("transform"), repr(transform)
             comparable = written is not None and " at 0x" not in written + here  # reprs with addresses vary
             if comparable and written != here:
