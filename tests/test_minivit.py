@@ -37,6 +37,40 @@ def test_nothing_shared_is_the_original(make):
     assert all(isinstance(b, (MiniViTBlock, MiniSwinBlock)) for b in mini_blocks(mini))
 
 
+@pytest.mark.parametrize("kw", [{"scale_attn_norm": True}, {"scale_mlp_norm": True}, {"init_values": 0.1},
+                                {"mlp_layer": "glu", "act_layer": "silu", "mlp_ratio": 8 / 3}],
+                         ids=["attn_norm", "mlp_norm", "layer_scale", "swiglu"])
+def test_timm_block_options_are_replayed(kw):
+    """The ViT Block options of timm's registry (DeiT III's LayerScale, DINOv2 giant's SwiGLU,
+    scale_attn_norm, scale_mlp_norm): with nothing shared the Mini model is the original. (The
+    attention's output norm was dropped silently before: outputs off by ~1.)"""
+    if kw.get("mlp_layer") == "glu":
+        from timm.layers import SwiGLUPacked
+
+        kw = {**kw, "mlp_layer": SwiGLUPacked}
+    model = tiny_vit(**kw)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(multiplex(model, 1).eval()(x), model(x), rtol=1e-4, atol=1e-5)
+    mini = multiplex(model, 2).train()
+    mini(x).sum().backward()
+    assert all(p.grad is not None for n, p in mini.named_parameters() if "minivit_shared" in n)
+
+
+@pytest.mark.parametrize("name,kw,words", [
+    ("vit_base_patch16_rpn_224", {}, "is a ResPostBlock"),
+    ("vit_small_patch16_18x2_224", {}, "is a ParallelThingsBlock"),
+    ("vit_base_patch16_xp_224", {}, "is a ParallelScalingBlock"),
+    ("vit_dwee_patch16_reg1_gap_256", {}, "has a DiffAttention"),
+    ("vit_tiny_patch16_224", {"qk_norm": True}, "qk_norm"),
+])
+def test_blocks_it_cannot_replay_are_refused_by_name(name, kw, words):
+    """Anything a Mini block would compute differently from the timm block is refused, never run."""
+    model = timm.create_model(name, img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=5, **kw)
+    with pytest.raises(UserError, match=f"MiniViT: block 0.*{words}"):
+        multiplex(model, 2)
+
+
 def test_swin_padding_path_matches():
     """A map the window does not divide (timm pads it): the Mini block pads the same way."""
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=40, window_size=4, embed_dim=16,

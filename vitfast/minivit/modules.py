@@ -11,7 +11,8 @@ shared tensor exactly once; the reference survives .to(), deepcopy and torch.com
 state_dict keys (stable): minivit_shared.<g>.{qkv,proj,fc1,fc2}.{weight,bias}
 [, minivit_shared.<g>.relative_position_bias_table]; per layer, under the model's own block path
 (blocks.<i>. for ViT, layers.<s>.blocks.<j>. for Swin): norm1, norm2, mix.{pre,pre_bias,post,
-post_bias}, mlp_transform.{norm,conv}, ls1, ls2 (ViT LayerScale) and the timm model's other keys.
+post_bias}, mlp_transform.{norm,conv}, ls1, ls2 (ViT LayerScale), attn_norm (ViT's scale_attn_norm)
+and the timm model's other keys.
 """
 from __future__ import annotations
 
@@ -101,10 +102,51 @@ class MlpTransform(nn.Module):
         return torch.cat([head, g.reshape(B, N - prefix, C)], dim=1) if prefix else g.reshape(B, N, C)
 
 
+def _same_forward(module: nn.Module, classes: tuple) -> bool:
+    # a subclass that keeps the forward computes what the Mini block re-implements
+    return any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
+
+
+def check_block(block: nn.Module, index: int, arch: str) -> None:
+    """A UserError naming what the Mini blocks cannot re-implement on shared weights: a Mini block
+    replays its timm block's forward around the shared linears, so anything else would be silently
+    another function (a post-norm or parallel block, differential attention, a q/k norm, a gate)."""
+    from timm.layers import GluMlp, Mlp
+
+    if arch == "vit":
+        from timm.models.vision_transformer import Attention, Block
+
+        kinds = "timm's pre-norm Block with Attention and an Mlp or GluMlp (ViT, DeiT, DeiT III, DINOv2)"
+        block_cls, attn_cls = (Block,), (Attention,)
+    else:
+        from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+
+        from ..patching.swin import FusedSwinTransformerBlock, FusedWindowAttention
+
+        kinds = "timm's SwinTransformerBlock with WindowAttention and an Mlp (Swin v1)"
+        # vitfast.patch's fused modules compute the same (peer-checked in tests/test_patch.py)
+        block_cls = (SwinTransformerBlock, FusedSwinTransformerBlock)
+        attn_cls = (WindowAttention, FusedWindowAttention)
+    where = f"MiniViT: block {index}"
+    if not _same_forward(block, block_cls):
+        raise UserError(f"{where} is a {type(block).__name__}; multiplex takes {kinds}")
+    attn, mlp = block.attn, block.mlp
+    if not _same_forward(attn, attn_cls):
+        raise UserError(f"{where} has a {type(attn).__name__}; multiplex takes {kinds}")
+    if not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity):
+        raise UserError(f"{where}: attention with q/k normalisation (qk_norm) is not supported")
+    if getattr(attn, "gate", None) is not None:
+        raise UserError(f"{where}: gated attention (attn.gate) is not supported")
+    mlp_types = (Mlp, GluMlp) if arch == "vit" else (Mlp,)
+    if not _same_forward(mlp, mlp_types) or not isinstance(mlp.fc1, nn.Linear):
+        raise UserError(f"{where} has a {type(mlp).__name__} MLP; multiplex takes {kinds}")
+
+
 class _MiniBlock(nn.Module):
     """What Mini ViT and Swin blocks share: the group reference, capture for distillation."""
 
     shared: SharedWeights
+    glu: tuple[int, bool] | None = None  # GluMlp's (chunk_dim, gate_last): fc1 makes value and gate
 
     def set_shared(self, shared: SharedWeights) -> None:
         object.__setattr__(self, "shared", shared)  # a reference, not a submodule
@@ -138,7 +180,13 @@ class _MiniBlock(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
-        return self.mlp_drop2(s.fc2(self.mlp_norm(self.mlp_drop1(self.act(s.fc1(x))))))
+        h = s.fc1(x)
+        if self.glu is None:
+            h = self.act(h)
+        else:  # timm's GluMlp (DINOv2 giant's SwiGLU)
+            a, b = h.chunk(2, dim=self.glu[0])
+            h = a * self.act(b) if self.glu[1] else self.act(a) * b
+        return self.mlp_drop2(s.fc2(self.mlp_norm(self.mlp_drop1(h))))
 
 
 class MiniViTBlock(_MiniBlock):
@@ -147,10 +195,12 @@ class MiniViTBlock(_MiniBlock):
     def __init__(self, block: nn.Module, heads_mix: bool, mlp_transform: str | None, grid, prefix: int):
         super().__init__()
         attn, mlp = block.attn, block.mlp
-        if not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity):
-            raise UserError("MiniViT: blocks with q/k normalisation (qk_norm) are not supported")
         self.norm1, self.norm2 = block.norm1, block.norm2
         self.ls1, self.ls2 = block.ls1, block.ls2
+        norm = getattr(attn, "norm", None)  # timm's scale_attn_norm (on the heads' output), per layer
+        self.attn_norm = norm if norm is not None else nn.Identity()
+        if hasattr(mlp, "gate_last"):
+            self.glu = (int(mlp.chunk_dim), bool(mlp.gate_last))
         self.drop_path1, self.drop_path2 = block.drop_path1, block.drop_path2
         self.proj_drop = attn.proj_drop
         self.attn_drop = float(attn.attn_drop.p)
@@ -168,7 +218,7 @@ class MiniViTBlock(_MiniBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
-        out = self.attention(s.qkv(self.norm1(x)))
+        out = self.attn_norm(self.attention(s.qkv(self.norm1(x))))
         x = x + self.drop_path1(self.ls1(self.proj_drop(s.proj(out))))
         if self.mlp_transform is not None:
             x = self.mlp_transform(x, self.grid, self.prefix)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .modules import HeadMix, MiniSwinBlock, MiniViTBlock, MlpTransform, SharedWeights, grid_of
+from .modules import HeadMix, MiniSwinBlock, MiniViTBlock, MlpTransform, SharedWeights, check_block, grid_of
 
 FORMAT = "vitfast-minivit/1"
 INITS = ("first", "mean", "random")
@@ -118,6 +118,8 @@ def multiplex(model: nn.Module, share=2, *, init: str = "first", heads_mix: bool
     depths = [len(s) for s in stages]
     groups = parse_share(share, depths)
     flat = [b for s in stages for b in s]
+    for i, b in enumerate(flat):
+        check_block(b, i, arch)
     shared = nn.ModuleList()
     replaced: list[nn.Module] = []
     for group in groups:
