@@ -409,3 +409,18 @@ def test_registry_parameter_counts(name, paper_m, extra_m):
     assert any(isinstance(mm, HeadMix) for mm in m.modules())
     with pytest.raises(UserError, match="no pretrained Mini weights"):
         timm.create_model(name, pretrained=True)
+
+
+def test_timm_sweep_script_takes_and_refuses(tmp_path):
+    """scripts/minivit_timm_sweep.py on a few names: DeiT taken, a post-norm ViT refused, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    md = tmp_path / "sweep.md"
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "minivit_timm_sweep.py")
+    p = subprocess.run([sys.executable, script, "--prefix", "deit_tiny_patch16_224",
+                        "vit_base_patch16_rpn_224", "--markdown", str(md)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "vit taken 1" in p.stdout and "vit refused 1" in p.stdout, p.stdout
+    assert "| vit_base_patch16_rpn_224 | refused: MiniViT: block 0 is a ResPostBlock" in md.read_text()
