@@ -57,6 +57,50 @@ def test_timm_block_options_are_replayed(kw):
     assert all(p.grad is not None for n, p in mini.named_parameters() if "minivit_shared" in n)
 
 
+def test_dynamic_img_size_vit_runs_at_any_size(tmp_path):
+    """A timm ViT built with dynamic_img_size=True takes other image sizes; so does its Mini model:
+    the MLP transform reads each forward's token grid (it used to reshape to the built grid: an
+    error, or for a same-count grid, e.g. 64x24 for 32x48, silently wrong). Copies, save/load
+    and torch.compile keep it; a fixed-size model still refuses another size."""
+    model = tiny_vit(dynamic_img_size=True)
+    mini = multiplex(model, 1).eval()
+    with torch.no_grad():
+        for b in mini.blocks:  # a transform that is not the identity, so that the grid matters
+            b.mlp_transform.conv.weight.normal_(std=0.1)
+    ref_grid = multiplex(tiny_vit(), 1).eval()
+    ref_grid.load_state_dict(mini.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mini(x), ref_grid(x))                   # the built size: as before
+    for size in [(48, 48), (64, 24), (24, 64)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            out = mini(x)
+            expect = _mini_on_grid(mini, x, (size[0] // 8, size[1] // 8))
+            torch.testing.assert_close(out, expect)
+            torch.testing.assert_close(copy.deepcopy(mini)(x), out)
+    save_mini(mini, str(tmp_path / "m"), "vit_tiny_patch16_224",
+              dict(img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3, num_classes=5, dynamic_img_size=True))
+    loaded = load_mini(str(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out)
+    with pytest.raises(ValueError, match="4x4 grid"):
+        mini.blocks[0].mlp_transform(torch.randn(1, 1 + 6 * 4, 48), (4, 4), 1)
+
+
+def _mini_on_grid(mini, x, grid):
+    """The Mini model's forward with the token grid given explicitly (blocks told, not hooked)."""
+    feats = mini.patch_embed(x)
+    feats = mini.norm_pre(mini.patch_drop(mini._pos_embed(feats)))
+    for b in mini.blocks:
+        s = b.shared
+        out = b.attn_norm(b.attention(s.qkv(b.norm1(feats))))
+        feats = feats + b.ls1(s.proj(out))
+        feats = b.mlp_transform(feats, grid, b.prefix)
+        feats = feats + b.ls2(b.mlp(b.norm2(feats)))
+    return mini.forward_head(mini.norm(feats))
+
+
 @pytest.mark.parametrize("name,kw,words", [
     ("vit_base_patch16_rpn_224", {}, "is a ResPostBlock"),
     ("vit_small_patch16_18x2_224", {}, "is a ParallelThingsBlock"),

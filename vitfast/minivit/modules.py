@@ -92,6 +92,10 @@ class MlpTransform(nn.Module):
                 return x + self._conv_nhwc(x)
             return x + self._conv_nhwc(self.norm(x))
         B, N, C = x.shape  # (B, prefix + H*W, C): ViT
+        if N - prefix != grid[0] * grid[1]:
+            raise ValueError(f"MiniViT MLP transform: {N} tokens are not {prefix} prefix token(s) and a "
+                             f"{grid[0]}x{grid[1]} grid; a Mini ViT runs at the image size it was built for "
+                             "unless the timm model was built with dynamic_img_size=True")
         head, tokens = x[:, :prefix], x[:, prefix:]
         g = tokens.reshape(B, grid[0], grid[1], C)
         if self.mode == "official":
@@ -216,12 +220,16 @@ class MiniViTBlock(_MiniBlock):
         self.eager = False  # True: the attention in PyTorch ops (benchmark baseline, attention dropout)
         self.head_mix_impl = "auto"  # or "fused" / "sdpa": head_mix_attention's impl (faster is per GPU and shape)
 
+    def token_grid(self) -> tuple[int, int]:
+        source = getattr(self, "grid_source", None)  # dynamic_img_size: the grid of this forward's image
+        return getattr(source, "minivit_grid", self.grid) if source is not None else self.grid
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shared
         out = self.attn_norm(self.attention(s.qkv(self.norm1(x))))
         x = x + self.drop_path1(self.ls1(self.proj_drop(s.proj(out))))
         if self.mlp_transform is not None:
-            x = self.mlp_transform(x, self.grid, self.prefix)
+            x = self.mlp_transform(x, self.token_grid(), self.prefix)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -287,6 +295,13 @@ class MiniSwinBlock(_MiniBlock):
         if self.mlp_transform is not None:
             x = self.mlp_transform(x)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def record_token_grid(patch_embed: nn.Module, args) -> None:
+    """Forward pre-hook on the patch embedding of a timm ViT built with dynamic_img_size: the token
+    grid of the image being run, read by the Mini blocks' MLP transforms (a module-level function,
+    so that deepcopy and pickling keep it)."""
+    patch_embed.minivit_grid = tuple(int(v) for v in patch_embed.dynamic_feat_size(args[0].shape[-2:]))
 
 
 def count_parameters(model: nn.Module) -> int:

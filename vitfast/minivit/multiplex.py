@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .modules import HeadMix, MiniSwinBlock, MiniViTBlock, MlpTransform, SharedWeights, check_block, grid_of
+from .modules import (HeadMix, MiniSwinBlock, MiniViTBlock, MlpTransform, SharedWeights, check_block, grid_of,
+                      record_token_grid)
 
 FORMAT = "vitfast-minivit/1"
 INITS = ("first", "mean", "random")
@@ -138,6 +139,10 @@ def multiplex(model: nn.Module, share=2, *, init: str = "first", heads_mix: bool
     it = iter(replaced)
     if arch == "vit":
         mini.blocks = nn.Sequential(*[next(it) for _ in range(depths[0])])
+        if getattr(mini, "dynamic_img_size", False) and mlp_transform:
+            mini.patch_embed.register_forward_pre_hook(record_token_grid)
+            for m in mini.blocks:
+                object.__setattr__(m, "grid_source", mini.patch_embed)  # a reference, not a submodule
     else:
         for stage in mini.layers:
             stage.blocks = nn.Sequential(*[next(it) for _ in range(len(stage.blocks))])
