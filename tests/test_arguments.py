@@ -145,6 +145,26 @@ def test_minivit_refuses_model_options_without_a_model(tmp_path, args, words):
     assert not (out / "run.json").exists()
 
 
+@pytest.mark.parametrize("kwargs,words", [
+    (["embed_dim=95", "num_heads=3"], "AssertionError: dim should be divisible by num_heads"),
+    (["mlp_layer=SwiGLUPacked"], "TypeError: 'str' object is not callable"),
+    (["no_such_option=1"], "TypeError"),
+])
+@pytest.mark.parametrize("command", ["lowrank", "minivit", "save-logits"])
+def test_model_kwargs_the_constructor_refuses_are_one_line(tmp_path, command, kwargs, words):
+    """A registered name with arguments timm's constructor refuses: one line naming the model, the
+    arguments and timm's reason (a raw traceback before), and nothing left that blocks the corrected
+    run."""
+    out = tmp_path / "o"
+    model = "--model" if command == "lowrank" else "--teacher"
+    args = [model, "vit_tiny_patch16_224", "--model-kwargs", *kwargs, "--data", str(tmp_path)]
+    cmd = ["tinyvit", "save-logits"] if command == "save-logits" else [command]
+    p = vitfast(*cmd, *args, "--checkpoint", os.devnull, "--out", str(out))
+    one_line_error(p, "vit_tiny_patch16_224: timm could not build it with")
+    assert words in p.stderr and "check --model-kwargs" in p.stderr
+    assert not (out / "run.json").exists() and not (out / "store.json").exists()
+
+
 def test_distill_refuses_bad_epochs_and_missing_data(tmp_path):
     one_line_error(vitfast("tinyvit", "distill", "--labels-only", "--epochs", "0", "--out", str(tmp_path / "d")),
                    "--epochs")

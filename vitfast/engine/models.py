@@ -84,7 +84,11 @@ def create_model(name: str, *, num_classes: int | None = None, checkpoint: str |
         if pretrained:
             raise UserError(f"pretrained weights for '{name}' could not be loaded ({str(exc).splitlines()[0]}); "
                             "download them elsewhere and pass --checkpoint FILE") from exc
-        raise
+        # the name is registered (checked above), so the arguments are what the constructor refused
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        first = (str(exc).splitlines() or [""])[0]
+        raise UserError(f"argument {what} {name}: timm could not build it with {given or 'its defaults'} "
+                        f"({type(exc).__name__}: {first}); check --model-kwargs") from exc
     source = "pretrained" if pretrained and not checkpoint else "random"
     if checkpoint:
         state = read_state_dict(checkpoint)
