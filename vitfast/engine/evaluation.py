@@ -23,8 +23,7 @@ def folder_tensors(root: str, model: nn.Module, limit: int | None = None, seed: 
     """(images, labels) of an ImageFolder (a random subset of `limit`, fixed by `seed`) through the
     model's timm evaluation transform, in memory: for small sets that every stage reuses (the
     low-rank proxy set)."""
-    loader = folder_loader(root, model, 256, workers, input_size)
-    ds = loader.dataset
+    ds = _folder(root, model, input_size, "--data")  # unlabeled: any class folders
     idx = list(range(len(ds)))
     if limit is not None and limit < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
@@ -33,7 +32,50 @@ def folder_tensors(root: str, model: nn.Module, limit: int | None = None, seed: 
     return torch.cat(xs), torch.cat(ys)
 
 
-def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: int = 4, input_size=None):
+def match_classes(ds, train_classes: list[str] | None, num_classes: int | None, what: str = "--eval-data") -> None:
+    """Labels of an evaluation ImageFolder that mean what the model's outputs mean, checked before
+    any work (a label past the head used to fail at the first evaluation, after an epoch of
+    training; a folder of other classes was scored silently).
+
+    train_classes (the training folder's names): the evaluation folders are matched by name, so a
+    subset of the classes is scored correctly; a name the training data lacks is refused.
+    Without them (the head's own order): the folders, in sorted order, must be as many as the head's
+    outputs."""
+    from ..errors import UserError
+
+    found = list(ds.classes)
+    if train_classes is not None and found != list(train_classes):
+        index = {c: i for i, c in enumerate(train_classes)}
+        unknown = [c for c in found if c not in index]
+        if unknown:
+            more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+            raise UserError(f"argument {what}: class folder(s) {', '.join(map(repr, unknown[:3]))}{more} are not "
+                            f"classes of the training data ({len(train_classes)} classes, e.g. "
+                            f"{', '.join(map(repr, train_classes[:3]))}); labels are matched by folder name")
+        remap = [index[c] for c in found]
+        ds.samples = [(path, remap[t]) for path, t in ds.samples]
+        ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
+        ds.classes, ds.class_to_idx = list(train_classes), dict(index)
+    elif train_classes is None and num_classes is not None and len(found) != num_classes:
+        raise UserError(f"argument {what}: {len(found)} class folder(s), the model's head has {num_classes} outputs; "
+                        "the folders are matched to the outputs in sorted order, so there must be one per output")
+    if num_classes is not None and ds.targets and max(ds.targets) >= num_classes:
+        raise UserError(f"argument {what}: class {ds.classes[max(ds.targets)]!r} is label {max(ds.targets)}, "
+                        f"past the model's {num_classes} outputs")
+
+
+def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: int = 4, input_size=None,
+                  train_classes: list[str] | None = None, what: str = "--eval-data"):
+    """A DataLoader over an evaluation ImageFolder whose labels are checked against the model's
+    head (and matched by name to `train_classes` when given: match_classes)."""
+    ds = _folder(root, model, input_size, what)
+    match_classes(ds, train_classes, getattr(model, "num_classes", None) or None, what)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def _folder(root: str, model: nn.Module, input_size, what: str):
+    """The ImageFolder through the model's timm evaluation transform."""
     from ..data.folders import image_folder
 
     tf, cfg = eval_transform(model, input_size)
@@ -41,9 +83,7 @@ def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: i
         from torchvision import transforms
 
         tf = transforms.Compose([transforms.Grayscale(1), tf])
-    ds = image_folder(root, tf, "evaluation folder")
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
+    return image_folder(root, tf, what)
 
 
 @torch.no_grad()

@@ -175,9 +175,7 @@ def load_data(cfg: MiniViTConfig, teacher):
                         f"{len(ds.classes)} with a checkpoint of that many classes, or fix the folder")
     if cfg.eval_data is None:
         return ds, None, None
-    loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size)
-    if len(loader.dataset.classes) != len(ds.classes):
-        raise UserError(f"--eval-data has {len(loader.dataset.classes)} classes, --data {len(ds.classes)}")
+    loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size, ds.classes)
     return ds, (lambda: loader), f"--eval-data '{cfg.eval_data}' ({len(loader.dataset)} images)"
 
 

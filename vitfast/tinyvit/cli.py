@@ -244,7 +244,10 @@ def run_distill(args) -> int:
     if args.eval_data:  # streamed through the student's own timm data config (timm's validate.py)
         from ..engine.evaluation import folder_loader
 
-        loader = folder_loader(args.eval_data, student, max(args.batch_size, 64), _workers(args))
+        from torchvision.datasets import DatasetFolder
+
+        names = ds.classes if isinstance(ds, DatasetFolder) else None  # labels matched by folder name
+        loader = folder_loader(args.eval_data, student, max(args.batch_size, 64), _workers(args), train_classes=names)
         eval_set = lambda: loader  # noqa: E731
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
