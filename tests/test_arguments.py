@@ -126,6 +126,11 @@ def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_p
     (["--input-size", "3", "32"], "--input-size must be N or C,H,W"),
     (["--input-size", "32"], "it applies with --data"),
     (["--model-kwargs", "img_size=32"], "give --teacher too"),
+    (["--reprob", "0.5"], "--reprob: the embedded digits have their own augmentation"),
+    (["--data", ".", "--reprob", "1.5"], "--reprob must lie in [0, 1]"),
+    (["--data", ".", "--mixup", "-0.2"], "--mixup must be >= 0"),
+    (["--data", ".", "--cutmix", "nan"], "--cutmix must be >= 0"),
+    (["--data", ".", "--aa", "randaug"], "--aa: 'randaug' is not a timm auto-augment policy"),
 ])
 def test_save_logits_refuses_and_leaves_nothing(tmp_path, args, words):
     store = tmp_path / "store"
@@ -136,10 +141,15 @@ def test_save_logits_refuses_and_leaves_nothing(tmp_path, args, words):
 @pytest.mark.parametrize("args,words", [
     (["--model-kwargs", "img_size=32"], "give --teacher too"),
     (["--input-size", "32"], "it applies with --data"),
+    (["--reprob", "2"], "--reprob must lie in [0, 1]"),
+    (["--smoothing", "1"], "--smoothing must lie in [0, 1)"),
+    (["--mixup", "-1"], "--mixup must be >= 0"),
+    (["--aa", "foo"], "--aa: 'foo' is not a timm auto-augment policy (Unknown AA policy foo)"),
 ])
-def test_minivit_refuses_model_options_without_a_model(tmp_path, args, words):
+def test_minivit_refuses_before_any_work(tmp_path, args, words):
     """The embedded default has its own model: options that describe another one are refused, not
-    silently ignored, and nothing is left in --output."""
+    silently ignored; augmentation options out of range (or an --aa timm cannot build) are refused
+    before any work; nothing is left in --output."""
     out = tmp_path / "m"
     one_line_error(vitfast("minivit", "--output", str(out), "--no-ablation", *args), words)
     assert not (out / "run.json").exists()

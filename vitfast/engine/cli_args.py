@@ -112,6 +112,27 @@ def input_size(value) -> tuple | None:
     return tuple(parts)
 
 
+def check_augmentation(aa=None, reprob=None, mixup=None, cutmix=None, smoothing=None) -> None:
+    """The augmentation options in range and --aa a policy timm can build, or a UserError naming the
+    first that is not -- before any model or data is loaded (None: not given). Out of range, they
+    used to run silently (--reprob 2 erases every image) or fail at the first batch."""
+    rules = (("--reprob", reprob, "lie in [0, 1]", lambda v: 0 <= v <= 1),
+             ("--mixup", mixup, "be >= 0 (a Beta distribution's alpha; 0: off)", lambda v: v >= 0),
+             ("--cutmix", cutmix, "be >= 0 (a Beta distribution's alpha; 0: off)", lambda v: v >= 0),
+             ("--smoothing", smoothing, "lie in [0, 1)", lambda v: 0 <= v < 1))
+    for name, value, rule, ok in rules:
+        if value is not None and not ok(value):
+            raise UserError(f"argument {name} must {rule}, got {value}")
+    if aa not in (None, "", "none"):
+        from timm.data import create_transform
+
+        try:
+            create_transform(32, is_training=True, auto_augment=aa)
+        except Exception as exc:  # noqa: BLE001  (timm asserts on names it does not know)
+            raise UserError(f"argument --aa: {aa!r} is not a timm auto-augment policy ({str(exc) or type(exc).__name__}); "
+                            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from exc
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, said once: not where the help text names it already, not
     for switches (store_true / store_false) and not when it is None."""

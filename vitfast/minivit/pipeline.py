@@ -20,7 +20,7 @@ from .. import distributed as vdist
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
 from ..engine.checkpoint import atomic_write_json
 from ..engine.run import forgets_unsaved_runs_on_refusal
-from ..engine.cli_args import default_workers
+from ..engine.cli_args import check_augmentation, default_workers
 from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
 from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
@@ -96,7 +96,8 @@ class MiniViTConfig:
             raise UserError(f"argument --alpha must lie in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise UserError(f"argument --temperature must be > 0, got {self.temperature}")
-        for name in ("attn_weight", "hidden_weight", "mixup", "cutmix", "reprob", "smoothing"):
+        check_augmentation(self.aa, self.reprob, self.mixup, self.cutmix, self.smoothing)
+        for name in ("attn_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"argument --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.relation_impl not in RELATION_IMPLS:

@@ -162,6 +162,7 @@ def _teacher(args):
 
 def run_save(args) -> int:
     from .. import distributed as vdist
+    from ..engine.cli_args import check_augmentation
     from ..errors import UserError
     from .train import save_logits
 
@@ -171,6 +172,11 @@ def run_save(args) -> int:
         raise UserError("argument --input-size: the embedded digits are 16 x 16 images; it applies with --data")
     if args.batch_size < 2:
         raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
+    augmentation = {"aa": args.aa, "reprob": args.reprob, "mixup": args.mixup, "cutmix": args.cutmix}
+    given = [f"--{k}" for k, v in augmentation.items() if v is not None]
+    if given and not args.data:
+        raise UserError(f"argument {given[0]}: the embedded digits have their own augmentation; it applies with --data")
+    check_augmentation(**augmentation)
     rank, world, device = vdist.setup(args.device)
     teacher, name = _teacher(args)
     recipe = None
