@@ -223,3 +223,16 @@ def test_tinyvit_commands_read_a_config_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", "distill", "--config", str(cfg), "--out",
                            str(tmp_path / "run")], capture_output=True, text=True)
     assert proc.returncode == 2 and "argument --epochs must be >= 1" in proc.stderr, proc.stderr
+
+
+def test_num_classes_may_be_given_among_the_model_arguments():
+    """--model-kwargs num_classes=N builds the model (a TypeError traceback before: two values for
+    one keyword); with a --num-classes that says otherwise it is refused in words."""
+    from vitfast.engine.models import create_model
+    from vitfast.errors import UserError
+
+    small = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3}
+    assert create_model("vit_tiny_patch16_224", model_kwargs={**small, "num_classes": 4}).num_classes == 4
+    assert create_model("vit_tiny_patch16_224", num_classes=4, model_kwargs={**small, "num_classes": 4}).num_classes == 4
+    with pytest.raises(UserError, match="--num-classes 3 and num_classes=4 in the model's arguments disagree"):
+        create_model("vit_tiny_patch16_224", num_classes=3, model_kwargs={**small, "num_classes": 4})

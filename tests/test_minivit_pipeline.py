@@ -233,3 +233,46 @@ def test_relation_impl_option_reaches_the_config_and_is_checked():
         MiniViTConfig(relation_impl="flash").validate()
     with pytest.raises(SystemExit):
         parser.parse_args(["minivit", "--relation-impl", "flash"])
+
+
+def _save_swin(path, seed, classes=3, embed_dim=24, depths=(2, 4)):
+    torch.manual_seed(seed)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=embed_dim,
+                              depths=depths, num_heads=(2, 4), num_classes=classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_distilled_from_another_teacher(folder_and_teacher, tmp_path):
+    """--distill-teacher: the official Mini-Swin recipe distils every size from a bigger Swin. The
+    Mini model of the 2+2-layer Swin learns from a wider 2+4-layer one (layer pairs by relative
+    depth), the run's identity holds the teacher's weights, and a teacher that cannot serve (other
+    classes, another image size, options without the teacher) is refused in one line."""
+    data, ckpt, root = folder_and_teacher
+    big_kwargs = ["img_size=32", "window_size=4", "embed_dim=24", "depths=(2,4)", "num_heads=(2,4)"]
+
+    def big(weights, *more):
+        return ["--share", "2", "--distill-teacher", "swin_tiny_patch4_window7_224", "--distill-checkpoint", weights,
+                "--distill-model-kwargs", *big_kwargs, *more]
+
+    out = str(tmp_path / "from_big")
+    p = vitfast(*swin_args(data, ckpt, out, epochs=1, extra=big(_save_swin(root / "big.safetensors", 1))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["distilled_from"] == "swin_tiny_patch4_window7_224"
+    assert [tuple(p) for p in report["pairs"]] == [(1, 1), (3, 5)]
+    assert "distilled from swin_tiny_patch4_window7_224" in open(os.path.join(out, "report.md")).read()
+    assert load_mini(os.path.join(out, "mini_model"))(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    # the same folder with another teacher's weights: another run
+    p = vitfast(*swin_args(data, ckpt, out, epochs=1, extra=big(_save_swin(root / "big_b.safetensors", 2))))
+    assert p.returncode == 2 and "distill_checkpoint" in p.stderr, p.stderr[-2000:]
+
+    five = _save_swin(root / "big5.safetensors", 3, classes=5)
+    for name, extra, words in (("classes", big(five, "num_classes=5"), "5 classes, the model to compress 3"),
+                               ("size", big(_save_swin(root / "big.safetensors", 1), "img_size=64"),
+                                "it takes 64x64 images, the model to compress 32x32"),
+                               ("alone", ["--distill-checkpoint", five], "give --distill-teacher too")):
+        bad = str(tmp_path / f"bad_{name}")
+        p = vitfast(*swin_args(data, ckpt, bad, epochs=1, extra=extra))
+        assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+        assert not os.path.exists(os.path.join(bad, "run.json"))

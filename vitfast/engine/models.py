@@ -68,12 +68,20 @@ def head_classes(state: dict, model: nn.Module) -> int | None:
 
 
 def create_model(name: str, *, num_classes: int | None = None, checkpoint: str | None = None,
-                 pretrained: bool = False, what: str = "--model", **kwargs) -> nn.Module:
+                 pretrained: bool = False, what: str = "--model", model_kwargs: dict | None = None,
+                 **kwargs) -> nn.Module:
     """timm.create_model with checked name, class count and weights. The model remembers where its
     weights came from in `model.vitfast_weights` ("checkpoint:<path>", "pretrained" or "random")."""
     import timm
 
     check_model_name(name, what)
+    kwargs = {**(model_kwargs or {}), **kwargs}  # the user's --model-kwargs (a dict: num_classes may be in it)
+    if "num_classes" in kwargs:  # said in the model's arguments (--model-kwargs num_classes=N)
+        given = kwargs.pop("num_classes")
+        if num_classes is not None and given != num_classes:
+            raise UserError(f"argument --num-classes {num_classes} and num_classes={given} in the model's arguments "
+                            "disagree; give one")
+        num_classes = given
     if num_classes is not None:
         if num_classes < 1:
             raise UserError(f"argument --num-classes must be >= 1, got {num_classes}")

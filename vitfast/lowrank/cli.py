@@ -51,7 +51,7 @@ def _load_model(args):
     extra = model_kwargs(getattr(args, "model_kwargs", None))
     kwargs = {**extra, **({"num_classes": args.num_classes} if args.num_classes else {})}
     model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
-                         pretrained=getattr(args, "pretrained", False), **extra)
+                         pretrained=getattr(args, "pretrained", False), model_kwargs=extra)
     if model.vitfast_weights == "random" and args.model != "vitfast_digits_vit":
         raise UserError(f"argument --model {args.model}: no weights given (--checkpoint FILE or --pretrained); "
                         "compressing a randomly initialised model would be meaningless")

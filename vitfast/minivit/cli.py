@@ -40,6 +40,13 @@ def add_parser(sub) -> None:
                         "windows at a time, keeping no (B, heads, N, N) relation for the backward (autograd keeps "
                         "GBs of them at ImageNet shapes), the softmaxes and cross-entropy of every relation row in one "
                         "fused kernel pass; chunked: the same with eager float32 softmaxes; same values")
+    g.add_argument("--distill-teacher", help="timm name of the model distilled from, if not the original (official "
+                   "Mini-Swin: swin_base_patch4_window7_224 for every size); same classes, image size and tokens per "
+                   "window at the paired layers")
+    g.add_argument("--distill-checkpoint", help="--distill-teacher's weights (.safetensors or a torch state_dict)")
+    g.add_argument("--distill-pretrained", action="store_true", help="timm's pretrained weights for --distill-teacher")
+    g.add_argument("--distill-model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments for --distill-teacher")
     g.add_argument("--layer-pairs", help="student:teacher layer pairs, e.g. '1:1,3:3' (default: the official rule)")
     g.add_argument("--store", help="a TinyViT logit store (vitfast tinyvit save-logits) for the prediction term: "
                                    "images replayed with the store's augmentation, no teacher run for predictions")
@@ -77,7 +84,9 @@ def config_from_args(a):
                   mlp_transform=None if a.mlp_transform == "none" else a.mlp_transform, alpha=a.alpha,
                   distill_predictions=a.distill_predictions, temperature=a.temperature, attn_weight=a.attn_weight,
                   hidden_weight=a.hidden_weight, relation_heads=a.relation_heads, relation_impl=a.relation_impl,
-                  layer_pairs=a.layer_pairs,
+                  layer_pairs=a.layer_pairs, distill_teacher=a.distill_teacher,
+                  distill_checkpoint=a.distill_checkpoint, distill_pretrained=a.distill_pretrained,
+                  distill_model_kwargs=model_kwargs(a.distill_model_kwargs),
                   store=a.store,
                   data=a.data, eval_data=a.eval_data, input_size=input_size(a.input_size), output=a.output,
                   resume=a.resume, device=a.device, progress=a.progress)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import distributed as vdist
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
@@ -55,6 +56,11 @@ class MiniViTConfig:
     attn_weight: float = 1.0            # attention relations (MiniLMv2)
     hidden_weight: float = 0.1          # hidden-state relations
     relation_heads: int = 1
+    # the model distilled from (official Mini-Swin: Swin-B for every size); None: the original
+    distill_teacher: str | None = None
+    distill_checkpoint: str | None = None
+    distill_pretrained: bool = False
+    distill_model_kwargs: dict = field(default_factory=dict)
     # "fused": each relation loss computes its value and its gradient together, a chunk of
     # windows at a time, and keeps only the (B, N, C) gradient (vitfast.minivit.relations), the
     # softmaxes, cross-entropy and gradient of every relation row in one pass of the fused
@@ -114,6 +120,13 @@ class MiniViTConfig:
                             "--no-prediction-distillation")
         if (self.teacher is None) != (self.data is None):
             raise UserError("give both --teacher and --data (an ImageFolder), or neither (the embedded default)")
+        if self.distill_teacher is None and (self.distill_checkpoint or self.distill_pretrained
+                                             or self.distill_model_kwargs):
+            raise UserError("argument --distill-checkpoint / --distill-pretrained / --distill-model-kwargs describe "
+                            "--distill-teacher: give --distill-teacher too")
+        if self.distill_teacher is not None and self.teacher is None:
+            raise UserError("argument --distill-teacher: the embedded default distils from its own teacher; it "
+                            "applies with --teacher and --data")
 
     @property
     def uses_teacher(self) -> bool:
@@ -145,10 +158,45 @@ def load_teacher(cfg: MiniViTConfig):
 
     kwargs = {**cfg.model_kwargs, **({"num_classes": cfg.num_classes} if cfg.num_classes else {})}
     model = create_model(cfg.teacher, num_classes=cfg.num_classes, checkpoint=cfg.checkpoint,
-                         pretrained=cfg.pretrained, what="--teacher", **cfg.model_kwargs)
+                         pretrained=cfg.pretrained, what="--teacher", model_kwargs=cfg.model_kwargs)
     if model.vitfast_weights == "random":
         raise UserError(f"the teacher '{cfg.teacher}' has random weights: give --checkpoint FILE or --pretrained")
     return model.eval(), cfg.teacher, kwargs
+
+
+def load_distill_teacher(cfg: MiniViTConfig) -> nn.Module | None:
+    """The model distilled from when it is not the original (--distill-teacher), with trained
+    weights; None: the original (check_distill_teacher compares the two)."""
+    if cfg.distill_teacher is None:
+        return None
+    from ..engine.models import create_model
+
+    own = "num_classes" in cfg.distill_model_kwargs  # else --num-classes, which describes the data, applies
+    model = create_model(cfg.distill_teacher, num_classes=None if own else cfg.num_classes,
+                         checkpoint=cfg.distill_checkpoint,
+                         pretrained=cfg.distill_pretrained, what="--distill-teacher",
+                         model_kwargs=cfg.distill_model_kwargs)
+    if model.vitfast_weights == "random":
+        raise UserError(f"argument --distill-teacher {cfg.distill_teacher}: random weights; give --distill-checkpoint "
+                        "FILE or --distill-pretrained")
+    return model.eval()
+
+
+def check_distill_teacher(cfg: MiniViTConfig, original: nn.Module, model: nn.Module) -> None:
+    """A teacher other than the original must have its classes (for the prediction term) and take
+    its images (both see the same batches); token counts at the paired layers are checked by the
+    relation losses."""
+    from ..engine.data_config import built_size
+
+    what = f"argument --distill-teacher {cfg.distill_teacher or type(model).__name__}"
+    mine, theirs = getattr(original, "num_classes", None), getattr(model, "num_classes", None)
+    if mine != theirs and cfg.distill_predictions and cfg.alpha < 1 and cfg.store is None:
+        raise UserError(f"{what}: {theirs} classes, the model to compress {mine}; the prediction term needs the same "
+                        "classes")
+    a, b = built_size(original), built_size(model)
+    if a is not None and b is not None and a != b:
+        raise UserError(f"{what}: it takes {b[0]}x{b[1]} images, the model to compress {a[0]}x{a[1]}; both see the "
+                        "same images (--distill-model-kwargs img_size=...)")
 
 
 def load_data(cfg: MiniViTConfig, teacher):
@@ -268,9 +316,11 @@ def _add_relations(cfg, cap_s, cap_t, parts, total):
 
 @forgets_unsaved_runs_on_refusal
 def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
-               out_dir: str, log: RunLog | None = None) -> dict:
+               out_dir: str, log: RunLog | None = None, distill_teacher: nn.Module | None = None) -> dict:
     """Multiplex `teacher`, train the Mini model into out_dir (resumable, configuration-checked),
-    save it; returns {history, eval, params, model}."""
+    save it; returns {history, eval, params, model}. The Mini model is distilled from
+    `distill_teacher` (any timm model with the same classes and tokens at the paired layers: the
+    official Mini-Swin distils every size from Swin-B), by default from `teacher` itself."""
     cfg.validate()
     rank, world = vdist.rank_world()
     log = log or RunLog(out_dir, rank == 0)
@@ -281,11 +331,15 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     # compile changes the speed, not the run: not part of its identity
     run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
-                  "store": store_id},
+                  "store": store_id, "distill_checkpoint": file_digest(cfg.distill_checkpoint)},
                  volatile=("workers", "progress", "output", "device", "resume", "relation_impl"))
     resumed = run.start(cfg.resume)
     torch.manual_seed(cfg.train.seed)  # the init ("random") and the first epoch's augmentation
     student = multiplex(teacher, cfg.share, init=cfg.init, heads_mix=cfg.heads_mix, mlp_transform=cfg.mlp_transform)
+    original = teacher
+    if distill_teacher is not None:  # from here on, "teacher" is the model distilled from
+        check_distill_teacher(cfg, original, distill_teacher)
+        teacher = distill_teacher
     teacher = teacher.to(device).eval()  # runs under no_grad only; its parameters are left as they are
     student.to(device)
     cap_s = cap_t = None
@@ -295,7 +349,7 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
         cap_s = Capture(student, [s for s, _ in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
         cap_t = Capture(teacher, [t for _, t in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
     mixup = None
-    num_classes = getattr(teacher, "num_classes", None)
+    num_classes = getattr(original, "num_classes", None)
     if cfg.data is not None and (cfg.mixup > 0 or cfg.cutmix > 0):
         from timm.data import Mixup
 
@@ -322,8 +376,9 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
             out["ema_top1"] = evaluate(ema, eval_batches(), device, cfg.train.amp_dtype)["top1"]
         return out
 
-    log(f"minivit: {teacher_name} {count_params(teacher):,} parameters -> Mini {count_params(student):,} "
-        f"(groups {student.minivit['groups']}, {len(dataset)} training images, {steps} steps/epoch"
+    source = f", distilled from {cfg.distill_teacher or type(teacher).__name__}" if teacher is not original else ""
+    log(f"minivit: {teacher_name} {count_params(original):,} parameters -> Mini {count_params(student):,} "
+        f"(groups {student.minivit['groups']}, {len(dataset)} training images, {steps} steps/epoch{source}"
         f"{', predictions from the store ' + cfg.store if cfg.store else ''}{', resuming' if resumed else ''})")
     try:
         result = fit(student, cfg.train, batches=batches, steps_per_epoch=steps, loss_fn=loss_fn,
@@ -431,9 +486,11 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
                 f.write(ablation_markdown(ab))
         return ab
     teacher, name, kwargs = load_teacher(cfg)
+    distill_teacher = load_distill_teacher(cfg)
     dataset, eval_batches, eval_what = load_data(cfg, teacher)
-    res = train_mini(cfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, cfg.output, log)
-    report = {"teacher": name, "share": cfg.share, "groups": res["model"].minivit["groups"],
+    res = train_mini(cfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, cfg.output, log,
+                     distill_teacher=distill_teacher)
+    report = {"teacher": name, "distilled_from": cfg.distill_teacher, "share": cfg.share, "groups": res["model"].minivit["groups"],
               "heads_mix": cfg.heads_mix, "mlp_transform": cfg.mlp_transform, "pairs": res["pairs"],
               "eval_on": eval_what, "history": res["history"]}
     if rank == 0:

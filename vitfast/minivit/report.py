@@ -89,7 +89,8 @@ def single_markdown(report: dict) -> str:
     lines = [f"# MiniViT: {report['teacher']} -> Mini (sharing {report['share']})", "",
              f"Groups of layers sharing weights: {report['groups']}; transforms: head mixing "
              f"{'on' if report['heads_mix'] else 'off'}, MLP transform {report['mlp_transform'] or 'off'}; "
-             f"layer pairs for relations: {report['pairs'] or 'none'}.", "",
+             f"layer pairs for relations: {report['pairs'] or 'none'}; distilled from "
+             f"{report.get('distilled_from') or 'the original'}.", "",
              "| model | parameters | MACs / image | images/s | top-1 % |", "|---|---|---|---|---|"]
     for name in ("original", "mini"):
         r = c[name]

@@ -153,7 +153,7 @@ def _teacher(args):
     from ..errors import UserError
 
     model = create_model(args.teacher, num_classes=getattr(args, "num_classes", None), checkpoint=args.checkpoint,
-                         what="--teacher", **kwargs)
+                         what="--teacher", model_kwargs=kwargs)
     if model.vitfast_weights == "random":
         raise UserError(f"argument --teacher {args.teacher}: no weights given (--checkpoint FILE); a random teacher "
                         "would fill the store with noise")
@@ -276,7 +276,7 @@ def _student(args, classes: int):
     if args.student:
         from ..engine.models import create_model
 
-        return create_model(args.student, num_classes=classes, what="--student", **kwargs)
+        return create_model(args.student, num_classes=classes, what="--student", model_kwargs=kwargs)
     from .defaults import digits_student
 
     return digits_student()
