@@ -155,12 +155,13 @@ def test_minivit_refuses_before_any_work(tmp_path, args, words):
     assert not (out / "run.json").exists()
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (["embed_dim=95", "num_heads=3"], "AssertionError: dim should be divisible by num_heads"),
-    (["mlp_layer=SwiGLUPacked"], "TypeError: 'str' object is not callable"),
-    (["no_such_option=1"], "TypeError"),
+@pytest.mark.parametrize("command,kwargs,words", [
+    ("lowrank", ["embed_dim=95", "num_heads=3"], "AssertionError: dim should be divisible by num_heads"),
+    ("lowrank", ["mlp_layer=SwiGLUPacked"], "TypeError: 'str' object is not callable"),
+    ("lowrank", ["no_such_option=1"], "TypeError"),
+    ("minivit", ["embed_dim=95", "num_heads=3"], "AssertionError: dim should be divisible by num_heads"),
+    ("save-logits", ["no_such_option=1"], "TypeError"),
 ])
-@pytest.mark.parametrize("command", ["lowrank", "minivit", "save-logits"])
 def test_model_kwargs_the_constructor_refuses_are_one_line(tmp_path, command, kwargs, words):
     """A registered name with arguments timm's constructor refuses: one line naming the model, the
     arguments and timm's reason (a raw traceback before), and nothing left that blocks the corrected
