@@ -276,3 +276,25 @@ def test_distilled_from_another_teacher(folder_and_teacher, tmp_path):
         p = vitfast(*swin_args(data, ckpt, bad, epochs=1, extra=extra))
         assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
         assert not os.path.exists(os.path.join(bad, "run.json"))
+
+
+def test_layer_pairs_with_other_tokens_are_refused_before_training(tmp_path):
+    """A teacher with 4x4 patches (65 tokens) for a student with 8x8 ones (17): refused up front by
+    one blank image through both, naming the layer pair, and no hooks are left on the caller's
+    teacher."""
+    from vitfast.minivit.pipeline import MiniViTConfig, train_mini
+    from vitfast.errors import UserError
+
+    def vit(patch, depth, width):
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=patch, depth=depth, embed_dim=width,
+                                 num_heads=3, num_classes=3).eval()
+
+    original, other = vit(8, 2, 48), vit(4, 4, 96)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+    cfg = MiniViTConfig(teacher="vit_tiny_patch16_224", data="unused", batch_size=4, workers=0, aa=None, reprob=0.0,
+                        mixup=0.0, cutmix=0.0, device="cpu", progress=False, distill_teacher="vit_tiny_patch16_224")
+    with pytest.raises(UserError, match=r"layer pair 1:3: the student's layer 1 gives 1 window\(s\) of 17 tokens, "
+                                        r"the teacher's layer 3 1 of 65"):
+        train_mini(cfg, original, "vit_tiny_patch16_224", {}, data, None, str(tmp_path / "o"), distill_teacher=other)
+    assert not any(m._forward_hooks for m in other.modules())
+    assert not os.path.exists(tmp_path / "o" / "run.json")

@@ -132,6 +132,30 @@ def hidden_relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return ((s @ s.transpose(-1, -2) - rt) ** 2).mean() * s.shape[1]
 
 
+@torch.no_grad()
+def check_pairs(student: nn.Module, teacher: nn.Module, cap_s: Capture, cap_t: Capture,
+                pairs: list[tuple[int, int]], input_size, device) -> None:
+    """One blank image through both models (eval mode: no RNG drawn) before training: a layer pair
+    whose windows or tokens differ is refused naming the pair, not at the first training step."""
+    x = torch.zeros(1, *input_size, device=device)
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    try:
+        student(x)
+        teacher(x)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    sq, sh = cap_s.take()
+    tq, th = cap_t.take()
+    for (i, j), a, b in zip(pairs, sq or sh, tq or th):
+        if a.shape[:2] != b.shape[:2]:
+            raise UserError(f"layer pair {i}:{j}: the student's layer {i} gives {a.shape[0]} window(s) of {a.shape[1]} "
+                            f"tokens, the teacher's layer {j} {b.shape[0]} of {b.shape[1]}; relations need the same "
+                            "(--layer-pairs, --distill-teacher)")
+
+
 def default_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
     """The official choice generalised: the second block of every pair of layers (the shifted one in
     Swin), matched by relative depth within each stage. Swin-T vs Swin-B gives the official

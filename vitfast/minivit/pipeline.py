@@ -27,7 +27,8 @@ from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
 from ..errors import UserError
-from .distill import Capture, attention_relation_loss, default_pairs, hidden_relation_loss, soft_cross_entropy
+from .distill import (Capture, attention_relation_loss, check_pairs, default_pairs, hidden_relation_loss,
+                      soft_cross_entropy)
 from .multiplex import multiplex, param_groups, save_mini
 from .relations import attention_relation_loss_lean, hidden_relation_loss_lean
 
@@ -348,6 +349,13 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
         pairs = parse_pairs(cfg.layer_pairs, student, teacher)
         cap_s = Capture(student, [s for s, _ in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
         cap_t = Capture(teacher, [t for _, t in pairs], qkv=cfg.attn_weight > 0, hidden=cfg.hidden_weight > 0)
+        try:
+            check_pairs(student, teacher, cap_s, cap_t, pairs, model_data_config(original, cfg.input_size)["input_size"],
+                        device)
+        except Exception:
+            cap_s.close()  # the teacher may be the caller's model: leave no hooks on it
+            cap_t.close()
+            raise
     mixup = None
     num_classes = getattr(original, "num_classes", None)
     if cfg.data is not None and (cfg.mixup > 0 or cfg.cutmix > 0):
