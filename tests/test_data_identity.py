@@ -63,6 +63,8 @@ def test_store_meta_records_data_and_old_stores_stay_readable(tmp_path):
     b.samples = b.samples[::-1]                                         # same files, another order
     with pytest.raises(StoreError, match="other data than these 16 samples.*save-logits"):
         check_store_data(str(tmp_path / "s"), meta, b)
+    with pytest.raises(StoreError, match=r"another data set \(the same number of images per class, but other files"):
+        write_meta(str(tmp_path / "s"), StoreMeta(k=2, num_classes=2, dataset_size=len(b), data=data_identity(b)))
     # A store written before the identity was kept: its store.json has no "data"; it stays
     # readable, a resumed save-logits may extend it, and readers take their data on trust.
     old = tmp_path / "old"

@@ -121,8 +121,10 @@ def test_temp_files_are_never_read_and_meta_must_match(tmp_path):
     with open(shard_path(root, 0, 1) + ".tmp", "wb") as f:  # a crashed writer's leftover
         f.write(b"garbage")
     assert len(LogitStore(root).keys(0)) == 4
-    with pytest.raises(StoreError, match="differs"):
+    with pytest.raises(StoreError, match=r"written with another k \(3 stored, 4 now\); write to another --out"):
         write_meta(root, StoreMeta(k=4, num_classes=20, dataset_size=4))
+    with pytest.raises(StoreError, match=r"another augmentation \(mixup differ\)"):
+        write_meta(root, StoreMeta(k=3, num_classes=20, dataset_size=4, augmentation={"mixup": {"mixup_alpha": 1}}))
     with pytest.raises(StoreError, match="not a logit store"):
         LogitStore(str(tmp_path))
 

@@ -152,7 +152,8 @@ def write_meta(root: str, meta: StoreMeta) -> None:
         if existing.data is None:  # written before data identities were kept: resumable as before
             meta = replace(meta, data=None)
         if existing != meta:
-            raise StoreError(f"store '{root}' already holds {existing}, which differs from {meta}")
+            raise StoreError(f"store '{root}' already holds logits written with another "
+                             f"{_meta_difference(existing, meta)}; write to another --out (or delete '{root}')")
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -160,6 +161,21 @@ def write_meta(root: str, meta: StoreMeta) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _meta_difference(stored: StoreMeta, new: StoreMeta) -> str:
+    """The first field that differs, in words on one line (the augmentation's repr spans lines)."""
+    for name in StoreMeta.__dataclass_fields__:
+        a, b = getattr(stored, name), getattr(new, name)
+        if a == b:
+            continue
+        if name == "data":
+            return f"data set ({identity_mismatch(a, b)})"
+        if name == "augmentation":
+            keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+            return f"augmentation ({', '.join(keys)} differ)"
+        return f"{name} ({a!r} stored, {b!r} now)"
+    return "configuration"
 
 
 def read_meta(root: str) -> StoreMeta:
