@@ -110,3 +110,22 @@ def test_every_command_has_one_workers_default():
     for argv in (["tinyvit", "distill", "--out", "x"], ["tinyvit", "save-logits", "--out", "x"]):
         assert _workers(parser.parse_args(argv)) == default_workers()
         assert _workers(parser.parse_args(argv + ["--workers", "0"])) == 0
+
+
+def test_a_run_started_before_an_option_existed_still_resumes(tmp_path):
+    """run.json of a run started before vitfast grew an option: the option at its off value (None,
+    False, 0, empty) matches the missing key, so an upgrade mid-run does not strand the run; set to
+    anything else it is another configuration."""
+    import pytest
+
+    from vitfast.engine import ResumeMismatch, RunDir
+
+    RunDir(str(tmp_path), {"epochs": 3, "nested": {"lr": 0.1}}, {"data": "abc"}).start()
+    for later in ({"distill_teacher": None}, {"distill_pretrained": False}, {"distill_model_kwargs": {}},
+                  {"nested": {"lr": 0.1, "new_weight": 0.0}}):
+        assert RunDir(str(tmp_path), {"epochs": 3, "nested": {"lr": 0.1}, **later}, {"data": "abc"}).start() is True
+    for later, key in (({"distill_teacher": "swin_base_patch4_window7_224"}, "distill_teacher"),
+                       ({"nested": {"lr": 0.1, "new_weight": 0.5}}, "nested.new_weight"),
+                       ({"epochs": 4}, "epochs")):
+        with pytest.raises(ResumeMismatch, match=f"config {key}="):
+            RunDir(str(tmp_path), {"epochs": 3, "nested": {"lr": 0.1}, **later}, {"data": "abc"}).start()

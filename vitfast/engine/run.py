@@ -44,8 +44,13 @@ def folder_digest(root: str | None) -> str | None:
 
 
 def _first_difference(a, b, prefix=""):
+    """(key, old, new) of the first difference of two run records, or None. A key the old record
+    lacks matches an off value (None, False, 0, empty): an option added to vitfast since that run
+    started, at its default, does not stop the run from resuming."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
+            if k not in a and b[k] in (None, False, 0, "", [], {}):
+                continue
             d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d
