@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import sys
 import warnings
 
@@ -73,10 +74,12 @@ def main(argv=None) -> int:
         if verdict != "taken":
             rows.append((name, verdict))
             print(f"{name}: {verdict}", flush=True)
-    print(f"timm {timm.__version__}, torch {torch.__version__}: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
+    header = (f"{datetime.date.today()}, timm {timm.__version__}, torch {torch.__version__}, CPU: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
+    print(header)
     if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write(f"timm {timm.__version__}: {dict(sorted(tally.items()))}\n\n| model | verdict |\n|---|---|\n")
+            f.write(f"`python scripts/minivit_timm_sweep.py` -- {header}\n\n| model | verdict |\n|---|---|\n")
             f.writelines(f"| {n} | {v} |\n" for n, v in rows)
     return 1 if any(not v.startswith("refused") for _, v in rows) else 0
 

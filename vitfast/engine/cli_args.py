@@ -145,9 +145,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_model_kwargs_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments, e.g. img_size=384 'depths=(2,2,6,2)' (like timm's train.py)")
+def add_model_kwargs_arg(p: argparse.ArgumentParser, flag: str = "--model-kwargs", of: str = "") -> None:
+    p.add_argument(flag, nargs="*", default=None, metavar="KEY=VALUE",
+                   help=f"extra timm.create_model arguments{' for ' + of if of else ''}, e.g. img_size=384 "
+                        "'depths=(2,2,6,2)' (like timm's train.py)")
 
 
 def model_kwargs(items) -> dict:

@@ -45,8 +45,7 @@ def add_parser(sub) -> None:
                    "window at the paired layers")
     g.add_argument("--distill-checkpoint", help="--distill-teacher's weights (.safetensors or a torch state_dict)")
     g.add_argument("--distill-pretrained", action="store_true", help="timm's pretrained weights for --distill-teacher")
-    g.add_argument("--distill-model-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments for --distill-teacher")
+    add_model_kwargs_arg(g, "--distill-model-kwargs", of="--distill-teacher")
     g.add_argument("--layer-pairs", help="student:teacher layer pairs, e.g. '1:1,3:3' (default: the official rule)")
     g.add_argument("--store", help="a TinyViT logit store (vitfast tinyvit save-logits) for the prediction term: "
                                    "images replayed with the store's augmentation, no teacher run for predictions")

@@ -185,8 +185,8 @@ def load_distill_teacher(cfg: MiniViTConfig) -> nn.Module | None:
 
 def check_distill_teacher(cfg: MiniViTConfig, original: nn.Module, model: nn.Module) -> None:
     """A teacher other than the original must have its classes (for the prediction term) and take
-    its images (both see the same batches); token counts at the paired layers are checked by the
-    relation losses."""
+    its images (both see the same batches); token counts at the paired layers are checked once the
+    layer pairs are known (distill.check_pairs)."""
     from ..engine.data_config import built_size
 
     what = f"argument --distill-teacher {cfg.distill_teacher or type(model).__name__}"

@@ -248,9 +248,9 @@ def run_distill(args) -> int:
             print(f"distill: fused attention in {n} modules" if n else
                   f"distill: vitfast.patch has nothing to fuse in {type(student).__name__}; it trains unchanged")
     if args.eval_data:  # streamed through the student's own timm data config (timm's validate.py)
-        from ..engine.evaluation import folder_loader
-
         from torchvision.datasets import DatasetFolder
+
+        from ..engine.evaluation import folder_loader
 
         names = ds.classes if isinstance(ds, DatasetFolder) else None  # labels matched by folder name
         loader = folder_loader(args.eval_data, student, max(args.batch_size, 64), _workers(args), train_classes=names)
