@@ -1,38 +1,85 @@
 """ImageFolder data, checked: a missing, empty or malformed folder, or an unreadable file, is a
-one-line user error naming it (the transforms are timm's: vitfast.engine.evaluation / data)."""
+one-line user error naming it (the transforms are timm's: vitfast.engine.evaluation / data).
+Unlabeled data (the low-rank proxy images) may also be a plain folder of images."""
 from __future__ import annotations
 
 import os
 
-from torchvision import datasets
+import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Folder names that split a data set: a root holding only these is a data set's root, not an ImageFolder.
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval", "evaluation", "dev"}
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(folder: str) -> tuple[int, list[str]]:
+    """(image files under `folder`, at any depth, as ImageFolder counts them; up to 3 other files)."""
+    images, others = 0, []
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        for f in files:
+            if _is_image(f):
+                images += 1
+            elif len(others) < 3:
+                others.append(os.path.join(dirpath, f))
+    return images, others
+
+
+def _names(items: list[str], limit: int = 3) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(repr(x) for x in items[:limit]) + more
 
 
 def check_image_folder(root: str, what: str = "data folder") -> list[str]:
     """The class names of an ImageFolder tree, or a UserError saying what is wrong with it:
-    missing, not a folder, no class sub-folders, or no image files (naming what is there instead)."""
+    missing, not a folder, no class sub-folders, a data set's root (train/ val/) instead of one
+    split, a class folder without images, or no image files at all (naming what is there instead)."""
+    from ..errors import UserError
+
+    _check_exists(root, what)
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        loose = sum(1 for d in os.scandir(root) if d.is_file() and _is_image(d.name))
+        hint = (f": its {loose} images lie directly in it; put them in one sub-folder per class" if loose
+                else " (an ImageFolder: one sub-folder of images per class)")
+        raise UserError(f"{what} '{root}' has no class sub-folders{hint}")
+    counts, others = {}, []
+    for c in classes:
+        counts[c], found = _scan(os.path.join(root, c))
+        others += [os.path.relpath(p, root) for p in found][:3 - len(others)]
+    if sum(counts.values()) == 0:
+        found = f" (found e.g. {', '.join(others)})" if others else ""
+        raise UserError(f"{what} '{root}' holds no image files in its {len(classes)} class folder(s){found}")
+    if set(classes) <= SPLIT_NAMES and all(_holds_class_folders(os.path.join(root, c)) for c in classes):
+        # ImageFolder would take the splits for classes (and train on the validation images)
+        pick = "train" if "train" in classes else classes[0]
+        raise UserError(f"{what} '{root}' holds the splits {_names(classes)} of a data set, each a tree of class "
+                        f"folders; give one split, e.g. '{os.path.join(root, pick)}'")
+    empty = [c for c in classes if counts[c] == 0]
+    if empty:
+        raise UserError(f"{what} '{root}': class folder(s) {_names(empty)} hold no image files (every class folder "
+                        f"needs images: remove {'it' if len(empty) == 1 else 'them'} or add images)")
+    return classes
+
+
+def _check_exists(root: str, what: str) -> None:
     from ..errors import UserError
 
     if not os.path.exists(root):
         raise UserError(f"{what} '{root}' does not exist")
     if not os.path.isdir(root):
         raise UserError(f"{what} '{root}' is not a folder (an ImageFolder: one sub-folder of images per class)")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    if not classes:
-        raise UserError(f"{what} '{root}' has no class sub-folders (an ImageFolder: one sub-folder of images per class)")
-    images, others = 0, []
-    for c in classes:
-        for dirpath, _, files in os.walk(os.path.join(root, c)):
-            for f in files:
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    images += 1
-                elif len(others) < 3:
-                    others.append(os.path.join(os.path.relpath(dirpath, root), f))
-    if images == 0:
-        found = f" (found e.g. {', '.join(others)})" if others else ""
-        raise UserError(f"{what} '{root}' holds no image files in its {len(classes)} class folder(s){found}")
-    return classes
+
+
+def _holds_class_folders(folder: str) -> bool:
+    """True when `folder` has no images of its own but sub-folders that hold some."""
+    entries = list(os.scandir(folder))
+    if any(e.is_file() and _is_image(e.name) for e in entries):
+        return False
+    return any(e.is_dir() and _scan(e.path)[0] > 0 for e in entries)
 
 
 def checked_loader(path: str):
@@ -53,3 +100,62 @@ def image_folder(root: str, transform=None, what: str = "data folder"):
 
     check_image_folder(root, what)
     return datasets.ImageFolder(root, transform=transform, loader=checked_loader)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file under a folder (sorted relative paths, any depth) with label 0: unlabeled
+    images kept in a plain folder. Has `samples` and `root` like an ImageFolder."""
+
+    def __init__(self, root: str, transform=None):
+        self.root, self.transform = root, transform
+        paths = []
+        for dirpath, dirnames, files in os.walk(root, followlinks=True):
+            dirnames.sort()
+            paths += [os.path.join(dirpath, f) for f in sorted(files) if _is_image(f)]
+        self.samples = [(p, 0) for p in paths]
+        self.targets = [0] * len(paths)
+        self.classes = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = checked_loader(self.samples[i][0])
+        return (self.transform(img) if self.transform is not None else img), 0
+
+
+def unlabeled_images(root: str, transform=None, what: str = "data folder"):
+    """Images whose labels are not used: an ImageFolder tree (its order; a class folder without
+    images is no error here), or else every image under `root`, a plain folder of images."""
+    from torchvision import datasets
+
+    from ..errors import UserError
+
+    _check_exists(root, what)
+    has_classes = any(d.is_dir() and _scan(d.path)[0] > 0 for d in os.scandir(root))
+    loose = any(d.is_file() and _is_image(d.name) for d in os.scandir(root))
+    if has_classes and not loose:
+        return datasets.ImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True)
+    ds = ImageFiles(root, transform)
+    if not ds.samples:
+        images, others = _scan(root)
+        found = f" (found e.g. {', '.join(os.path.relpath(p, root) for p in others)})" if others else ""
+        raise UserError(f"{what} '{root}' holds no image files{found}")
+    return ds
+
+
+def overlap_note(data: str | None, eval_data: str | None) -> str | None:
+    """A line to print when the evaluation folder is the training folder or lies inside it (or it
+    inside the evaluation folder): the accuracies would be measured on images trained on."""
+    if not data or not eval_data:
+        return None
+    a, b = os.path.realpath(data), os.path.realpath(eval_data)
+    if a == b:
+        how = "is --data"
+    elif os.path.commonpath([a, b]) == a:
+        how = "lies inside --data"
+    elif os.path.commonpath([a, b]) == b:
+        how = "holds --data"
+    else:
+        return None
+    return f"note: --eval-data '{eval_data}' {how}: its accuracy is measured on images the training reads"

@@ -22,8 +22,9 @@ def folder_tensors(root: str, model: nn.Module, limit: int | None = None, seed: 
                    workers: int = 0):
     """(images, labels) of an ImageFolder (a random subset of `limit`, fixed by `seed`) through the
     model's timm evaluation transform, in memory: for small sets that every stage reuses (the
-    low-rank proxy set)."""
-    ds = _folder(root, model, input_size, "--data")  # unlabeled: any class folders
+    low-rank proxy set). Labels are not checked: any class folders, or a plain folder of images
+    (labels 0)."""
+    ds = _folder(root, model, input_size, "--data", unlabeled=True)
     idx = list(range(len(ds)))
     if limit is not None and limit < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
@@ -74,16 +75,17 @@ def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: i
                                        pin_memory=torch.cuda.is_available())
 
 
-def _folder(root: str, model: nn.Module, input_size, what: str):
-    """The ImageFolder through the model's timm evaluation transform."""
-    from ..data.folders import image_folder
+def _folder(root: str, model: nn.Module, input_size, what: str, unlabeled: bool = False):
+    """The ImageFolder (unlabeled: or a plain folder of images) through the model's timm
+    evaluation transform."""
+    from ..data.folders import image_folder, unlabeled_images
 
     tf, cfg = eval_transform(model, input_size)
     if cfg["input_size"][0] == 1:  # grayscale models (the embedded digits)
         from torchvision import transforms
 
         tf = transforms.Compose([transforms.Grayscale(1), tf])
-    return image_folder(root, tf, what)
+    return (unlabeled_images if unlabeled else image_folder)(root, tf, what)
 
 
 @torch.no_grad()

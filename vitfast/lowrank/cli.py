@@ -103,6 +103,7 @@ def run(args) -> int:
         if args.model is None or args.data is None:
             raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
         from ..engine.cli_args import default_workers
+        from ..data.folders import overlap_note
         from ..engine.evaluation import folder_loader, folder_tensors
 
         model, kwargs = _load_model(args)
@@ -114,6 +115,9 @@ def run(args) -> int:
         if args.eval_data:
             loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers(), input_size=size)
             eval_x = lambda: loader  # noqa: E731
+            note = overlap_note(args.data, args.eval_data)
+            if note and rank == 0:
+                print(note.replace("the training reads", "the proxy set is drawn from"))
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
     vdist.cleanup()
     if rank != 0:

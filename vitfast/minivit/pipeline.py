@@ -26,6 +26,7 @@ from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, tra
 from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
+from ..data.folders import overlap_note
 from ..errors import UserError
 from .distill import (Capture, attention_relation_loss, check_pairs, default_pairs, hidden_relation_loss,
                       soft_cross_entropy)
@@ -226,7 +227,8 @@ def load_data(cfg: MiniViTConfig, teacher):
     if cfg.eval_data is None:
         return ds, None, None
     loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size, ds.classes)
-    return ds, (lambda: loader), f"--eval-data '{cfg.eval_data}' ({len(loader.dataset)} images)"
+    note = overlap_note(cfg.data, cfg.eval_data)  # the report says so beside every accuracy
+    return ds, (lambda: loader), f"--eval-data '{cfg.eval_data}' ({len(loader.dataset)} images){f' ({note})' if note else ''}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +498,9 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
     teacher, name, kwargs = load_teacher(cfg)
     distill_teacher = load_distill_teacher(cfg)
     dataset, eval_batches, eval_what = load_data(cfg, teacher)
+    note = overlap_note(cfg.data, cfg.eval_data)
+    if note:
+        log(note)
     res = train_mini(cfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, cfg.output, log,
                      distill_teacher=distill_teacher)
     report = {"teacher": name, "distilled_from": cfg.distill_teacher, "share": cfg.share, "groups": res["model"].minivit["groups"],

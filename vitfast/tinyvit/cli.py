@@ -250,11 +250,15 @@ def run_distill(args) -> int:
     if args.eval_data:  # streamed through the student's own timm data config (timm's validate.py)
         from torchvision.datasets import DatasetFolder
 
+        from ..data.folders import overlap_note
         from ..engine.evaluation import folder_loader
 
         names = ds.classes if isinstance(ds, DatasetFolder) else None  # labels matched by folder name
         loader = folder_loader(args.eval_data, student, max(args.batch_size, 64), _workers(args), train_classes=names)
         eval_set = lambda: loader  # noqa: E731
+        note = overlap_note(args.data, args.eval_data)
+        if note and rank == 0:
+            print(note)
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0 and args.progress,
