@@ -31,9 +31,13 @@ def one_line_error(p, words):
     (["--model", "vit_tiny_patch16_22", "--data", "."], "did you mean"),
     (["--model-kwargs", "img_size=32"], "give --model too"),
     (["--input-size", "32"], "give --model too"),
+    (["--model", "vit_tiny_patch16_224", "--checkpoint", "no.safetensors", "--data", "."],
+     "checkpoint 'no.safetensors' does not exist"),
+    (["--model", "vit_tiny_patch16_224", "--checkpoint", ".", "--data", "."], "checkpoint '.' is a folder"),
 ])
 def test_lowrank_refuses(tmp_path, args, words):
     one_line_error(vitfast("lowrank", "--out", str(tmp_path / "o"), *args), words)
+    assert not os.path.exists(tmp_path / "o")  # nothing left behind
 
 
 def test_lowrank_refuses_another_configuration_in_the_same_folder(tmp_path):
@@ -90,12 +94,16 @@ def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_p
     unless they saved something beside it (then the record keeps guarding the saved state)."""
     from vitfast.engine.run import RunDir, abandon_unsaved_runs
 
-    bare, saved, other = (RunDir(str(tmp_path / n), {"lr": 1.0}, {"data": "x"}) for n in ("bare", "saved", "other"))
-    assert not bare.start() and not saved.start()
+    bare, saved, other, mine = (RunDir(str(tmp_path / n), {"lr": 1.0}, {"data": "x"})
+                                for n in ("bare", "saved", "other", "mine"))
+    (tmp_path / "mine").mkdir()  # a folder the user made for the run
+    assert not bare.start() and not saved.start() and not mine.start()
     (tmp_path / "bare" / "log.txt").write_text("started\n")
     (tmp_path / "saved" / "checkpoint.safetensors").write_bytes(b"state")
     abandon_unsaved_runs()
     assert not os.path.exists(bare.path) and os.path.exists(saved.path)
+    # the folder the run made goes too (no empty --output left behind); the user's stays, emptied
+    assert not os.path.exists(tmp_path / "bare") and os.listdir(tmp_path / "mine") == []
     # a run resumed (not started) by this process is never dropped
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "run.json").write_text('{"config": {"lr": 1.0}, "identity": {"data": "x"}}')
@@ -113,7 +121,7 @@ def test_run_record_of_a_run_that_saved_nothing_is_dropped_after_a_refusal(tmp_p
 
     with pytest.raises(UserError):
         pipeline(str(tmp_path / "api"))
-    assert not os.path.exists(tmp_path / "api" / "run.json")
+    assert not os.path.exists(tmp_path / "api")
 
 
 @pytest.mark.parametrize("args,words", [

@@ -351,3 +351,38 @@ def test_teacher_and_student_built_for_another_size(tmp_path):
     p = vitfast(*student, "--model-kwargs", "img_size=32", "depth=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "nothing to fuse in VisionTransformer" in p.stdout and "Warning" not in p.stderr
+
+
+def test_distill_starts_the_student_from_a_checkpoint_of_other_classes(tmp_path):
+    """distill --checkpoint: a student trained elsewhere (a 5-class head) fine-tunes on 2-class
+    data: every weight but the head comes from the file, the head is new (engine.models.create_model
+    new_head); the checkpoint is part of the run's identity; without --student it is refused."""
+    from safetensors.torch import load_file
+    from small_models import VIT32, random_image_folder, save_vit32, vit32_kwargs
+
+    from vitfast.engine.models import create_model
+
+    data, ckpt = random_image_folder(tmp_path / "data", per_class=4), save_vit32(tmp_path / "s5.safetensors", 5)
+    file = load_file(ckpt)
+    m = create_model("vit_tiny_patch16_224", num_classes=2, checkpoint=ckpt, new_head=True, model_kwargs=vit32_kwargs())
+    assert m.vitfast_new_head == 5 and m.head.weight.shape == (2, 48)
+    own = m.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in file.items() if not k.startswith("head."))
+    with pytest.raises(Exception, match="5-class head, the model 2: pass --num-classes 5"):
+        create_model("vit_tiny_patch16_224", num_classes=2, checkpoint=ckpt, model_kwargs=vit32_kwargs())
+
+    def distill(*args):
+        return subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", "distill", "--labels-only", "--data", data,
+                               "--epochs", "1", "--batch-size", "4", "--no-progress", *args],
+                              capture_output=True, text=True, timeout=600)
+
+    out = str(tmp_path / "out")
+    student = ["--student", "vit_tiny_patch16_224", "--model-kwargs", *VIT32]
+    p = distill(*student, "--checkpoint", ckpt, "--out", out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"the student starts from {ckpt}; its 5-class head replaced by a new 2-class one" in p.stdout
+    other = save_vit32(tmp_path / "other.safetensors", 5, seed=1)
+    p = distill(*student, "--checkpoint", other, "--out", out)
+    assert p.returncode == 2 and "identity checkpoint=" in p.stderr, p.stderr[-2000:]
+    p = distill("--checkpoint", ckpt, "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "give --student too" in p.stderr and not os.path.exists(tmp_path / "x")

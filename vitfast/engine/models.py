@@ -67,11 +67,25 @@ def head_classes(state: dict, model: nn.Module) -> int | None:
     return None
 
 
+def new_head_state(model: nn.Module, state: dict, classes: int) -> tuple[dict, list[str]]:
+    """`state` with its `classes`-way classifier (every tensor whose first dimension is `classes`
+    where the model's is another: the head, DeiT's distillation head, their biases) replaced by the
+    model's own freshly initialised tensors; and the keys replaced. Fine-tuning on other classes
+    keeps every other weight (what timm does for pretrained weights with another num_classes)."""
+    own = model.state_dict()
+    keys = [k for k, v in state.items() if k in own and v.dim() >= 1 and v.shape[0] == classes
+            and own[k].shape[0] != classes and tuple(v.shape[1:]) == tuple(own[k].shape[1:])]
+    return {**state, **{k: own[k] for k in keys}}, keys
+
+
 def create_model(name: str, *, num_classes: int | None = None, checkpoint: str | None = None,
                  pretrained: bool = False, what: str = "--model", model_kwargs: dict | None = None,
-                 **kwargs) -> nn.Module:
+                 new_head: bool = False, **kwargs) -> nn.Module:
     """timm.create_model with checked name, class count and weights. The model remembers where its
-    weights came from in `model.vitfast_weights` ("checkpoint:<path>", "pretrained" or "random")."""
+    weights came from in `model.vitfast_weights` ("checkpoint:<path>", "pretrained" or "random").
+    new_head: a checkpoint whose head has other classes than the model's loads every other weight
+    and keeps the model's new head (`model.vitfast_new_head` = the file's class count; a model
+    to fine-tune on other data) instead of being refused."""
     import timm
 
     check_model_name(name, what)
@@ -98,12 +112,16 @@ def create_model(name: str, *, num_classes: int | None = None, checkpoint: str |
         raise UserError(f"argument {what} {name}: timm could not build it with {given or 'its defaults'} "
                         f"({type(exc).__name__}: {first}); check --model-kwargs") from exc
     source = "pretrained" if pretrained and not checkpoint else "random"
+    model.vitfast_new_head = None
     if checkpoint:
         state = read_state_dict(checkpoint)
+        have, want = head_classes(state, model), getattr(model, "num_classes", None)
+        if new_head and have is not None and want is not None and have != want:
+            state, _ = new_head_state(model, state, have)
+            model.vitfast_new_head = have
         try:
             describe_mismatch(model, state, checkpoint)
         except CheckpointError as exc:
-            have, want = head_classes(state, model), getattr(model, "num_classes", None)
             if have is not None and want is not None and have != want:
                 raise UserError(f"checkpoint '{checkpoint}' has a {have}-class head, the model {want}: "
                                 f"pass --num-classes {have}") from exc

@@ -18,10 +18,13 @@ class ResumeMismatch(UserError):
     pass
 
 
-def file_digest(path: str | None) -> str | None:
-    """sha256 of a file (a checkpoint), None without one."""
+def file_digest(path: str | None, what: str = "checkpoint") -> str | None:
+    """sha256 of a file (a checkpoint), None without one; a missing file is a UserError naming it
+    (the run record is written before the model is loaded)."""
     if not path:
         return None
+    if not os.path.exists(path) or os.path.isdir(path):
+        raise UserError(f"{what} '{path}' " + ("is a folder, not a file" if os.path.isdir(path) else "does not exist"))
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -119,6 +122,7 @@ class RunDir:
                 raise ResumeMismatch(f"'{self.root}' already holds a run; resume it (--resume) or use another --output")
             self.check()
             return True
+        self.created = not os.path.isdir(self.root)  # a refused run removes the folder it made
         os.makedirs(self.root, exist_ok=True)
         atomic_write_json(self.path, {"config": self.config, "identity": self.identity})
         _started.append(self)
@@ -132,3 +136,7 @@ class RunDir:
             return
         if all(name in self.UNSAVED for name in os.listdir(self.root)):
             os.remove(self.path)
+            if getattr(self, "created", False):  # and the folder, when the run made it: no empty --output left
+                for name in os.listdir(self.root):
+                    os.remove(os.path.join(self.root, name))
+                os.rmdir(self.root)

@@ -61,6 +61,11 @@ def add_parser(sub) -> None:
     add_config_arg(t)
     t.add_argument("--student", "--model", dest="student",
                    help="timm model name, e.g. tiny_vit_5m_224 (default: embedded digits student)")
+    t.add_argument("--checkpoint", help="the student's initial weights (.safetensors or a torch state_dict), "
+                                        "e.g. a student distilled on a larger data set; a head of other classes "
+                                        "is replaced by a new one for --data's")
+    t.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (needs the hub; a new head for --data's classes)")
     add_model_kwargs_arg(t)
     t.add_argument("--store", help="logit store (omit with --labels-only)")
     t.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
@@ -211,15 +216,15 @@ def run_distill(args) -> int:
         raise UserError("--store is required (or --labels-only for the baseline)")
     from dataclasses import asdict
 
-    from ..engine import RunDir, folder_digest
+    from ..engine import RunDir, file_digest, folder_digest
     from .store import read_meta
 
     # the output folder remembers its run: another configuration, store or data is refused
     store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config",
                                                                                  "compile")},
-           {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data)}
-           ).start(resume=True)
+           {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data),
+            "checkpoint": file_digest(args.checkpoint)}).start(resume=True)
     rank, world, device = vdist.setup(args.device)
     recipe = None
     if args.data:  # the store's augmentation; labels only: TinyViT's recipe at the student's data config
@@ -230,10 +235,14 @@ def run_distill(args) -> int:
         else:
             from ..data.folders import image_folder
 
-            recipe = recipe_for(_student(args, len(image_folder(args.data, what="--data").classes)))
+            recipe = recipe_for(_student(args, len(image_folder(args.data, what="--data").classes), weights=False))
     ds, tf, mix, eval_set = _data_and_transform(args, recipe)
     torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
     student = _student(args, len(ds.classes) if hasattr(ds, "classes") else 10)  # the embedded digits have 10
+    if rank == 0 and (args.checkpoint or args.pretrained):
+        head = (f"; its {student.vitfast_new_head}-class head replaced by a new {student.num_classes}-class one"
+                if student.vitfast_new_head else "")
+        print(f"distill: the student starts from {args.checkpoint or 'timm pretrained weights'}{head}")
     _check_student_size(student, recipe, args.student)
     if not args.no_patch:
         from ..patching import patch, patched_modules
@@ -275,12 +284,20 @@ def run_distill(args) -> int:
     return 0
 
 
-def _student(args, classes: int):
+def _student(args, classes: int, weights: bool = True):
+    """The student for `classes` classes: random, or from --checkpoint / --pretrained (weights=False:
+    random, for reading its data configuration only)."""
     kwargs = _model_kwargs(args, "--student")
     if args.student:
         from ..engine.models import create_model
 
-        return create_model(args.student, num_classes=classes, what="--student", model_kwargs=kwargs)
+        return create_model(args.student, num_classes=classes, what="--student", model_kwargs=kwargs,
+                            checkpoint=args.checkpoint if weights else None,
+                            pretrained=args.pretrained and weights, new_head=True)
+    if args.checkpoint or args.pretrained:
+        from ..errors import UserError
+
+        raise UserError("arguments --checkpoint / --pretrained describe --student: give --student too")
     from .defaults import digits_student
 
     return digits_student()
