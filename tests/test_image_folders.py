@@ -36,6 +36,8 @@ def test_a_data_sets_root_is_refused_with_the_split_to_give(tmp_path):
             _images(tmp_path / split / c, 2)
     with pytest.raises(UserError, match=r"splits 'train', 'val' of a data set.*e\.g\. '.*train'"):
         check_image_folder(str(tmp_path), "--data")
+    with pytest.raises(UserError, match="splits 'train', 'val'"):  # unlabeled readers would mix in val/ too
+        unlabeled_images(str(tmp_path), what="--data")
     assert check_image_folder(str(tmp_path / "train")) == ["cat", "dog"]
 
 

@@ -298,3 +298,36 @@ def test_layer_pairs_with_other_tokens_are_refused_before_training(tmp_path):
         train_mini(cfg, original, "vit_tiny_patch16_224", {}, data, None, str(tmp_path / "o"), distill_teacher=other)
     assert not any(m._forward_hooks for m in other.modules())
     assert not os.path.exists(tmp_path / "o" / "run.json")
+
+
+def test_distillation_alone_trains_on_unlabeled_images(folder_and_teacher, tmp_path):
+    """--alpha 0 (the default) has no label loss: a plain folder of images, or folders that are not
+    the teacher's classes, is read as unlabeled images (the log says so); --eval-data is then
+    matched to the head's outputs in order. With a label loss such data is refused in one line
+    that names the way out, and no --output folder is left behind."""
+    import shutil
+
+    data, ckpt, root = folder_and_teacher
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for c in sorted(os.listdir(data)):
+        for f in sorted(os.listdir(os.path.join(data, c)))[:4]:
+            shutil.copy(os.path.join(data, c, f), flat / f"{c}_{f}")
+    two = tmp_path / "two"  # two folders, the teacher has three classes
+    shutil.copytree(os.path.join(data, "class0"), two / "a")
+    shutil.copytree(os.path.join(data, "class1"), two / "b")
+    for folder, images in ((flat, 12), (two, 24)):
+        out = str(tmp_path / f"out_{folder.name}")
+        args = swin_args(str(folder), ckpt, out, epochs=1)
+        args[args.index("--eval-data") + 1] = data  # labeled: one folder per output of the head
+        p = vitfast(*args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"{images} unlabeled training images" in p.stdout
+        assert json.load(open(os.path.join(out, "report.json")))["history"][-1]["eval_top1"] >= 0
+    out = str(tmp_path / "labels")
+    p = vitfast(*swin_args(str(flat), ckpt, out, epochs=1, extra=("--alpha", "0.5")))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-3000:]
+    assert "has no class folders" in p.stderr and "--alpha 0: distillation alone needs no labels" in p.stderr
+    p = vitfast(*swin_args(str(two), ckpt, out, epochs=1, extra=("--alpha", "0.5")))
+    assert p.returncode == 2 and "--data has 2 classes, the teacher's head 3" in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(out)

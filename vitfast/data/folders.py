@@ -53,16 +53,31 @@ def check_image_folder(root: str, what: str = "data folder") -> list[str]:
     if sum(counts.values()) == 0:
         found = f" (found e.g. {', '.join(others)})" if others else ""
         raise UserError(f"{what} '{root}' holds no image files in its {len(classes)} class folder(s){found}")
-    if set(classes) <= SPLIT_NAMES and all(_holds_class_folders(os.path.join(root, c)) for c in classes):
-        # ImageFolder would take the splits for classes (and train on the validation images)
-        pick = "train" if "train" in classes else classes[0]
-        raise UserError(f"{what} '{root}' holds the splits {_names(classes)} of a data set, each a tree of class "
-                        f"folders; give one split, e.g. '{os.path.join(root, pick)}'")
+    check_not_splits(root, classes, what)
     empty = [c for c in classes if counts[c] == 0]
     if empty:
         raise UserError(f"{what} '{root}': class folder(s) {_names(empty)} hold no image files (every class folder "
                         f"needs images: remove {'it' if len(empty) == 1 else 'them'} or add images)")
     return classes
+
+
+def class_folders(root: str) -> list[str]:
+    """The sub-folders of `root` that hold images (at any depth), sorted; [] for a plain folder of
+    images (or a missing one)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and _scan(d.path)[0] > 0)
+
+
+def check_not_splits(root: str, folders: list[str], what: str) -> None:
+    """Refuses a data set's root (train/ val/, each a tree of class folders) given for one split:
+    ImageFolder would take the splits for classes, and any reader would mix in the validation images."""
+    from ..errors import UserError
+
+    if folders and set(folders) <= SPLIT_NAMES and all(_holds_class_folders(os.path.join(root, c)) for c in folders):
+        pick = "train" if "train" in folders else folders[0]
+        raise UserError(f"{what} '{root}' holds the splits {_names(folders)} of a data set, each a tree of class "
+                        f"folders; give one split, e.g. '{os.path.join(root, pick)}'")
 
 
 def _check_exists(root: str, what: str) -> None:
@@ -126,13 +141,16 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def unlabeled_images(root: str, transform=None, what: str = "data folder"):
     """Images whose labels are not used: an ImageFolder tree (its order; a class folder without
-    images is no error here), or else every image under `root`, a plain folder of images."""
+    images is no error here), or else every image under `root`, a plain folder of images. A data
+    set's root (train/ val/) is refused as in check_image_folder."""
     from torchvision import datasets
 
     from ..errors import UserError
 
     _check_exists(root, what)
-    has_classes = any(d.is_dir() and _scan(d.path)[0] > 0 for d in os.scandir(root))
+    folders = class_folders(root)
+    check_not_splits(root, folders, what)
+    has_classes = bool(folders)
     loose = any(d.is_file() and _is_image(d.name) for d in os.scandir(root))
     if has_classes and not loose:
         return datasets.ImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True)

@@ -62,9 +62,8 @@ class RunLog:
 
     def __init__(self, out_dir: str | None, enabled: bool = True, name: str = "log.txt", echo: bool = True):
         self.out_dir, self.enabled, self.echo = out_dir, enabled, echo
-        self.path = os.path.join(out_dir, name) if out_dir and enabled else None
-        if self.path:
-            os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, name) if out_dir and enabled else None  # made at the first line:
+        # a run refused before it logged anything leaves no folder behind
 
     def __call__(self, *parts) -> None:
         if not self.enabled:
@@ -73,6 +72,7 @@ class RunLog:
         if self.echo:
             print(msg, flush=True)
         if self.path:
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
 

@@ -26,7 +26,7 @@ from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, tra
 from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
-from ..data.folders import overlap_note
+from ..data.folders import ImageFiles, overlap_note
 from ..errors import UserError
 from .distill import (Capture, attention_relation_loss, check_pairs, default_pairs, hidden_relation_loss,
                       soft_cross_entropy)
@@ -217,16 +217,30 @@ def load_data(cfg: MiniViTConfig, teacher):
         shift = transforms.RandomAffine(degrees=0, translate=(1 / 16, 1 / 16), fill=BACKGROUND)
         ds = TransformedTensors(train.tensors[0], train.tensors[1], shift)
         return ds, (lambda: tensor_batches(ex, ey, 256)), f"the {len(ex)} held-out embedded digits images"
-    from ..data.folders import image_folder
+    from ..data.folders import check_not_splits, class_folders, image_folder
 
-    ds = image_folder(cfg.data, train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob), "--data")
+    transform = train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob)
     classes = getattr(teacher, "num_classes", None)
-    if classes is not None and classes != len(ds.classes):
-        raise UserError(f"--data has {len(ds.classes)} classes, the teacher's head {classes}: pass --num-classes "
-                        f"{len(ds.classes)} with a checkpoint of that many classes, or fix the folder")
+    found = class_folders(cfg.data)
+    if cfg.alpha == 0 and cfg.store is None and (not found or (classes is not None and len(found) != classes)):
+        # no label loss: the teacher's predictions and relations are the targets, so unlabeled images
+        # (a plain folder, or folders that are not the head's classes) will do
+        check_not_splits(cfg.data, found, "--data")
+        ds = ImageFiles(cfg.data, transform)
+        if not ds.samples:
+            image_folder(cfg.data, what="--data")  # says what is wrong with the folder
+    else:
+        if not found and cfg.alpha > 0 and os.path.isdir(cfg.data):
+            raise UserError(f"--data '{cfg.data}' has no class folders, and --alpha {cfg.alpha} trains on labels "
+                            "(one sub-folder of images per class); or --alpha 0: distillation alone needs no labels")
+        ds = image_folder(cfg.data, transform, "--data")
+        if classes is not None and classes != len(ds.classes):
+            hint = " (or --alpha 0: distillation alone needs no labels)" if cfg.alpha > 0 else ""
+            raise UserError(f"--data has {len(ds.classes)} classes, the teacher's head {classes}: pass --num-classes "
+                            f"{len(ds.classes)} with a checkpoint of that many classes, or fix the folder{hint}")
     if cfg.eval_data is None:
         return ds, None, None
-    loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size, ds.classes)
+    loader = folder_loader(cfg.eval_data, teacher, cfg.batch_size, cfg.workers, cfg.input_size, ds.classes or None)
     note = overlap_note(cfg.data, cfg.eval_data)  # the report says so beside every accuracy
     return ds, (lambda: loader), f"--eval-data '{cfg.eval_data}' ({len(loader.dataset)} images){f' ({note})' if note else ''}"
 
@@ -387,8 +401,9 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
         return out
 
     source = f", distilled from {cfg.distill_teacher or type(teacher).__name__}" if teacher is not original else ""
+    unlabeled = "unlabeled " if isinstance(dataset, ImageFiles) else ""  # --alpha 0 on images without classes
     log(f"minivit: {teacher_name} {count_params(original):,} parameters -> Mini {count_params(student):,} "
-        f"(groups {student.minivit['groups']}, {len(dataset)} training images, {steps} steps/epoch{source}"
+        f"(groups {student.minivit['groups']}, {len(dataset)} {unlabeled}training images, {steps} steps/epoch{source}"
         f"{', predictions from the store ' + cfg.store if cfg.store else ''}{', resuming' if resumed else ''})")
     try:
         result = fit(student, cfg.train, batches=batches, steps_per_epoch=steps, loss_fn=loss_fn,
@@ -474,7 +489,6 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
 
     cfg.validate()
     rank, _ = vdist.rank_world()
-    os.makedirs(cfg.output, exist_ok=True)
     log = RunLog(cfg.output, rank == 0)
     if ablation is None:
         ablation = cfg.teacher is None and cfg.store is None
