@@ -245,3 +245,25 @@ def test_num_classes_may_be_given_among_the_model_arguments():
     assert create_model("vit_tiny_patch16_224", num_classes=4, model_kwargs={**small, "num_classes": 4}).num_classes == 4
     with pytest.raises(UserError, match="--num-classes 3 and num_classes=4 in the model's arguments disagree"):
         create_model("vit_tiny_patch16_224", num_classes=3, model_kwargs={**small, "num_classes": 4})
+
+
+def test_a_safetensors_file_under_another_name_is_read(tmp_path):
+    """Weights saved by safetensors but named .bin / .pt (or nothing) are recognised by their
+    header, not sent to torch.load (which failed with an unpickling error about weights_only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vitfast.engine.models import read_state_dict
+
+    state = {"w": torch.randn(3, 2), "b": torch.arange(4)}
+    for name in ("weights.bin", "weights"):
+        save_file(state, str(tmp_path / name))
+        got = read_state_dict(str(tmp_path / name))
+        assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+    torch.save(state, tmp_path / "pickled.pt")  # a torch file still goes to torch.load
+    assert torch.equal(read_state_dict(str(tmp_path / "pickled.pt"))["w"], state["w"])
+    (tmp_path / "tiny").write_bytes(b"x")
+    from vitfast.errors import UserError
+
+    with pytest.raises(UserError, match="cannot be read"):
+        read_state_dict(str(tmp_path / "tiny"))

@@ -386,3 +386,48 @@ def test_distill_starts_the_student_from_a_checkpoint_of_other_classes(tmp_path)
     assert p.returncode == 2 and "identity checkpoint=" in p.stderr, p.stderr[-2000:]
     p = distill("--checkpoint", ckpt, "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "give --student too" in p.stderr and not os.path.exists(tmp_path / "x")
+
+
+def test_a_store_of_unlabeled_images(tmp_path):
+    """TinyViT distils from soft labels only (no ground truth), so save-logits takes a plain folder
+    of images (or folders that are not the teacher's classes) as unlabeled images: the store says
+    so, distill's student gets the teacher's classes, --eval-data is matched to its outputs in
+    order, and the labels-only baseline (which needs labels) is refused in one line."""
+    import shutil
+
+    from small_models import VIT32, random_image_folder, save_vit32
+
+    from vitfast.tinyvit.store import read_meta
+
+    data, ckpt = random_image_folder(tmp_path / "data", classes=3, per_class=4), save_vit32(tmp_path / "t.safetensors", 3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for c in sorted(os.listdir(data)):
+        for f in sorted(os.listdir(os.path.join(data, c))):
+            shutil.copy(os.path.join(data, c, f), flat / f"{c}_{f}")
+
+    def vitfast(*args):
+        return subprocess.run([sys.executable, "-m", "vitfast", "tinyvit", *args], capture_output=True, text=True,
+                              timeout=600)
+
+    store = str(tmp_path / "store")
+    teacher = ["--teacher", "vit_tiny_patch16_224", "--checkpoint", ckpt, "--num-classes", "3", "--model-kwargs", *VIT32]
+    p = vitfast("save-logits", *teacher, "--data", str(flat), "--epochs", "1", "--batch-size", "4", "--out", store,
+                "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "--data read as 12 unlabeled images" in p.stdout
+    meta = read_meta(store)
+    assert meta.data["kind"] == "unlabeled images" and meta.augmentation["recipe"]["unlabeled"] and meta.num_classes == 3
+    p = vitfast("verify", store, *teacher, "--data", str(flat), "--samples", "4")
+    assert p.returncode == 0 and "store verified" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    student = ["--student", "vit_tiny_patch16_224", "--model-kwargs", *VIT32, "--epochs", "1", "--batch-size", "4",
+               "--no-progress"]
+    p = vitfast("distill", "--store", store, "--data", str(flat), "--eval-data", data, *student,
+                "--out", str(tmp_path / "s"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held-out accuracy" in p.stdout
+    p = vitfast("distill", "--labels-only", "--data", str(flat), *student, "--out", str(tmp_path / "gt"))
+    assert p.returncode == 2 and "has no class sub-folders" in p.stderr and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    # the same images as a labeled folder are other data for this store
+    p = vitfast("distill", "--store", store, "--data", data, *student, "--out", str(tmp_path / "other"))
+    assert p.returncode == 2 and "other data than these 12 samples: other files" in p.stderr, p.stderr[-2000:]

@@ -22,6 +22,8 @@ def _image_folder_identity(dataset) -> dict:
         rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, dataset.root)
         h.update(f"{rel.replace(os.sep, '/')}\t{int(target)}\n".encode())
     classes = list(getattr(dataset, "classes", []))
+    if not classes:  # vitfast.data.folders.ImageFiles: unlabeled images
+        return {"kind": "unlabeled images", "sha256": h.hexdigest(), "class_counts": {}}
     counts = Counter(int(t) for _, t in dataset.samples)
     return {"kind": "image folder", "sha256": h.hexdigest(),
             "class_counts": {(classes[t] if t < len(classes) else str(t)): n for t, n in sorted(counts.items())}}
@@ -69,4 +71,6 @@ def identity_mismatch(stored: dict | None, here: dict | None) -> str | None:
     if diff:
         more = f" (and {len(diff) - 5} more classes)" if len(diff) > 5 else ""
         return "images per class differ: " + "; ".join(diff[:5]) + more
+    if not a:  # unlabeled images, tensors: no classes to compare
+        return "other files or another order (renamed, moved or replaced images)"
     return "the same number of images per class, but other files or another order (renamed, moved or replaced images)"

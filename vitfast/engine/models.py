@@ -30,11 +30,18 @@ def check_model_name(name: str, what: str = "--model") -> None:
     raise UserError(f"argument {what}: timm has no model '{name}'{hint}")
 
 
+def _looks_like_safetensors(path: str) -> bool:
+    """A safetensors file under another name: 8 bytes of header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+
+
 def read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
-        if path.endswith(".safetensors"):
+        if path.endswith(".safetensors") or _looks_like_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(path)

@@ -222,7 +222,7 @@ def load_data(cfg: MiniViTConfig, teacher):
     transform = train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob)
     classes = getattr(teacher, "num_classes", None)
     found = class_folders(cfg.data)
-    if cfg.alpha == 0 and cfg.store is None and (not found or (classes is not None and len(found) != classes)):
+    if cfg.alpha == 0 and (not found or (classes is not None and len(found) != classes)):
         # no label loss: the teacher's predictions and relations are the targets, so unlabeled images
         # (a plain folder, or folders that are not the head's classes) will do
         check_not_splits(cfg.data, found, "--data")

@@ -186,12 +186,19 @@ def run_save(args) -> int:
     teacher, name = _teacher(args)
     recipe = None
     if args.data:
-        from .defaults import recipe_for
+        from .defaults import labels_unused, recipe_for
 
         recipe = recipe_for(teacher, size, aa=args.aa, reprob=args.reprob, mixup=args.mixup,
                             cutmix=args.cutmix)
+        if labels_unused(args.data, getattr(teacher, "num_classes", 0)):
+            recipe["unlabeled"] = True
     ds, tf, mix, _ = _data_and_transform(args, recipe)
     classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
+    if recipe is not None and recipe.get("unlabeled"):
+        classes = teacher.num_classes
+        if rank == 0:
+            print(f"save-logits: --data read as {len(ds)} unlabeled images (no class folders for the teacher's "
+                  f"{classes} classes): its soft labels are the students' only targets")
     # TinyViT keeps 100 of 21,841 classes; a teacher with 100 or fewer keeps its whole distribution
     k = args.topk if args.topk is not None else (5 if not args.data else min(100, classes))
     if getattr(teacher, "num_classes", classes) != classes:
@@ -237,8 +244,11 @@ def run_distill(args) -> int:
 
             recipe = recipe_for(_student(args, len(image_folder(args.data, what="--data").classes), weights=False))
     ds, tf, mix, eval_set = _data_and_transform(args, recipe)
+    classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
+    if recipe is not None and recipe.get("unlabeled"):  # a store of unlabeled images: the teacher's classes
+        classes = read_meta(args.store).num_classes
     torch.manual_seed(args.seed)  # the student's initial weights too: a run is reproducible
-    student = _student(args, len(ds.classes) if hasattr(ds, "classes") else 10)  # the embedded digits have 10
+    student = _student(args, classes)
     if rank == 0 and (args.checkpoint or args.pretrained):
         head = (f"; its {student.vitfast_new_head}-class head replaced by a new {student.num_classes}-class one"
                 if student.vitfast_new_head else "")

@@ -49,10 +49,33 @@ def recipe_for(model, input_size=None, **options) -> dict:
     return recipe
 
 
+def unlabeled_files(data: str):
+    """Every image under `data` (vitfast.data.folders.ImageFiles), checked like an ImageFolder: a
+    data set's root (train/ val/) or a folder without images is refused naming it."""
+    from ..data.folders import ImageFiles, check_not_splits, class_folders, image_folder
+
+    check_not_splits(data, class_folders(data), "--data")
+    ds = ImageFiles(data)
+    if not ds.samples:
+        image_folder(data, what="--data")  # says what is wrong with the folder
+    return ds
+
+
+def labels_unused(data: str, classes: int) -> bool:
+    """True when `data` cannot label a `classes`-way head: a plain folder of images, or class
+    folders that are not the teacher's classes (another count). save-logits then writes a store of
+    unlabeled images: soft labels are TinyViT's only targets."""
+    from ..data.folders import class_folders
+
+    found = class_folders(data)
+    return not found or len(found) != classes
+
+
 def replay_data(data: str | None, recipe: dict | None = None):
     """(dataset of raw images, augmentation, mixup args, eval set or None) that save-logits and
     every student replay: the embedded digits, or an ImageFolder augmented by `recipe`
-    (`recipe_for`; a store keeps the one it was written with)."""
+    (`recipe_for`; a store keeps the one it was written with; `recipe["unlabeled"]`: every image
+    under the folder, labels 0, as ImageFiles)."""
     if not data:
         ds, eval_set = digits_train_set()
         return ds, digits_transform(), MIXUP, eval_set
@@ -64,7 +87,10 @@ def replay_data(data: str | None, recipe: dict | None = None):
     if recipe is None:
         raise ValueError("replay_data: an ImageFolder needs the augmentation recipe (recipe_for(model) or the store's)")
     install_posterize_fix()
-    ds = image_folder(data, what="--data")
+    if recipe.get("unlabeled"):  # soft labels only (TinyViT distils without ground truth)
+        ds = unlabeled_files(data)
+    else:
+        ds = image_folder(data, what="--data")
     size = tuple(recipe["input_size"])
     tf = create_transform(size, is_training=True, auto_augment=recipe["aa"], re_prob=recipe["reprob"],
                           interpolation=recipe["interpolation"], mean=tuple(recipe["mean"]), std=tuple(recipe["std"]))
@@ -73,7 +99,7 @@ def replay_data(data: str | None, recipe: dict | None = None):
 
         tf = transforms.Compose([transforms.Grayscale(1), tf])
     mix = {"mixup_alpha": recipe["mixup"], "cutmix_alpha": recipe["cutmix"], "prob": 1.0, "switch_prob": 0.5,
-           "num_classes": len(ds.classes), "label_smoothing": 0.0}
+           "num_classes": max(1, len(ds.classes)), "label_smoothing": 0.0}  # unlabeled: every label is 0
     return ds, tf, mix, None
 
 
