@@ -301,8 +301,9 @@ def test_layer_pairs_with_other_tokens_are_refused_before_training(tmp_path):
 
 
 def test_distillation_alone_trains_on_unlabeled_images(folder_and_teacher, tmp_path):
-    """--alpha 0 (the default) has no label loss: a plain folder of images, or folders that are not
-    the teacher's classes, is read as unlabeled images (the log says so); --eval-data is then
+    """--alpha 0 (the default) has no label loss: a plain folder of images is read as unlabeled
+    images (the log says so), and so are folders that are not the teacher's classes with
+    --unlabeled (without it they are refused: most likely the wrong folder); --eval-data is then
     matched to the head's outputs in order. With a label loss such data is refused in one line
     that names the way out, and no --output folder is left behind."""
     import shutil
@@ -316,9 +317,11 @@ def test_distillation_alone_trains_on_unlabeled_images(folder_and_teacher, tmp_p
     two = tmp_path / "two"  # two folders, the teacher has three classes
     shutil.copytree(os.path.join(data, "class0"), two / "a")
     shutil.copytree(os.path.join(data, "class1"), two / "b")
-    for folder, images in ((flat, 12), (two, 24)):
+    p = vitfast(*swin_args(str(two), ckpt, str(tmp_path / "refused"), epochs=1))
+    assert p.returncode == 2 and "--data has 2 classes, the teacher's head 3" in p.stderr and "--unlabeled" in p.stderr
+    for folder, images, extra in ((flat, 12, ()), (two, 24, ("--unlabeled",))):
         out = str(tmp_path / f"out_{folder.name}")
-        args = swin_args(str(folder), ckpt, out, epochs=1)
+        args = swin_args(str(folder), ckpt, out, epochs=1, extra=extra)
         args[args.index("--eval-data") + 1] = data  # labeled: one folder per output of the head
         p = vitfast(*args)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -330,4 +333,6 @@ def test_distillation_alone_trains_on_unlabeled_images(folder_and_teacher, tmp_p
     assert "has no class folders" in p.stderr and "--alpha 0: distillation alone needs no labels" in p.stderr
     p = vitfast(*swin_args(str(two), ckpt, out, epochs=1, extra=("--alpha", "0.5")))
     assert p.returncode == 2 and "--data has 2 classes, the teacher's head 3" in p.stderr, p.stderr[-3000:]
+    p = vitfast(*swin_args(str(two), ckpt, out, epochs=1, extra=("--alpha", "0.5", "--unlabeled")))
+    assert p.returncode == 2 and "--unlabeled reads --data without labels: it needs --data and --alpha 0" in p.stderr
     assert not os.path.exists(out)

@@ -390,9 +390,10 @@ def test_distill_starts_the_student_from_a_checkpoint_of_other_classes(tmp_path)
 
 def test_a_store_of_unlabeled_images(tmp_path):
     """TinyViT distils from soft labels only (no ground truth), so save-logits takes a plain folder
-    of images (or folders that are not the teacher's classes) as unlabeled images: the store says
-    so, distill's student gets the teacher's classes, --eval-data is matched to its outputs in
-    order, and the labels-only baseline (which needs labels) is refused in one line."""
+    of images (or, with --unlabeled, folders that are not the teacher's classes) as unlabeled
+    images: the store says so, distill's student gets the teacher's classes, --eval-data is matched
+    to its outputs in order, and the labels-only baseline (which needs labels) is refused in one
+    line."""
     import shutil
 
     from small_models import VIT32, random_image_folder, save_vit32
@@ -428,6 +429,15 @@ def test_a_store_of_unlabeled_images(tmp_path):
     assert "held-out accuracy" in p.stdout
     p = vitfast("distill", "--labels-only", "--data", str(flat), *student, "--out", str(tmp_path / "gt"))
     assert p.returncode == 2 and "has no class sub-folders" in p.stderr and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    # two class folders for a 3-class teacher: refused (the wrong folder?), unless --unlabeled
+    two = tmp_path / "two"
+    shutil.copytree(os.path.join(data, "c0"), two / "a")
+    shutil.copytree(os.path.join(data, "c1"), two / "b")
+    save = ["save-logits", *teacher, "--data", str(two), "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    p = vitfast(*save, "--out", str(tmp_path / "s2"))
+    assert p.returncode == 2 and "3 classes, --data 2 class folders (or --unlabeled" in p.stderr, p.stderr[-2000:]
+    p = vitfast(*save, "--unlabeled", "--out", str(tmp_path / "s2"))
+    assert p.returncode == 0 and "--data read as 8 unlabeled images" in p.stdout, p.stderr[-2000:]
     # the same images as a labeled folder are other data for this store
     p = vitfast("distill", "--store", store, "--data", data, *student, "--out", str(tmp_path / "other"))
     assert p.returncode == 2 and "other data than these 12 samples: other files" in p.stderr, p.stderr[-2000:]

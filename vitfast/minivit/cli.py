@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder training directory (default: the embedded digits)")
     g.add_argument("--eval-data", help="ImageFolder directory evaluated each epoch (streamed)")
+    g.add_argument("--unlabeled", action="store_true",
+                   help="read --data as unlabeled images even if its folders are not the teacher's classes "
+                        "(--alpha 0: distillation alone needs no labels; a plain folder of images is read so anyway)")
     g.add_argument("--input-size", help="N or C,H,W (default: the model's)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--aa", default=d.aa, help="timm auto-augment policy ('none' to disable)")
@@ -87,7 +90,7 @@ def config_from_args(a):
                   distill_checkpoint=a.distill_checkpoint, distill_pretrained=a.distill_pretrained,
                   distill_model_kwargs=model_kwargs(a.distill_model_kwargs),
                   store=a.store,
-                  data=a.data, eval_data=a.eval_data, input_size=input_size(a.input_size), output=a.output,
+                  data=a.data, eval_data=a.eval_data, unlabeled=a.unlabeled, input_size=input_size(a.input_size), output=a.output,
                   resume=a.resume, device=a.device, progress=a.progress)
     # the embedded default keeps its own recipe unless an option was given explicitly
     for name in ("batch_size", "aa", "reprob", "mixup", "cutmix", "smoothing", "workers"):

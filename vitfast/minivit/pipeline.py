@@ -78,6 +78,7 @@ class MiniViTConfig:
     # data (ImageFolder; None: embedded digits)
     data: str | None = None
     eval_data: str | None = None
+    unlabeled: bool = False             # --data as unlabeled images even with class folders (--alpha 0)
     input_size: tuple | None = None
     aa: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
@@ -117,6 +118,10 @@ class MiniViTConfig:
             raise UserError(f"argument --batch-size must be >= 2, got {self.batch_size}")
         if self.workers < 0:
             raise UserError(f"argument --workers must be >= 0, got {self.workers}")
+        if self.unlabeled and (self.alpha > 0 or self.data is None):
+            raise UserError("argument --unlabeled reads --data without labels: it needs --data and --alpha 0 "
+                            f"(got --alpha {self.alpha})" if self.data is not None else
+                            "argument --unlabeled describes --data: give --data too")
         if self.store is not None and not (self.distill_predictions and self.alpha < 1):
             raise UserError("--store feeds the prediction distillation term: it needs --alpha < 1 and no "
                             "--no-prediction-distillation")
@@ -222,9 +227,9 @@ def load_data(cfg: MiniViTConfig, teacher):
     transform = train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob)
     classes = getattr(teacher, "num_classes", None)
     found = class_folders(cfg.data)
-    if cfg.alpha == 0 and (not found or (classes is not None and len(found) != classes)):
+    if cfg.alpha == 0 and (cfg.unlabeled or not found):
         # no label loss: the teacher's predictions and relations are the targets, so unlabeled images
-        # (a plain folder, or folders that are not the head's classes) will do
+        # (a plain folder; with --unlabeled, any folders) will do
         check_not_splits(cfg.data, found, "--data")
         ds = ImageFiles(cfg.data, transform)
         if not ds.samples:
@@ -235,7 +240,8 @@ def load_data(cfg: MiniViTConfig, teacher):
                             "(one sub-folder of images per class); or --alpha 0: distillation alone needs no labels")
         ds = image_folder(cfg.data, transform, "--data")
         if classes is not None and classes != len(ds.classes):
-            hint = " (or --alpha 0: distillation alone needs no labels)" if cfg.alpha > 0 else ""
+            hint = (" (or --alpha 0: distillation alone needs no labels)" if cfg.alpha > 0 else
+                    " (or --unlabeled: distillation alone reads them as unlabeled images)")
             raise UserError(f"--data has {len(ds.classes)} classes, the teacher's head {classes}: pass --num-classes "
                             f"{len(ds.classes)} with a checkpoint of that many classes, or fix the folder{hint}")
     if cfg.eval_data is None:

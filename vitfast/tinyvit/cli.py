@@ -35,7 +35,11 @@ def add_parser(sub) -> None:
     s.add_argument("--checkpoint")
     s.add_argument("--num-classes", type=int, help="classes of the teacher's head, if not its default")
     add_model_kwargs_arg(s)
-    s.add_argument("--data", help="ImageFolder training directory (default: embedded digits)")
+    s.add_argument("--data", help="ImageFolder training directory (default: embedded digits); a plain folder of "
+                                  "images is read as unlabeled images")
+    s.add_argument("--unlabeled", action="store_true",
+                   help="read --data as unlabeled images (every image under it) even if it has class folders: "
+                        "students learn from the soft labels alone")
     s.add_argument("--epochs", default="30", help="N (epochs 0..N-1) or A:B")
     s.add_argument("--input-size", nargs="+", metavar="N|C,H,W",
                    help="images the teacher sees: N, C,H,W or C H W (default: the size it was built for)")
@@ -179,6 +183,8 @@ def run_save(args) -> int:
         raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
     augmentation = {"aa": args.aa, "reprob": args.reprob, "mixup": args.mixup, "cutmix": args.cutmix}
     given = [f"--{k}" for k, v in augmentation.items() if v is not None]
+    if args.unlabeled and not args.data:
+        raise UserError("argument --unlabeled describes --data: give --data too")
     if given and not args.data:
         raise UserError(f"argument {given[0]}: the embedded digits have their own augmentation; it applies with --data")
     check_augmentation(**augmentation)
@@ -186,23 +192,25 @@ def run_save(args) -> int:
     teacher, name = _teacher(args)
     recipe = None
     if args.data:
-        from .defaults import labels_unused, recipe_for
+        from ..data.folders import class_folders
+        from .defaults import recipe_for
 
         recipe = recipe_for(teacher, size, aa=args.aa, reprob=args.reprob, mixup=args.mixup,
                             cutmix=args.cutmix)
-        if labels_unused(args.data, getattr(teacher, "num_classes", 0)):
+        if args.unlabeled or not class_folders(args.data):  # soft labels are the students' only targets
             recipe["unlabeled"] = True
     ds, tf, mix, _ = _data_and_transform(args, recipe)
     classes = len(ds.classes) if hasattr(ds, "classes") else 10  # the embedded digits have 10
     if recipe is not None and recipe.get("unlabeled"):
         classes = teacher.num_classes
         if rank == 0:
-            print(f"save-logits: --data read as {len(ds)} unlabeled images (no class folders for the teacher's "
-                  f"{classes} classes): its soft labels are the students' only targets")
+            print(f"save-logits: --data read as {len(ds)} unlabeled images: the teacher's soft labels are the "
+                  "students' only targets")
     # TinyViT keeps 100 of 21,841 classes; a teacher with 100 or fewer keeps its whole distribution
     k = args.topk if args.topk is not None else (5 if not args.data else min(100, classes))
     if getattr(teacher, "num_classes", classes) != classes:
-        raise UserError(f"the teacher has {teacher.num_classes} classes, --data {classes}")
+        raise UserError(f"the teacher has {teacher.num_classes} classes, --data {classes} class folders (or --unlabeled: "
+                        "its images without labels, TinyViT's soft labels need none)")
     save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
                 name, device, _workers(args), progress=rank == 0 and args.progress,
                 log=print if rank == 0 else (lambda *_: None), recipe=recipe)

@@ -61,16 +61,6 @@ def unlabeled_files(data: str):
     return ds
 
 
-def labels_unused(data: str, classes: int) -> bool:
-    """True when `data` cannot label a `classes`-way head: a plain folder of images, or class
-    folders that are not the teacher's classes (another count). save-logits then writes a store of
-    unlabeled images: soft labels are TinyViT's only targets."""
-    from ..data.folders import class_folders
-
-    found = class_folders(data)
-    return not found or len(found) != classes
-
-
 def replay_data(data: str | None, recipe: dict | None = None):
     """(dataset of raw images, augmentation, mixup args, eval set or None) that save-logits and
     every student replay: the embedded digits, or an ImageFolder augmented by `recipe`
