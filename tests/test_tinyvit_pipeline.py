@@ -381,6 +381,8 @@ def test_distill_starts_the_student_from_a_checkpoint_of_other_classes(tmp_path)
     p = distill(*student, "--checkpoint", ckpt, "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"the student starts from {ckpt}; its 5-class head replaced by a new 2-class one" in p.stdout
+    p = distill(*student, "--checkpoint", ckpt, "--out", out, "--epochs", "2")  # the last --epochs wins
+    assert p.returncode == 2 and f"--checkpoint {out}/student.safetensors --output NEW" in p.stderr, p.stderr[-2000:]
     other = save_vit32(tmp_path / "other.safetensors", 5, seed=1)
     p = distill(*student, "--checkpoint", other, "--out", out)
     assert p.returncode == 2 and "identity checkpoint=" in p.stderr, p.stderr[-2000:]

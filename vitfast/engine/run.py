@@ -95,8 +95,10 @@ class RunDir:
     # what a run writes before it has anything to resume
     UNSAVED = (RUN_FILE, "log.txt")
 
-    def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every")):
+    def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every"),
+                 hints: dict | None = None):
         self.root = root
+        self.hints = hints or {}  # key -> what to do instead, added to a refusal over that key
         self.config = {k: v for k, v in config.items() if k not in volatile}
         self.identity = identity
         self.path = os.path.join(root, RUN_FILE)
@@ -112,8 +114,9 @@ class RunDir:
                                      json.loads(json.dumps(mine, default=str)))
             if diff:
                 key, was, now = diff
+                hint = f"; {self.hints[key]}" if key in self.hints else ""
                 raise ResumeMismatch(f"'{self.root}' holds a run with {part} {key}={was!r}, this one has {now!r}; "
-                                     f"to start fresh use another --output (or delete '{self.root}')")
+                                     f"to start fresh use another --output (or delete '{self.root}'){hint}")
 
     def start(self, resume: bool = True) -> bool:
         """Returns True when an earlier run is there to resume (after checking it matches)."""

@@ -239,7 +239,7 @@ def run_distill(args) -> int:
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config",
                                                                                  "compile")},
            {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data),
-            "checkpoint": file_digest(args.checkpoint)}).start(resume=True)
+            "checkpoint": file_digest(args.checkpoint)}, hints=_longer_hint(args.out)).start(resume=True)
     rank, world, device = vdist.setup(args.device)
     recipe = None
     if args.data:  # the store's augmentation; labels only: TinyViT's recipe at the student's data config
@@ -300,6 +300,18 @@ def run_distill(args) -> int:
             print(f"held-out accuracy: {res['eval_accuracy']:.4f}")
     vdist.cleanup()
     return 0
+
+
+def _longer_hint(out: str) -> dict:
+    """A finished run asked for more epochs: its cosine schedule ended, so the way on is a new run
+    from the trained student's weights."""
+    import os
+
+    final = os.path.join(out, "student.safetensors")
+    if not os.path.exists(final):
+        return {}
+    return {"epochs": f"to train the finished student longer, start a new run from its weights: --checkpoint {final} "
+                      "--output NEW"}
 
 
 def _student(args, classes: int, weights: bool = True):
