@@ -2,6 +2,7 @@
 start at the identity, state_dict, save/load), the distillation terms against direct float64
 formulas, and the timm registry names with their parameter counts."""
 import copy
+import os
 
 import pytest
 import timm
@@ -468,3 +469,30 @@ def test_timm_sweep_script_takes_and_refuses(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "vit taken 1" in p.stdout and "vit refused 1" in p.stdout, p.stdout
     assert "| vit_base_patch16_rpn_224 | refused: MiniViT: block 0 is a ResPostBlock" in md.read_text()
+
+
+def test_load_mini_names_what_is_wrong_with_a_saved_model(tmp_path):
+    """A saved Mini model with its weights missing or truncated, or a broken structure.json, is
+    a UserError naming the file (FileNotFoundError / JSONDecodeError / SafetensorError before);
+    either file's path loads the folder."""
+    import shutil
+
+
+    torch.manual_seed(0)
+    mini = multiplex(tiny_vit(), 2).eval()
+    kwargs = dict(img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3, num_classes=5)
+    save_mini(mini, str(tmp_path / "m"), "vit_tiny_patch16_224", kwargs)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for p in ("m/model.safetensors", "m/structure.json"):
+            torch.testing.assert_close(load_mini(str(tmp_path / p))(x), mini(x))
+    for name, damage, words in [
+        ("gone", lambda d: os.remove(d / "model.safetensors"), "holds structure.json but no model.safetensors"),
+        ("cut", lambda d: open(d / "model.safetensors", "r+b").truncate(64), r"model\.safetensors' cannot be read"),
+        ("json", lambda d: (d / "structure.json").write_text('{"format": '), r"structure\.json' cannot be read"),
+        ("list", lambda d: (d / "structure.json").write_text("[1]"), "is not a"),
+    ]:
+        shutil.copytree(tmp_path / "m", tmp_path / name)
+        damage(tmp_path / name)
+        with pytest.raises(UserError, match=words):
+            load_mini(str(tmp_path / name))
