@@ -477,7 +477,6 @@ def test_load_mini_names_what_is_wrong_with_a_saved_model(tmp_path):
     either file's path loads the folder."""
     import shutil
 
-
     torch.manual_seed(0)
     mini = multiplex(tiny_vit(), 2).eval()
     kwargs = dict(img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3, num_classes=5)
