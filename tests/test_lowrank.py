@@ -142,6 +142,12 @@ def test_pipeline_end_to_end_and_load_compressed(tmp_path):
         assert os.path.exists(os.path.join(out, f)), f
     loaded = vitfast.load_compressed(os.path.join(out, "compressed"))
     assert sum(p.numel() for p in loaded.parameters()) == report["results"]["aafm+gfm"]["params"]
+    with torch.no_grad():  # either file's path loads the folder; a folder without weights is named
+        x1 = x[:2]
+        torch.testing.assert_close(vitfast.load_compressed(os.path.join(out, "compressed", "structure.json"))(x1),
+                                   loaded(x1))
+    with pytest.raises(UserError, match="holds no structure.json: not a saved compressed model"):
+        vitfast.load_compressed(out)
     structure = json.load(open(os.path.join(out, "compressed", "structure.json")))
     assert structure["layers"] and all(v["rank"] % 16 == 0 for v in structure["layers"].values())
     # A second run reuses the saved search.

@@ -146,3 +146,32 @@ def describe_mismatch(model: torch.nn.Module, state: dict, source: str, limit: i
     if unexpected:
         lines.append(f"  {len(unexpected)} key(s) the model lacks, e.g. {', '.join(unexpected[:limit])}")
     raise CheckpointError("\n".join(lines))
+
+
+def read_saved_model(path: str, fmt: str, kind: str) -> tuple[dict, dict]:
+    """(structure.json, weights) of a saved model folder (a Mini model, a compressed model: its
+    structure plus model.safetensors); `path` may also name either file. Whatever is missing or
+    unreadable is a UserError naming the file; `kind` says what the folder should hold."""
+    from safetensors.torch import load_file
+
+    if os.path.isfile(path) and os.path.basename(path) in ("structure.json", "model.safetensors"):
+        path = os.path.dirname(path) or "."  # a file of the saved model: its folder
+    spec_path, weights = os.path.join(path, "structure.json"), os.path.join(path, "model.safetensors")
+    if not os.path.exists(spec_path):
+        raise UserError(f"'{path}' holds no structure.json: not a saved {kind}")
+    if not os.path.exists(weights):
+        raise UserError(f"'{path}' holds structure.json but no model.safetensors: the weights of the saved {kind} "
+                        "are missing")
+    try:
+        with open(spec_path) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"'{spec_path}' cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(spec, dict) or spec.get("format") != fmt:
+        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise UserError(f"'{path}' is not a {fmt} model (format {got!r})")
+    try:
+        state = load_file(weights)
+    except Exception as exc:  # truncated, or not a safetensors file
+        raise UserError(f"'{weights}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    return spec, state

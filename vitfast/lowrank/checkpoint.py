@@ -32,18 +32,16 @@ def save_compressed(model: nn.Module, out_dir: str, base_model: str, ranks: dict
 
 
 def load_compressed(path: str, device="cpu") -> nn.Module:
-    """Rebuild a model saved by `vitfast lowrank` (a folder with structure.json + model.safetensors)."""
+    """Rebuild a model saved by `vitfast lowrank` (a folder with structure.json + model.safetensors,
+    or either file's path; what is missing or unreadable is a UserError naming it)."""
     import timm
-    from safetensors.torch import load_file
 
     from .. import models  # noqa: F401  (registers vitfast's own timm models)
+    from ..engine.checkpoint import read_saved_model
 
-    with open(os.path.join(path, "structure.json")) as f:
-        structure = json.load(f)
-    if structure.get("format") != FORMAT:
-        raise ValueError(f"load_compressed: '{path}' is not a {FORMAT} checkpoint (format {structure.get('format')!r})")
+    structure, state = read_saved_model(path, FORMAT, "compressed model")
     model = timm.create_model(structure["base_model"], pretrained=False, **structure["model_kwargs"])
     for name, spec in structure["layers"].items():
         set_module(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"]))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -3,7 +3,6 @@ save / load Mini models (safetensors + structure.json, rebuilt from the timm nam
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
@@ -189,38 +188,18 @@ def save_mini(model: nn.Module, out_dir: str, base_model: str, model_kwargs: dic
 
 
 def load_mini(path: str, device="cpu") -> nn.Module:
-    """Rebuild a Mini model saved by save_mini / `vitfast minivit` (folder with structure.json)."""
+    """Rebuild a Mini model saved by save_mini / `vitfast minivit` (folder with structure.json and
+    model.safetensors, or either file's path; what is missing or unreadable is a UserError naming it)."""
     import timm
-    from safetensors.torch import load_file
 
     from .. import models  # noqa: F401  (vitfast's own timm registrations)
-    from ..engine.checkpoint import describe_mismatch
+    from ..engine.checkpoint import describe_mismatch, read_saved_model
 
-    if os.path.isfile(path) and os.path.basename(path) in ("structure.json", "model.safetensors"):
-        path = os.path.dirname(path) or "."  # a file of the saved model: its folder
-    spec_path = os.path.join(path, "structure.json")
-    if not os.path.exists(spec_path):
-        raise UserError(f"'{path}' holds no structure.json: not a saved Mini model")
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.exists(weights):
-        raise UserError(f"'{path}' holds structure.json but no model.safetensors: the weights of the saved Mini "
-                        "model are missing")
-    try:
-        with open(spec_path) as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"'{spec_path}' cannot be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
-        raise UserError(f"'{path}' is not a {FORMAT} model (format {got!r})")
+    spec, state = read_saved_model(path, FORMAT, "Mini model")
     base = timm.create_model(spec["base_model"], pretrained=False, **spec["model_kwargs"])
     mini = multiplex(base, spec["groups"], init="first", heads_mix=spec["heads_mix"],
                      mlp_transform=spec["mlp_transform"])
     mini.minivit["init"] = spec.get("init", "first")
-    try:
-        state = load_file(weights)
-    except Exception as exc:  # truncated or not a safetensors file
-        raise UserError(f"'{weights}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     describe_mismatch(mini, state, path)
     mini.load_state_dict(state)
     return mini.to(device).eval()
