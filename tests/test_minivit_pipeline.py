@@ -336,3 +336,38 @@ def test_distillation_alone_trains_on_unlabeled_images(folder_and_teacher, tmp_p
     p = vitfast(*swin_args(str(two), ckpt, out, epochs=1, extra=("--alpha", "0.5", "--unlabeled")))
     assert p.returncode == 2 and "--unlabeled reads --data without labels: it needs --data and --alpha 0" in p.stderr
     assert not os.path.exists(out)
+
+
+def test_a_finished_mini_model_trains_on_from_init_from(folder_and_teacher, tmp_path):
+    """--init-from: a new run starts from a saved Mini model (the weights the first run ended
+    with, not the teacher's); more --epochs on the finished run are refused with that way on; a
+    saved model of another structure is refused naming the difference; the saved weights are part
+    of the run's identity."""
+    from vitfast.minivit.multiplex import multiplex
+    from vitfast.minivit.pipeline import start_from_saved
+
+    data, ckpt, root = folder_and_teacher
+    first = str(tmp_path / "first")
+    p = vitfast(*swin_args(data, ckpt, first, epochs=1))
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = os.path.join(first, "mini_model")
+    p = vitfast(*swin_args(data, ckpt, first, epochs=2))
+    assert p.returncode == 2 and f"--init-from {saved} --output NEW" in p.stderr, p.stderr[-2000:]
+    # the weights loaded are the saved ones (the teacher's multiplexed weights differ from them)
+    teacher = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16,
+                                depths=(2, 2), num_heads=(2, 4), num_classes=3)
+    teacher.load_state_dict(load_file(ckpt))
+    built = multiplex(teacher, "stage")
+    start_from_saved(built, saved)
+    mini = load_mini(saved)
+    assert all(torch.equal(v, mini.state_dict()[k]) for k, v in built.state_dict().items())
+    assert not all(torch.equal(v, multiplex(teacher, "stage").state_dict()[k]) for k, v in built.state_dict().items())
+    second = str(tmp_path / "second")
+    p = vitfast(*swin_args(data, ckpt, second, epochs=1, extra=("--init-from", saved)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(os.path.join(second, "run.json")))["identity"]["init_from"]
+    p = vitfast(*swin_args(data, ckpt, str(tmp_path / "third"), epochs=1, extra=("--init-from", saved, "--no-head-mix")))
+    assert p.returncode == 2 and "its heads_mix is True, the Mini model built here has False" in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "third")
+    p = vitfast(*swin_args(data, ckpt, str(tmp_path / "fourth"), epochs=1, extra=("--init-from", first)))
+    assert p.returncode == 2 and "holds no structure.json: not a saved Mini model" in p.stderr, p.stderr

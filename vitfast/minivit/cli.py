@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     g.add_argument("--init", choices=["first", "mean", "random"], default=d.init)
     g.add_argument("--no-head-mix", dest="heads_mix", action="store_false", help="no head-mixing transforms")
     g.add_argument("--mlp-transform", choices=["residual", "official", "none"], default=d.mlp_transform)
+    g.add_argument("--init-from", metavar="MINI_DIR",
+                   help="start from a saved Mini model (a run's mini_model/) instead of the teacher's weights: a "
+                        "finished run trained longer, or on other data; same teacher, --share and transforms")
     g = p.add_argument_group("distillation")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the label loss; predictions get 1 - alpha")
     g.add_argument("--no-prediction-distillation", dest="distill_predictions", action="store_false")
@@ -89,7 +92,7 @@ def config_from_args(a):
                   layer_pairs=a.layer_pairs, distill_teacher=a.distill_teacher,
                   distill_checkpoint=a.distill_checkpoint, distill_pretrained=a.distill_pretrained,
                   distill_model_kwargs=model_kwargs(a.distill_model_kwargs),
-                  store=a.store,
+                  store=a.store, init_from=a.init_from,
                   data=a.data, eval_data=a.eval_data, unlabeled=a.unlabeled, input_size=input_size(a.input_size), output=a.output,
                   resume=a.resume, device=a.device, progress=a.progress)
     # the embedded default keeps its own recipe unless an option was given explicitly

@@ -10,6 +10,7 @@ paper's ablation in small (run_ablation)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
@@ -51,6 +52,7 @@ class MiniViTConfig:
     init: str = "first"                 # first | mean | random (the official from-scratch recipe)
     heads_mix: bool = True              # head-mixing transforms in the attention
     mlp_transform: str | None = "residual"  # residual | official | None
+    init_from: str | None = None        # a saved Mini model (load_mini folder) to start from, same structure
     # weight distillation (official Mini-Swin defaults)
     alpha: float = 0.0                  # ground-truth CE weight; predictions get 1 - alpha
     distill_predictions: bool = True
@@ -337,6 +339,48 @@ def _add_relations(cfg, cap_s, cap_t, parts, total):
     return total
 
 
+def _longer_hint(out_dir: str) -> dict:
+    """A finished run asked for more epochs: its cosine schedule ended; the way on is a new run
+    from its Mini model."""
+    final = os.path.join(out_dir, "mini_model")
+    if not os.path.exists(os.path.join(final, "structure.json")):
+        return {}
+    return {"train.epochs": f"to train the finished Mini model longer, start a new run from it: --init-from {final} "
+                            "--output NEW"}
+
+
+def _saved_digest(path: str | None) -> str | None:
+    """Digest of a saved Mini model's weights (part of a run's identity), None without one."""
+    if not path:
+        return None
+    folder = (os.path.dirname(path) or ".") if os.path.isfile(path) else path
+    if not os.path.exists(os.path.join(folder, "structure.json")):
+        raise UserError(f"argument --init-from '{path}' holds no structure.json: not a saved Mini model (a run's "
+                        "mini_model/ folder)")
+    return file_digest(os.path.join(folder, "model.safetensors"), "argument --init-from: weights")
+
+
+def start_from_saved(student: nn.Module, path: str) -> None:
+    """Loads a saved Mini model (save_mini / `vitfast minivit`'s mini_model/) into `student`, the
+    Mini model just built from the teacher: a finished run trained longer, or on other data. Its
+    structure must be the one built (groups, transforms, shapes); a difference is named."""
+    from ..engine.checkpoint import CheckpointError, describe_mismatch, read_saved_model
+    from .multiplex import FORMAT
+
+    spec, state = read_saved_model(path, FORMAT, "Mini model")
+    built = {"groups": student.minivit["groups"], "heads_mix": student.minivit["heads_mix"],
+             "mlp_transform": student.minivit["mlp_transform"]}
+    for key, value in json.loads(json.dumps(built)).items():  # as structure.json holds them
+        if spec.get(key) != value:
+            raise UserError(f"argument --init-from '{path}': its {key} is {spec.get(key)!r}, the Mini model built "
+                            f"here has {value!r} (give the --share / --no-head-mix / --mlp-transform it was made with)")
+    try:
+        describe_mismatch(student, state, path)
+    except CheckpointError as exc:
+        raise UserError(f"argument --init-from: {exc}") from exc
+    student.load_state_dict(state)
+
+
 @forgets_unsaved_runs_on_refusal
 def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: dict, dataset, eval_batches,
                out_dir: str, log: RunLog | None = None, distill_teacher: nn.Module | None = None) -> dict:
@@ -354,11 +398,18 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     # compile changes the speed, not the run: not part of its identity
     run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
-                  "store": store_id, "distill_checkpoint": file_digest(cfg.distill_checkpoint)},
-                 volatile=("workers", "progress", "output", "device", "resume", "relation_impl"))
+                  "store": store_id, "distill_checkpoint": file_digest(cfg.distill_checkpoint),
+                  "init_from": _saved_digest(cfg.init_from)},
+                 volatile=("workers", "progress", "output", "device", "resume", "relation_impl"),
+                 hints=_longer_hint(out_dir))
     resumed = run.start(cfg.resume)
+    note = overlap_note(cfg.data, cfg.eval_data)  # logged once the run holds its folder
+    if note:
+        log(note)
     torch.manual_seed(cfg.train.seed)  # the init ("random") and the first epoch's augmentation
     student = multiplex(teacher, cfg.share, init=cfg.init, heads_mix=cfg.heads_mix, mlp_transform=cfg.mlp_transform)
+    if cfg.init_from:
+        start_from_saved(student, cfg.init_from)
     original = teacher
     if distill_teacher is not None:  # from here on, "teacher" is the model distilled from
         check_distill_teacher(cfg, original, distill_teacher)
@@ -518,9 +569,6 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
     teacher, name, kwargs = load_teacher(cfg)
     distill_teacher = load_distill_teacher(cfg)
     dataset, eval_batches, eval_what = load_data(cfg, teacher)
-    note = overlap_note(cfg.data, cfg.eval_data)
-    if note:
-        log(note)
     res = train_mini(cfg, copy.deepcopy(teacher), name, kwargs, dataset, eval_batches, cfg.output, log,
                      distill_teacher=distill_teacher)
     report = {"teacher": name, "distilled_from": cfg.distill_teacher, "share": cfg.share, "groups": res["model"].minivit["groups"],
