@@ -105,3 +105,24 @@ def test_evaluating_on_the_training_folder_is_noted(tmp_path):
     os.symlink(train, tmp_path / "link")
     assert "is --data" in overlap_note(train, str(tmp_path / "link"))
     assert overlap_note(train, str(tmp_path / "train2")) is None  # a common prefix is not a parent
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    """A Jupyter checkpoint folder is no class, and macOS's AppleDouble "._x.png" files (not
+    images, though named like them) are no samples: torchvision counted both, and the loader
+    stopped the run where it reached one."""
+    _images(tmp_path / "cat", 2)
+    _images(tmp_path / "dog", 2)
+    _images(tmp_path / ".ipynb_checkpoints", 1)
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _images(tmp_path / "dog" / ".thumbs", 1)
+    assert check_image_folder(str(tmp_path)) == ["cat", "dog"]
+    for ds in (image_folder(str(tmp_path)), unlabeled_images(str(tmp_path))):
+        assert ds.classes == ["cat", "dog"]
+        assert sorted(os.path.relpath(p, tmp_path) for p, _ in ds.samples) == [
+            os.path.join(c, f"{i}.png") for c in ("cat", "dog") for i in range(2)]
+        assert all(ds[i][0].size == (8, 8) for i in range(len(ds)))
+    flat = tmp_path / "flat"
+    _images(flat, 1)
+    (flat / "._0.png").write_bytes(b"junk")
+    assert [os.path.basename(p) for p, _ in unlabeled_images(str(flat)).samples] == ["0.png"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torchvision import datasets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Folder names that split a data set: a root holding only these is a data set's root, not an ImageFolder.
@@ -13,13 +14,25 @@ SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testi
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    # hidden files are not images of the data set: macOS's "._x.jpg" (AppleDouble) look like JPEGs and
+    # stopped a run where the loader reached them
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_image_path(path: str) -> bool:
+    return _is_image(os.path.basename(path))
+
+
+def _visible_dirs(root: str) -> list[str]:
+    # hidden folders (.ipynb_checkpoints, .git, .cache) are no classes
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
 
 
 def _scan(folder: str) -> tuple[int, list[str]]:
     """(image files under `folder`, at any depth, as ImageFolder counts them; up to 3 other files)."""
     images, others = 0, []
-    for dirpath, _, files in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in files:
             if _is_image(f):
                 images += 1
@@ -40,7 +53,7 @@ def check_image_folder(root: str, what: str = "data folder") -> list[str]:
     from ..errors import UserError
 
     _check_exists(root, what)
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    classes = _visible_dirs(root)
     if not classes:
         loose = sum(1 for d in os.scandir(root) if d.is_file() and _is_image(d.name))
         hint = (f": its {loose} images lie directly in it; put them in one sub-folder per class" if loose
@@ -66,7 +79,7 @@ def class_folders(root: str) -> list[str]:
     images (or a missing one)."""
     if not os.path.isdir(root):
         return []
-    return sorted(d.name for d in os.scandir(root) if d.is_dir() and _scan(d.path)[0] > 0)
+    return [d for d in _visible_dirs(root) if _scan(os.path.join(root, d))[0] > 0]
 
 
 def check_not_splits(root: str, folders: list[str], what: str) -> None:
@@ -111,10 +124,22 @@ def checked_loader(path: str):
 
 def image_folder(root: str, transform=None, what: str = "data folder"):
     """torchvision ImageFolder after check_image_folder, reading images with checked_loader."""
-    from torchvision import datasets
-
     check_image_folder(root, what)
-    return datasets.ImageFolder(root, transform=transform, loader=checked_loader)
+    return VisibleImageFolder(root, transform=transform, loader=checked_loader, is_valid_file=_is_image_path)
+
+
+class VisibleImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden folders or files (.ipynb_checkpoints was a class)."""
+
+    def find_classes(self, directory: str):
+        classes = _visible_dirs(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = datasets.ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        return [(p, t) for p, t in samples  # nothing under a hidden sub-folder (.thumbs/) either
+                if not any(part.startswith(".") for part in os.path.relpath(p, directory).split(os.sep))]
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -125,7 +150,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.root, self.transform = root, transform
         paths = []
         for dirpath, dirnames, files in os.walk(root, followlinks=True):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             paths += [os.path.join(dirpath, f) for f in sorted(files) if _is_image(f)]
         self.samples = [(p, 0) for p in paths]
         self.targets = [0] * len(paths)
@@ -143,8 +168,6 @@ def unlabeled_images(root: str, transform=None, what: str = "data folder"):
     """Images whose labels are not used: an ImageFolder tree (its order; a class folder without
     images is no error here), or else every image under `root`, a plain folder of images. A data
     set's root (train/ val/) is refused as in check_image_folder."""
-    from torchvision import datasets
-
     from ..errors import UserError
 
     _check_exists(root, what)
@@ -153,7 +176,8 @@ def unlabeled_images(root: str, transform=None, what: str = "data folder"):
     has_classes = bool(folders)
     loose = any(d.is_file() and _is_image(d.name) for d in os.scandir(root))
     if has_classes and not loose:
-        return datasets.ImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True)
+        return VisibleImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True,
+                                  is_valid_file=_is_image_path)
     ds = ImageFiles(root, transform)
     if not ds.samples:
         images, others = _scan(root)
