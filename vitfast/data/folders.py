@@ -41,6 +41,15 @@ def _scan(folder: str) -> tuple[int, list[str]]:
     return images, others
 
 
+def _has_image(folder: str) -> bool:
+    """Whether `folder` holds an image at any depth (stops at the first: data sets are large)."""
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(_is_image(f) for f in files):
+            return True
+    return False
+
+
 def _names(items: list[str], limit: int = 3) -> str:
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(repr(x) for x in items[:limit]) + more
@@ -79,7 +88,7 @@ def class_folders(root: str) -> list[str]:
     images (or a missing one)."""
     if not os.path.isdir(root):
         return []
-    return [d for d in _visible_dirs(root) if _scan(os.path.join(root, d))[0] > 0]
+    return [d for d in _visible_dirs(root) if _has_image(os.path.join(root, d))]
 
 
 def check_not_splits(root: str, folders: list[str], what: str) -> None:
@@ -107,7 +116,7 @@ def _holds_class_folders(folder: str) -> bool:
     entries = list(os.scandir(folder))
     if any(e.is_file() and _is_image(e.name) for e in entries):
         return False
-    return any(e.is_dir() and _scan(e.path)[0] > 0 for e in entries)
+    return any(e.is_dir() and not e.name.startswith(".") and _has_image(e.path) for e in entries)
 
 
 def checked_loader(path: str):
