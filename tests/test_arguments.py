@@ -153,6 +153,7 @@ def test_save_logits_refuses_and_leaves_nothing(tmp_path, args, words):
     (["--smoothing", "1"], "--smoothing must lie in [0, 1)"),
     (["--mixup", "-1"], "--mixup must be >= 0"),
     (["--aa", "foo"], "--aa: 'foo' is not a timm auto-augment policy (Unknown AA policy foo)"),
+    (["--unlabeled"], "--unlabeled describes --data: give --data too"),
 ])
 def test_minivit_refuses_before_any_work(tmp_path, args, words):
     """The embedded default has its own model: options that describe another one are refused, not
@@ -161,6 +162,13 @@ def test_minivit_refuses_before_any_work(tmp_path, args, words):
     out = tmp_path / "m"
     one_line_error(vitfast("minivit", "--output", str(out), "--no-ablation", *args), words)
     assert not (out / "run.json").exists()
+
+
+def test_minivit_ablation_refuses_a_starting_mini_model(tmp_path):
+    """--init-from would start every variant of the embedded ablation from one saved model."""
+    one_line_error(vitfast("minivit", "--output", str(tmp_path / "m"), "--init-from", str(tmp_path)),
+                   "drop --ablation or --teacher/--data/--store/--init-from")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("command,kwargs,words", [

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as vdist
+from ..data.folders import ImageFiles, overlap_note
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
 from ..engine.checkpoint import atomic_write_json
 from ..engine.run import forgets_unsaved_runs_on_refusal
@@ -27,7 +28,6 @@ from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, tra
 from ..engine.data_config import model_data_config
 from ..engine.evaluation import evaluate, folder_loader, tensor_batches
 from ..engine.measure import count_macs, count_params, throughput
-from ..data.folders import ImageFiles, overlap_note
 from ..errors import UserError
 from .distill import (Capture, attention_relation_loss, check_pairs, default_pairs, hidden_relation_loss,
                       soft_cross_entropy)
@@ -550,9 +550,9 @@ def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2
     if ablation is None:
         ablation = cfg.teacher is None and cfg.store is None
     if ablation:
-        if cfg.teacher is not None or cfg.store is not None:
-            raise UserError("the ablation runs on the embedded default only, without a store; drop --ablation or "
-                            "--teacher/--data/--store")
+        if cfg.teacher is not None or cfg.store is not None or cfg.init_from is not None:
+            raise UserError("the ablation runs on the embedded default only, without a store, each variant from the "
+                            "teacher; drop --ablation or --teacher/--data/--store/--init-from")
         ab = run_ablation(cfg, seeds, shares, log)
         if rank == 0:
             curves = {f"{v} [share {s}]": h for (s, v, seed), h in ab["histories"].items() if seed == seeds[0]}
