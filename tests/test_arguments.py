@@ -275,3 +275,37 @@ def test_a_safetensors_file_under_another_name_is_read(tmp_path):
 
     with pytest.raises(UserError, match="cannot be read"):
         read_state_dict(str(tmp_path / "tiny"))
+
+
+def test_run_identity_of_a_folder_ignores_hidden_files_and_accepts_older_records(tmp_path):
+    """engine.run.folder_digest skips hidden files (a .DS_Store a file browser writes mid-run no
+    longer blocks the resume) and follows linked folders, as the data readers do; a run record of
+    an older vitfast (the digest of every file) is still accepted for the same folder."""
+    import json
+
+    from vitfast.engine.run import ResumeMismatch, RunDir, folder_digest
+
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "0.png").write_bytes(b"png")
+    (data / ".cache").mkdir()
+    (data / ".cache" / "x").write_bytes(b"1")
+    run = lambda: RunDir(str(tmp_path / "run"), {"lr": 1.0}, {}, folders={"data": str(data)})  # noqa: E731
+    assert not run().start()
+    (data / ".DS_Store").write_bytes(b"finder")
+    assert run().start()  # hidden files are no data
+    # a record written by an older vitfast held the digest of every file
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    record["identity"]["data"] = folder_digest(str(data), legacy=True)
+    assert record["identity"]["data"] != folder_digest(str(data))
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    assert run().start()
+    (data / "cat" / "1.png").write_bytes(b"png")  # other data is still other data
+    with pytest.raises(ResumeMismatch, match="identity data="):
+        run().start()
+    # a linked class folder is part of the data, as ImageFolder reads it
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "0.png").write_bytes(b"png")
+    before = folder_digest(str(data))
+    os.symlink(tmp_path / "dog", data / "dog")
+    assert folder_digest(str(data)) != before

@@ -32,15 +32,21 @@ def file_digest(path: str | None, what: str = "checkpoint") -> str | None:
     return h.hexdigest()[:16]
 
 
-def folder_digest(root: str | None) -> str | None:
+def folder_digest(root: str | None, legacy: bool = False) -> str | None:
     """Digest of an image folder's listing (relative paths and sizes): other data of the same size
-    gets another digest, without reading every image."""
+    gets another digest, without reading every image. Hidden files and folders are skipped, as
+    every reader skips them (vitfast.data.folders: a .DS_Store written by a file browser does not
+    make the folder other data), and linked folders are followed, as the readers follow them.
+    legacy=True: the digest of vitfast before that (every file, links not followed), which run
+    records written then hold (RunDir(folders=...) accepts it)."""
     if not root:
         return None
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=not legacy):
+        dirnames[:] = sorted(d for d in dirnames if legacy or not d.startswith("."))
         for name in sorted(filenames):
+            if not legacy and name.startswith("."):
+                continue
             p = os.path.join(dirpath, name)
             h.update(f"{os.path.relpath(p, root)}:{os.path.getsize(p)};".encode())
     return h.hexdigest()[:16]
@@ -96,11 +102,13 @@ class RunDir:
     UNSAVED = (RUN_FILE, "log.txt")
 
     def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every"),
-                 hints: dict | None = None):
+                 hints: dict | None = None, folders: dict | None = None):
         self.root = root
         self.hints = hints or {}  # key -> what to do instead, added to a refusal over that key
         self.config = {k: v for k, v in config.items() if k not in volatile}
-        self.identity = identity
+        # folders: identity key -> data folder, recorded by folder_digest
+        self.folders = {k: v for k, v in (folders or {}).items()}
+        self.identity = {**identity, **{k: folder_digest(v) for k, v in self.folders.items()}}
         self.path = os.path.join(root, RUN_FILE)
 
     def exists(self) -> bool:
@@ -109,6 +117,10 @@ class RunDir:
     def check(self) -> None:
         with open(self.path) as f:
             old = json.load(f)
+        recorded = old.get("identity", {})
+        for key, folder in self.folders.items():  # a record of an older vitfast: its folder digest
+            if recorded.get(key) not in (None, self.identity[key]) and recorded[key] == folder_digest(folder, legacy=True):
+                recorded[key] = self.identity[key]
         for part, mine in (("identity", self.identity), ("config", self.config)):
             diff = _first_difference(json.loads(json.dumps(old.get(part, {}), default=str)),
                                      json.loads(json.dumps(mine, default=str)))

@@ -66,7 +66,7 @@ def run(args) -> int:
     from .. import distributed as vdist
     from .pipeline import LowRankConfig, run_lowrank
 
-    from ..engine import RunDir, file_digest, folder_digest
+    from ..engine import RunDir, file_digest
     from ..engine.cli_args import input_size, model_kwargs
     from ..errors import UserError
 
@@ -88,8 +88,8 @@ def run(args) -> int:
     # (search_batch and compile change the speed, not what is computed)
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "search_batch",
                                                                           "config", "compile")},
-           {"model": args.model, "checkpoint": file_digest(args.checkpoint), "data": folder_digest(args.data),
-            "eval_data": folder_digest(args.eval_data)}).start(resume=True)
+           {"model": args.model, "checkpoint": file_digest(args.checkpoint)},
+           folders={"data": args.data, "eval_data": args.eval_data}).start(resume=True)
     if args.model is None and args.data is None:
         from ..data.digits import digits_splits
         from ..models.digits_vit import load_digits_teacher

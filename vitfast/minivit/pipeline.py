@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import distributed as vdist
 from ..data.folders import ImageFiles, overlap_note
-from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit, folder_digest
+from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit
 from ..engine.checkpoint import atomic_write_json
 from ..engine.run import forgets_unsaved_runs_on_refusal
 from ..engine.cli_args import check_augmentation, default_workers
@@ -397,11 +397,11 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     store_id = asdict(read_meta(cfg.store)) if cfg.store else None
     # compile changes the speed, not the run: not part of its identity
     run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
-                 {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint), "data": folder_digest(cfg.data),
+                 {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint),
                   "store": store_id, "distill_checkpoint": file_digest(cfg.distill_checkpoint),
                   "init_from": _saved_digest(cfg.init_from)},
                  volatile=("workers", "progress", "output", "device", "resume", "relation_impl"),
-                 hints=_longer_hint(out_dir))
+                 hints=_longer_hint(out_dir), folders={"data": cfg.data})
     resumed = run.start(cfg.resume)
     note = overlap_note(cfg.data, cfg.eval_data)  # logged once the run holds its folder
     if note:

@@ -231,15 +231,15 @@ def run_distill(args) -> int:
         raise UserError("--store is required (or --labels-only for the baseline)")
     from dataclasses import asdict
 
-    from ..engine import RunDir, file_digest, folder_digest
+    from ..engine import RunDir, file_digest
     from .store import read_meta
 
     # the output folder remembers its run: another configuration, store or data is refused
     store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config",
                                                                                  "compile")},
-           {"store": store_id, "data": folder_digest(args.data), "eval_data": folder_digest(args.eval_data),
-            "checkpoint": file_digest(args.checkpoint)}, hints=_longer_hint(args.out)).start(resume=True)
+           {"store": store_id, "checkpoint": file_digest(args.checkpoint)}, hints=_longer_hint(args.out),
+           folders={"data": args.data, "eval_data": args.eval_data}).start(resume=True)
     rank, world, device = vdist.setup(args.device)
     recipe = None
     if args.data:  # the store's augmentation; labels only: TinyViT's recipe at the student's data config
