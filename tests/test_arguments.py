@@ -309,3 +309,29 @@ def test_run_identity_of_a_folder_ignores_hidden_files_and_accepts_older_records
     before = folder_digest(str(data))
     os.symlink(tmp_path / "dog", data / "dog")
     assert folder_digest(str(data)) != before
+
+
+def test_a_new_head_replaces_every_classifier_of_the_checkpoint(tmp_path):
+    """create_model(new_head=True) on a DeiT with a distillation head: both heads (weights and
+    biases) of the file's 7 classes are replaced by the model's new 4-class ones; every other
+    tensor comes from the file; without a class difference nothing is replaced."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from vitfast.engine.models import create_model
+
+    kw = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3)
+    torch.manual_seed(0)
+    src = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=7, **kw)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "d.safetensors"))
+    m = create_model("deit_tiny_distilled_patch16_224", num_classes=4, checkpoint=str(tmp_path / "d.safetensors"),
+                     new_head=True, model_kwargs=kw)
+    assert m.vitfast_new_head == 7
+    own, file = m.state_dict(), src.state_dict()
+    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert all(own[k].shape[0] == 4 for k in heads)
+    assert all(torch.equal(own[k], v) for k, v in file.items() if k not in heads)
+    same = create_model("deit_tiny_distilled_patch16_224", num_classes=7, checkpoint=str(tmp_path / "d.safetensors"),
+                        new_head=True, model_kwargs=kw)
+    assert same.vitfast_new_head is None and all(torch.equal(same.state_dict()[k], v) for k, v in file.items())

@@ -67,6 +67,8 @@ def head_classes(state: dict, model: nn.Module) -> int | None:
     if get is None:
         return None
     head = get()
+    if isinstance(head, (tuple, list)):  # DeiT distilled: (head, head_dist)
+        head = head[0]
     for name, mod in model.named_modules():
         if mod is head and isinstance(mod, nn.Linear):
             w = state.get(f"{name}.weight")
