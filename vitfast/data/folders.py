@@ -173,20 +173,13 @@ class ImageFiles(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), 0
 
 
-def unlabeled_images(root: str, transform=None, what: str = "data folder"):
-    """Images whose labels are not used: an ImageFolder tree (its order; a class folder without
-    images is no error here), or else every image under `root`, a plain folder of images. A data
-    set's root (train/ val/) is refused as in check_image_folder."""
+def image_files(root: str, transform=None, what: str = "data folder") -> ImageFiles:
+    """Every image under `root` as unlabeled images (ImageFiles), checked: a missing folder, a
+    data set's root (train/ val/) or a folder without images is a UserError naming it."""
     from ..errors import UserError
 
     _check_exists(root, what)
-    folders = class_folders(root)
-    check_not_splits(root, folders, what)
-    has_classes = bool(folders)
-    loose = any(d.is_file() and _is_image(d.name) for d in os.scandir(root))
-    if has_classes and not loose:
-        return VisibleImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True,
-                                  is_valid_file=_is_image_path)
+    check_not_splits(root, class_folders(root), what)
     ds = ImageFiles(root, transform)
     if not ds.samples:
         images, others = _scan(root)
@@ -195,9 +188,24 @@ def unlabeled_images(root: str, transform=None, what: str = "data folder"):
     return ds
 
 
-def overlap_note(data: str | None, eval_data: str | None) -> str | None:
+def unlabeled_images(root: str, transform=None, what: str = "data folder"):
+    """Images whose labels are not used: an ImageFolder tree (its order; a class folder without
+    images is no error here), or else every image under `root` (image_files), a plain folder of
+    images. A data set's root (train/ val/) is refused as in check_image_folder."""
+    _check_exists(root, what)
+    folders = class_folders(root)
+    loose = any(d.is_file() and _is_image(d.name) for d in os.scandir(root))
+    if folders and not loose:
+        check_not_splits(root, folders, what)
+        return VisibleImageFolder(root, transform=transform, loader=checked_loader, allow_empty=True,
+                                  is_valid_file=_is_image_path)
+    return image_files(root, transform, what)
+
+
+def overlap_note(data: str | None, eval_data: str | None, reads: str = "the training reads") -> str | None:
     """A line to print when the evaluation folder is the training folder or lies inside it (or it
-    inside the evaluation folder): the accuracies would be measured on images trained on."""
+    inside the evaluation folder): the accuracies would be measured on images trained on (`reads`:
+    how the command uses --data)."""
     if not data or not eval_data:
         return None
     a, b = os.path.realpath(data), os.path.realpath(eval_data)
@@ -209,4 +217,4 @@ def overlap_note(data: str | None, eval_data: str | None) -> str | None:
         how = "holds --data"
     else:
         return None
-    return f"note: --eval-data '{eval_data}' {how}: its accuracy is measured on images the training reads"
+    return f"note: --eval-data '{eval_data}' {how}: its accuracy is measured on images {reads}"

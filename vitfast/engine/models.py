@@ -76,15 +76,15 @@ def head_classes(state: dict, model: nn.Module) -> int | None:
     return None
 
 
-def new_head_state(model: nn.Module, state: dict, classes: int) -> tuple[dict, list[str]]:
+def new_head_state(model: nn.Module, state: dict, classes: int) -> dict:
     """`state` with its `classes`-way classifier (every tensor whose first dimension is `classes`
     where the model's is another: the head, DeiT's distillation head, their biases) replaced by the
-    model's own freshly initialised tensors; and the keys replaced. Fine-tuning on other classes
+    model's own freshly initialised tensors. Fine-tuning on other classes
     keeps every other weight (what timm does for pretrained weights with another num_classes)."""
     own = model.state_dict()
     keys = [k for k, v in state.items() if k in own and v.dim() >= 1 and v.shape[0] == classes
             and own[k].shape[0] != classes and tuple(v.shape[1:]) == tuple(own[k].shape[1:])]
-    return {**state, **{k: own[k] for k in keys}}, keys
+    return {**state, **{k: own[k] for k in keys}}
 
 
 def create_model(name: str, *, num_classes: int | None = None, checkpoint: str | None = None,
@@ -126,7 +126,7 @@ def create_model(name: str, *, num_classes: int | None = None, checkpoint: str |
         state = read_state_dict(checkpoint)
         have, want = head_classes(state, model), getattr(model, "num_classes", None)
         if new_head and have is not None and want is not None and have != want:
-            state, _ = new_head_state(model, state, have)
+            state = new_head_state(model, state, have)
             model.vitfast_new_head = have
         try:
             describe_mismatch(model, state, checkpoint)

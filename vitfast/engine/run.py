@@ -107,7 +107,7 @@ class RunDir:
         self.hints = hints or {}  # key -> what to do instead, added to a refusal over that key
         self.config = {k: v for k, v in config.items() if k not in volatile}
         # folders: identity key -> data folder, recorded by folder_digest
-        self.folders = {k: v for k, v in (folders or {}).items()}
+        self.folders = dict(folders or {})
         self.identity = {**identity, **{k: folder_digest(v) for k, v in self.folders.items()}}
         self.path = os.path.join(root, RUN_FILE)
 

@@ -115,9 +115,9 @@ def run(args) -> int:
         if args.eval_data:
             loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers(), input_size=size)
             eval_x = lambda: loader  # noqa: E731
-            note = overlap_note(args.data, args.eval_data)
+            note = overlap_note(args.data, args.eval_data, reads="the proxy set is drawn from")
             if note and rank == 0:
-                print(note.replace("the training reads", "the proxy set is drawn from"))
+                print(note)
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
     vdist.cleanup()
     if rank != 0:

@@ -224,7 +224,7 @@ def load_data(cfg: MiniViTConfig, teacher):
         shift = transforms.RandomAffine(degrees=0, translate=(1 / 16, 1 / 16), fill=BACKGROUND)
         ds = TransformedTensors(train.tensors[0], train.tensors[1], shift)
         return ds, (lambda: tensor_batches(ex, ey, 256)), f"the {len(ex)} held-out embedded digits images"
-    from ..data.folders import check_not_splits, class_folders, image_folder
+    from ..data.folders import class_folders, image_files, image_folder
 
     transform = train_transform(teacher, cfg.input_size, cfg.aa, cfg.reprob)
     classes = getattr(teacher, "num_classes", None)
@@ -232,10 +232,7 @@ def load_data(cfg: MiniViTConfig, teacher):
     if cfg.alpha == 0 and (cfg.unlabeled or not found):
         # no label loss: the teacher's predictions and relations are the targets, so unlabeled images
         # (a plain folder; with --unlabeled, any folders) will do
-        check_not_splits(cfg.data, found, "--data")
-        ds = ImageFiles(cfg.data, transform)
-        if not ds.samples:
-            image_folder(cfg.data, what="--data")  # says what is wrong with the folder
+        ds = image_files(cfg.data, transform, "--data")
     else:
         if not found and cfg.alpha > 0 and os.path.isdir(cfg.data):
             raise UserError(f"--data '{cfg.data}' has no class folders, and --alpha {cfg.alpha} trains on labels "

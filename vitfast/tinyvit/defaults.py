@@ -49,18 +49,6 @@ def recipe_for(model, input_size=None, **options) -> dict:
     return recipe
 
 
-def unlabeled_files(data: str):
-    """Every image under `data` (vitfast.data.folders.ImageFiles), checked like an ImageFolder: a
-    data set's root (train/ val/) or a folder without images is refused naming it."""
-    from ..data.folders import ImageFiles, check_not_splits, class_folders, image_folder
-
-    check_not_splits(data, class_folders(data), "--data")
-    ds = ImageFiles(data)
-    if not ds.samples:
-        image_folder(data, what="--data")  # says what is wrong with the folder
-    return ds
-
-
 def replay_data(data: str | None, recipe: dict | None = None):
     """(dataset of raw images, augmentation, mixup args, eval set or None) that save-logits and
     every student replay: the embedded digits, or an ImageFolder augmented by `recipe`
@@ -72,13 +60,13 @@ def replay_data(data: str | None, recipe: dict | None = None):
     from timm.data import create_transform
 
     from ..data.augment import install_posterize_fix
-    from ..data.folders import image_folder
+    from ..data.folders import image_files, image_folder
 
     if recipe is None:
         raise ValueError("replay_data: an ImageFolder needs the augmentation recipe (recipe_for(model) or the store's)")
     install_posterize_fix()
     if recipe.get("unlabeled"):  # soft labels only (TinyViT distils without ground truth)
-        ds = unlabeled_files(data)
+        ds = image_files(data, what="--data")
     else:
         ds = image_folder(data, what="--data")
     size = tuple(recipe["input_size"])
