@@ -31,6 +31,8 @@ def one_line_error(p, words):
     (["--model", "vit_tiny_patch16_22", "--data", "."], "did you mean"),
     (["--model-kwargs", "img_size=32"], "give --model too"),
     (["--input-size", "32"], "give --model too"),
+    (["--model", "vit_tiny_patch16_224"], "--model and --data go together"),
+    (["--data", "."], "--model and --data go together"),
     (["--model", "vit_tiny_patch16_224", "--checkpoint", "no.safetensors", "--data", "."],
      "checkpoint 'no.safetensors' does not exist"),
     (["--model", "vit_tiny_patch16_224", "--checkpoint", ".", "--data", "."], "checkpoint '.' is a folder"),

@@ -70,6 +70,9 @@ def test_cli_with_model_checkpoint_and_imagefolder(tmp_path):
     report = json.load(open(os.path.join(out, "report.json")))
     r = report["results"]
     assert r["original"]["accuracy"] > 0.95  # PNG round trip of the held-out images keeps the teacher's accuracy
+    n_held_out = sum(len(files) for _, _, files in os.walk(held_out))
+    assert report["measured_on"] == f"--eval-data '{held_out}' ({n_held_out} images)"  # no overlap note
+    assert report["measured_on"] in open(os.path.join(out, "report.md")).read()
     assert r["aafm+gfm"]["params"] <= 0.8 * r["original"]["params"]
     assert r["aafm+gfm"]["accuracy"] >= r["original"]["accuracy"] - 0.02
     import vitfast

@@ -137,7 +137,7 @@ def _command_parser(parser, argv):
 
 def main(argv: list[str] | None = None) -> int:
     from .engine.cli_args import apply_config_file
-    from .engine.run import abandon_unsaved_runs
+    from .engine.run import abandon_unsaved_runs, release_runs
     from .errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
             return 2
         raise
+    finally:  # the output folders this command locked are free for another process
+        release_runs()
 
 
 if __name__ == "__main__":

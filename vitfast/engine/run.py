@@ -9,6 +9,7 @@ import json
 import os
 
 from ..errors import UserError
+from . import folder_lock
 from .checkpoint import atomic_write_json
 
 RUN_FILE = "run.json"
@@ -67,8 +68,9 @@ def _first_difference(a, b, prefix=""):
     return None if a == b else (prefix[:-1], a, b)
 
 
-# RunDirs whose run.json this process wrote (abandon_unsaved_runs)
+# RunDirs whose run.json this process wrote (abandon_unsaved_runs); folder locks it holds
 _started: list["RunDir"] = []
+_locks: list[str] = []
 
 
 def abandon_unsaved_runs() -> None:
@@ -78,18 +80,35 @@ def abandon_unsaved_runs() -> None:
         _started.pop().abandon_if_unsaved()
 
 
+def release_runs() -> None:
+    """Ends this process's hold on the output folders it locked: another process may then resume
+    them. The command line calls it when a command ends."""
+    while _locks:
+        folder_lock.release(_locks.pop())
+
+
+_entered = [0]  # depth of forgets_unsaved_runs_on_refusal calls
+
+
 def forgets_unsaved_runs_on_refusal(fn):
     """Decorates a pipeline entry point of the Python API the way the command line behaves: a
-    UserError raised inside it drops the run records it started without saving anything."""
+    UserError raised inside it drops the run records it started without saving anything, and the
+    output folders it locked are free again when the outermost entry point returns or raises (a
+    report written after the training is still under the lock)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _entered[0] += 1
         try:
             return fn(*args, **kwargs)
         except UserError:
             abandon_unsaved_runs()
             raise
+        finally:
+            _entered[0] -= 1
+            if _entered[0] == 0:
+                release_runs()
 
     return wrapper
 
@@ -99,7 +118,7 @@ class RunDir:
     them (keys in `volatile` may change: worker counts, progress bars) and raises ResumeMismatch."""
 
     # what a run writes before it has anything to resume
-    UNSAVED = (RUN_FILE, "log.txt")
+    UNSAVED = (RUN_FILE, "log.txt", folder_lock.LOCK_FILE)
 
     def __init__(self, root: str, config: dict, identity: dict, volatile=("workers", "progress", "log_every"),
                  hints: dict | None = None, folders: dict | None = None):
@@ -131,14 +150,20 @@ class RunDir:
                                      f"to start fresh use another --output (or delete '{self.root}'){hint}")
 
     def start(self, resume: bool = True) -> bool:
-        """Returns True when an earlier run is there to resume (after checking it matches)."""
+        """Returns True when an earlier run is there to resume (after checking it matches). The
+        folder is locked for this process (rank 0 under torchrun) until release_runs(): a run
+        started on a folder another live run writes is refused (engine.folder_lock)."""
+        self.created = not os.path.isdir(self.root)  # a refused run removes the folder it made
+        os.makedirs(self.root, exist_ok=True)
+        if folder_lock.global_rank() == 0 and not folder_lock.holds(self.root):
+            key = folder_lock.acquire(self.root, f"output folder '{self.root}'")
+            if key:
+                _locks.append(key)
         if self.exists():
             if not resume:
                 raise ResumeMismatch(f"'{self.root}' already holds a run; resume it (--resume) or use another --output")
             self.check()
             return True
-        self.created = not os.path.isdir(self.root)  # a refused run removes the folder it made
-        os.makedirs(self.root, exist_ok=True)
         atomic_write_json(self.path, {"config": self.config, "identity": self.identity})
         _started.append(self)
         return False
@@ -155,3 +180,5 @@ class RunDir:
                 for name in os.listdir(self.root):
                     os.remove(os.path.join(self.root, name))
                 os.rmdir(self.root)
+            elif folder_lock.holds(self.root):  # the user's folder is left as it was
+                os.remove(os.path.join(self.root, folder_lock.LOCK_FILE))

@@ -82,6 +82,8 @@ def run(args) -> int:
     cfg.validate()  # every argument before any loading or computing
     if args.model is None and (args.model_kwargs or args.input_size):
         raise UserError("arguments --model-kwargs and --input-size describe --model: give --model too")
+    if (args.model is None) != (args.data is None):
+        raise UserError("arguments --model and --data go together: give both, or neither (the embedded default)")
     size = input_size(args.input_size)
     model_kwargs(args.model_kwargs)  # a malformed KEY=VALUE is refused here, not after the run started
     # the output folder remembers what it holds: another configuration or other inputs are refused
@@ -96,12 +98,11 @@ def run(args) -> int:
 
         model, name, kwargs = load_digits_teacher(), "vitfast_digits_vit", {}
         proxy, _, eval_x, eval_y = digits_splits(seed=0)
+        eval_what = "the embedded digits' held-out images"
         if rank == 0:
             print(f"embedded default: the digits ViT teacher, {len(proxy)} unlabeled proxy images, "
                   f"{len(eval_x)} held-out labeled images")
     else:
-        if args.model is None or args.data is None:
-            raise SystemExit("vitfast lowrank: give both --model and --data, or neither (embedded default)")
         from ..engine.cli_args import default_workers
         from ..data.folders import overlap_note
         from ..engine.evaluation import folder_loader, folder_tensors
@@ -111,14 +112,15 @@ def run(args) -> int:
         # the few-shot proxy set (reused by every stage: in memory) and the streamed evaluation set,
         # both through the model's own timm data configuration (timm's validate.py transform)
         proxy, _ = folder_tensors(args.data, model, limit=args.proxy_size, seed=args.seed, input_size=size)
-        eval_x = eval_y = None
+        eval_x = eval_y = eval_what = None
         if args.eval_data:
             loader = folder_loader(args.eval_data, model, args.batch_size, workers=default_workers(), input_size=size)
             eval_x = lambda: loader  # noqa: E731
             note = overlap_note(args.data, args.eval_data, reads="the proxy set is drawn from")
             if note and rank == 0:
                 print(note)
-    run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y)
+            eval_what = f"--eval-data '{args.eval_data}' ({len(loader.dataset)} images)" + (f" ({note})" if note else "")
+    run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y, eval_what=eval_what)
     vdist.cleanup()
     if rank != 0:
         return 0

@@ -107,13 +107,15 @@ def _target_count(total: int, target: float, floor: int | None = None) -> int:
 
 
 def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_model: str, model_kwargs=None,
-                eval_inputs=None, eval_labels=None, log=print) -> dict:
+                eval_inputs=None, eval_labels=None, log=print, eval_what: str | None = None) -> dict:
     """Compress `model` (left untouched) using the unlabeled `proxy` inputs; write the compressed
     checkpoint, structure, report and plots to out_dir; return the report.
 
     `eval_inputs` (optional, with `eval_labels`): held-out inputs for the report, as tensors, or a
     zero-argument function giving (inputs, labels) batches -- a DataLoader over an ImageFolder,
-    streamed, memory bounded whatever its size (the CLI's --eval-data).
+    streamed, memory bounded whatever its size (the CLI's --eval-data). `eval_what`: what they are,
+    for the report (default "held-out inputs"; the CLI names the folder and any overlap with the
+    proxy set's).
 
     Under torchrun every rank calls this with the same inputs: collection is sharded across ranks
     and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes."""
@@ -212,7 +214,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     report = {"base_model": base_model, "target_params": target, "original_params": total, "ranks": ranks,
               "results": results, "energy": energy_rows, "times": times,
               "config": {f.name: _spec_name(getattr(cfg, f.name)) for f in fields(cfg)}, "world_size": world,
-              "measured_on": "held-out inputs" if eval_inputs is not None else
+              "measured_on": (eval_what or "held-out inputs") if eval_inputs is not None else
               "the proxy inputs GFM trained on (no held-out set given)"}
     if rank != 0:
         vdist.barrier()

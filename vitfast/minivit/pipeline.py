@@ -531,6 +531,7 @@ def run_ablation(cfg: MiniViTConfig, seeds=(0, 1, 2), shares=("2", "all"), log=p
 # The entry point
 
 
+@forgets_unsaved_runs_on_refusal
 def run_minivit(cfg: MiniViTConfig, ablation: bool | None = None, seeds=(0, 1, 2), shares=("2", "all")) -> dict:
     """One function for `vitfast minivit`: with the embedded default (no teacher, no data) the
     ablation over seeds and sharing degrees (unless ablation=False); otherwise one Mini model of

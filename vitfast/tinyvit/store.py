@@ -242,6 +242,30 @@ def remove_stale_shards(root: str, meta: StoreMeta, epoch: int, world: int) -> l
     return removed
 
 
+def _open_exclusive(path: str, what: str):
+    """`path` emptied and opened for writing, locked against a writer in another process: two jobs
+    given the same epochs would otherwise write one .tmp file at once (epochs split across jobs
+    never meet here). The lock lasts until the file is closed (engine.folder_lock.try_lock)."""
+    from ..engine.folder_lock import FolderInUse, try_lock
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try_lock(fd, path)  # False: a file system without locks, unguarded
+        except FolderInUse:
+            os.close(fd)
+            raise StoreError(f"{what} is being written by another process (two save-logits jobs given the same "
+                             "epochs); give each job its own --epochs") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file the other writer had just renamed to its shard: open the new one
+    os.ftruncate(fd, 0)
+    return os.fdopen(fd, "r+b")
+
+
 class ShardWriter:
     """Streams one shard to "<name>.tmp" as batches arrive; `close()` appends the keys, writes the
     final header (count, crc32), fsyncs and renames. Nothing appears under the final name unless
@@ -252,7 +276,7 @@ class ShardWriter:
         self.meta, self.epoch, self.rank, self.world = meta, epoch, rank, world
         self.path = shard_path(root, epoch, rank)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._f = open(self.path + ".tmp", "wb")
+        self._f = _open_exclusive(self.path + ".tmp", f"epoch {epoch}, rank {rank} of store '{root}'")
         self._f.write(b"\0" * HEADER.size)
         self._keys: list[np.ndarray] = []
         self._crc = 0
@@ -308,8 +332,8 @@ class ShardWriter:
         self._f.write(HEADER.pack(*fields, crc))
         self._f.flush()
         os.fsync(self._f.fileno())
+        os.replace(self.path + ".tmp", self.path)  # renamed while locked: no second writer opens it
         self._f.close()
-        os.replace(self.path + ".tmp", self.path)
         dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(dfd)
