@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -137,9 +138,10 @@ def _command_parser(parser, argv):
 
 def main(argv: list[str] | None = None) -> int:
     from .engine.cli_args import apply_config_file
-    from .engine.run import abandon_unsaved_runs, release_runs
+    from .engine.run import abandon_unsaved_runs, begin_command, release_runs, resumable_runs
     from .errors import UserError
 
+    begin_command()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback from wherever the run was
+        abandon_unsaved_runs()
+        runs = resumable_runs()
+        where = (f"the same command resumes from what was saved in '{os.path.commonpath(runs)}'" if runs else
+                 "nothing was saved (the run record is dropped: the command may change)")
+        print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted; {where}", file=sys.stderr)
+        return 130
     finally:  # the output folders this command locked are free for another process
         release_runs()
 

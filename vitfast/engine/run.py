@@ -71,6 +71,8 @@ def _first_difference(a, b, prefix=""):
 # RunDirs whose run.json this process wrote (abandon_unsaved_runs); folder locks it holds
 _started: list["RunDir"] = []
 _locks: list[str] = []
+_active: list["RunDir"] = []  # started or resumed by the last command (begin_command forgets them)
+_entered = [0]  # depth of forgets_unsaved_runs_on_refusal calls
 
 
 def abandon_unsaved_runs() -> None:
@@ -87,7 +89,16 @@ def release_runs() -> None:
         folder_lock.release(_locks.pop())
 
 
-_entered = [0]  # depth of forgets_unsaved_runs_on_refusal calls
+def begin_command() -> None:
+    """A new command (or outermost Python API call) begins: the runs of the last one are forgotten."""
+    if _entered[0] == 0:
+        _active.clear()
+
+
+def resumable_runs() -> list[str]:
+    """The folders of the runs the last command started or resumed that hold a run to resume (after
+    abandon_unsaved_runs: those that saved something)."""
+    return [r.root for r in _active if r.exists()]
 
 
 def forgets_unsaved_runs_on_refusal(fn):
@@ -99,10 +110,11 @@ def forgets_unsaved_runs_on_refusal(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        begin_command()
         _entered[0] += 1
         try:
             return fn(*args, **kwargs)
-        except UserError:
+        except (UserError, KeyboardInterrupt):  # a refusal, or Ctrl-C: what saved nothing is forgotten
             abandon_unsaved_runs()
             raise
         finally:
@@ -111,6 +123,17 @@ def forgets_unsaved_runs_on_refusal(fn):
                 release_runs()
 
     return wrapper
+
+
+def _first_missing(folder: str) -> str | None:
+    """The outermost of `folder` and its parents that does not exist yet (None: it exists)."""
+    folder, missing = os.path.abspath(folder), None
+    while not os.path.isdir(folder):
+        missing, parent = folder, os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
 
 
 class RunDir:
@@ -153,12 +176,13 @@ class RunDir:
         """Returns True when an earlier run is there to resume (after checking it matches). The
         folder is locked for this process (rank 0 under torchrun) until release_runs(): a run
         started on a folder another live run writes is refused (engine.folder_lock)."""
-        self.created = not os.path.isdir(self.root)  # a refused run removes the folder it made
+        self.created = _first_missing(self.root)  # a refused run removes the folders it made
         os.makedirs(self.root, exist_ok=True)
         if folder_lock.global_rank() == 0 and not folder_lock.holds(self.root):
             key = folder_lock.acquire(self.root, f"output folder '{self.root}'")
             if key:
                 _locks.append(key)
+        _active.append(self)
         if self.exists():
             if not resume:
                 raise ResumeMismatch(f"'{self.root}' already holds a run; resume it (--resume) or use another --output")
@@ -176,9 +200,15 @@ class RunDir:
             return
         if all(name in self.UNSAVED for name in os.listdir(self.root)):
             os.remove(self.path)
-            if getattr(self, "created", False):  # and the folder, when the run made it: no empty --output left
+            if getattr(self, "created", None):  # and the folders the run made: no empty --output left
                 for name in os.listdir(self.root):
                     os.remove(os.path.join(self.root, name))
-                os.rmdir(self.root)
+                folder = os.path.abspath(self.root)
+                # up to the outermost it made, each while empty (another run may share a parent)
+                while not os.listdir(folder):
+                    os.rmdir(folder)
+                    if folder == self.created:
+                        break
+                    folder = os.path.dirname(folder)
             elif folder_lock.holds(self.root):  # the user's folder is left as it was
                 os.remove(os.path.join(self.root, folder_lock.LOCK_FILE))
