@@ -27,6 +27,16 @@ def _seed(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()) % 100003)
 
 
+@pytest.fixture(autouse=True)
+def _release_run_folders():
+    """Output folders a test's runs locked in this process are free for the next test's
+    (the command line frees them when a command ends; a test may start RunDirs directly)."""
+    yield
+    from vitfast.engine.run import release_runs
+
+    release_runs()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

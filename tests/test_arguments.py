@@ -186,7 +186,8 @@ def test_model_kwargs_the_constructor_refuses_are_one_line(tmp_path, command, kw
     run."""
     out = tmp_path / "o"
     model = "--model" if command == "lowrank" else "--teacher"
-    args = [model, "vit_tiny_patch16_224", "--model-kwargs", *kwargs, "--data", str(tmp_path)]
+    (tmp_path / "data").mkdir()
+    args = [model, "vit_tiny_patch16_224", "--model-kwargs", *kwargs, "--data", str(tmp_path / "data")]
     cmd = ["tinyvit", "save-logits"] if command == "save-logits" else [command]
     p = vitfast(*cmd, *args, "--checkpoint", os.devnull, "--out", str(out))
     one_line_error(p, "vit_tiny_patch16_224: timm could not build it with")
@@ -337,3 +338,28 @@ def test_a_new_head_replaces_every_classifier_of_the_checkpoint(tmp_path):
     same = create_model("deit_tiny_distilled_patch16_224", num_classes=7, checkpoint=str(tmp_path / "d.safetensors"),
                         new_head=True, model_kwargs=kw)
     assert same.vitfast_new_head is None and all(torch.equal(same.state_dict()[k], v) for k, v in file.items())
+
+
+def test_an_output_inside_the_data_is_refused(tmp_path):
+    """An --output that is, or lies inside, --data or --eval-data: the run's files (the report's
+    plot, a run folder taken for a class) would be read as data. Refused before anything is
+    written; data inside the output folder is fine."""
+    from small_models import random_image_folder
+
+    from vitfast.engine.run import RunDir
+    from vitfast.errors import UserError
+    from vitfast.models.digits_vit import ASSET
+
+    data = random_image_folder(tmp_path / "train", classes=2, per_class=2)
+    listing = sorted(os.walk(data))
+    teacher = ["vitfast_digits_vit", "--checkpoint", ASSET, "--data", data, "--device", "cpu"]
+    for args in (["lowrank", "--model", *teacher, "--output", os.path.join(data, "out")],
+                 ["tinyvit", "save-logits", "--teacher", *teacher, "--output", os.path.join(data, "c0", "store")],
+                 ["tinyvit", "distill", "--labels-only", "--model", *teacher, "--output", data],
+                 ["minivit", "--teacher", *teacher, "--unlabeled", "--output", os.path.join(data, "c1", "mini")]):
+        one_line_error(vitfast(*args), f"lies inside --data '{data}': the run's files would be read as data")
+    os.symlink(data, tmp_path / "link")
+    with pytest.raises(UserError, match="lies inside --eval-data"):
+        RunDir(str(tmp_path / "link" / "run"), {}, {}, folders={"data": None, "eval_data": data}).start()
+    assert sorted(os.walk(data)) == listing  # nothing written into the data
+    assert RunDir(str(tmp_path), {}, {}, folders={"data": data}).start() is False  # the data inside the output

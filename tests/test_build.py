@@ -47,6 +47,19 @@ def test_info_cli_text():
     assert "topk_softmax" in out and "CUDA kernels:" in out
 
 
+def test_version_is_one_line():
+    for env in ({}, {"VITFAST_DISABLE_EXTENSION": "1"}):
+        p = subprocess.run([sys.executable, "-W", "ignore", "-m", "vitfast", "--version"], capture_output=True,
+                           text=True, env={**os.environ, "COLUMNS": "40", **env})
+        assert p.returncode == 0 and p.stdout.count("\n") == 1, p
+        assert p.stdout.startswith(f"vitfast {vitfast.__version__} (torch {torch.__version__}; ")
+        assert ("extension not loaded" in p.stdout) == bool(env), p.stdout
+        if not env:
+            info = vitfast.build_info()
+            assert f"extension built for torch {info['torch_version']}, " in p.stdout
+            assert (f"CUDA kernels for {info['cuda_archs']}" if info["cuda"] else "CPU only") in p.stdout
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """vitfast._C defines no libstdc++ stream code of its own: a toolchain that links libstdc++
     statically (the first H100 run's /opt/gcc) gave _C a private, uninitialised iostream copy and

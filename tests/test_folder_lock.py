@@ -130,7 +130,7 @@ def test_a_refused_command_frees_its_folder(tmp_path, capsys):
     from vitfast.cli import main
 
     out = tmp_path / "out"
-    assert main(["lowrank", "--model", "no_such_model_xyz", "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert main(["lowrank", "--model", "no_such_model_xyz", "--data", os.devnull, "--out", str(out)]) == 2
     assert "no_such_model_xyz" in capsys.readouterr().err
     assert not folder_lock._held and not out.exists()
 
@@ -178,3 +178,19 @@ def test_a_store_shard_has_one_writer(tmp_path):
     again = ShardWriter(str(tmp_path), meta, epoch=0, rank=0, world=1)
     again.add(np.arange(2), np.arange(2), probs[:2], np.array([[1, 2, 3]] * 2))
     assert read_header(again.close(), meta)[-3] == 2
+
+
+def test_only_rank_zero_forgets_a_refused_run(tmp_path, monkeypatch):
+    """Every rank raises the same refusal: rank 0 alone removes the record (two ranks removing one
+    file raced)."""
+    from vitfast.engine.run import abandon_unsaved_runs
+
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("RANK", "1")
+    RunDir(out, {"lr": 1.0}, {"data": "x"}).start()
+    abandon_unsaved_runs()
+    assert os.path.exists(os.path.join(out, "run.json"))
+    monkeypatch.setenv("RANK", "0")
+    RunDir(out + "2", {"lr": 1.0}, {"data": "x"}).start()
+    abandon_unsaved_runs()
+    assert not os.path.exists(out + "2")

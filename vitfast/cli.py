@@ -1,4 +1,5 @@
-"""Command line: `vitfast info`, `vitfast demo` (also `python -m vitfast ...`)."""
+"""The `vitfast` command line (also `python -m vitfast`): the three pipelines (lowrank, tinyvit,
+minivit), the build report (info), a kernel demo and the embedded teacher's training."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _version_line() -> str:
+    from . import __version__
+
+    info = _ext.build_info()
+    if not info["loaded"]:
+        ext = "extension not loaded: PyTorch reference ops"
+    else:
+        ext = f"extension built for torch {info['torch_version']}, " + (
+            f"CUDA kernels for {info['cuda_archs']}" if info["cuda"] else "CPU only")
+    return f"vitfast {__version__} (torch {torch.__version__}; {ext})"
+
+
+class _VersionAction(argparse.Action):
+    """--version: one unwrapped line (argparse's version action wraps it at the terminal width)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_line())
+        parser.exit()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -80,6 +104,8 @@ def cmd_train_teacher(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitfast", description=__doc__)
+    parser.add_argument("--version", action=_VersionAction, help="vitfast, torch and extension versions, one line "
+                        "(details: vitfast info)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="build, torch, GPU and which ops run native kernels")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -164,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback from wherever the run was
+        from .engine.folder_lock import global_rank
+
         abandon_unsaved_runs()
         runs = resumable_runs()
         where = (f"the same command resumes from what was saved in '{os.path.commonpath(runs)}'" if runs else
                  "nothing was saved (the run record is dropped: the command may change)")
-        print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted; {where}", file=sys.stderr)
+        if global_rank() == 0:  # under torchrun every rank gets the signal: one line, from rank 0
+            print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted; {where}", file=sys.stderr)
         return 130
     finally:  # the output folders this command locked are free for another process
         release_runs()

@@ -77,7 +77,10 @@ _entered = [0]  # depth of forgets_unsaved_runs_on_refusal calls
 
 def abandon_unsaved_runs() -> None:
     """After an argument error found once the run had started: forget the runs this process started
-    that saved nothing yet, so that the corrected command is not refused as another configuration."""
+    that saved nothing yet, so that the corrected command is not refused as another configuration.
+    Under torchrun rank 0 alone removes files (every rank is refused, at once)."""
+    if folder_lock.global_rank() != 0:
+        _started.clear()
     while _started:
         _started.pop().abandon_if_unsaved()
 
@@ -123,6 +126,17 @@ def forgets_unsaved_runs_on_refusal(fn):
                 release_runs()
 
     return wrapper
+
+
+def check_output_outside(out: str, **folders: str | None) -> None:
+    """Refuses an output folder that is, or lies inside, a data folder (keyword: its option, data
+    -> --data): the run's files (a report's plot, a class folder made of a run folder) would be
+    read as data, and its identity would change as the run writes."""
+    a = os.path.realpath(out)
+    for key, folder in folders.items():
+        if folder and os.path.commonpath([a, os.path.realpath(folder)]) == os.path.realpath(folder):
+            raise UserError(f"argument --output '{out}' lies inside --{key.replace('_', '-')} '{folder}': the run's "
+                            "files would be read as data; give an --output outside it")
 
 
 def _first_missing(folder: str) -> str | None:
@@ -176,6 +190,7 @@ class RunDir:
         """Returns True when an earlier run is there to resume (after checking it matches). The
         folder is locked for this process (rank 0 under torchrun) until release_runs(): a run
         started on a folder another live run writes is refused (engine.folder_lock)."""
+        check_output_outside(self.root, **self.folders)
         self.created = _first_missing(self.root)  # a refused run removes the folders it made
         os.makedirs(self.root, exist_ok=True)
         if folder_lock.global_rank() == 0 and not folder_lock.holds(self.root):

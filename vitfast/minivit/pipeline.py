@@ -22,7 +22,7 @@ from .. import distributed as vdist
 from ..data.folders import ImageFiles, overlap_note
 from ..engine import RunDir, RunLog, TrainConfig, file_digest, fit
 from ..engine.checkpoint import atomic_write_json
-from ..engine.run import forgets_unsaved_runs_on_refusal
+from ..engine.run import check_output_outside, forgets_unsaved_runs_on_refusal
 from ..engine.cli_args import check_augmentation, default_workers
 from ..engine.data import TransformedTensors, epoch_loader, steps_per_epoch, train_transform
 from ..engine.data_config import model_data_config
@@ -392,6 +392,7 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
     from ..tinyvit.store import read_meta
 
     store_id = asdict(read_meta(cfg.store)) if cfg.store else None
+    check_output_outside(out_dir, eval_data=cfg.eval_data)  # --data: RunDir's folders
     # compile changes the speed, not the run: not part of its identity
     run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint),

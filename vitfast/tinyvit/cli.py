@@ -172,6 +172,7 @@ def _teacher(args):
 def run_save(args) -> int:
     from .. import distributed as vdist
     from ..engine.cli_args import check_augmentation
+    from ..engine.run import check_output_outside
     from ..errors import UserError
     from .train import save_logits
 
@@ -188,6 +189,7 @@ def run_save(args) -> int:
     if given and not args.data:
         raise UserError(f"argument {given[0]}: the embedded digits have their own augmentation; it applies with --data")
     check_augmentation(**augmentation)
+    check_output_outside(args.out, data=args.data)
     rank, world, device = vdist.setup(args.device)
     teacher, name = _teacher(args)
     recipe = None
