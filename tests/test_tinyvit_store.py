@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vitfast.ops import topk_softmax
-from vitfast.tinyvit.store import (LogitStore, StoreError, StoreMeta, decode, encode, shard_path, write_meta,
-                                   write_shard)
+from vitfast.tinyvit.store import (LogitStore, StoreError, StoreMeta, decode, encode, read_meta, shard_path,
+                                   write_meta, write_shard)
 
 
 def teacher_topk(n, classes, k):
@@ -220,3 +220,33 @@ def test_the_header_is_checksummed_and_placed(tmp_path):
     open(path, "wb").write(HEADER.pack(*fields) + clean[64:])
     assert len(LogitStore(root).keys(0)) == 6
     assert struct.unpack("<H", clean[8:10])[0] == 2  # new shards are version 2
+
+
+def _start_store(root, k, barrier, results):
+    barrier.wait()  # every job reaches write_meta at once, as an array job's do
+    try:
+        write_meta(root, StoreMeta(k=k, num_classes=20, dataset_size=4))
+        results.put((k, "ok"))
+    except StoreError:
+        results.put((k, "refused"))
+
+
+def test_jobs_started_together_on_one_store_agree_on_its_meta(tmp_path):
+    """store.json is created exclusively: of jobs racing to start one store with two configurations,
+    those of the configuration that won go on and every other is refused (before, each could pass
+    the existence check and rename its own file over the other's)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for attempt in range(3):
+        root = str(tmp_path / f"store{attempt}")
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        jobs = [ctx.Process(target=_start_store, args=(root, 3 + i % 2, barrier, results)) for i in range(8)]
+        for j in jobs:
+            j.start()
+        for j in jobs:
+            j.join(60)
+        outcome = [results.get(timeout=10) for _ in jobs]
+        winner = read_meta(root).k
+        assert sorted(outcome) == sorted((k, "ok" if k == winner else "refused") for k, _ in outcome)
+        assert [n for n in os.listdir(root) if n != "store.json"] == []  # no temporary file left

@@ -119,7 +119,8 @@ def run(args) -> int:
             note = overlap_note(args.data, args.eval_data, reads="the proxy set is drawn from")
             if note and rank == 0:
                 print(note)
-            eval_what = f"--eval-data '{args.eval_data}' ({len(loader.dataset)} images)" + (f" ({note})" if note else "")
+            eval_what = f"--eval-data '{args.eval_data}' ({len(loader.dataset)} images)"
+            eval_what += f" ({note})" if note else ""
     run_lowrank(model, proxy, cfg, args.out, name, kwargs, eval_x, eval_y, eval_what=eval_what)
     vdist.cleanup()
     if rank != 0:

@@ -145,22 +145,35 @@ def shard_path(root: str, epoch: int, rank: int) -> str:
 
 
 def write_meta(root: str, meta: StoreMeta) -> None:
+    """Creates store.json, or checks that the one there holds `meta`. Jobs started together on one
+    store (epochs split across an array job) race here: the file is created exclusively (a link of
+    a complete temporary file), so exactly one job writes it and every other compares with it."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "store.json")
-    if os.path.exists(path):
-        existing = read_meta(root)
-        if existing.data is None:  # written before data identities were kept: resumable as before
-            meta = replace(meta, data=None)
-        if existing != meta:
-            raise StoreError(f"store '{root}' already holds logits written with another "
-                             f"{_meta_difference(existing, meta)}; write to another --out (or delete '{root}')")
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"format": "vitfast-logit-store", "version": VERSION, **asdict(meta)}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"format": "vitfast-logit-store", "version": VERSION, **asdict(meta)}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another job created it first: then compared below
+                return
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: the last job's rename wins
+                os.replace(tmp, path)
+                return
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    existing = read_meta(root)
+    if existing.data is None:  # written before data identities were kept: resumable as before
+        meta = replace(meta, data=None)
+    if existing != meta:
+        raise StoreError(f"store '{root}' already holds logits written with another "
+                         f"{_meta_difference(existing, meta)}; write to another --out (or delete '{root}')")
 
 
 def _meta_difference(stored: StoreMeta, new: StoreMeta) -> str:
