@@ -164,7 +164,7 @@ def _command_parser(parser, argv):
 
 def main(argv: list[str] | None = None) -> int:
     from .engine.cli_args import apply_config_file
-    from .engine.run import abandon_unsaved_runs, begin_command, release_runs, resumable_runs
+    from .engine.run import abandon_unsaved_runs, begin_command, dropped_runs, release_runs, resumable_runs
     from .errors import UserError
 
     begin_command()
@@ -194,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
 
         abandon_unsaved_runs()
         runs = resumable_runs()
-        where = (f"the same command resumes from what was saved in '{os.path.commonpath(runs)}'" if runs else
-                 "nothing was saved (the run record is dropped: the command may change)")
+        if runs:
+            where = f"; the same command resumes from what was saved in '{os.path.commonpath(runs)}'"
+        elif dropped_runs():
+            where = "; nothing was saved (the run record is dropped: the command may change)"
+        else:  # a command without a run record (save-logits keeps its finished shards, inspect, demo)
+            where = ""
         if global_rank() == 0:  # under torchrun every rank gets the signal: one line, from rank 0
-            print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted; {where}", file=sys.stderr)
+            print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted{where}", file=sys.stderr)
         return 130
     finally:  # the output folders this command locked are free for another process
         release_runs()

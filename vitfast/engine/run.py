@@ -72,6 +72,7 @@ def _first_difference(a, b, prefix=""):
 _started: list["RunDir"] = []
 _locks: list[str] = []
 _active: list["RunDir"] = []  # started or resumed by the last command (begin_command forgets them)
+_dropped: list[str] = []  # folders whose records abandon_unsaved_runs removed, since begin_command
 _entered = [0]  # depth of forgets_unsaved_runs_on_refusal calls
 
 
@@ -82,7 +83,9 @@ def abandon_unsaved_runs() -> None:
     if folder_lock.global_rank() != 0:
         _started.clear()
     while _started:
-        _started.pop().abandon_if_unsaved()
+        run = _started.pop()
+        if run.abandon_if_unsaved():
+            _dropped.append(run.root)
 
 
 def release_runs() -> None:
@@ -96,12 +99,18 @@ def begin_command() -> None:
     """A new command (or outermost Python API call) begins: the runs of the last one are forgotten."""
     if _entered[0] == 0:
         _active.clear()
+        _dropped.clear()
 
 
 def resumable_runs() -> list[str]:
     """The folders of the runs the last command started or resumed that hold a run to resume (after
     abandon_unsaved_runs: those that saved something)."""
     return [r.root for r in _active if r.exists()]
+
+
+def dropped_runs() -> list[str]:
+    """The folders whose run records the last command dropped (abandon_unsaved_runs)."""
+    return list(_dropped)
 
 
 def forgets_unsaved_runs_on_refusal(fn):
@@ -207,23 +216,23 @@ class RunDir:
         _started.append(self)
         return False
 
-    def abandon_if_unsaved(self) -> None:
+    def abandon_if_unsaved(self) -> bool:
         """Removes run.json when the folder holds nothing else of the run (no checkpoint, no stage
         result): a run stopped by a wrong argument has nothing to protect. A run that saved
-        anything, or was killed (no Python error path), stays binding."""
-        if not os.path.exists(self.path):
-            return
-        if all(name in self.UNSAVED for name in os.listdir(self.root)):
-            os.remove(self.path)
-            if getattr(self, "created", None):  # and the folders the run made: no empty --output left
-                for name in os.listdir(self.root):
-                    os.remove(os.path.join(self.root, name))
-                folder = os.path.abspath(self.root)
-                # up to the outermost it made, each while empty (another run may share a parent)
-                while not os.listdir(folder):
-                    os.rmdir(folder)
-                    if folder == self.created:
-                        break
-                    folder = os.path.dirname(folder)
-            elif folder_lock.holds(self.root):  # the user's folder is left as it was
-                os.remove(os.path.join(self.root, folder_lock.LOCK_FILE))
+        anything, or was killed (no Python error path), stays binding. Returns whether it removed."""
+        if not os.path.exists(self.path) or not all(name in self.UNSAVED for name in os.listdir(self.root)):
+            return False
+        os.remove(self.path)
+        if getattr(self, "created", None):  # and the folders the run made: no empty --output left
+            for name in os.listdir(self.root):
+                os.remove(os.path.join(self.root, name))
+            folder = os.path.abspath(self.root)
+            # up to the outermost it made, each while empty (another run may share a parent)
+            while not os.listdir(folder):
+                os.rmdir(folder)
+                if folder == self.created:
+                    break
+                folder = os.path.dirname(folder)
+        elif folder_lock.holds(self.root):  # the user's folder is left as it was
+            os.remove(os.path.join(self.root, folder_lock.LOCK_FILE))
+        return True
