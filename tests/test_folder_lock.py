@@ -158,13 +158,16 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
 def test_a_store_shard_has_one_writer(tmp_path):
     """Two save-logits jobs given the same epochs: the second writer of a shard is refused (it
     would write into the first one's .tmp file); other epochs and ranks are written side by side."""
-    from vitfast.tinyvit.store import ShardWriter, StoreError, StoreMeta, read_header
+    from vitfast.tinyvit.store import ShardWriter, StoreError, StoreMeta, epoch_state, read_header
 
     meta = StoreMeta(k=3, num_classes=10, encoding="exact", teacher="t", dataset_size=4, seed=0)
     first = subprocess.Popen([sys.executable, "-c", SHARD_WRITER, str(tmp_path)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "writing"
+        # inspect tells a live writer's file from a stopped one's (F_GETLK: nothing taken)
+        assert f"unfinished rank_0000.vfl.tmp (being written by pid {first.pid})" in \
+            epoch_state(str(tmp_path), meta, 0).describe()
         with pytest.raises(StoreError, match=r"epoch 0, rank 0 of store .* is being written by another process"):
             ShardWriter(str(tmp_path), meta, epoch=0, rank=0, world=1)
         other = ShardWriter(str(tmp_path), meta, epoch=1, rank=0, world=1)  # another epoch, side by side
@@ -174,6 +177,8 @@ def test_a_store_shard_has_one_writer(tmp_path):
     finally:
         first.kill()
         first.wait()
+    assert "unfinished rank_0000.vfl.tmp (left by a writer that stopped; save-logits rewrites it)" in \
+        epoch_state(str(tmp_path), meta, 0).describe()
     # the killed writer's .tmp is rewritten by the next job
     again = ShardWriter(str(tmp_path), meta, epoch=0, rank=0, world=1)
     again.add(np.arange(2), np.arange(2), probs[:2], np.array([[1, 2, 3]] * 2))

@@ -232,7 +232,11 @@ def epoch_state(root: str, meta: StoreMeta, epoch: int) -> EpochState:
         return state
     for name in sorted(os.listdir(d)):
         if name.endswith(".tmp"):
-            state.pending.append(name)
+            from ..engine.folder_lock import holder_pid
+
+            pid = holder_pid(os.path.join(d, name))
+            state.pending.append(f"{name} (" + (f"being written by pid {pid})" if pid else
+                                                "left by a writer that stopped; save-logits rewrites it)"))
         elif name.endswith(".vfl"):
             try:
                 _, _, rank, world, count, _, _ = read_header(os.path.join(d, name), meta)
@@ -415,7 +419,7 @@ class EpochState:
     epoch: int
     expected: int  # records a complete epoch holds: one per sample
     shards: list  # (rank, world, count) of every finished shard
-    pending: list  # names of .tmp files (writers that never finished)
+    pending: list  # .tmp files (writers that never finished, or are writing now), each with which
     problems: list  # unreadable shards
 
     @property
