@@ -96,6 +96,21 @@ def save_training_state(path: str, *, model: torch.nn.Module, epoch: int, optimi
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"vitfast": text}))
 
 
+def read_training_meta(path: str) -> dict:
+    """A training checkpoint's metadata (epoch, extra) without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("vitfast")
+    except Exception as exc:  # a torn or foreign file
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({exc}); delete it to start fresh") from exc
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a vitfast training checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
 def load_training_state(path: str, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                         ema: torch.nn.Module | None = None, scaler=None, device="cpu") -> dict:
     """Restores what was saved into the given objects; returns the metadata (epoch, extra)."""

@@ -54,12 +54,20 @@ def add_train_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="autocast dtype on CUDA (float32: off; CPU runs in float32)")
     g.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile the model's training steps")
     g.add_argument("--seed", type=int, default=d.seed)
+    add_checkpoint_every_arg(g, d.checkpoint_every)
+
+
+def add_checkpoint_every_arg(g, default: int = 0) -> None:
+    g.add_argument("--checkpoint-every", type=int, default=default, metavar="STEPS",
+                   help="also checkpoint every STEPS steps within an epoch, so that a killed or preempted run "
+                        "loses at most that many (0: at epoch ends only). A run resumes at the step exactly, "
+                        "reading the epoch's first batches again without training on them")
 
 
 def train_config(a) -> TrainConfig:
     cfg = TrainConfig(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
                       min_lr=a.min_lr, clip_grad=a.clip_grad, ema_decay=a.ema, amp_dtype=a.amp_dtype,
-                      compile=a.compile, seed=a.seed)
+                      compile=a.compile, seed=a.seed, checkpoint_every=a.checkpoint_every)
     cfg.validate()
     return cfg
 

@@ -19,9 +19,10 @@ from torch import nn
 from .. import distributed as vdist
 from ..errors import UserError
 from ..progress import progress as progress_bar
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import load_training_state, read_training_meta, save_training_state
 
 CHECKPOINT = "checkpoint.safetensors"
+STEP_CHECKPOINT = "checkpoint_step.safetensors"  # within an epoch (TrainConfig.checkpoint_every)
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for the training steps
     opt: str = "adamw"
     seed: int = 0
+    checkpoint_every: int = 0  # steps; also checkpoint within an epoch (0: at epoch ends only)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -53,6 +55,9 @@ class TrainConfig:
             raise UserError(f"argument --clip-grad must be > 0 (or omitted), got {self.clip_grad}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UserError(f"argument --ema must lie in (0, 1), got {self.ema_decay}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"argument --checkpoint-every must be >= 0 (steps; 0: at epoch ends only), got "
+                            f"{self.checkpoint_every}")
         if self.amp_dtype not in AMP_DTYPES:
             raise UserError(f"argument --amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
 
@@ -97,6 +102,43 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     random.seed(s)
 
 
+def rng_state(device: torch.device) -> dict:
+    """This process's random streams (torch, CUDA, NumPy, random) as JSON-able values."""
+    import base64
+    import random
+
+    import numpy as np
+
+    def b64(t):
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    out = {"torch": b64(torch.get_rng_state()), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+           "random": [version, list(internal), gauss_next]}
+    if device.type == "cuda":
+        out["cuda"] = b64(torch.cuda.get_rng_state(device))
+    return out
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    import base64
+    import random
+
+    import numpy as np
+
+    def tensor(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
+
+
 def amp_name(amp) -> str:
     """An autocast setting as a dtype name: True -> bfloat16 (the default), False / None -> float32."""
     if amp is True:
@@ -128,7 +170,12 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         samples it covers, and a dict of scalar tensors to average (e.g. its parts).
     evaluate(model, ema_model, epoch) -> dict of numbers (rank 0), or None.
     With out_dir, the state after each epoch is one atomic checkpoint file there, and a later call
-    resumes after its epoch (the caller checks that the run is the same: engine.run.RunDir)."""
+    resumes after its epoch (the caller checks that the run is the same: engine.run.RunDir).
+    cfg.checkpoint_every = N also saves after every N steps within an epoch (a second file, so the
+    epoch's own checkpoint stays): a later call with as many processes resumes at that step,
+    exactly -- it draws the epoch's first N batches again without training on them (the data
+    pipeline and its workers' random streams as they were) and restores every rank's random
+    streams and running sums."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -150,14 +197,31 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
     ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
-    start, history = 0, []
+    step_ckpt = os.path.join(out_dir, STEP_CHECKPOINT) if out_dir else None
+    start, history, within = 0, [], None
+    state = dict(model=model, optimizer=opt, scheduler=sched, ema=ema.module if ema is not None else None,
+                 scaler=scaler, device=device)
     if ckpt and os.path.exists(ckpt):
-        meta = load_training_state(ckpt, model=model, optimizer=opt, scheduler=sched,
-                                   ema=ema.module if ema is not None else None, scaler=scaler, device=device)
+        meta = load_training_state(ckpt, **state)
         start, history = meta["epoch"], meta["extra"].get("history", [])
         if on_resume is not None:
             on_resume(meta["extra"])
         log(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
+    if step_ckpt and os.path.exists(step_ckpt):
+        saved = read_training_meta(step_ckpt)
+        ranks = saved["extra"].get("ranks", [])
+        if saved["epoch"] != start:  # left by an epoch that ended since (its removal did not happen)
+            log(f"{desc}: ignoring {STEP_CHECKPOINT} of epoch {saved['epoch'] + 1} (the run is past it)")
+        elif len(ranks) != world:
+            log(f"{desc}: {STEP_CHECKPOINT} was written by {len(ranks)} process(es), this run has {world}: epoch "
+                f"{start + 1} restarts from its beginning")
+        elif start < cfg.epochs:
+            meta = load_training_state(step_ckpt, **state)
+            history = meta["extra"].get("history", [])
+            if on_resume is not None:
+                on_resume(meta["extra"])
+            within = {"step": meta["extra"]["step"], **ranks[rank]}
+            log(f"{desc}: resuming at step {within['step']}/{steps_per_epoch} of epoch {start + 1}/{cfg.epochs}")
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -172,10 +236,24 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         gnorm_sum = torch.zeros((), device=device)
         gnorm_max = torch.zeros((), device=device)
         count, steps, t0 = 0, 0, time.time()
+        source = iter(batches(epoch))
+        if within is not None:  # resuming within this epoch: its first batches again, untrained
+            for _ in range(within["step"]):
+                if next(source, None) is None:
+                    raise UserError(f"{desc}: {STEP_CHECKPOINT} is at step {within['step']} of epoch {epoch + 1}, "
+                                    "but the epoch now has fewer batches; delete it to restart the epoch")
+            set_rng_state(within["rng"], device)
+            steps, count = within["step"], within["count"]
+            loss_sum.fill_(within["loss_sum"])
+            gnorm_sum.fill_(within["gnorm_sum"])
+            gnorm_max.fill_(within["gnorm_max"])
+            sums = {k: torch.zeros((), device=device).fill_(v) for k, v in within["sums"].items()}
+            t0 = time.time() - within["elapsed"]
+            within = None
         # progress() takes one iterator: a second DataLoader iterator would start a second set of
         # workers and, drawing its seeds after the first's, make the epoch's order depend on --workers
-        for batch in progress_bar(batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                                  enabled=progress and rank == 0, leave=False):
+        for batch in progress_bar(source, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                                  enabled=progress and rank == 0, leave=False, initial=steps):
             with amp:
                 loss, n, metrics = loss_fn(wrapped, batch)
             opt.zero_grad(set_to_none=True)
@@ -195,6 +273,15 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             gnorm_max = torch.maximum(gnorm_max, gnorm)
             count += int(n)
             steps += 1
+            if step_ckpt and cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 and steps < steps_per_epoch:
+                mine = {"rng": rng_state(device), "count": count, "loss_sum": loss_sum.item(),
+                        "gnorm_sum": gnorm_sum.item(), "gnorm_max": gnorm_max.item(),
+                        "sums": {k: v.item() for k, v in sums.items()}, "elapsed": time.time() - t0}
+                ranks = vdist.all_gather_objects(mine)  # each rank's streams: all resume exactly
+                if rank == 0:
+                    save_training_state(step_ckpt, epoch=epoch, **{k: v for k, v in state.items() if k != "device"},
+                                        extra={"history": history, "step": steps, "ranks": ranks,
+                                               **(extra_state() if extra_state else {})})
         if steps == 0:
             raise UserError(f"{desc}: epoch {epoch + 1} had no batches (is the data set smaller than the batch size?)")
         # one sync per epoch; under torchrun the sums are averaged over ranks
@@ -217,9 +304,10 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
         if hasattr(log, "summary"):  # a RunLog; plain callables (print) just get the lines
             log.summary(epoch + 1, train, evaluation, lr)
         if ckpt and rank == 0:
-            save_training_state(ckpt, model=model, epoch=epoch + 1, optimizer=opt, scheduler=sched,
-                                ema=ema.module if ema is not None else None, scaler=scaler,
+            save_training_state(ckpt, epoch=epoch + 1, **{k: v for k, v in state.items() if k != "device"},
                                 extra={"history": history, **(extra_state() if extra_state else {})})
+            if os.path.exists(step_ckpt):  # the epoch is whole: its within-epoch state is stale
+                os.remove(step_ckpt)
         vdist.barrier()
     model.eval()
     return FitResult(history, ema.module.eval() if ema is not None else None)

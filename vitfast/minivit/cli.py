@@ -111,7 +111,7 @@ def config_from_args(a):
 
 _TRAIN_ARGS = {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
                "min_lr": "min_lr", "clip_grad": "clip_grad", "ema_decay": "ema", "amp_dtype": "amp_dtype", "seed": "seed",
-               "compile": "compile"}
+               "compile": "compile", "checkpoint_every": "checkpoint_every"}
 
 
 def _train_explicit(field_name, explicit) -> bool:

@@ -393,8 +393,9 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
 
     store_id = asdict(read_meta(cfg.store)) if cfg.store else None
     check_output_outside(out_dir, eval_data=cfg.eval_data)  # --data: RunDir's folders
-    # compile changes the speed, not the run: not part of its identity
-    run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k != "compile"}},
+    # compile and checkpoint_every change the speed or the saving, not the run: not part of its identity
+    run = RunDir(out_dir, {**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items()
+                                                     if k not in ("compile", "checkpoint_every")}},
                  {"teacher": teacher_name, "checkpoint": file_digest(cfg.checkpoint),
                   "store": store_id, "distill_checkpoint": file_digest(cfg.distill_checkpoint),
                   "init_from": _saved_digest(cfg.init_from)},

@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
 
     s = tsub.add_parser("save-logits", help="run the teacher once, store top-k + augmentation seeds",
                         formatter_class=HelpFormatter)
-    from ..engine.cli_args import WORKERS_HELP, add_config_arg, add_model_kwargs_arg, add_progress_arg
+    from ..engine.cli_args import (WORKERS_HELP, add_checkpoint_every_arg, add_config_arg, add_model_kwargs_arg,
+                                   add_progress_arg)
 
     add_config_arg(s)
     s.add_argument("--teacher", "--model", dest="teacher", help="timm model name (default: the embedded digits teacher)")
@@ -89,6 +90,7 @@ def add_parser(sub) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile the student's training steps")
     t.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     t.add_argument("--seed", type=int, default=0)
+    add_checkpoint_every_arg(t)
     t.add_argument("--device", default=d)
     add_progress_arg(t)
     t.add_argument("--out", "--output", dest="out", required=True, help="checkpoint directory (resumed if present)")
@@ -239,7 +241,7 @@ def run_distill(args) -> int:
     # the output folder remembers its run: another configuration, store or data is refused
     store_id = asdict(read_meta(args.store)) if args.store and not args.labels_only else None
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "workers", "config",
-                                                                                 "compile")},
+                                                                                 "compile", "checkpoint_every")},
            {"store": store_id, "checkpoint": file_digest(args.checkpoint)}, hints=_longer_hint(args.out),
            folders={"data": args.data, "eval_data": args.eval_data}).start(resume=True)
     rank, world, device = vdist.setup(args.device)
@@ -291,7 +293,8 @@ def run_distill(args) -> int:
     res = distill(student, ds, tf, args.store, args.epochs, args.lr, args.weight_decay, args.batch_size,
                   args.warmup_epochs, args.clip_grad, args.ema, device, _workers(args), args.out, eval_set,
                   args.labels_only, args.seed, mix, progress=rank == 0 and args.progress,
-                  log=print if rank == 0 else (lambda *_: None), amp_dtype=args.amp_dtype, compile=args.compile)
+                  log=print if rank == 0 else (lambda *_: None), amp_dtype=args.amp_dtype, compile=args.compile,
+                  checkpoint_every=args.checkpoint_every)
     if rank == 0:
         import os
 

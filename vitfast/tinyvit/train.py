@@ -232,7 +232,8 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
             weight_decay: float = 0.05, batch_size: int = 128, warmup_epochs: int = 1, clip_grad: float | None = 5.0,
             ema_decay: float | None = None, device="cpu", workers: int = 0, checkpoint_dir: str | None = None,
             eval_set=None, labels_only: bool = False, base_seed: int = 0, mixup_args: dict | None = None,
-            progress: bool = True, log=print, amp_dtype: str = "bfloat16", compile: bool = False) -> dict:
+            progress: bool = True, log=print, amp_dtype: str = "bfloat16", compile: bool = False,
+            checkpoint_every: int = 0) -> dict:
     """Train `student` from the store at `root` (no teacher in the loop): sparse soft-target CE on
     the replayed images. Student epoch e replays store epoch e mod (epochs stored), so a store can
     serve longer schedules. labels_only=True trains the same student on ground-truth labels
@@ -272,7 +273,8 @@ def distill(student: nn.Module, dataset, transform, root: str | None, epochs: in
         return out
 
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
-                      ema_decay=ema_decay, amp_dtype=amp_dtype, compile=compile, seed=base_seed)
+                      ema_decay=ema_decay, amp_dtype=amp_dtype, compile=compile, seed=base_seed,
+                      checkpoint_every=checkpoint_every)
     res = fit(student, cfg, batches=batches, steps_per_epoch=steps_per_epoch, loss_fn=loss_fn, device=device,
               out_dir=checkpoint_dir, evaluate=evaluate_epoch, log=log, progress=progress, desc="distill")
     if checkpoint_dir and rank == 0:
