@@ -202,18 +202,23 @@ def unlabeled_images(root: str, transform=None, what: str = "data folder"):
     return image_files(root, transform, what)
 
 
+def lies_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved; a common prefix is not a parent)."""
+    a, b = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([a, b]) == b
+
+
 def overlap_note(data: str | None, eval_data: str | None, reads: str = "the training reads") -> str | None:
     """A line to print when the evaluation folder is the training folder or lies inside it (or it
     inside the evaluation folder): the accuracies would be measured on images trained on (`reads`:
     how the command uses --data)."""
     if not data or not eval_data:
         return None
-    a, b = os.path.realpath(data), os.path.realpath(eval_data)
-    if a == b:
+    if os.path.realpath(data) == os.path.realpath(eval_data):
         how = "is --data"
-    elif os.path.commonpath([a, b]) == a:
+    elif lies_within(eval_data, data):
         how = "lies inside --data"
-    elif os.path.commonpath([a, b]) == b:
+    elif lies_within(data, eval_data):
         how = "holds --data"
     else:
         return None

@@ -141,9 +141,10 @@ def check_output_outside(out: str, **folders: str | None) -> None:
     """Refuses an output folder that is, or lies inside, a data folder (keyword: its option, data
     -> --data): the run's files (a report's plot, a class folder made of a run folder) would be
     read as data, and its identity would change as the run writes."""
-    a = os.path.realpath(out)
+    from ..data.folders import lies_within
+
     for key, folder in folders.items():
-        if folder and os.path.commonpath([a, os.path.realpath(folder)]) == os.path.realpath(folder):
+        if folder and lies_within(out, folder):
             raise UserError(f"argument --output '{out}' lies inside --{key.replace('_', '-')} '{folder}': the run's "
                             "files would be read as data; give an --output outside it")
 
