@@ -28,14 +28,14 @@ SLOW_LOWRANK = textwrap.dedent("""
 """)
 
 
-def _interrupted(args, ready):
-    """Runs `args`, sends SIGINT once `ready()` holds, returns (exit status, stderr)."""
+def _interrupted(args, ready, sig=signal.SIGINT):
+    """Runs `args`, sends `sig` once `ready()` holds, returns (exit status, stderr)."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ready(proc) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 

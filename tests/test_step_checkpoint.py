@@ -125,13 +125,13 @@ def _ddp_worker(rank, world, init, out, stop_at, results):
             dist.destroy_process_group()
 
 
-def _ddp(tmp_path, name, out, stop_at=None, expect=2):
+def _ddp(tmp_path, name, out, stop_at=None, expect=2, worker=None):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"file://{tmp_path / name}"
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, init, out, stop_at, results)) for r in range(2)]
+    procs = [ctx.Process(target=worker or _ddp_worker, args=(r, 2, init, out, stop_at, results)) for r in range(2)]
     for p in procs:
         p.start()
     got = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.run import abandon_unsaved_runs, begin_command, dropped_runs, release_runs, resumable_runs
     from .errors import UserError
 
+    from .engine import sigterm
+
     begin_command()
+    installed = sigterm.install()  # SIGTERM (a scheduler's stop): saved where training can, then one line
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
@@ -189,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vitfast: {_user_message(exc)}", file=sys.stderr)
             return 2
         raise
-    except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback from wherever the run was
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line instead of a traceback from wherever the run was
         from .engine.folder_lock import global_rank
 
+        terminated = isinstance(exc, sigterm.Terminated)
+        if installed:  # stopping already: a repeated SIGTERM (torchrun's agent relays the scheduler's) is not news
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         abandon_unsaved_runs()
         runs = resumable_runs()
         if runs:
@@ -200,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             where = "; nothing was saved (the run record is dropped: the command may change)"
         else:  # a command without a run record (save-logits keeps its finished shards, inspect, demo)
             where = ""
+        what = ("stopped by SIGTERM" + (f" ({exc.where})" if exc.where and runs else "")) if terminated \
+            else "interrupted"
         if global_rank() == 0:  # under torchrun every rank gets the signal: one line, from rank 0
-            print(f"{chr(10) if sys.stderr.isatty() else ''}vitfast: interrupted{where}", file=sys.stderr)
-        return 130
+            print(f"{chr(10) if sys.stderr.isatty() and not terminated else ''}vitfast: {what}{where}", file=sys.stderr)
+        return sigterm.EXIT_STATUS if terminated else 130
     finally:  # the output folders this command locked are free for another process
         release_runs()
+        if installed:
+            sigterm.uninstall()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from .. import distributed as vdist
 from ..data.seeding import augmentation_rng, reseed, sample_seed
 from ..errors import UserError
+from . import sigterm
 
 
 class TransformedTensors(torch.utils.data.Dataset):
@@ -70,7 +71,8 @@ def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, workers: int =
         generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                                        generator=generator, num_workers=workers, drop_last=drop_last,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                       worker_init_fn=sigterm.worker_init)
 
 
 def train_transform(model, input_size=None, aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import sigterm
 from .trainer import autocast_for
 
 
@@ -28,7 +29,8 @@ def folder_tensors(root: str, model: nn.Module, limit: int | None = None, seed: 
     idx = list(range(len(ds)))
     if limit is not None and limit < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
-    sub = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256, num_workers=workers)
+    sub = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=256, num_workers=workers,
+                                      worker_init_fn=sigterm.worker_init)
     xs, ys = zip(*sub)
     return torch.cat(xs), torch.cat(ys)
 
@@ -72,7 +74,7 @@ def folder_loader(root: str, model: nn.Module, batch_size: int = 128, workers: i
     ds = _folder(root, model, input_size, what)
     match_classes(ds, train_classes, getattr(model, "num_classes", None) or None, what)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=sigterm.worker_init)
 
 
 def _folder(root: str, model: nn.Module, input_size, what: str, unlabeled: bool = False):

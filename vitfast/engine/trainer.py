@@ -19,6 +19,7 @@ from torch import nn
 from .. import distributed as vdist
 from ..errors import UserError
 from ..progress import progress as progress_bar
+from . import sigterm
 from .checkpoint import load_training_state, read_training_meta, save_training_state
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -175,7 +176,10 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     epoch's own checkpoint stays): a later call with as many processes resumes at that step,
     exactly -- it draws the epoch's first N batches again without training on them (the data
     pipeline and its workers' random streams as they were) and restores every rank's random
-    streams and running sums."""
+    streams and running sums.
+    SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
+    ranks save at the same step (the step file, whatever checkpoint_every is) and fit raises
+    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -228,89 +232,109 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     if cfg.compile:  # the steps run compiled; checkpoints, EMA and evaluation use `model` (same parameters)
         wrapped = torch.compile(wrapped)
     train_params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-    for epoch in range(start, cfg.epochs):
-        seed_epoch(cfg.seed, epoch, rank)  # an epoch's randomness depends on (seed, epoch, rank) only: exact resume
-        wrapped.train()
-        sums: dict[str, torch.Tensor] = {}
-        loss_sum = torch.zeros((), device=device)
-        gnorm_sum = torch.zeros((), device=device)
-        gnorm_max = torch.zeros((), device=device)
-        count, steps, t0 = 0, 0, time.time()
-        source = iter(batches(epoch))
-        if within is not None:  # resuming within this epoch: its first batches again, untrained
-            for _ in range(within["step"]):
-                if next(source, None) is None:
-                    raise UserError(f"{desc}: {STEP_CHECKPOINT} is at step {within['step']} of epoch {epoch + 1}, "
-                                    "but the epoch now has fewer batches; delete it to restart the epoch")
-            set_rng_state(within["rng"], device)
-            steps, count = within["step"], within["count"]
-            loss_sum.fill_(within["loss_sum"])
-            gnorm_sum.fill_(within["gnorm_sum"])
-            gnorm_max.fill_(within["gnorm_max"])
-            sums = {k: torch.zeros((), device=device).fill_(v) for k, v in within["sums"].items()}
-            t0 = time.time() - within["elapsed"]
-            within = None
-        # progress() takes one iterator: a second DataLoader iterator would start a second set of
-        # workers and, drawing its seeds after the first's, make the epoch's order depend on --workers
-        for batch in progress_bar(source, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                                  enabled=progress and rank == 0, leave=False, initial=steps):
-            with amp:
-                loss, n, metrics = loss_fn(wrapped, batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(train_params, cfg.clip_grad if cfg.clip_grad else float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            sched.step_update(epoch * steps_per_epoch + steps + 1)
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach().float() * n
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * n
-            gnorm = gnorm.detach().float()
-            gnorm_sum += gnorm
-            gnorm_max = torch.maximum(gnorm_max, gnorm)
-            count += int(n)
-            steps += 1
-            if step_ckpt and cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 and steps < steps_per_epoch:
-                mine = {"rng": rng_state(device), "count": count, "loss_sum": loss_sum.item(),
-                        "gnorm_sum": gnorm_sum.item(), "gnorm_max": gnorm_max.item(),
-                        "sums": {k: v.item() for k, v in sums.items()}, "elapsed": time.time() - t0}
-                ranks = vdist.all_gather_objects(mine)  # each rank's streams: all resume exactly
-                if rank == 0:
-                    save_training_state(step_ckpt, epoch=epoch, **{k: v for k, v in state.items() if k != "device"},
-                                        extra={"history": history, "step": steps, "ranks": ranks,
-                                               **(extra_state() if extra_state else {})})
-        if steps == 0:
-            raise UserError(f"{desc}: epoch {epoch + 1} had no batches (is the data set smaller than the batch size?)")
-        # one sync per epoch; under torchrun the sums are averaged over ranks
-        packed = torch.stack([loss_sum, torch.tensor(float(count), device=device), gnorm_sum,
-                              torch.tensor(float(steps), device=device)] + [sums[k] for k in sorted(sums)])
-        if world > 1:
-            torch.distributed.all_reduce(packed)
-        vals = packed.tolist()
-        total = max(vals[1], 1.0)
-        train = {"loss": vals[0] / total, "grad_norm": vals[2] / max(vals[3], 1.0), "grad_norm_max": gnorm_max.item(),
-                 "images_per_s": vals[1] / max(time.time() - t0, 1e-9), "epoch_s": time.time() - t0}
-        train.update({k: v / total for k, v in zip(sorted(sums), vals[4:])})
-        lr = opt.param_groups[0]["lr"]
-        evaluation = evaluate(model, ema.module if ema is not None else None, epoch) if evaluate and rank == 0 else None
-        entry = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train.items()},
-                 **{f"eval_{k}": v for k, v in (evaluation or {}).items()}}
-        history.append(entry)
-        log(f"{desc}: epoch {epoch + 1}/{cfg.epochs} " + ", ".join(
-            f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch",)))
-        if hasattr(log, "summary"):  # a RunLog; plain callables (print) just get the lines
-            log.summary(epoch + 1, train, evaluation, lr)
-        if ckpt and rank == 0:
-            save_training_state(ckpt, epoch=epoch + 1, **{k: v for k, v in state.items() if k != "device"},
-                                extra={"history": history, **(extra_state() if extra_state else {})})
-            if os.path.exists(step_ckpt):  # the epoch is whole: its within-epoch state is stale
-                os.remove(step_ckpt)
-        vdist.barrier()
+    # SIGTERM (a scheduler's stop) with somewhere to save: the step in progress finishes, every rank
+    # saves at the same step and fit raises sigterm.Terminated; elsewhere it stops at once (sigterm)
+    with sigterm.deferred(active=out_dir is not None):
+        vote = sigterm.cpu_group() if out_dir is not None and world > 1 else None
+        for epoch in range(start, cfg.epochs):
+            seed_epoch(cfg.seed, epoch, rank)  # an epoch's randomness depends on (seed, epoch, rank) only: exact resume
+            wrapped.train()
+            sums: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=device)
+            gnorm_sum = torch.zeros((), device=device)
+            gnorm_max = torch.zeros((), device=device)
+            count, steps, t0 = 0, 0, time.time()
+            source = iter(batches(epoch))
+            if within is not None:  # resuming within this epoch: its first batches again, untrained
+                for _ in range(within["step"]):
+                    if next(source, None) is None:
+                        raise UserError(f"{desc}: {STEP_CHECKPOINT} is at step {within['step']} of epoch {epoch + 1}, "
+                                        "but the epoch now has fewer batches; delete it to restart the epoch")
+                set_rng_state(within["rng"], device)
+                steps, count = within["step"], within["count"]
+                loss_sum.fill_(within["loss_sum"])
+                gnorm_sum.fill_(within["gnorm_sum"])
+                gnorm_max.fill_(within["gnorm_max"])
+                sums = {k: torch.zeros((), device=device).fill_(v) for k, v in within["sums"].items()}
+                t0 = time.time() - within["elapsed"]
+                within = None
+            # progress() takes one iterator: a second DataLoader iterator would start a second set of
+            # workers and, drawing its seeds after the first's, make the epoch's order depend on --workers
+            for batch in progress_bar(source, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                                      enabled=progress and rank == 0, leave=False, initial=steps):
+                with amp:
+                    loss, n, metrics = loss_fn(wrapped, batch)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(train_params, cfg.clip_grad if cfg.clip_grad else float("inf"))
+                scaler.step(opt)
+                scaler.update()
+                sched.step_update(epoch * steps_per_epoch + steps + 1)
+                if ema is not None:
+                    ema.update(model)
+                loss_sum += loss.detach().float() * n
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * n
+                gnorm = gnorm.detach().float()
+                gnorm_sum += gnorm
+                gnorm_max = torch.maximum(gnorm_max, gnorm)
+                count += int(n)
+                steps += 1
+                stop = out_dir is not None and sigterm.stop_agreed(world, vote)
+                if step_ckpt and (stop or cfg.checkpoint_every and steps % cfg.checkpoint_every == 0
+                                  and steps < steps_per_epoch):
+                    mine = {"rng": rng_state(device), "count": count, "loss_sum": loss_sum.item(),
+                            "gnorm_sum": gnorm_sum.item(), "gnorm_max": gnorm_max.item(),
+                            "sums": {k: v.item() for k, v in sums.items()}, "elapsed": time.time() - t0}
+                    ranks = vdist.all_gather_objects(mine)  # each rank's streams: all resume exactly
+                    if rank == 0:
+                        save_training_state(step_ckpt, epoch=epoch, extra={
+                            "history": history, "step": steps, "ranks": ranks, **(extra_state() if extra_state else {})},
+                            **{k: v for k, v in state.items() if k != "device"})
+                if stop:  # the last step included: the epoch's end (evaluation) runs on resume
+                    vdist.barrier()  # nobody leaves before the file is whole (torchrun ends all when one exits)
+                    _stop(log, f"saved at step {steps}/{steps_per_epoch} of epoch {epoch + 1}/{cfg.epochs}", desc)
+            if steps == 0:
+                raise UserError(f"{desc}: epoch {epoch + 1} had no batches (is the data set smaller than the batch "
+                                "size?)")
+            # one sync per epoch; under torchrun the sums are averaged over ranks
+            packed = torch.stack([loss_sum, torch.tensor(float(count), device=device), gnorm_sum,
+                                  torch.tensor(float(steps), device=device)] + [sums[k] for k in sorted(sums)])
+            if world > 1:
+                torch.distributed.all_reduce(packed)
+            vals = packed.tolist()
+            total = max(vals[1], 1.0)
+            train = {"loss": vals[0] / total, "grad_norm": vals[2] / max(vals[3], 1.0),
+                     "grad_norm_max": gnorm_max.item(), "images_per_s": vals[1] / max(time.time() - t0, 1e-9),
+                     "epoch_s": time.time() - t0}
+            train.update({k: v / total for k, v in zip(sorted(sums), vals[4:])})
+            lr = opt.param_groups[0]["lr"]
+            evaluation = (evaluate(model, ema.module if ema is not None else None, epoch)
+                          if evaluate and rank == 0 else None)
+            entry = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train.items()},
+                     **{f"eval_{k}": v for k, v in (evaluation or {}).items()}}
+            history.append(entry)
+            log(f"{desc}: epoch {epoch + 1}/{cfg.epochs} " + ", ".join(
+                f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch",)))
+            if hasattr(log, "summary"):  # a RunLog; plain callables (print) just get the lines
+                log.summary(epoch + 1, train, evaluation, lr)
+            if ckpt and rank == 0:
+                save_training_state(ckpt, epoch=epoch + 1, **{k: v for k, v in state.items() if k != "device"},
+                                    extra={"history": history, **(extra_state() if extra_state else {})})
+                if os.path.exists(step_ckpt):  # the epoch is whole: its within-epoch state is stale
+                    os.remove(step_ckpt)
+            vdist.barrier()
+            if out_dir is not None and sigterm.stop_agreed(world, vote):  # (it came during the evaluation, say)
+                _stop(log, f"saved after epoch {epoch + 1}/{cfg.epochs}", desc)
     model.eval()
     return FitResult(history, ema.module.eval() if ema is not None else None)
+
+
+def _stop(log, where: str, desc: str) -> None:
+    log(f"{desc}: stopped by SIGTERM, {where}; the same command resumes there")
+    sigterm.stopped()
+    raise sigterm.Terminated(where)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import distributed as vdist
 from ..data.identity import data_identity
+from ..engine import sigterm
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from ..progress import progress as progress_bar
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
@@ -41,7 +42,7 @@ def _loader(augment, plan, epoch, base_seed, batch_pairs, workers, num_classes=N
     ds = PairDataset(augment, *plan, epoch=epoch, base_seed=base_seed, num_classes=num_classes)
     return torch.utils.data.DataLoader(ds, batch_size=batch_pairs, num_workers=workers,
                                        collate_fn=StoreCollate(store, epoch), persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=sigterm.worker_init)
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:

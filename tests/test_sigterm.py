@@ -1,0 +1,241 @@
+"""SIGTERM, a scheduler's stop (Slurm's time limit or preemption, Kubernetes, torchrun's agent):
+the training step in progress finishes, the run saves at that step and stops; the same command
+resumes there and ends with the weights of an uninterrupted run, bit for bit. DataLoader workers
+that get the signal too (Slurm signals every process of the job) are left to the main process.
+Under torchrun the ranks agree on the step. The command line says so in one line, status 143."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from vitfast.engine import sigterm
+from vitfast.engine.trainer import CHECKPOINT, STEP_CHECKPOINT
+
+from test_step_checkpoint import STEPS, Stop, _ddp, _same, _train
+
+
+def _train_signalled(out, at, workers=0, rank=0, world=1):
+    """_train, with SIGTERM arriving during the forward of the `at`-th step this call runs."""
+    import test_step_checkpoint as tsc
+
+    calls = {"n": 0}
+    original = tsc.nn.functional.cross_entropy
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    tsc.nn.functional.cross_entropy = cross_entropy
+    try:
+        return _train(out, workers, rank=rank, world=world)
+    finally:
+        tsc.nn.functional.cross_entropy = original
+
+
+@pytest.mark.parametrize("at", [5, STEPS, STEPS + 2])
+def test_sigterm_in_training_saves_at_that_step_and_resumes_exactly(tmp_path, at):
+    """Within epoch 1, at its last step (the epoch's end runs on resume) and within epoch 2; the
+    handler is fit's own (a Python API call) and is gone afterwards."""
+    whole, history, _ = _train(str(tmp_path / "whole"))
+    out = str(tmp_path / "stopped")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(sigterm.Terminated) as stop:
+        _train_signalled(out, at)
+    assert signal.getsignal(signal.SIGTERM) is before and not sigterm.requested()
+    epoch, step = (at - 1) // STEPS + 1, (at - 1) % STEPS + 1
+    assert stop.value.where == f"saved at step {step}/{STEPS} of epoch {epoch}/2"
+    from vitfast.engine.checkpoint import read_training_meta
+
+    assert read_training_meta(os.path.join(out, STEP_CHECKPOINT))["extra"]["step"] == step
+    state, resumed_history, lines = _train(out)
+    assert f"train: resuming at step {step}/{STEPS} of epoch {epoch}/2" in lines, lines
+    _same(state, whole)
+    strip = ("train_images_per_s", "train_epoch_s")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in resumed_history] == \
+        [{k: v for k, v in e.items() if k not in strip} for e in history]
+
+
+def test_sigterm_without_an_output_folder_stops_at_once():
+    """Nothing to save into: the signal is not deferred, and under the command line's handler it
+    raises where it arrives."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert sigterm.install()
+    try:
+        with pytest.raises(sigterm.Terminated) as stop, sigterm.deferred(active=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted: the handler runs between bytecodes
+    finally:
+        sigterm.uninstall()
+    assert stop.value.where == "" and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_request_pending_when_training_ends_stops_before_what_follows():
+    """A signal during the last epoch's evaluation or checkpoint (past the last vote) still stops
+    the command before the work after training starts."""
+    with pytest.raises(sigterm.Terminated) as stop:
+        with sigterm.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert sigterm.requested()
+    assert stop.value.where == "after training"
+    assert not sigterm.installed()
+
+
+# a process group of its own, so that the signal reaches the DataLoader workers too (as Slurm's does)
+GROUP_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[3])
+    import functools
+    import torch
+    import test_step_checkpoint as tsc
+    from vitfast.engine import sigterm
+
+    # the loader as vitfast's own are made: workers leave a scheduler's SIGTERM to the main process
+    tsc.DataLoader = functools.partial(torch.utils.data.DataLoader, worker_init_fn=sigterm.worker_init)
+
+    at, calls, original = int(sys.argv[2]), {"n": 0}, tsc.nn.functional.cross_entropy
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    tsc.nn.functional.cross_entropy = cross_entropy
+    try:
+        state, _, _ = tsc._train(sys.argv[1], workers=2)
+    except sigterm.Terminated as exc:
+        print("stopped:", exc.where, flush=True)
+        sys.exit(143)
+    torch.save(state, os.path.join(sys.argv[1], "final.pt"))
+""")
+
+
+def test_sigterm_to_the_whole_process_group_with_data_loader_workers(tmp_path):
+    """The workers get the signal too and keep serving the main process, which saves and ends them
+    (a worker killed by it would make PyTorch raise in the middle of a step)."""
+    here = os.path.dirname(__file__)
+    whole, _, _ = _train(str(tmp_path / "whole"), workers=2)
+    out = str(tmp_path / "stopped")
+    run = [sys.executable, "-c", GROUP_SCRIPT, out]
+    first = subprocess.run(run + [str(STEPS + 4), here], capture_output=True, text=True, timeout=300,
+                           start_new_session=True)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert first.stdout.strip() == "stopped: saved at step 4/10 of epoch 2/2", first.stdout + first.stderr[-2000:]
+    assert "DataLoader worker" not in first.stderr, first.stderr[-2000:]
+    second = subprocess.run(run + ["0", here], capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    _same(torch.load(os.path.join(out, "final.pt")), whole)
+
+
+def _ddp_signalled(rank, world, init, out, at, results):
+    """test_step_checkpoint's DDP worker, with SIGTERM reaching rank 1 alone at its `at`-th step."""
+    import torch.distributed as dist
+
+    os.environ["RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        state, _, lines = (_train_signalled(out, at, rank=rank, world=world) if rank == 1 and at else
+                           _train(out, rank=rank, world=world))
+        results.put((rank, ({k: v.numpy().copy() for k, v in state.items()}, lines)))
+    except sigterm.Terminated as exc:
+        results.put((rank, f"stopped: {exc.where}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_step_and_resume_exactly(tmp_path):
+    """The signal reaches one rank only: both stop after the same step, the step file holds both
+    ranks' streams, and the resumed run ends with the uninterrupted run's weights."""
+    whole = _ddp(tmp_path, "init_whole", str(tmp_path / "whole"))
+    out = str(tmp_path / "stopped")
+    stopped = _ddp(tmp_path, "init_stop", out, stop_at=STEPS + 5, worker=_ddp_signalled)
+    assert stopped == {0: "stopped: saved at step 5/10 of epoch 2/2", 1: "stopped: saved at step 5/10 of epoch 2/2"}
+    resumed = _ddp(tmp_path, "init_resume", out)
+    assert "train: resuming at step 5/10 of epoch 2/2" in resumed[0][1], resumed[0][1]
+    _same(resumed[0][0], whole[0][0])
+    _same(resumed[1][0], whole[0][0])
+
+
+# `vitfast lowrank` up to its run record, then a short training run in its folder (fit, one epoch of
+# slow steps) or, with "outside", work outside training; SIGTERM arrives once it says "working"
+TRAINING_LOWRANK = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    import vitfast.lowrank.pipeline as pipeline
+    from vitfast.engine import TrainConfig, fit
+
+    def slow(model, proxy, cfg, out_dir, *args, **kwargs):
+        if sys.argv[2] == "outside":
+            print("working", flush=True)
+            time.sleep(120)
+        net = torch.nn.Linear(4, 2)
+
+        def loss_fn(m, batch):
+            print("working", flush=True)
+            time.sleep(0.2)
+            return m(batch).square().mean(), len(batch), {}
+
+        fit(net, TrainConfig(epochs=1), batches=lambda e: [torch.randn(3, 4) for _ in range(500)],
+            steps_per_epoch=500, loss_fn=loss_fn, device="cpu", out_dir=os.path.join(out_dir, "train"),
+            progress=False)
+
+    pipeline.run_lowrank = slow
+    from vitfast.cli import main
+    sys.exit(main(["lowrank", "--output", sys.argv[1]]))
+""")
+
+
+@pytest.mark.parametrize("where", ["training", "outside"])
+def test_the_command_line_says_where_sigterm_stopped_in_one_line(tmp_path, where):
+    from test_interrupt import _interrupted
+
+    out = tmp_path / "out"
+    rc, err = _interrupted([sys.executable, "-c", TRAINING_LOWRANK, str(out), where],
+                           lambda p: p.stdout.readline().strip() == "working", sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    if where == "training":
+        import re
+
+        assert re.fullmatch(r"vitfast: stopped by SIGTERM \(saved at step (\d+)/500 of epoch 1/1\); the same "
+                            rf"command resumes from what was saved in '{re.escape(str(out))}'", lines[0]), lines
+        assert (out / "train" / STEP_CHECKPOINT).exists() and not (out / "train" / CHECKPOINT).exists()
+    else:
+        assert lines == ["vitfast: stopped by SIGTERM; nothing was saved (the run record is dropped: the command "
+                         "may change)"]
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_training_run_and_its_workers(tmp_path):
+    """`vitfast minivit` (the embedded ablation, one DataLoader worker on 2 cores) signalled as
+    Slurm does it, process group and all, once its first run has a checkpoint."""
+    import re
+
+    out = tmp_path / "out"
+    first = out / "runs" / "share_2" / "sharing_only" / "seed0"
+    proc = subprocess.Popen([sys.executable, "-m", "vitfast", "minivit", "--output", str(out), "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (first / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"vitfast: stopped by SIGTERM \(saved (at step \d+/\d+ of|after) epoch \d+/\d+\); the same "
+                         r"command resumes from what was saved in '(.+)'", line)
+    assert match, line
+    saved = match.group(2)
+    assert any(name.startswith("checkpoint") for name in os.listdir(saved)), os.listdir(saved)
