@@ -122,3 +122,34 @@ def test_the_augmentation_scope_restores_the_callers_rngs_only_in_the_main_proce
     unrestored = torch.rand(1)  # the second draw of sample 1's own stream
     got = list(torch.utils.data.DataLoader(AfterTheScope(), batch_size=None, num_workers=1))
     assert torch.equal(got[1], unrestored)
+
+
+def test_a_loader_started_at_batch_k_gives_the_epochs_batches_from_k():
+    """epoch_loader(start=k), what a run resumed within an epoch reads: the uninterrupted epoch's
+    batches from the k-th on, bit for bit, without loading the first k (workers or not)."""
+    ref = batches(0)
+    for workers in (0, 2):
+        for k in (1, 3, 4):
+            got = [(x.clone(), y.clone()) for x, y in epoch_loader(NumpyJitter(), 5, 3, 7, workers=workers, start=k)]
+            assert len(got) == len(ref) - k, (workers, k)
+            for (xa, ya), (xb, yb) in zip(ref[k:], got):
+                assert torch.equal(ya, yb) and torch.equal(xa, xb), (workers, k)
+
+    class Counting(NumpyJitter):
+        loaded = []
+
+        def __getitem__(self, i):
+            self.loaded.append(i)
+            return super().__getitem__(i)
+
+    list(epoch_loader(Counting(), 5, 3, 7, start=3))
+    assert sorted(Counting.loaded) == sorted(ref[3][1].tolist())
+
+
+def test_a_distributed_sampler_started_at_index_k():
+    from vitfast.engine.data import FromIndex
+
+    for rank in (0, 1):
+        full = torch.utils.data.DistributedSampler(range(23), num_replicas=2, rank=rank, seed=5, drop_last=True)
+        full.set_epoch(4)
+        assert list(FromIndex(full, 6)) == list(full)[6:] and len(FromIndex(full, 6)) == len(full) - 6

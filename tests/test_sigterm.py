@@ -16,7 +16,8 @@ import torch
 from vitfast.engine import sigterm
 from vitfast.engine.trainer import CHECKPOINT, STEP_CHECKPOINT
 
-from test_step_checkpoint import STEPS, Stop, _ddp, _same, _train
+from test_minivit_pipeline import folder_and_teacher, swin_args, vitfast  # noqa: F401 (a fixture)
+from test_step_checkpoint import STEPS, _ddp, _same, _train
 
 
 def _train_signalled(out, at, workers=0, rank=0, world=1):
@@ -216,26 +217,79 @@ def test_the_command_line_says_where_sigterm_stopped_in_one_line(tmp_path, where
         assert not out.exists()
 
 
+def test_a_distillation_stopped_within_an_epoch_resumes_there_exactly(tmp_path):
+    """tinyvit distill (the Python API) stopped by SIGTERM within its second epoch: the resumed run
+    starts the store's replay at that batch (nothing loaded twice) and ends bit for bit like the
+    uninterrupted one."""
+    import vitfast.tinyvit.train as train
+    from test_tinyvit_pipeline import small_setup
+    from vitfast.models.digits_vit import load_digits_teacher
+    from vitfast.tinyvit import distill, save_logits
+    from vitfast.tinyvit.defaults import MIXUP, digits_student, digits_transform
+
+    ds, _ = small_setup(48)
+    store = str(tmp_path / "store")
+    save_logits(load_digits_teacher(), ds, digits_transform(), store, range(2), k=5, mixup_args=MIXUP,
+                progress=False, log=lambda *_: None)
+
+    def run(out, at=None, log=lambda *_: None):
+        torch.manual_seed(0)
+        student = digits_student()
+        calls, original = {"n": 0}, train.sparse_soft_target_cross_entropy
+
+        def loss(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+
+        train.sparse_soft_target_cross_entropy = loss
+        try:
+            distill(student, ds, digits_transform(), store, 3, batch_size=8, checkpoint_dir=out, progress=False,
+                    log=log)
+        finally:
+            train.sparse_soft_target_cross_entropy = original
+        return student.state_dict()
+
+    whole = run(str(tmp_path / "whole"))
+    out = str(tmp_path / "stopped")
+    with pytest.raises(sigterm.Terminated) as stop:
+        run(out, at=6 + 4)  # 6 steps per epoch
+    assert stop.value.where == "saved at step 4/6 of epoch 2/3"
+    lines = []
+    _same(run(out, log=lines.append), whole)
+    assert "distill: resuming at step 4/6 of epoch 2/3" in lines, lines
+
+
 @pytest.mark.slow
-def test_sigterm_to_a_real_training_run_and_its_workers(tmp_path):
-    """`vitfast minivit` (the embedded ablation, one DataLoader worker on 2 cores) signalled as
-    Slurm does it, process group and all, once its first run has a checkpoint."""
+def test_sigterm_to_a_minivit_run_and_its_workers_then_resume(folder_and_teacher, tmp_path):
+    """`vitfast minivit` (a tiny Swin on an ImageFolder, a DataLoader worker) signalled as Slurm
+    does it, process group and all, once its first epoch is saved: one line, status 143; the same
+    command (in-process loading now) finishes with the uninterrupted run's weights, bit for bit."""
     import re
 
-    out = tmp_path / "out"
-    first = out / "runs" / "share_2" / "sharing_only" / "seed0"
-    proc = subprocess.Popen([sys.executable, "-m", "vitfast", "minivit", "--output", str(out), "--workers", "1"],
+    from safetensors.torch import load_file
+
+    data, ckpt, _ = folder_and_teacher
+    ref, out = str(tmp_path / "ref"), tmp_path / "out"
+    done = vitfast(*swin_args(data, ckpt, ref, epochs=3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "vitfast", *swin_args(data, ckpt, str(out), epochs=3,
+                                                                          extra=("--workers", "1"))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while not (first / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
-    match = re.fullmatch(r"vitfast: stopped by SIGTERM \(saved (at step \d+/\d+ of|after) epoch \d+/\d+\); the same "
-                         r"command resumes from what was saved in '(.+)'", line)
-    assert match, line
-    saved = match.group(2)
-    assert any(name.startswith("checkpoint") for name in os.listdir(saved)), os.listdir(saved)
+    assert re.fullmatch(r"vitfast: stopped by SIGTERM \((saved at step \d+/\d+ of|saved after) epoch \d/3\); "
+                        rf"the same command resumes from what was saved in '{re.escape(str(out))}'", line), line
+    assert not (out / "report.md").exists()
+    done = vitfast(*swin_args(data, ckpt, str(out), epochs=3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(os.path.join(ref, "mini_model", "model.safetensors"))
+    b = load_file(str(out / "mini_model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

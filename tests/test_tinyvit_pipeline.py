@@ -443,3 +443,23 @@ def test_a_store_of_unlabeled_images(tmp_path):
     # the same images as a labeled folder are other data for this store
     p = vitfast("distill", "--store", store, "--data", data, *student, "--out", str(tmp_path / "other"))
     assert p.returncode == 2 and "other data than these 12 samples: other files" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_replay_started_at_batch_k_gives_the_epochs_batches_from_k(tmp_path):
+    """StoreReplay(epoch, start=k), what a distillation resumed within an epoch reads: the
+    uninterrupted epoch's batches from the k-th on (images, seeds and the store's records)."""
+    from vitfast.models.digits_vit import load_digits_teacher
+    from vitfast.tinyvit.train import StoreReplay
+
+    ds, _ = small_setup(40)
+    store = str(tmp_path / "store")
+    save_logits(load_digits_teacher(), ds, digits_transform(), store, range(1), k=5, mixup_args=MIXUP,
+                progress=False, log=lambda *_: None)
+    replay = StoreReplay(store, ds, digits_transform(), 8, workers=0)
+    full = list(replay(1))  # student epoch 1 replays store epoch 0
+    assert len(full) == replay.steps_per_epoch == 5
+    for k in (2, 5):
+        got = list(replay(1, start=k))
+        assert len(got) == len(full) - k
+        for a, b in zip(full[k:], got):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -59,9 +59,10 @@ def add_train_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 def add_checkpoint_every_arg(g, default: int = 0) -> None:
     g.add_argument("--checkpoint-every", type=int, default=default, metavar="STEPS",
-                   help="also checkpoint every STEPS steps within an epoch, so that a killed or preempted run "
-                        "loses at most that many (0: at epoch ends only). A run resumes at the step exactly, "
-                        "reading the epoch's first batches again without training on them")
+                   help="also checkpoint every STEPS steps within an epoch, so that a run killed without warning "
+                        "(kill -9, a lost node) loses at most that many (0: at epoch ends only). A run resumes at the step exactly, "
+                        "its loader starting at that batch. SIGTERM (a scheduler's stop) saves at the current "
+                        "step whatever this is")
 
 
 def train_config(a) -> TrainConfig:

@@ -3,6 +3,7 @@ under torchrun, worker processes), in-memory tensors with a per-sample transform
 training transform from the model's own data configuration."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -55,21 +56,40 @@ def steps_per_epoch(size: int, batch_size: int, drop_last: bool = True) -> int:
     return steps
 
 
-def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, workers: int = 0, drop_last: bool = True):
+class FromIndex(torch.utils.data.Sampler):
+    """`sampler`'s indices from the `skip`-th on. It draws what `sampler` draws (the whole
+    permutation), so the indices that follow are the ones an unskipped epoch yields there."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, workers: int = 0, drop_last: bool = True,
+                 start: int = 0):
     """This rank's batches of `epoch`: shuffled by (seed, epoch), each sample augmented under its
-    own seed (SeededSamples), so the batches are the same on every run and for any --workers."""
+    own seed (SeededSamples), so the batches are the same on every run and for any --workers.
+    start=k: from the epoch's k-th batch on (a resumed epoch: no earlier sample is loaded)."""
     if batch_size < 1:
         raise UserError(f"argument --batch-size must be >= 1, got {batch_size}")
     rank, world = vdist.rank_world()
     dataset = SeededSamples(dataset, seed, epoch)
-    sampler, generator = None, None
+    generator = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                                       drop_last=True)
         sampler.set_epoch(epoch)
-    else:
+    else:  # what DataLoader(shuffle=True, generator=...) makes: the same order
         generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    if start:
+        sampler = FromIndex(sampler, start * batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        generator=generator, num_workers=workers, drop_last=drop_last,
                                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
                                        worker_init_fn=sigterm.worker_init)

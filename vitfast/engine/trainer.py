@@ -166,7 +166,10 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     """Train `model` for cfg.epochs; returns the per-epoch history (also in summary.csv) and the
     EMA copy of the model when cfg.ema_decay is set.
 
-    batches(epoch): the epoch's batches (a DataLoader, this rank's share under torchrun).
+    batches(epoch): the epoch's batches (a DataLoader, this rank's share under torchrun); or
+        batches(epoch, start=0): from the epoch's start-th batch on, for a resume within an epoch
+        that loads nothing twice (right only when each sample's augmentation draws from a seed of
+        its own, as engine.data.epoch_loader's; without `start` the first batches are drawn again).
     loss_fn(model, batch) -> (loss, samples, metrics): a scalar loss to minimise, the number of
         samples it covers, and a dict of scalar tensors to average (e.g. its parts).
     evaluate(model, ema_model, epoch) -> dict of numbers (rank 0), or None.
@@ -174,9 +177,9 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     resumes after its epoch (the caller checks that the run is the same: engine.run.RunDir).
     cfg.checkpoint_every = N also saves after every N steps within an epoch (a second file, so the
     epoch's own checkpoint stays): a later call with as many processes resumes at that step,
-    exactly -- it draws the epoch's first N batches again without training on them (the data
-    pipeline and its workers' random streams as they were) and restores every rank's random
-    streams and running sums.
+    exactly -- it starts the loader at that batch (batches with `start`) or draws the epoch's
+    first batches again without training on them (the data pipeline and its workers' random
+    streams as they were), and restores every rank's random streams and running sums.
     SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
     ranks save at the same step (the step file, whatever checkpoint_every is) and fit raises
     sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step."""
@@ -232,6 +235,7 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     if cfg.compile:  # the steps run compiled; checkpoints, EMA and evaluation use `model` (same parameters)
         wrapped = torch.compile(wrapped)
     train_params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    starts_at = _takes_start(batches)
     # SIGTERM (a scheduler's stop) with somewhere to save: the step in progress finishes, every rank
     # saves at the same step and fit raises sigterm.Terminated; elsewhere it stops at once (sigterm)
     with sigterm.deferred(active=out_dir is not None):
@@ -244,9 +248,12 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             gnorm_sum = torch.zeros((), device=device)
             gnorm_max = torch.zeros((), device=device)
             count, steps, t0 = 0, 0, time.time()
-            source = iter(batches(epoch))
-            if within is not None:  # resuming within this epoch: its first batches again, untrained
-                for _ in range(within["step"]):
+            if within is not None and starts_at:  # resuming within this epoch: from its next batch on
+                source = iter(batches(epoch, start=within["step"]))
+            else:
+                source = iter(batches(epoch))
+            if within is not None:
+                for _ in range(0 if starts_at else within["step"]):  # its first batches again, untrained
                     if next(source, None) is None:
                         raise UserError(f"{desc}: {STEP_CHECKPOINT} is at step {within['step']} of epoch {epoch + 1}, "
                                         "but the epoch now has fewer batches; delete it to restart the epoch")
@@ -329,6 +336,17 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
                 _stop(log, f"saved after epoch {epoch + 1}/{cfg.epochs}", desc)
     model.eval()
     return FitResult(history, ema.module.eval() if ema is not None else None)
+
+
+def _takes_start(batches) -> bool:
+    """Whether batches(epoch, start=k) gives an epoch from its k-th batch on (the pipelines' loaders,
+    whose samples each draw from a seed of their own), so that a resumed epoch loads nothing twice."""
+    import inspect
+
+    try:
+        return "start" in inspect.signature(batches).parameters
+    except (TypeError, ValueError):  # a callable without a signature (a builtin): replay
+        return False
 
 
 def _stop(log, where: str, desc: str) -> None:

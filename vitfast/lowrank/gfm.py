@@ -75,9 +75,9 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 3
             images.numel() * images.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
         source = images.to(device)
 
-    def epoch_batches(epoch):
+    def epoch_batches(epoch, start=0):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[rank::world]
-        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)][start:]
 
     def loss_fn(model, idx):
         src_idx = idx.to(source.device) if torch.is_tensor(source) else idx

@@ -436,7 +436,8 @@ def train_mini(cfg: MiniViTConfig, teacher, teacher_name: str, teacher_kwargs: d
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                       num_classes=num_classes)
     steps = steps_per_epoch(len(dataset), cfg.batch_size)
-    batches = lambda e: epoch_loader(dataset, cfg.batch_size, e, cfg.train.seed, cfg.workers)  # noqa: E731
+    batches = lambda e, start=0: epoch_loader(dataset, cfg.batch_size, e, cfg.train.seed, cfg.workers,  # noqa: E731
+                                              start=start)
     loss_fn = _loss_fn(cfg, teacher, cap_s, cap_t, mixup, device, num_classes)
     if cfg.store is not None:  # the store's replayed images and soft labels instead of the teacher's
         from ..tinyvit.defaults import replay_data, store_recipe

@@ -204,9 +204,13 @@ class StoreReplay:
             raise StoreError(f"store '{self.root}' holds {self.meta.num_classes}-class soft labels, the student has "
                              f"{classes} classes")
 
-    def __call__(self, epoch: int):
+    def __call__(self, epoch: int, start: int = 0):
+        """This rank's loader of `epoch`, from its start-th batch on (every pair is augmented under
+        its own seeds: a resumed epoch loads nothing before it)."""
         replay = epoch if self.store is None else epoch % self.stored
-        plan = rank_slice(epoch_plan(len(self.dataset), replay, self.seed, self.world), self.rank, self.world)
+        pairs, canonical = rank_slice(epoch_plan(len(self.dataset), replay, self.seed, self.world), self.rank,
+                                      self.world)
+        plan = pairs[start * self.batch_pairs:], canonical[start * self.batch_pairs:]
         if self.store is not None:
             self.store.keys(replay)  # open and verify this epoch's shards once, before the workers start
         return _loader(self.augment, plan, replay, self.seed, self.batch_pairs, self.workers, self.num_classes,
