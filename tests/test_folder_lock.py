@@ -199,3 +199,35 @@ def test_only_rank_zero_forgets_a_refused_run(tmp_path, monkeypatch):
     RunDir(out + "2", {"lr": 1.0}, {"data": "x"}).start()
     abandon_unsaved_runs()
     assert not os.path.exists(out + "2")
+
+
+def test_the_python_api_locks_the_folders_it_writes(holder, tmp_path):
+    """engine.fit (its out_dir: distill, GFM, any training of your own) and lowrank.run_lowrank
+    hold their folder as the command line does: a second process is refused before anything is
+    loaded or written, naming the holder."""
+    import torch
+
+    from vitfast.engine import TrainConfig, fit
+    from vitfast.lowrank.pipeline import LowRankConfig, run_lowrank
+
+    out, proc = holder
+    before = sorted(os.listdir(out))
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(folder_lock.FolderInUse, match=rf"checkpoint folder '{out}' is in use by another vitfast "
+                                                      rf"run \(pid {proc.pid} on "):
+        fit(net, TrainConfig(epochs=1), batches=lambda e: [torch.randn(2, 2)], steps_per_epoch=1,
+            loss_fn=lambda m, b: (m(b).sum(), 2, {}), device="cpu", out_dir=out, progress=False)
+    with pytest.raises(folder_lock.FolderInUse, match=rf"output folder '{out}' is in use"):
+        run_lowrank(net, torch.randn(4, 2), LowRankConfig(), out, "linear")
+    assert sorted(os.listdir(out)) == before and not folder_lock._held
+    # a folder fit makes and then writes nothing into (a refusal) is removed again
+    fresh = tmp_path / "fresh"
+    with pytest.raises(Exception, match="had no batches"):
+        fit(net, TrainConfig(epochs=1), batches=lambda e: [], steps_per_epoch=1,
+            loss_fn=lambda m, b: (m(b).sum(), 2, {}), device="cpu", out_dir=str(fresh), progress=False)
+    assert not fresh.exists() and not folder_lock._held
+    # one that trained keeps its checkpoint (and the lock file, which binds nobody once released)
+    fit(net, TrainConfig(epochs=1), batches=lambda e: [torch.randn(2, 2)], steps_per_epoch=1,
+        loss_fn=lambda m, b: (m(b).sum(), 2, {}), device="cpu", out_dir=str(fresh), progress=False)
+    assert sorted(os.listdir(fresh)) == [".vitfast.lock", "checkpoint.safetensors"]
+    assert _other_process_sees(fresh) == "free"

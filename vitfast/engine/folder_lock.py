@@ -10,7 +10,10 @@ it also ends when the process closes any descriptor of the file, so each file is
 process (_held). A file system without locks runs unguarded, with a one-time warning."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import inspect
 import json
 import os
 import socket
@@ -157,3 +160,43 @@ def release(key: str | None) -> None:
 def holds(folder: str) -> bool:
     """Whether this process holds the lock of `folder`."""
     return os.path.realpath(os.path.join(folder, LOCK_FILE)) in _held
+
+
+@contextlib.contextmanager
+def held(folder: str | None, what: str | None = None):
+    """`folder` locked by this process for the block (rank 0 under torchrun; None: nothing), made
+    when missing; a folder it made that holds nothing but the lock file afterwards (the work was
+    refused before it wrote) is removed again."""
+    if folder is None or global_rank() != 0:
+        yield
+        return
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    key = acquire(folder, what)
+    try:
+        yield
+    finally:
+        release(key)
+        if made and not holds(folder) and sorted(os.listdir(folder)) in ([], [LOCK_FILE]):
+            with contextlib.suppress(OSError):
+                if os.path.exists(os.path.join(folder, LOCK_FILE)):
+                    os.remove(os.path.join(folder, LOCK_FILE))
+                os.rmdir(folder)
+
+
+def holds_output(param: str, what: str):
+    """Decorates a Python API entry point that writes into the folder given as argument `param`:
+    the folder is `held` while it runs, so that two processes never write one folder (the
+    command line's RunDir holds it already: the lock nests)."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            folder = signature.bind_partial(*args, **kwargs).arguments.get(param)
+            with held(folder, f"{what} '{folder}'"):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

@@ -19,7 +19,7 @@ from torch import nn
 from .. import distributed as vdist
 from ..errors import UserError
 from ..progress import progress as progress_bar
-from . import sigterm
+from . import folder_lock, sigterm
 from .checkpoint import load_training_state, read_training_meta, save_training_state
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -158,6 +158,7 @@ def autocast_for(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=device.type == "cuda" and dtype is not None)
 
 
+@folder_lock.holds_output("out_dir", "checkpoint folder")
 def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable], steps_per_epoch: int,
         loss_fn: Callable[[nn.Module, object], tuple], device, out_dir: str | None = None,
         evaluate: Callable[[nn.Module, nn.Module | None, int], dict] | None = None, params=None,
@@ -182,7 +183,8 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     streams as they were), and restores every rank's random streams and running sums.
     SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
     ranks save at the same step (the step file, whatever checkpoint_every is) and fit raises
-    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step."""
+    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step.
+    out_dir is locked while fit runs (engine.folder_lock): a second process is refused, naming it."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import distributed as vdist
+from ..engine import folder_lock
 from .aafm import LayerChoice, apply_structure, greedy_allocation, sensitivities
 from .block_cache import SearchRunner
 from .checkpoint import save_compressed
@@ -106,6 +107,7 @@ def _target_count(total: int, target: float, floor: int | None = None) -> int:
     return count
 
 
+@folder_lock.holds_output("out_dir", "output folder")
 def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_model: str, model_kwargs=None,
                 eval_inputs=None, eval_labels=None, log=print, eval_what: str | None = None) -> dict:
     """Compress `model` (left untouched) using the unlabeled `proxy` inputs; write the compressed
@@ -118,7 +120,8 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
     proxy set's).
 
     Under torchrun every rank calls this with the same inputs: collection is sharded across ranks
-    and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes."""
+    and merged, the sensitivity search is split by layer, GFM runs in DDP; rank 0 writes, and holds
+    out_dir while it runs (engine.folder_lock: a second process on it is refused, naming it)."""
     cfg.validate()
     rank, world = vdist.rank_world()
     if rank != 0:
