@@ -250,3 +250,73 @@ def test_jobs_started_together_on_one_store_agree_on_its_meta(tmp_path):
         winner = read_meta(root).k
         assert sorted(outcome) == sorted((k, "ok" if k == winner else "refused") for k, _ in outcome)
         assert [n for n in os.listdir(root) if n != "store.json"] == []  # no temporary file left
+
+
+def test_a_stopped_writer_is_taken_up_at_its_last_checkpoint(tmp_path):
+    """A resumable writer checkpoints (fsynced records + "<shard>.tmp.progress"); a writer opened
+    later on the same plan keeps what was saved and continues, giving the shard of an unbroken
+    write byte for byte. A torn .tmp (crc32 no longer matches), another plan, or what was written
+    after the last checkpoint are written again."""
+    from vitfast.tinyvit.store import ResumePoint, ShardWriter, epoch_state, progress_path
+
+    meta = StoreMeta(k=4, num_classes=30, encoding="compact", dataset_size=35)
+    batches = []
+    for b in range(5):
+        _, v, i = teacher_topk(7, 30, 4)
+        batches.append((np.arange(7) + 7 * b, np.arange(7, dtype=np.uint32) * 3 + b, v, i))
+    plan = ResumePoint({"batch_pairs": 7}, lambda b: np.arange(7 * b))
+
+    def write(root, stop_after=None, every=0.0, asynchronous=True, resume=plan):
+        w = ShardWriter(root, meta, 0, 0, 1, asynchronous=asynchronous, resume=resume, checkpoint_seconds=every)
+        start = w.batches
+        for batch in batches[start:stop_after]:
+            w.add(*batch)
+        if stop_after is not None:
+            w.suspend()
+            return start, None
+        return start, w.close()
+
+    whole = str(tmp_path / "whole")
+    write_meta(whole, meta)
+    reference = open(write(whole, resume=None)[1], "rb").read()
+
+    root = str(tmp_path / "stopped")
+    write_meta(root, meta)
+    assert write(root, stop_after=3, every=1e9) == (0, None)  # no timed checkpoint: suspend() saves
+    tmp = shard_path(root, 0, 0) + ".tmp"
+    assert os.path.exists(progress_path(shard_path(root, 0, 0)))
+    assert "rank_0000.vfl.tmp (left by a writer that stopped after 21 records; save-logits resumes it)" in \
+        epoch_state(root, meta, 0).describe()
+    start, path = write(root)
+    assert start == 3 and open(path, "rb").read() == reference
+    assert not os.path.exists(tmp) and not os.path.exists(progress_path(shard_path(root, 0, 0)))
+
+    # killed without suspend(): the timed checkpoints (every batch here) are what stands; records
+    # written after the last one are dropped
+    root = str(tmp_path / "killed")
+    write_meta(root, meta)
+    w = ShardWriter(root, meta, 0, 0, 1, asynchronous=False, resume=plan, checkpoint_seconds=0.0)
+    for batch in batches[:2]:
+        w.add(*batch)
+    w._every = None  # the third batch reaches the file but no checkpoint
+    w.add(*batches[2])
+    w._f.flush()
+    w._f.close()  # the process died here
+    tmp = shard_path(root, 0, 0) + ".tmp"
+    assert os.path.getsize(tmp) == 64 + 3 * 7 * meta.record_bytes
+    assert write(root)[0] == 2 and open(shard_path(root, 0, 0), "rb").read() == reference
+
+    # a torn record, or another plan: the writer starts over (and still writes the right shard)
+    for damage in ("torn", "plan"):
+        root = str(tmp_path / damage)
+        write_meta(root, meta)
+        write(root, stop_after=3)
+        if damage == "torn":
+            with open(shard_path(root, 0, 0) + ".tmp", "r+b") as f:
+                f.seek(64 + 5)
+                byte = f.read(1)
+                f.seek(64 + 5)
+                f.write(bytes([byte[0] ^ 1]))
+        other = plan if damage == "torn" else ResumePoint({"batch_pairs": 8}, plan.keys)
+        start, path = write(root, resume=other)
+        assert start == 0 and open(path, "rb").read() == reference

@@ -20,8 +20,10 @@ crc covers records and keys only, are still read). Encodings:
              4 + ceil(k log2 C / 8) + (k - 1) + 2 bytes; 293 for k=100, C=21841 (404 exact)
 
 Writes are crash-safe: a shard is written to "<name>.tmp", fsynced and renamed, so a final name
-always holds a complete shard; the writer skips shards already complete (resume). Readers verify
-size and crc32 of every shard they open and name the shard when either is wrong.
+always holds a complete shard; the writer skips shards already complete (resume), and takes up a
+stopped writer's .tmp at its last checkpoint ("<name>.tmp.progress": batches, records and their
+crc32, written after an fsync of the records). Readers verify size and crc32 of every shard they
+open and name the shard when either is wrong.
 
 Completeness: every epoch holds exactly one record per sample, keys 0..dataset_size-1, in the
 shards of ranks 0..world-1 of one world size. An epoch that falls short (a rank that died, a
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import struct
+import time
 import zlib
 from dataclasses import asdict, dataclass, replace
 
@@ -51,6 +54,7 @@ assert HEADER.size == 64
 ENCODINGS = {"exact": 0, "compact": 1}
 LOG_RANGE = 20.0  # compact values: -log(p) quantised over [0, LOG_RANGE] in 255 steps
 REST_LOG_RANGE = 40.0  # compact rest mass: -log(rest) over [0, REST_LOG_RANGE] in 65535 steps
+_SUSPEND = object()  # a ShardWriter's queue: checkpoint what is written and stop
 
 
 class StoreError(UserError):
@@ -235,7 +239,10 @@ def epoch_state(root: str, meta: StoreMeta, epoch: int) -> EpochState:
             from ..engine.folder_lock import holder_pid
 
             pid = holder_pid(os.path.join(d, name))
+            saved = read_progress(os.path.join(d, name[:-len(".tmp")]))
             state.pending.append(f"{name} (" + (f"being written by pid {pid})" if pid else
+                                                f"left by a writer that stopped after {saved['records']} records; "
+                                                "save-logits resumes it)" if saved else
                                                 "left by a writer that stopped; save-logits rewrites it)"))
         elif name.endswith(".vfl"):
             try:
@@ -260,9 +267,10 @@ def remove_stale_shards(root: str, meta: StoreMeta, epoch: int, world: int) -> l
 
 
 def _open_exclusive(path: str, what: str):
-    """`path` emptied and opened for writing, locked against a writer in another process: two jobs
-    given the same epochs would otherwise write one .tmp file at once (epochs split across jobs
-    never meet here). The lock lasts until the file is closed (engine.folder_lock.try_lock)."""
+    """`path` opened for writing (not emptied: a resumable writer keeps its saved part), locked
+    against a writer in another process: two jobs given the same epochs would otherwise write one
+    .tmp file at once (epochs split across jobs never meet here). The lock lasts until the file is
+    closed (engine.folder_lock.try_lock)."""
     from ..engine.folder_lock import FolderInUse, try_lock
 
     while True:
@@ -279,26 +287,77 @@ def _open_exclusive(path: str, what: str):
         except FileNotFoundError:
             pass
         os.close(fd)  # locked a file the other writer had just renamed to its shard: open the new one
-    os.ftruncate(fd, 0)
     return os.fdopen(fd, "r+b")
+
+
+@dataclass
+class ResumePoint:
+    """How a writer that stopped within its shard is taken up again: `plan` identifies the order of
+    the records (world size, batch size, seed: the same plan gives the same records), and
+    `keys(b)` names the samples of the shard's first b batches, in order."""
+    plan: dict
+    keys: object  # Callable[[int], np.ndarray]
+
+
+def progress_path(path: str) -> str:
+    """Beside a shard's "<name>.tmp": how much of it is saved (records, batches, their crc32)."""
+    return path + ".tmp.progress"
+
+
+def read_progress(path: str) -> dict | None:
+    try:
+        with open(progress_path(path)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _crc_of(f, start: int, size: int, chunk: int = 1 << 24) -> int:
+    crc, f_pos = 0, start
+    while size > 0:
+        f.seek(f_pos)
+        data = f.read(min(chunk, size))
+        if not data:
+            raise EOFError
+        crc = zlib.crc32(data, crc)
+        f_pos, size = f_pos + len(data), size - len(data)
+    return crc
 
 
 class ShardWriter:
     """Streams one shard to "<name>.tmp" as batches arrive; `close()` appends the keys, writes the
     final header (count, crc32), fsyncs and renames. Nothing appears under the final name unless
     close() completes. With asynchronous=True, encoding and writing run on a background thread so
-    that the producer (the teacher loop) never waits on the disk."""
+    that the producer (the teacher loop) never waits on the disk.
 
-    def __init__(self, root: str, meta: StoreMeta, epoch: int, rank: int, world: int, asynchronous: bool = False):
+    Resumable (given a ResumePoint): every `checkpoint_seconds` (between batches) and at
+    `suspend()` the records so far are fsynced and "<name>.tmp.progress" says how many batches
+    they hold and their crc32; a writer opened later on the same plan keeps them (after checking
+    the crc: a torn or foreign .tmp starts over) and `batches` says where its producer resumes. A
+    run stopped by SIGTERM, Ctrl-C or an error, or killed outright, so loses at most the batches
+    since the last checkpoint instead of the whole shard."""
+
+    def __init__(self, root: str, meta: StoreMeta, epoch: int, rank: int, world: int, asynchronous: bool = False,
+                 resume: ResumePoint | None = None, checkpoint_seconds: float | None = None):
         self.meta, self.epoch, self.rank, self.world = meta, epoch, rank, world
         self.path = shard_path(root, epoch, rank)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._f = _open_exclusive(self.path + ".tmp", f"epoch {epoch}, rank {rank} of store '{root}'")
-        self._f.write(b"\0" * HEADER.size)
         self._keys: list[np.ndarray] = []
         self._crc = 0
+        self.batches = 0  # batches written (by the writer's thread), counting those of a resumed .tmp
+        self.records = 0
+        self._resume, self._every = resume, checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
+        self._writing = False  # within _write: the file and the sums may disagree
         self._error: BaseException | None = None
         self._queue = None
+        if not (resume is not None and self._take_up(resume)):
+            self._f.seek(0)
+            self._f.truncate()
+            self._f.write(b"\0" * HEADER.size)
+            if os.path.exists(progress_path(self.path)):
+                os.remove(progress_path(self.path))
         if asynchronous:
             import queue
             import threading
@@ -307,22 +366,90 @@ class ShardWriter:
             self._thread = threading.Thread(target=self._drain, daemon=True)
             self._thread.start()
 
+    def _take_up(self, resume: ResumePoint) -> bool:
+        """Keeps the saved part of a stopped writer's .tmp when it was written on the same plan and
+        its crc32 holds; positions the file after it."""
+        saved = read_progress(self.path)
+        want = {"epoch": self.epoch, "rank": self.rank, "world": self.world, "record_bytes": self.meta.record_bytes,
+                "plan": resume.plan}
+        if not saved or any(saved.get(k) != v for k, v in want.items()):
+            return False
+        batches, records = int(saved["batches"]), int(saved["records"])
+        end = HEADER.size + records * self.meta.record_bytes
+        keys = np.ascontiguousarray(resume.keys(batches), dtype="<i8")
+        if keys.shape != (records,) or os.fstat(self._f.fileno()).st_size < end:
+            return False
+        try:
+            if _crc_of(self._f, HEADER.size, end - HEADER.size) != saved["crc"]:
+                return False
+        except EOFError:
+            return False
+        self._f.truncate(end)  # what was written after the last checkpoint is written again
+        self._f.seek(end)
+        self._crc, self._keys, self.batches, self.records = saved["crc"], [keys], batches, records
+        return True
+
     def _write(self, keys, seeds, values, indices) -> None:
+        self._writing = True
         rec = np.ascontiguousarray(encode(self.meta, seeds, values, indices))
         self._f.write(rec.tobytes())
         self._crc = zlib.crc32(rec, self._crc)
         self._keys.append(np.ascontiguousarray(keys, dtype="<i8"))
+        self.batches += 1
+        self.records += len(rec)
+        self._writing = False
+        if self._every is not None and time.monotonic() - self._last_checkpoint >= self._every:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Records so far made durable, then the progress file that vouches for them."""
+        if self._resume is None or self._writing:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        info = {"epoch": self.epoch, "rank": self.rank, "world": self.world, "record_bytes": self.meta.record_bytes,
+                "plan": self._resume.plan, "batches": self.batches, "records": self.records, "crc": self._crc}
+        path = progress_path(self.path)
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self._last_checkpoint = time.monotonic()
 
     def _drain(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None or item is _SUSPEND:
+                if item is _SUSPEND and self._error is None:
+                    try:
+                        self._checkpoint()
+                    except BaseException as exc:
+                        self._error = exc
                 return
             try:
                 if self._error is None:
                     self._write(*item)
             except BaseException as exc:  # reported by the next add() or close()
                 self._error = exc
+
+    def suspend(self) -> None:
+        """The producer stops before the shard is whole (SIGTERM, Ctrl-C, an error): what was handed
+        over is written and checkpointed (when resumable), and the .tmp file is closed, which frees
+        it for the run that resumes. Errors of the writer are not raised here: the producer is
+        already raising its own."""
+        if self._f.closed:
+            return
+        try:
+            if self._queue is not None:
+                self._queue.put(_SUSPEND)
+                self._thread.join()
+            elif self._error is None:
+                self._checkpoint()
+        except BaseException:  # noqa: BLE001 - a second interrupt while stopping: the last checkpoint stands
+            pass
+        finally:
+            self._f.close()
 
     def add(self, keys, seeds, values, indices) -> None:
         """Append records: keys (n,), seeds (n,), values (n, k) probabilities, indices (n, k)."""
@@ -350,6 +477,8 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         os.replace(self.path + ".tmp", self.path)  # renamed while locked: no second writer opens it
+        if os.path.exists(progress_path(self.path)):
+            os.remove(progress_path(self.path))
         self._f.close()
         dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)  # make the rename itself durable
         try:

@@ -15,7 +15,7 @@ from ..engine import sigterm
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from ..progress import progress as progress_bar
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
-from .store import (LogitStore, ShardWriter, StoreError, StoreMeta, check_store_data, epoch_state, read_meta,
+from .store import (LogitStore, ResumePoint, ShardWriter, StoreError, StoreMeta, check_store_data, epoch_state, read_meta,
                     remove_stale_shards, shard_complete, write_meta)
 
 
@@ -57,9 +57,13 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: int = 100, encoding: str = "exact",
                 batch_size: int = 256, base_seed: int = 0, mixup_args: dict | None = None, teacher_name: str = "",
-                device="cpu", workers: int = 0, progress: bool = True, log=print, recipe: dict | None = None) -> list[str]:
+                device="cpu", workers: int = 0, progress: bool = True, log=print, recipe: dict | None = None,
+                checkpoint_seconds: float = 60.0) -> list[str]:
     """Write one shard per (epoch, rank) for `epochs` (an iterable: epochs can be split across jobs).
-    Complete shards are skipped, so a killed run resumes where it stopped."""
+    Complete shards are skipped, and a shard in progress is checkpointed every `checkpoint_seconds`
+    and when the run stops (SIGTERM, Ctrl-C, an error), so a stopped or killed run resumes at the
+    batch it had saved. SIGTERM (engine.sigterm) stops at the next batch: each rank saves its own
+    shard's progress (no agreement needed: shards are per rank) and raises sigterm.Terminated."""
     rank, world = vdist.rank_world()
     device = torch.device(device)
     teacher = teacher.to(device).eval()
@@ -84,34 +88,66 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
     amp = device.type == "cuda"
     written = []
     epochs = list(epochs)
-    for epoch in epochs:
-        vdist.barrier()  # every rank judges the epoch before any rank changes it
-        if epoch_state(root, meta, epoch).complete:
-            log(f"save-logits: epoch {epoch} already complete, skipped")
-            continue
-        vdist.barrier()
-        if rank == 0:  # a run of another world size left shards this run will not overwrite
-            for name in remove_stale_shards(root, meta, epoch, world):
-                log(f"save-logits: epoch {epoch}: removed {name} of an earlier run with more ranks")
-        if shard_complete(root, meta, epoch, rank, world):
-            log(f"save-logits: epoch {epoch} rank {rank} already written, skipped")
-            continue
-        plan = rank_slice(epoch_plan(len(dataset), epoch, base_seed, world), rank, world)
-        writer = ShardWriter(root, meta, epoch, rank, world, asynchronous=True)
-        count, t0 = 0, time.time()
-        pending = None  # the previous batch, handed to the writer once the next one is queued
+    with sigterm.deferred():
+        for epoch in epochs:
+            written += _save_epoch(teacher, augment, root, meta, epoch, k, batch_size, base_seed, device, amp,
+                                   workers, progress, log, checkpoint_seconds)
+    vdist.barrier()
+    if rank == 0:  # what this run was asked for is complete, or it says which part is not
+        LogitStore(root, verify=False).require_complete(epochs)
+    return written
 
-        def hand_over(batch):
-            kb, sb, keep, v, i, done = batch
-            if done is not None:
-                done.synchronize()
-            # encoding and disk writes happen on the writer's thread
-            writer.add(kb[keep], sb[keep], v.numpy()[keep], i.numpy()[keep])
-            return int(keep.sum())
 
-        batches = _Waited(_loader(augment, plan, epoch, base_seed, max(1, batch_size // 2), workers))
+def _save_epoch(teacher, augment, root, meta, epoch, k, batch_size, base_seed, device, amp, workers, progress, log,
+                checkpoint_seconds) -> list[str]:
+    """This rank's shard of `epoch` (nothing when it is there already), resumed where a stopped
+    writer saved it."""
+    rank, world = vdist.rank_world()
+    vdist.barrier()  # every rank judges the epoch before any rank changes it
+    if epoch_state(root, meta, epoch).complete:
+        log(f"save-logits: epoch {epoch} already complete, skipped")
+        return []
+    vdist.barrier()
+    if rank == 0:  # a run of another world size left shards this run will not overwrite
+        for name in remove_stale_shards(root, meta, epoch, world):
+            log(f"save-logits: epoch {epoch}: removed {name} of an earlier run with more ranks")
+    if shard_complete(root, meta, epoch, rank, world):
+        log(f"save-logits: epoch {epoch} rank {rank} already written, skipped")
+        return []
+    if sigterm.requested():  # came between epochs: nothing of this one is written yet
+        sigterm.stopped()
+        raise sigterm.Terminated(f"epoch {epoch} rank {rank} not started; the same command resumes there")
+    pairs, canonical = rank_slice(epoch_plan(len(augment.dataset), epoch, base_seed, world), rank, world)
+    bp = max(1, batch_size // 2)
+
+    def keys_of(b):  # the stored samples of the first b batches, in the order they were written
+        return pairs[:b * bp].reshape(-1)[canonical[:b * bp].reshape(-1)]
+
+    resume = ResumePoint({"world": world, "batch_pairs": bp, "seed": base_seed, "pairs": len(pairs)}, keys_of)
+    writer = ShardWriter(root, meta, epoch, rank, world, asynchronous=True, resume=resume,
+                         checkpoint_seconds=checkpoint_seconds)
+    start, total = writer.batches, math.ceil(len(pairs) / bp)
+    if start:
+        log(f"save-logits: epoch {epoch} rank {rank}: resuming after batch {start}/{total} "
+            f"({writer.records} records saved)")
+    count, t0 = 0, time.time()
+    pending = None  # the previous batch, handed to the writer once the next one is queued
+
+    def hand_over(batch):
+        kb, sb, keep, v, i, done = batch
+        if done is not None:
+            done.synchronize()
+        # encoding and disk writes happen on the writer's thread
+        writer.add(kb[keep], sb[keep], v.numpy()[keep], i.numpy()[keep])
+        return int(keep.sum())
+
+    batches = None
+    try:
+        batches = _Waited(_loader(augment, (pairs[start * bp:], canonical[start * bp:]), epoch, base_seed, bp,
+                                  workers))
         for kb, sb, cb, xb, *_ in progress_bar(batches, desc=f"save-logits epoch {epoch}",
-                                               enabled=progress and rank == 0, leave=False):
+                                               enabled=progress and rank == 0, leave=False,
+                                               initial=start, total=total):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = teacher(xb.to(device, non_blocking=True))
             v, i = topk_softmax(logits, k)  # fused kernel on the teacher's own (bf16) logits
@@ -124,18 +160,25 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
             if pending is not None:
                 count += hand_over(pending)
             pending = (kb.numpy(), sb.numpy(), cb.numpy(), v, i, done)
+            if sigterm.requested():  # this rank stops here; its shard's progress is saved below
+                count += hand_over(pending)
+                pending = None
+                writer.suspend()
+                sigterm.stopped()
+                raise sigterm.Terminated(f"epoch {epoch} rank {rank}: {writer.records} of {len(keys_of(total))} "
+                                         "records saved; the same command resumes there")
         if pending is not None:
             count += hand_over(pending)
-        written.append(writer.close())
-        took = time.time() - t0
-        # where the time went: blocked on the data path (augmentation, in the workers) or not (the
-        # teacher, top-k, the hand-over); the larger part is what to scale (--workers vs the teacher)
-        log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {took:.1f}s ({count / max(took, 1e-9):.0f} "
-            f"img/s; waiting for data {batches.waited:.1f}s = {100 * batches.waited / max(took, 1e-9):.0f}%, "
-            f"{'data' if batches.waited > took / 2 else 'teacher'}-bound)")
-    vdist.barrier()
-    if rank == 0:  # what this run was asked for is complete, or it says which part is not
-        LogitStore(root, verify=False).require_complete(epochs)
+    except BaseException:
+        writer.suspend()  # what was handed over stays for the resumed run
+        raise
+    written = [writer.close()]
+    took = time.time() - t0
+    # where the time went: blocked on the data path (augmentation, in the workers) or not (the
+    # teacher, top-k, the hand-over); the larger part is what to scale (--workers vs the teacher)
+    log(f"save-logits: epoch {epoch} rank {rank}: {count} records in {took:.1f}s ({count / max(took, 1e-9):.0f} "
+        f"img/s; waiting for data {batches.waited:.1f}s = {100 * batches.waited / max(took, 1e-9):.0f}%, "
+        f"{'data' if batches.waited > took / 2 else 'teacher'}-bound)")
     return written
 
 

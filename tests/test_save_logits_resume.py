@@ -1,0 +1,144 @@
+"""save-logits stopped within a shard (SIGTERM, Ctrl-C, an error, or killed outright) resumes at the
+batch it had checkpointed, not at the shard's start: the teacher's work on the saved batches is
+kept, and the store ends byte for byte like an uninterrupted one."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vitfast.engine import sigterm
+
+K, BATCH, EPOCHS, SAMPLES = 5, 8, 2, 48  # 6 batches an epoch (4 pairs each)
+
+
+class CountingTeacher(torch.nn.Module):
+    """The digits teacher, with `act(call)` run before each forward (call counts from 1)."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        from vitfast.models.digits_vit import load_digits_teacher
+
+        self.inner, self.act, self.calls = load_digits_teacher(), act, 0
+        self.num_classes = self.inner.num_classes
+
+    def forward(self, x):
+        self.calls += 1
+        if self.act is not None:
+            self.act(self.calls)
+        return self.inner(x)
+
+
+def _save(store, teacher, log=lambda *_: None, **kwargs):
+    from test_tinyvit_pipeline import small_setup
+    from vitfast.tinyvit import save_logits
+    from vitfast.tinyvit.defaults import MIXUP, digits_transform
+
+    ds, _ = small_setup(SAMPLES)
+    return save_logits(teacher, ds, digits_transform(), str(store), range(EPOCHS), k=K, batch_size=BATCH,
+                       mixup_args=MIXUP, teacher_name="vitfast_digits_vit", progress=False, log=log, **kwargs)
+
+
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole") / "store"
+    _save(root, CountingTeacher())
+    return _files(root)
+
+
+def _resumed(store, whole, resumes_after):
+    lines = []
+    teacher = CountingTeacher()
+    _save(store, teacher, log=lines.append)
+    assert _files(store) == whole
+    assert f"save-logits: epoch 1 rank 0: resuming after batch {resumes_after}/6 ({resumes_after * BATCH} records " \
+           "saved)" in lines, lines
+    assert teacher.calls == 6 - resumes_after  # epoch 0 was whole already; nothing of epoch 1 is computed twice
+
+
+def test_sigterm_saves_the_shard_at_the_batch_and_resumes_there(tmp_path, whole):
+    store = tmp_path / "store"
+    with pytest.raises(sigterm.Terminated) as stop:  # the 4th batch of epoch 1: it is finished and kept
+        _save(store, CountingTeacher(lambda c: c == 6 + 4 and os.kill(os.getpid(), signal.SIGTERM)))
+    assert stop.value.where == "epoch 1 rank 0: 32 of 48 records saved; the same command resumes there"
+    assert not sigterm.requested() and not sigterm.installed()
+    _resumed(store, whole, 4)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_ctrl_c_or_an_error_keeps_the_batches_handed_over(tmp_path, whole, error):
+    """The 5th batch of epoch 1 raises in the teacher: batches 1-3 were handed to the writer, the
+    4th waits for the 5th's launch (the GPU overlaps them) and is computed again."""
+    def act(call):
+        if call == 6 + 5:
+            raise error("stop")
+
+    store = tmp_path / "store"
+    with pytest.raises(error):
+        _save(store, CountingTeacher(act))
+    _resumed(store, whole, 3)
+
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from test_save_logits_resume import CountingTeacher, _save
+
+    # checkpoints after every batch; killed outright (no handler, no suspend) in epoch 1's 5th batch
+    act = lambda c: c == 6 + 5 and os.kill(os.getpid(), signal.SIGKILL)
+    _save(sys.argv[1], CountingTeacher(act), checkpoint_seconds=0.0)
+""")
+
+
+def test_a_killed_writer_resumes_at_its_last_timed_checkpoint(tmp_path, whole):
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(store), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (store / "epoch_0001" / "rank_0000.vfl.tmp.progress").exists()
+    _resumed(store, whole, 3)
+
+
+SIGNALLED_CLI = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    import vitfast.cli as cli
+    import vitfast.tinyvit.cli as tcli
+    from test_save_logits_resume import CountingTeacher
+
+    def act(call):  # announce, then slow down so that the signal lands within the epoch
+        if call == 2:
+            print("working", flush=True)
+        if call > 2:
+            time.sleep(10)
+
+    tcli._teacher = lambda args: (CountingTeacher(act), "vitfast_digits_vit")
+    sys.exit(cli.main(["tinyvit", "save-logits", "--out", sys.argv[1], "--epochs", "1", "--device", "cpu"]))
+""")
+
+
+def test_the_command_line_says_what_sigterm_kept(tmp_path):
+    from test_interrupt import _interrupted
+
+    store = tmp_path / "store"
+    rc, err = _interrupted([sys.executable, "-c", SIGNALLED_CLI, str(store), os.path.dirname(__file__)],
+                           lambda p: p.stdout.readline().strip() == "working", sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    import re
+
+    assert len(lines) == 1 and re.fullmatch(r"vitfast: stopped by SIGTERM \(epoch 0 rank 0: \d+ of \d+ records "
+                                            r"saved; the same command resumes there\)", lines[0]), err
+    assert (store / "epoch_0000" / "rank_0000.vfl.tmp.progress").exists()
