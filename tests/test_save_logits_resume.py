@@ -77,6 +77,24 @@ def test_sigterm_saves_the_shard_at_the_batch_and_resumes_there(tmp_path, whole)
     _resumed(store, whole, 4)
 
 
+def test_sigterm_while_the_last_shard_is_closed_keeps_the_whole_store(tmp_path, whole, monkeypatch):
+    import vitfast.tinyvit.train as train
+
+    close = train.ShardWriter.close
+
+    def signalled_close(self):
+        if self.epoch == EPOCHS - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return close(self)
+
+    monkeypatch.setattr(train.ShardWriter, "close", signalled_close)
+    store = tmp_path / "store"
+    with pytest.raises(sigterm.Terminated) as stop:
+        _save(store, CountingTeacher())
+    assert stop.value.where == "after the last shard was written"
+    assert _files(store) == whole
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_ctrl_c_or_an_error_keeps_the_batches_handed_over(tmp_path, whole, error):
     """The 5th batch of epoch 1 raises in the teacher: batches 1-3 were handed to the writer, the

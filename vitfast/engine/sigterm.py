@@ -70,12 +70,12 @@ def installed() -> bool:
 
 
 @contextlib.contextmanager
-def deferred(active: bool = True):
+def deferred(active: bool = True, after: str = "after training"):
     """Within: SIGTERM is recorded (`requested`), not raised, so that a training loop can stop where
     it can save. Installs the handler for the duration when nobody has (a Python API call in the
     main thread whose SIGTERM has its default action). A request still pending when the block
-    ends raises Terminated then: the work after training (a report, a final evaluation) is not
-    started under a signal. active=False: no deferral (nothing to save into)."""
+    ends raises Terminated(after) then: the work after training (a report, a final evaluation) is
+    not started under a signal. active=False: no deferral (nothing to save into)."""
     if not active:
         yield
         return
@@ -91,7 +91,7 @@ def deferred(active: bool = True):
         if mine:
             uninstall()
     if pending:
-        raise Terminated("after training")
+        raise Terminated(after)
 
 
 def requested() -> bool:

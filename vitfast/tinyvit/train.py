@@ -88,7 +88,7 @@ def save_logits(teacher: nn.Module, dataset, transform, root: str, epochs, k: in
     amp = device.type == "cuda"
     written = []
     epochs = list(epochs)
-    with sigterm.deferred():
+    with sigterm.deferred(after="after the last shard was written"):
         for epoch in epochs:
             written += _save_epoch(teacher, augment, root, meta, epoch, k, batch_size, base_seed, device, amp,
                                    workers, progress, log, checkpoint_seconds)
