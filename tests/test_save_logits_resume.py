@@ -110,13 +110,27 @@ def test_ctrl_c_or_an_error_keeps_the_batches_handed_over(tmp_path, whole, error
 
 
 KILLED = textwrap.dedent("""
-    import os, signal, sys
+    import json, os, signal, sys, time
     sys.path.insert(0, sys.argv[2])
     from test_save_logits_resume import CountingTeacher, _save
 
-    # checkpoints after every batch; killed outright (no handler, no suspend) in epoch 1's 5th batch
-    act = lambda c: c == 6 + 5 and os.kill(os.getpid(), signal.SIGKILL)
-    _save(sys.argv[1], CountingTeacher(act), checkpoint_seconds=0.0)
+    progress = os.path.join(sys.argv[1], "epoch_0001", "rank_0000.vfl.tmp.progress")
+
+    def act(call):  # killed outright (no handler, no suspend) in epoch 1's 5th batch, once the
+        if call == 6 + 5:  # writer's thread has checkpointed the 3 batches handed to it
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    if json.load(open(progress))["batches"] == 3:
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.01)
+            with open(progress + ".tmp", "w") as f:  # as if killed while replacing it
+                f.write('{"batches": 4')
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _save(sys.argv[1], CountingTeacher(act), checkpoint_seconds=0.0)  # a checkpoint after every batch
 """)
 
 

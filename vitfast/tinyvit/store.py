@@ -32,6 +32,7 @@ why, every reader refuses it by name, and save-logits completes it on the next r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -352,6 +353,8 @@ class ShardWriter:
         self._writing = False  # within _write: the file and the sums may disagree
         self._error: BaseException | None = None
         self._queue = None
+        with contextlib.suppress(FileNotFoundError):  # a writer killed while it replaced its progress file
+            os.remove(progress_path(self.path) + ".tmp")
         if not (resume is not None and self._take_up(resume)):
             self._f.seek(0)
             self._f.truncate()
