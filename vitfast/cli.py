@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             where = "; nothing was saved (the run record is dropped: the command may change)"
         else:  # a command without a run record (save-logits keeps its finished shards, inspect, demo)
             where = ""
-        what = ("stopped by SIGTERM" + (f" ({exc.where})" if exc.where and (runs or not dropped_runs()) else "")) if terminated \
-            else "interrupted"
+        told = exc.where if terminated and (runs or not dropped_runs()) else ""  # not for a dropped run
+        what = ("stopped by SIGTERM" + (f" ({told})" if told else "")) if terminated else "interrupted"
         if global_rank() == 0:  # under torchrun every rank gets the signal: one line, from rank 0
             print(f"{chr(10) if sys.stderr.isatty() and not terminated else ''}vitfast: {what}{where}", file=sys.stderr)
         return sigterm.EXIT_STATUS if terminated else 130

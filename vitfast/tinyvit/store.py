@@ -314,14 +314,14 @@ def read_progress(path: str) -> dict | None:
 
 
 def _crc_of(f, start: int, size: int, chunk: int = 1 << 24) -> int:
-    crc, f_pos = 0, start
+    """crc32 of `size` bytes of `f` from `start`, read in chunks (a shard's records can be GBs)."""
+    crc = 0
+    f.seek(start)
     while size > 0:
-        f.seek(f_pos)
         data = f.read(min(chunk, size))
         if not data:
             raise EOFError
-        crc = zlib.crc32(data, crc)
-        f_pos, size = f_pos + len(data), size - len(data)
+        crc, size = zlib.crc32(data, crc), size - len(data)
     return crc
 
 

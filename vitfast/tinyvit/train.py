@@ -15,8 +15,8 @@ from ..engine import sigterm
 from ..ops import sparse_soft_target_cross_entropy, topk_softmax
 from ..progress import progress as progress_bar
 from .replay import PairDataset, ReplayAugment, collate_pairs, epoch_plan, rank_slice
-from .store import (LogitStore, ResumePoint, ShardWriter, StoreError, StoreMeta, check_store_data, epoch_state, read_meta,
-                    remove_stale_shards, shard_complete, write_meta)
+from .store import (LogitStore, ResumePoint, ShardWriter, StoreError, StoreMeta, check_store_data, epoch_state,
+                    read_meta, remove_stale_shards, shard_complete, write_meta)
 
 
 class StoreCollate:
@@ -141,7 +141,6 @@ def _save_epoch(teacher, augment, root, meta, epoch, k, batch_size, base_seed, d
         writer.add(kb[keep], sb[keep], v.numpy()[keep], i.numpy()[keep])
         return int(keep.sum())
 
-    batches = None
     try:
         batches = _Waited(_loader(augment, (pairs[start * bp:], canonical[start * bp:]), epoch, base_seed, bp,
                                   workers))
