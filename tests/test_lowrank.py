@@ -129,6 +129,65 @@ def test_gfm_reduces_feature_error_and_resumes(tmp_path):
     assert len(hist2) == 6 and hist2[:4] == hist
 
 
+def test_gfm_killed_within_an_epoch_resumes_at_its_last_saved_step(tmp_path, monkeypatch):
+    """checkpoint_every=2: a GFM run that dies at step 3 of epoch 2 (an exception, as kill -9: no
+    save on the way out) resumes at step 2 and ends with the weights of an uninterrupted run."""
+    import vitfast.lowrank.gfm as gfm
+
+    teacher, x = tiny_vit(), torch.randn(64, 1, 16, 16)
+    kw = dict(epochs=2, lr=2e-3, batch_size=16, device="cpu", progress=False, checkpoint_every=2)
+    torch.manual_seed(0)
+    whole = tiny_vit()
+    hist = gfm_finetune(whole, teacher, x, checkpoint_dir=str(tmp_path / "whole"), log=lambda *_: None, **kw)
+    calls, original = {"n": 0}, gfm.masked_mse
+
+    def dies_at_step_7(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # 4 steps per epoch: step 3 of epoch 2
+            raise RuntimeError("killed")
+        return original(*args)
+
+    torch.manual_seed(0)
+    stopped, ckpt = tiny_vit(), str(tmp_path / "stopped")
+    monkeypatch.setattr(gfm, "masked_mse", dies_at_step_7)
+    with pytest.raises(RuntimeError, match="killed"):
+        gfm_finetune(stopped, teacher, x, checkpoint_dir=ckpt, log=lambda *_: None, **kw)
+    monkeypatch.setattr(gfm, "masked_mse", original)
+    torch.manual_seed(0)
+    resumed, logs = tiny_vit(), []
+    hist2 = gfm_finetune(resumed, teacher, x, checkpoint_dir=ckpt, log=logs.append, **kw)
+    assert "GFM: resuming at step 2/4 of epoch 2/2" in logs, logs
+    assert hist2 == hist
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_lowrank_checkpoint_every_is_checked_and_not_part_of_the_run(tmp_path, monkeypatch, capsys):
+    """--checkpoint-every reaches GFM; a negative count is refused by name; changing it between
+    resumes is allowed (it changes the saving, not the result), unlike --gfm-epochs."""
+    import vitfast.lowrank.pipeline as pipeline
+    from vitfast.cli import main
+
+    with pytest.raises(UserError, match="argument --checkpoint-every must be >= 0"):
+        LowRankConfig(gfm_checkpoint_every=-1).validate()
+    seen = []
+
+    def stand_in(model, proxy, cfg, out_dir, *args, **kwargs):
+        seen.append(cfg.gfm_checkpoint_every)
+        with open(os.path.join(out_dir, "report.md"), "w") as f:
+            f.write("# report\n")
+
+    monkeypatch.setattr(pipeline, "run_lowrank", stand_in)
+    out = str(tmp_path / "out")
+    assert main(["lowrank", "--output", out, "--no-progress", "--checkpoint-every", "5"]) == 0
+    assert main(["lowrank", "--output", out, "--no-progress"]) == 0
+    assert seen == [5, 0]
+    assert main(["lowrank", "--output", out, "--no-progress", "--checkpoint-every", "-2"]) == 2
+    assert "argument --checkpoint-every must be >= 0, got -2" in capsys.readouterr().err
+    assert main(["lowrank", "--output", out, "--no-progress", "--gfm-epochs", "3"]) == 2
+    assert "gfm_epochs" in capsys.readouterr().err and seen == [5, 0]
+
+
 def test_pipeline_end_to_end_and_load_compressed(tmp_path):
     model = tiny_vit()
     x = torch.randn(64, 1, 16, 16)

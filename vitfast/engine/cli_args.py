@@ -57,9 +57,9 @@ def add_train_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     add_checkpoint_every_arg(g, d.checkpoint_every)
 
 
-def add_checkpoint_every_arg(g, default: int = 0) -> None:
+def add_checkpoint_every_arg(g, default: int = 0, what: str = "an epoch") -> None:
     g.add_argument("--checkpoint-every", type=int, default=default, metavar="STEPS",
-                   help="also checkpoint every STEPS steps within an epoch, so that a run killed without warning "
+                   help=f"also checkpoint every STEPS steps within {what}, so that a run killed without warning "
                         "(kill -9, a lost node) loses at most that many (0: at epoch ends only). A run resumes at the step exactly, "
                         "its loader starting at that batch. SIGTERM (a scheduler's stop) saves at the current "
                         "step whatever this is")

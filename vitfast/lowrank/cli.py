@@ -8,7 +8,8 @@ import torch
 
 
 def add_parser(sub) -> None:
-    from ..engine.cli_args import HelpFormatter, add_config_arg, add_model_kwargs_arg, add_progress_arg
+    from ..engine.cli_args import (HelpFormatter, add_checkpoint_every_arg, add_config_arg, add_model_kwargs_arg,
+                                   add_progress_arg)
 
     p = sub.add_parser("lowrank", help="AAFM + GFM low-rank compression (no arguments: the embedded digits default)",
                        formatter_class=HelpFormatter)
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--amp-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="autocast dtype on CUDA for statistics, search, GFM and evaluation (float32: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student for GFM's training steps")
+    add_checkpoint_every_arg(p, what="GFM's epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "--output", dest="out", default="lowrank_out")
     p.set_defaults(func=run)
@@ -78,7 +80,7 @@ def run(args) -> int:
                         gfm_epochs=args.gfm_epochs, gfm_lr=args.gfm_lr, memory_budget_mb=args.memory_budget_mb,
                         compare_svd=not args.no_svd_baseline, device=args.device, seed=args.seed,
                         progress=rank == 0 and args.progress, search_batch=args.search_batch, amp_dtype=args.amp_dtype,
-                        compile=args.compile)
+                        compile=args.compile, gfm_checkpoint_every=args.checkpoint_every)
     cfg.validate()  # every argument before any loading or computing
     if args.model is None and (args.model_kwargs or args.input_size):
         raise UserError("arguments --model-kwargs and --input-size describe --model: give --model too")
@@ -87,9 +89,9 @@ def run(args) -> int:
     size = input_size(args.input_size)
     model_kwargs(args.model_kwargs)  # a malformed KEY=VALUE is refused here, not after the run started
     # the output folder remembers what it holds: another configuration or other inputs are refused
-    # (search_batch and compile change the speed, not what is computed)
+    # (search_batch, compile and checkpoint_every change the speed or the saving, not what is computed)
     RunDir(args.out, {k: v for k, v in vars(args).items() if k not in ("func", "device", "out", "search_batch",
-                                                                          "config", "compile")},
+                                                                          "config", "compile", "checkpoint_every")},
            {"model": args.model, "checkpoint": file_digest(args.checkpoint)},
            folders={"data": args.data, "eval_data": args.eval_data}).start(resume=True)
     if args.model is None and args.data is None:

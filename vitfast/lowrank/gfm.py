@@ -52,10 +52,12 @@ def masked_mse(feats: torch.Tensor, target: torch.Tensor, mask) -> torch.Tensor:
 def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 30, lr: float = 5e-4,
                  batch_size: int = 64, weight_decay: float = 0.01, warmup_epochs: int = 1, device="cpu",
                  amp="bfloat16", checkpoint_dir: str | None = None, seed: int = 0, progress: bool = True,
-                 log=print, features="auto", token_mask="auto", compile: bool = False) -> list[float]:
+                 log=print, features="auto", token_mask="auto", compile: bool = False,
+                 checkpoint_every: int = 0) -> list[float]:
     """Returns the mean loss of each epoch. `images`: a tensor or a dict of tensors (batch first).
     Training machinery (schedule, AMP, clipping, DDP, one atomic checkpoint per epoch in
-    checkpoint_dir and resume) is vitfast.engine.fit."""
+    checkpoint_dir and resume) is vitfast.engine.fit; checkpoint_every=N also saves every N steps
+    there, and a later call resumes at that step exactly (a SIGTERM saves at the current step)."""
     from ..engine import TrainConfig, fit
 
     device = torch.device(device)
@@ -86,7 +88,7 @@ def gfm_finetune(student: nn.Module, teacher: nn.Module, images, epochs: int = 3
         return masked_mse(feats, target[idx.to(target.device)], mask_fn(xb)), len(idx), {}
 
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=5.0,
-                      amp_dtype=amp_name(amp), compile=compile, seed=seed)
+                      amp_dtype=amp_name(amp), compile=compile, seed=seed, checkpoint_every=checkpoint_every)
     steps = math.ceil(math.ceil(n / world) / batch_size)
     result = fit(FeatureModel(student, feature_fn), cfg, batches=epoch_batches, steps_per_epoch=steps,
                  loss_fn=loss_fn, device=device, out_dir=checkpoint_dir, params=params, log=log, progress=progress,

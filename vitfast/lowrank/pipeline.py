@@ -38,6 +38,7 @@ class LowRankConfig:
     device: str = "cpu"
     amp_dtype: str = "bfloat16"      # autocast on CUDA for every stage ("float32": off; CPU runs float32)
     compile: bool = False            # torch.compile the student for GFM's training steps
+    gfm_checkpoint_every: int = 0    # GFM also checkpoints every N steps (0: at epoch ends only)
     seed: int = 0
     progress: bool = True
     # what counts and what to reproduce (see lowrank.tokens / lowrank.outputs): padding never
@@ -59,9 +60,11 @@ class LowRankConfig:
                             f"got {t}")
         if self.search_batch is not None and self.search_batch < 1:
             raise UserError(f"argument --search-batch must be >= 1, got {self.search_batch}")
-        for name, low in (("rank_step", 1), ("batch_size", 1), ("gfm_epochs", 1)):
+        for name, low, option in (("rank_step", 1, None), ("batch_size", 1, None), ("gfm_epochs", 1, None),
+                                  ("gfm_checkpoint_every", 0, "checkpoint-every")):
             if getattr(self, name) < low:
-                raise UserError(f"argument --{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+                raise UserError(f"argument --{option or name.replace('_', '-')} must be >= {low}, got "
+                                f"{getattr(self, name)}")
         from ..engine.trainer import amp_name
 
         amp_name(self.amp_dtype)  # raises UserError naming --amp-dtype
@@ -210,7 +213,7 @@ def run_lowrank(model: nn.Module, proxy, cfg: LowRankConfig, out_dir: str, base_
         hist = gfm_finetune(vmodel, original, proxy, cfg.gfm_epochs, cfg.gfm_lr, cfg.batch_size, cfg.gfm_weight_decay,
                             device=device, amp=cfg.amp_dtype, checkpoint_dir=os.path.join(out_dir, f"gfm_{vname}"),
                             seed=cfg.seed, progress=cfg.progress, log=log, features=cfg.features,
-                            token_mask=cfg.token_mask, compile=cfg.compile)
+                            token_mask=cfg.token_mask, compile=cfg.compile, checkpoint_every=cfg.gfm_checkpoint_every)
         results[f"{vname}+gfm"] = _measure(vmodel, eval_x, eval_labels, reference, example, cfg, device, measure)
         results[f"{vname}+gfm"]["gfm_final_mse"] = hist[-1] if hist else None
     times["gfm_s"] = time.time() - t2
