@@ -174,3 +174,48 @@ def test_the_command_line_says_what_sigterm_kept(tmp_path):
     assert len(lines) == 1 and re.fullmatch(r"vitfast: stopped by SIGTERM \(epoch 0 rank 0: \d+ of \d+ records "
                                             r"saved; the same command resumes there\)", lines[0]), err
     assert (store / "epoch_0000" / "rank_0000.vfl.tmp.progress").exists()
+
+
+def test_what_a_larger_earlier_run_left_is_removed(tmp_path, whole, monkeypatch):
+    """A 2-rank job: rank 0 wrote its shards, rank 1 stopped within epoch 0 and left its .tmp, its
+    progress file and (killed while replacing it) a torn one. A 1-rank run never writes rank 1: it
+    removes all of them, says so, and the store ends byte for byte like an uninterrupted 1-rank
+    run's. Such leftovers beside an epoch that is complete already go too."""
+    import shutil
+
+    import vitfast.distributed as vdist
+    from vitfast.tinyvit.store import StoreError
+
+    def stops(call):
+        if call == 3:
+            raise RuntimeError("stop")
+
+    store = tmp_path / "store"
+    with monkeypatch.context() as m:
+        m.setattr(vdist, "barrier", lambda: None)
+        m.setattr(vdist, "rank_world", lambda: (0, 2))
+        with pytest.raises(StoreError, match="incomplete"):  # rank 1's shards are missing
+            _save(store, CountingTeacher())
+        m.setattr(vdist, "rank_world", lambda: (1, 2))
+        with pytest.raises(RuntimeError, match="stop"):
+            _save(store, CountingTeacher(stops))
+    left = store / "epoch_0000"
+    names = ["rank_0001.vfl.tmp", "rank_0001.vfl.tmp.progress", "rank_0001.vfl.tmp.progress.tmp"]
+    (left / names[2]).write_text('{"batches": 2')
+    assert all((left / n).exists() for n in names)
+    lines = []
+    _save(store, CountingTeacher(), log=lines.append)
+    assert _files(store) == whole
+    assert [f"save-logits: epoch 0: removed {n} of an earlier run with more ranks" for n in names] == \
+        [line for line in lines if "removed" in line], lines
+
+    planted = ["rank_0003.vfl.tmp", "rank_0003.vfl.tmp.progress"]
+    for n, source in zip(planted, names):
+        (left / source).write_text("left behind")
+        shutil.move(str(left / source), str(store / "epoch_0001" / n))
+    lines = []
+    _save(store, CountingTeacher(), log=lines.append)
+    assert _files(store) == whole
+    assert "save-logits: epoch 1 already complete, skipped" in lines
+    assert [f"save-logits: epoch 1: removed {n} of an earlier run with more ranks" for n in planted] == \
+        [line for line in lines if "removed" in line], lines

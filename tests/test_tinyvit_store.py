@@ -320,3 +320,38 @@ def test_a_stopped_writer_is_taken_up_at_its_last_checkpoint(tmp_path):
         other = plan if damage == "torn" else ResumePoint({"batch_pairs": 8}, plan.keys)
         start, path = write(root, resume=other)
         assert start == 0 and open(path, "rb").read() == reference
+
+
+def test_files_of_ranks_a_run_will_not_write_are_removed_unless_a_writer_holds_them(tmp_path):
+    """remove_stale_shards(world=2): every file of ranks >= 2 (finished shards only when asked),
+    but not a .tmp (nor its progress files) that a live writer in another process holds; files of
+    ranks < 2 and foreign names stay."""
+    import subprocess
+    import sys
+
+    from vitfast.tinyvit.store import remove_stale_shards
+
+    meta = StoreMeta(k=4, num_classes=30, encoding="compact", dataset_size=35)
+    d = tmp_path / "epoch_0003"
+    d.mkdir(parents=True)
+    kept = ["rank_0000.vfl", "rank_0001.vfl.tmp", "rank_0001.vfl.tmp.progress", "notes.txt", "rank_0002.vflx",
+            "rank_0004.vfl.tmp", "rank_0004.vfl.tmp.progress"]
+    stale = ["rank_0002.vfl", "rank_0002.vfl.tmp", "rank_0002.vfl.tmp.progress", "rank_0003.vfl.tmp.progress.tmp",
+             "rank_0010.vfl"]
+    for n in kept + stale:
+        (d / n).write_text(n)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                               "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)",
+                               str(d / "rank_0004.vfl.tmp")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_stale_shards(str(tmp_path), meta, 3, 2, finished=False) == stale[1:4]
+        assert sorted(os.listdir(d)) == sorted(kept + ["rank_0002.vfl", "rank_0010.vfl"])
+        assert remove_stale_shards(str(tmp_path), meta, 3, 2) == ["rank_0002.vfl", "rank_0010.vfl"]
+        assert sorted(os.listdir(d)) == sorted(kept)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_shards(str(tmp_path), meta, 3, 2) == ["rank_0004.vfl.tmp", "rank_0004.vfl.tmp.progress"]
+    assert remove_stale_shards(str(tmp_path), meta, 9, 2) == []  # no such epoch

@@ -254,16 +254,30 @@ def epoch_state(root: str, meta: StoreMeta, epoch: int) -> EpochState:
     return state
 
 
-def remove_stale_shards(root: str, meta: StoreMeta, epoch: int, world: int) -> list[str]:
-    """Shards of an incomplete epoch that a `world`-rank run will not overwrite (ranks >= world):
-    removed, so the epoch cannot mix two runs' partitions. Returns what was removed."""
+def remove_stale_shards(root: str, meta: StoreMeta, epoch: int, world: int, finished: bool = True) -> list[str]:
+    """What a `world`-rank run of `epoch` will never write, removed: files of ranks >= world. Their
+    finished shards (finished=True: the epoch is incomplete), so that the epoch cannot mix two runs'
+    partitions; and what their stopped writers left (".tmp" and its progress files), which would
+    otherwise take disk space for good and be reported as resumable. A ".tmp" that a live writer
+    holds is left alone. Returns the names removed."""
+    from ..engine.folder_lock import holder_pid
+
     d = os.path.join(root, f"epoch_{epoch:04d}")
+    if not os.path.isdir(d):
+        return []
     removed = []
-    if os.path.isdir(d):
-        for name in sorted(os.listdir(d)):
-            if name.startswith("rank_") and name.endswith(".vfl") and int(name[5:9]) >= world:
-                os.remove(os.path.join(d, name))
-                removed.append(name)
+    for name in sorted(os.listdir(d)):
+        base = name[:len("rank_0000.vfl")]  # the shard, of its own file or of one that belongs to it
+        if not (base.startswith("rank_") and base.endswith(".vfl") and base[5:9].isdigit() and
+                name[len(base):] in ("", ".tmp", ".tmp.progress", ".tmp.progress.tmp") and int(base[5:9]) >= world):
+            continue
+        if name == base and not finished or holder_pid(os.path.join(d, base + ".tmp")):
+            continue
+        try:
+            os.remove(os.path.join(d, name))
+        except FileNotFoundError:  # another job cleaned up first
+            continue
+        removed.append(name)
     return removed
 
 

@@ -104,11 +104,15 @@ def _save_epoch(teacher, augment, root, meta, epoch, k, batch_size, base_seed, d
     writer saved it."""
     rank, world = vdist.rank_world()
     vdist.barrier()  # every rank judges the epoch before any rank changes it
-    if epoch_state(root, meta, epoch).complete:
+    state = epoch_state(root, meta, epoch)
+    if state.complete:
         log(f"save-logits: epoch {epoch} already complete, skipped")
+        if rank == 0:  # what writers of a larger run left (finished before this cleanup existed)
+            for name in remove_stale_shards(root, meta, epoch, state.shards[0][1], finished=False):
+                log(f"save-logits: epoch {epoch}: removed {name} of an earlier run with more ranks")
         return []
     vdist.barrier()
-    if rank == 0:  # a run of another world size left shards this run will not overwrite
+    if rank == 0:  # a run of another world size left shards and .tmp files this run will not overwrite
         for name in remove_stale_shards(root, meta, epoch, world):
             log(f"save-logits: epoch {epoch}: removed {name} of an earlier run with more ranks")
     if shard_complete(root, meta, epoch, rank, world):
