@@ -91,22 +91,31 @@ def test_a_request_pending_when_training_ends_stops_before_what_follows():
 
 # a process group of its own, so that the signal reaches the DataLoader workers too (as Slurm's does)
 GROUP_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, subprocess, sys
     sys.path.insert(0, sys.argv[3])
     import functools
     import torch
     import test_step_checkpoint as tsc
     from vitfast.engine import sigterm
 
-    # the loader as vitfast's own are made: workers leave a scheduler's SIGTERM to the main process
-    tsc.DataLoader = functools.partial(torch.utils.data.DataLoader, worker_init_fn=sigterm.worker_init)
+    # "vitfast": the loader as vitfast's own are made (workers leave a scheduler's SIGTERM to the
+    # main process); "plain": a user's, which fit gives worker_init; "own": a user's with a
+    # worker_init_fn of its own, which fit keeps (it marks each worker it ran in)
+    def mark(worker_id):
+        open(os.path.join(sys.argv[1], f"worker_{worker_id}_{os.getpid()}"), "w").close()
+
+    loader = sys.argv[4]
+    if loader != "plain":
+        tsc.DataLoader = functools.partial(torch.utils.data.DataLoader,
+                                           worker_init_fn=sigterm.worker_init if loader == "vitfast" else mark)
 
     at, calls, original = int(sys.argv[2]), {"n": 0}, tsc.nn.functional.cross_entropy
 
     def cross_entropy(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == at:
-            os.killpg(os.getpgid(0), signal.SIGTERM)
+        if calls["n"] == at:  # sent by another process, as a scheduler's is: a worker takes a signal from
+            # its parent (the main process) as the parent ending it
+            subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"])
         return original(*args, **kwargs)
 
     tsc.nn.functional.cross_entropy = cross_entropy
@@ -119,19 +128,24 @@ GROUP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigterm_to_the_whole_process_group_with_data_loader_workers(tmp_path):
+@pytest.mark.parametrize("loader", ["vitfast", "plain", "own"])
+def test_sigterm_to_the_whole_process_group_with_data_loader_workers(tmp_path, loader):
     """The workers get the signal too and keep serving the main process, which saves and ends them
-    (a worker killed by it would make PyTorch raise in the middle of a step)."""
+    (a worker killed by it would make PyTorch raise in the middle of a step): with vitfast's
+    loaders, and with a user's, with or without a worker_init_fn of its own (which still runs)."""
     here = os.path.dirname(__file__)
     whole, _, _ = _train(str(tmp_path / "whole"), workers=2)
     out = str(tmp_path / "stopped")
     run = [sys.executable, "-c", GROUP_SCRIPT, out]
-    first = subprocess.run(run + [str(STEPS + 4), here], capture_output=True, text=True, timeout=300,
+    first = subprocess.run(run + [str(STEPS + 4), here, loader], capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert first.returncode == 143, first.stderr[-3000:]
     assert first.stdout.strip() == "stopped: saved at step 4/10 of epoch 2/2", first.stdout + first.stderr[-2000:]
     assert "DataLoader worker" not in first.stderr, first.stderr[-2000:]
-    second = subprocess.run(run + ["0", here], capture_output=True, text=True, timeout=300, start_new_session=True)
+    marks = [n for n in os.listdir(out) if n.startswith("worker_")]
+    assert len(marks) == (4 if loader == "own" else 0), marks  # 2 workers in each of 2 epochs
+    second = subprocess.run(run + ["0", here, loader], capture_output=True, text=True, timeout=300,
+                            start_new_session=True)
     assert second.returncode == 0, second.stderr[-3000:]
     _same(torch.load(os.path.join(out, "final.pt")), whole)
 

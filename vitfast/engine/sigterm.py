@@ -11,6 +11,7 @@ signal to the main process, which stops its loaders itself once it has saved."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -149,3 +150,23 @@ def worker_init(worker_id: int | None = None) -> None:
                 os._exit(0)
 
     threading.Thread(target=wait, name="vitfast-sigterm", daemon=True).start()
+
+
+def _then(own, worker_id: int) -> None:
+    worker_init(worker_id)
+    own(worker_id)
+
+
+def guard_workers(loader) -> None:
+    """Makes a DataLoader's workers leave a scheduler's SIGTERM to the main process (`worker_init`,
+    before the loader's own worker_init_fn, which still runs). For loaders a caller made without
+    it: engine.fit applies this to what batches(epoch) returns. Anything but a DataLoader with
+    workers, or one that has it already, is left as it is."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        return
+    own = loader.worker_init_fn
+    if own is worker_init or isinstance(own, functools.partial) and own.func is _then:
+        return
+    loader.worker_init_fn = worker_init if own is None else functools.partial(_then, own)

@@ -183,7 +183,9 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     streams as they were), and restores every rank's random streams and running sums.
     SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
     ranks save at the same step (the step file, whatever checkpoint_every is) and fit raises
-    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step.
+    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step. A DataLoader that
+    batches returns gets sigterm.worker_init before its own worker_init_fn (sigterm.guard_workers),
+    so that its workers, which a scheduler signals too, keep serving until the save.
     out_dir is locked while fit runs (engine.folder_lock): a second process is refused, naming it."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
@@ -250,10 +252,11 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             gnorm_sum = torch.zeros((), device=device)
             gnorm_max = torch.zeros((), device=device)
             count, steps, t0 = 0, 0, time.time()
-            if within is not None and starts_at:  # resuming within this epoch: from its next batch on
-                source = iter(batches(epoch, start=within["step"]))
-            else:
-                source = iter(batches(epoch))
+            # resuming within this epoch: from its next batch on
+            loader = batches(epoch, start=within["step"]) if within is not None and starts_at else batches(epoch)
+            if out_dir is not None:  # workers of a loader of the caller's own keep serving until the save
+                sigterm.guard_workers(loader)
+            source = iter(loader)
             if within is not None:
                 for _ in range(0 if starts_at else within["step"]):  # its first batches again, untrained
                     if next(source, None) is None:
