@@ -170,6 +170,17 @@ def test_save_logits_time_split_benchmark_on_cpu(tmp_path):
     assert table.count("| 1 |") == 2 and "waiting for data" in table
 
 
+def test_checkpoint_costs_benchmark_quick(tmp_path):
+    """benchmarks/cpu_checkpoint_costs.py (the numbers of benchmarks/NOTES.md's Pipelines section)."""
+    p = run("benchmarks/cpu_checkpoint_costs.py", "--calls", "200", "--mb", "0.5", "--dir", str(tmp_path),
+            "--markdown", str(tmp_path / "c.md"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = (tmp_path / "c.md").read_text()
+    assert "| blocking (`stop_agreed`, back to back) | 200 |" in table and "| pipelined" in table
+    assert "| 0.5 MB (9 batches of 256) |" in table
+    assert sorted(os.listdir(tmp_path)) == ["c.md"]  # its store went with its temporary folder
+
+
 def test_gpu_check_script_parses_and_rejects_unknown_phases():
     assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0
     text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()

@@ -105,9 +105,28 @@ GROUP_SCRIPT = textwrap.dedent("""
         open(os.path.join(sys.argv[1], f"worker_{worker_id}_{os.getpid()}"), "w").close()
 
     loader = sys.argv[4]
-    if loader != "plain":
+    if loader in ("vitfast", "own"):
         tsc.DataLoader = functools.partial(torch.utils.data.DataLoader,
                                            worker_init_fn=sigterm.worker_init if loader == "vitfast" else mark)
+    if loader == "starting":  # a plain loader; the signal comes while epoch 2's workers start
+        import multiprocessing.context as mpc
+        import time
+
+        started = sys.argv[1] + ".started"
+
+        class SlowStart(mpc.ForkProcess):
+            def run(self):  # in a new worker, before anything of PyTorch's or vitfast's runs there
+                with open(started, "a") as f:
+                    f.write("x")
+                if os.path.getsize(started) == 3:  # epoch 2's first worker (2 per epoch)
+                    subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"])
+                time.sleep(0.5)  # the time a worker takes to reach worker_init, stretched
+                super().run()
+
+        class Context(mpc.ForkContext):
+            Process = SlowStart
+
+        tsc.DataLoader = functools.partial(torch.utils.data.DataLoader, multiprocessing_context=Context())
 
     at, calls, original = int(sys.argv[2]), {"n": 0}, tsc.nn.functional.cross_entropy
 
@@ -128,19 +147,23 @@ GROUP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("loader", ["vitfast", "plain", "own"])
+@pytest.mark.parametrize("loader", ["vitfast", "plain", "own", "starting"])
 def test_sigterm_to_the_whole_process_group_with_data_loader_workers(tmp_path, loader):
     """The workers get the signal too and keep serving the main process, which saves and ends them
     (a worker killed by it would make PyTorch raise in the middle of a step): with vitfast's
-    loaders, and with a user's, with or without a worker_init_fn of its own (which still runs)."""
+    loaders, and with a user's, with or without a worker_init_fn of its own (which still runs).
+    "starting": the signal comes while an epoch's new workers start, before their worker_init
+    could run (they start with SIGTERM blocked)."""
     here = os.path.dirname(__file__)
     whole, _, _ = _train(str(tmp_path / "whole"), workers=2)
     out = str(tmp_path / "stopped")
     run = [sys.executable, "-c", GROUP_SCRIPT, out]
-    first = subprocess.run(run + [str(STEPS + 4), here, loader], capture_output=True, text=True, timeout=300,
+    at, saved = (0, 1) if loader == "starting" else (STEPS + 4, 4)
+    first = subprocess.run(run + [str(at), here, loader], capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert first.returncode == 143, first.stderr[-3000:]
-    assert first.stdout.strip() == "stopped: saved at step 4/10 of epoch 2/2", first.stdout + first.stderr[-2000:]
+    assert first.stdout.strip() == f"stopped: saved at step {saved}/10 of epoch 2/2", \
+        first.stdout + first.stderr[-2000:]
     assert "DataLoader worker" not in first.stderr, first.stderr[-2000:]
     marks = [n for n in os.listdir(out) if n.startswith("worker_")]
     assert len(marks) == (4 if loader == "own" else 0), marks  # 2 workers in each of 2 epochs
@@ -167,15 +190,19 @@ def _ddp_signalled(rank, world, init, out, at, results):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_on_the_step_and_resume_exactly(tmp_path):
-    """The signal reaches one rank only: both stop after the same step, the step file holds both
-    ranks' streams, and the resumed run ends with the uninterrupted run's weights."""
+@pytest.mark.parametrize("at,saved", [(5, 6), (STEPS, STEPS)])
+def test_ddp_ranks_agree_on_the_step_and_resume_exactly(tmp_path, at, saved):
+    """The signal reaches one rank only, within step `at` of epoch 2: both stop after the same
+    step, the step file holds both ranks' streams, and the resumed run ends with the uninterrupted
+    run's weights. The vote is pipelined (no step waits for it): its answer is read a step later,
+    so the ranks stop one step after the signal's, or at the epoch's last step when it came there."""
     whole = _ddp(tmp_path, "init_whole", str(tmp_path / "whole"))
     out = str(tmp_path / "stopped")
-    stopped = _ddp(tmp_path, "init_stop", out, stop_at=STEPS + 5, worker=_ddp_signalled)
-    assert stopped == {0: "stopped: saved at step 5/10 of epoch 2/2", 1: "stopped: saved at step 5/10 of epoch 2/2"}
+    stopped = _ddp(tmp_path, "init_stop", out, stop_at=STEPS + at, worker=_ddp_signalled)
+    line = f"stopped: saved at step {saved}/10 of epoch 2/2"
+    assert stopped == {0: line, 1: line}
     resumed = _ddp(tmp_path, "init_resume", out)
-    assert "train: resuming at step 5/10 of epoch 2/2" in resumed[0][1], resumed[0][1]
+    assert f"train: resuming at step {saved}/10 of epoch 2/2" in resumed[0][1], resumed[0][1]
     _same(resumed[0][0], whole[0][0])
     _same(resumed[1][0], whole[0][0])
 

@@ -100,7 +100,7 @@ def evaluate(model: nn.Module, batches, device, amp_dtype: str = "bfloat16") -> 
     model.eval()
     top1 = top5 = loss = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
-    for x, y in batches:
+    for x, y in sigterm.iterate(batches):  # its workers outlive a scheduler's SIGTERM (fit saves after this)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_for(device, amp_dtype):
             out = model(x)

@@ -130,6 +130,39 @@ def stop_agreed(world: int, group=None) -> bool:
     return bool(t.item())
 
 
+class StopVote:
+    """A training loop's per-step stop vote, pipelined: `after_step()` starts the all-reduce of
+    this rank's request and returns the answer of the one it started a step earlier, which has
+    arrived meanwhile, so that no step waits for a round trip between hosts (one on two local
+    processes: benchmarks/cpu_checkpoint_costs.py). Every rank gets the same answers at the same
+    steps, so all stop at the same step, one after the step at which the first request was voted.
+    `settle()` waits for the vote in flight (an epoch's end: no step follows to read it). One
+    process: its own request, at once."""
+
+    def __init__(self, world: int, group=None):
+        self.world, self.group, self._pending = world, group, None
+
+    def after_step(self) -> bool:
+        if self.world == 1:
+            return _state["requested"]
+        if self.settle():  # every rank stops here: none starts another vote
+            return True
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(_state["requested"])], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return False
+
+    def settle(self) -> bool:
+        """The answer of the vote in flight (False when none is: one process has none)."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return bool(flag.item())
+
+
 def stopped() -> None:
     """The loop has saved and stops for the request (it raises Terminated next)."""
     _state["requested"] = False
@@ -157,14 +190,35 @@ def _then(own, worker_id: int) -> None:
     own(worker_id)
 
 
-def guard_workers(loader) -> None:
-    """Makes a DataLoader's workers leave a scheduler's SIGTERM to the main process (`worker_init`,
-    before the loader's own worker_init_fn, which still runs). For loaders a caller made without
-    it: engine.fit applies this to what batches(epoch) returns. Anything but a DataLoader with
-    workers, or one that has it already, is left as it is."""
+def _has_workers(loader) -> bool:
     from torch.utils.data import DataLoader
 
-    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+    return isinstance(loader, DataLoader) and loader.num_workers > 0
+
+
+def iterate(loader):
+    """iter(loader), with its workers leaving a scheduler's SIGTERM to the main process from their
+    first instruction on: `guard_workers`, and SIGTERM blocked in this thread while they start (a
+    child inherits the signal mask; worker_init then takes the signal over). Otherwise a signal
+    that came while an epoch's new workers started killed one before its worker_init ran, and the
+    main process raised instead of saving. A SIGTERM to this process meanwhile waits until the
+    workers are started."""
+    guard_workers(loader)
+    if not _has_workers(loader) or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def guard_workers(loader) -> None:
+    """Makes a DataLoader's workers leave a scheduler's SIGTERM to the main process (`worker_init`,
+    before the loader's own worker_init_fn, which still runs), for loaders a caller made without
+    it: engine.fit applies this (through `iterate`) to what batches(epoch) returns. Anything but a
+    DataLoader with workers, or one that has it already, is left as it is."""
+    if not _has_workers(loader):
         return
     own = loader.worker_init_fn
     if own is worker_init or isinstance(own, functools.partial) and own.func is _then:

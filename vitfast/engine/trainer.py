@@ -182,10 +182,12 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     first batches again without training on them (the data pipeline and its workers' random
     streams as they were), and restores every rank's random streams and running sums.
     SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
-    ranks save at the same step (the step file, whatever checkpoint_every is) and fit raises
+    ranks save at the same step (under torchrun the next one: the vote is pipelined; the step file,
+    whatever checkpoint_every is) and fit raises
     sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step. A DataLoader that
-    batches returns gets sigterm.worker_init before its own worker_init_fn (sigterm.guard_workers),
-    so that its workers, which a scheduler signals too, keep serving until the save.
+    batches returns gets sigterm.worker_init before its own worker_init_fn, and its workers start
+    with SIGTERM blocked (sigterm.iterate), so that they, which a scheduler signals too, keep
+    serving until the save.
     out_dir is locked while fit runs (engine.folder_lock): a second process is refused, naming it."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
@@ -243,7 +245,19 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     # SIGTERM (a scheduler's stop) with somewhere to save: the step in progress finishes, every rank
     # saves at the same step and fit raises sigterm.Terminated; elsewhere it stops at once (sigterm)
     with sigterm.deferred(active=out_dir is not None):
-        vote = sigterm.cpu_group() if out_dir is not None and world > 1 else None
+        group = sigterm.cpu_group() if out_dir is not None and world > 1 else None
+        vote = sigterm.StopVote(world, group) if out_dir is not None else None
+
+        def save_step():  # the state within the epoch, after `steps` steps
+            mine = {"rng": rng_state(device), "count": count, "loss_sum": loss_sum.item(),
+                    "gnorm_sum": gnorm_sum.item(), "gnorm_max": gnorm_max.item(),
+                    "sums": {k: v.item() for k, v in sums.items()}, "elapsed": time.time() - t0}
+            ranks = vdist.all_gather_objects(mine)  # each rank's streams: all resume exactly
+            if rank == 0:
+                save_training_state(step_ckpt, epoch=epoch, extra={
+                    "history": history, "step": steps, "ranks": ranks, **(extra_state() if extra_state else {})},
+                    **{k: v for k, v in state.items() if k != "device"})
+
         for epoch in range(start, cfg.epochs):
             seed_epoch(cfg.seed, epoch, rank)  # an epoch's randomness depends on (seed, epoch, rank) only: exact resume
             wrapped.train()
@@ -254,9 +268,8 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             count, steps, t0 = 0, 0, time.time()
             # resuming within this epoch: from its next batch on
             loader = batches(epoch, start=within["step"]) if within is not None and starts_at else batches(epoch)
-            if out_dir is not None:  # workers of a loader of the caller's own keep serving until the save
-                sigterm.guard_workers(loader)
-            source = iter(loader)
+            # workers (of a loader of the caller's own too) keep serving until the save
+            source = sigterm.iterate(loader) if out_dir is not None else iter(loader)
             if within is not None:
                 for _ in range(0 if starts_at else within["step"]):  # its first batches again, untrained
                     if next(source, None) is None:
@@ -293,20 +306,15 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
                 gnorm_max = torch.maximum(gnorm_max, gnorm)
                 count += int(n)
                 steps += 1
-                stop = out_dir is not None and sigterm.stop_agreed(world, vote)
-                if step_ckpt and (stop or cfg.checkpoint_every and steps % cfg.checkpoint_every == 0
-                                  and steps < steps_per_epoch):
-                    mine = {"rng": rng_state(device), "count": count, "loss_sum": loss_sum.item(),
-                            "gnorm_sum": gnorm_sum.item(), "gnorm_max": gnorm_max.item(),
-                            "sums": {k: v.item() for k, v in sums.items()}, "elapsed": time.time() - t0}
-                    ranks = vdist.all_gather_objects(mine)  # each rank's streams: all resume exactly
-                    if rank == 0:
-                        save_training_state(step_ckpt, epoch=epoch, extra={
-                            "history": history, "step": steps, "ranks": ranks, **(extra_state() if extra_state else {})},
-                            **{k: v for k, v in state.items() if k != "device"})
+                stop = vote is not None and vote.after_step()
+                if stop or step_ckpt and cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 \
+                        and steps < steps_per_epoch:
+                    save_step()
                 if stop:  # the last step included: the epoch's end (evaluation) runs on resume
-                    vdist.barrier()  # nobody leaves before the file is whole (torchrun ends all when one exits)
-                    _stop(log, f"saved at step {steps}/{steps_per_epoch} of epoch {epoch + 1}/{cfg.epochs}", desc)
+                    _stop_saved(log, steps, steps_per_epoch, epoch, cfg.epochs, desc)
+            if vote is not None and steps and vote.settle():  # the vote of the epoch's last step
+                save_step()
+                _stop_saved(log, steps, steps_per_epoch, epoch, cfg.epochs, desc)
             if steps == 0:
                 raise UserError(f"{desc}: epoch {epoch + 1} had no batches (is the data set smaller than the batch "
                                 "size?)")
@@ -337,7 +345,7 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
                 if os.path.exists(step_ckpt):  # the epoch is whole: its within-epoch state is stale
                     os.remove(step_ckpt)
             vdist.barrier()
-            if out_dir is not None and sigterm.stop_agreed(world, vote):  # (it came during the evaluation, say)
+            if out_dir is not None and sigterm.stop_agreed(world, group):  # (it came during the evaluation, say)
                 _stop(log, f"saved after epoch {epoch + 1}/{cfg.epochs}", desc)
     model.eval()
     return FitResult(history, ema.module.eval() if ema is not None else None)
@@ -352,6 +360,11 @@ def _takes_start(batches) -> bool:
         return "start" in inspect.signature(batches).parameters
     except (TypeError, ValueError):  # a callable without a signature (a builtin): replay
         return False
+
+
+def _stop_saved(log, steps: int, steps_per_epoch: int, epoch: int, epochs: int, desc: str) -> None:
+    vdist.barrier()  # nobody leaves before the step file is whole (torchrun ends all when one exits)
+    _stop(log, f"saved at step {steps}/{steps_per_epoch} of epoch {epoch + 1}/{epochs}", desc)
 
 
 def _stop(log, where: str, desc: str) -> None:

@@ -195,7 +195,7 @@ class _Waited:
         return len(self.iterable)
 
     def __iter__(self):
-        it = iter(self.iterable)
+        it = sigterm.iterate(self.iterable)  # workers started with SIGTERM blocked: they outlive a scheduler's
         while True:
             t = time.perf_counter()
             try:
