@@ -219,3 +219,20 @@ def test_what_a_larger_earlier_run_left_is_removed(tmp_path, whole, monkeypatch)
     assert "save-logits: epoch 1 already complete, skipped" in lines
     assert [f"save-logits: epoch 1: removed {n} of an earlier run with more ranks" for n in planted] == \
         [line for line in lines if "removed" in line], lines
+
+
+def test_the_command_line_sets_how_often_a_shard_is_checkpointed(tmp_path, monkeypatch, capsys):
+    """--checkpoint-seconds reaches save_logits (default 60); a negative or NaN value is refused
+    by name before the teacher is loaded."""
+    import vitfast.tinyvit.train as train
+    from vitfast.cli import main
+
+    seen = []
+    monkeypatch.setattr(train, "save_logits", lambda *args, **kwargs: seen.append(kwargs["checkpoint_seconds"]))
+    for extra in ([], ["--checkpoint-seconds", "0"], ["--checkpoint-seconds", "2.5"]):
+        assert main(["tinyvit", "save-logits", "--out", str(tmp_path / "s"), "--epochs", "1", "--device", "cpu",
+                     "--no-progress", *extra]) == 0
+    assert seen == [60.0, 0.0, 2.5]
+    for bad in ("-1", "nan"):
+        assert main(["tinyvit", "save-logits", "--out", str(tmp_path / "s"), "--checkpoint-seconds", bad]) == 2
+        assert f"argument --checkpoint-seconds must be >= 0, got {float(bad)}" in capsys.readouterr().err

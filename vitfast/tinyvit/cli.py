@@ -56,6 +56,11 @@ def add_parser(sub) -> None:
                    help=WORKERS_HELP + "; the replayed augmentation runs beside the teacher, and the "
                         "epoch log says which side is waiting")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint-seconds", type=float, default=60.0, metavar="S",
+                   help="how often the shard being written is checkpointed (its records fsynced, then a progress "
+                        "file), so that a run killed without warning (kill -9, a lost node) resumes at most S "
+                        "seconds of teacher work back (0: after every batch). SIGTERM and Ctrl-C checkpoint "
+                        "where they stop whatever this is; it changes no record")
     s.add_argument("--device", default=d)
     add_progress_arg(s)
     s.add_argument("--out", "--output", dest="out", required=True, help="store directory")
@@ -184,6 +189,8 @@ def run_save(args) -> int:
         raise UserError("argument --input-size: the embedded digits are 16 x 16 images; it applies with --data")
     if args.batch_size < 2:
         raise UserError(f"argument --batch-size must be >= 2 (pairs of images), got {args.batch_size}")
+    if not args.checkpoint_seconds >= 0:  # NaN too
+        raise UserError(f"argument --checkpoint-seconds must be >= 0, got {args.checkpoint_seconds}")
     augmentation = {"aa": args.aa, "reprob": args.reprob, "mixup": args.mixup, "cutmix": args.cutmix}
     given = [f"--{k}" for k, v in augmentation.items() if v is not None]
     if args.unlabeled and not args.data:
@@ -217,7 +224,7 @@ def run_save(args) -> int:
                         "its images without labels, TinyViT's soft labels need none)")
     save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
                 name, device, _workers(args), progress=rank == 0 and args.progress,
-                log=print if rank == 0 else (lambda *_: None), recipe=recipe)
+                log=print if rank == 0 else (lambda *_: None), recipe=recipe, checkpoint_seconds=args.checkpoint_seconds)
     vdist.cleanup()
     return 0
 
