@@ -224,7 +224,8 @@ def run_save(args) -> int:
                         "its images without labels, TinyViT's soft labels need none)")
     save_logits(teacher, ds, tf, args.out, epochs, k, args.encoding, args.batch_size, args.seed, mix,
                 name, device, _workers(args), progress=rank == 0 and args.progress,
-                log=print if rank == 0 else (lambda *_: None), recipe=recipe, checkpoint_seconds=args.checkpoint_seconds)
+                log=print if rank == 0 else (lambda *_: None), recipe=recipe,
+                checkpoint_seconds=args.checkpoint_seconds)
     vdist.cleanup()
     return 0
 
