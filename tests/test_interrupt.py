@@ -100,3 +100,36 @@ def test_ctrl_c_before_a_training_run_saved_anything(tmp_path):
     assert err.strip().splitlines()[-1] == \
         "vitfast: interrupted; nothing was saved (the run record is dropped: the command may change)"
     assert not out.exists()
+
+
+# Ctrl-C while `import vitfast` loads torch (seconds): a sitecustomize on PYTHONPATH sends SIGINT
+# to the process as the import reaches vitfast.ops
+CTRL_C_AT_IMPORT = textwrap.dedent("""
+    import importlib.abc, os, signal, sys
+
+    class CtrlC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "vitfast.ops":
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    sys.meta_path.insert(0, CtrlC())
+""")
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m", "a program's import"])
+def test_ctrl_c_while_vitfast_is_imported(tmp_path, how):
+    """The command ends in one line with status 130; a program that imports vitfast gets its
+    KeyboardInterrupt as from any import."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT)
+    script = os.path.join(os.path.dirname(sys.executable), "vitfast")
+    if how == "console script" and not os.path.exists(script):
+        pytest.skip("no installed console script next to this Python")
+    args = {"console script": [script, "info"], "python -m": [sys.executable, "-m", "vitfast", "info"],
+            "a program's import": [sys.executable, "-c", "import vitfast"]}[how]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    if how == "a program's import":
+        assert proc.returncode in (1, -signal.SIGINT, 130) and "KeyboardInterrupt" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 130 and proc.stderr == "vitfast: interrupted\n", proc.stderr[-3000:]
