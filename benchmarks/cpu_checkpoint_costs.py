@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from markdown_out import emit
+
 
 def _vote_worker(rank: int, world: int, port: int, calls: int, step_ms: float, out) -> None:
     import torch.distributed as dist
@@ -147,11 +149,7 @@ def main() -> None:
     for r in ckpt:
         lines.append(f"| {r['mb_between']:.1f} MB ({r['batches_between']} batches of 256) | "
                      f"{', '.join(map(str, r['checkpoint_ms']))} | {', '.join(map(str, r['write_ms']))} |")
-    text = "\n".join(lines)
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines) + "\n", a.markdown, append=False)
 
 
 if __name__ == "__main__":
