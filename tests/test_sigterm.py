@@ -77,6 +77,34 @@ def test_sigterm_without_an_output_folder_stops_at_once():
     assert stop.value.where == "" and signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("own_handler", [False, True])
+def test_fit_guards_a_callers_loader_only_when_its_handler_is_in_charge(tmp_path, own_handler):
+    """Without a SIGTERM handler of the program's own, fit gives the caller's DataLoader
+    worker_init (its workers leave the signal to fit); with one, the loader is left as it is."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vitfast.engine import TrainConfig, fit
+
+    data = TensorDataset(torch.randn(8, 4))
+    made = []
+
+    def batches(epoch):
+        made.append(DataLoader(data, batch_size=4, num_workers=1))
+        return made[-1]
+
+    def loss_fn(m, batch):
+        return m(batch[0]).square().mean(), len(batch[0]), {}
+
+    before = signal.signal(signal.SIGTERM, lambda *_: None) if own_handler else None
+    try:
+        fit(torch.nn.Linear(4, 2), TrainConfig(epochs=1), batches=batches, steps_per_epoch=2, loss_fn=loss_fn,
+            device="cpu", out_dir=str(tmp_path / "out"), progress=False, log=lambda *_: None)
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, before)
+    assert made[0].worker_init_fn is (None if own_handler else sigterm.worker_init)
+
+
 def test_a_request_pending_when_training_ends_stops_before_what_follows():
     """A signal during the last epoch's evaluation or checkpoint (past the last vote) still stops
     the command before the work after training starts."""

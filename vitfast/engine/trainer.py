@@ -187,7 +187,7 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step. A DataLoader that
     batches returns gets sigterm.worker_init before its own worker_init_fn, and its workers start
     with SIGTERM blocked (sigterm.iterate), so that they, which a scheduler signals too, keep
-    serving until the save.
+    serving until the save (unless the program has a SIGTERM handler of its own: then neither).
     out_dir is locked while fit runs (engine.folder_lock): a second process is refused, naming it."""
     cfg.validate()
     from timm.optim import create_optimizer_v2
@@ -268,8 +268,9 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             count, steps, t0 = 0, 0, time.time()
             # resuming within this epoch: from its next batch on
             loader = batches(epoch, start=within["step"]) if within is not None and starts_at else batches(epoch)
-            # workers (of a loader of the caller's own too) keep serving until the save
-            source = sigterm.iterate(loader) if out_dir is not None else iter(loader)
+            # workers (of a loader of the caller's own too) keep serving until the save; a program
+            # with a SIGTERM handler of its own keeps its loaders as they are
+            source = sigterm.iterate(loader) if out_dir is not None and sigterm.installed() else iter(loader)
             if within is not None:
                 for _ in range(0 if starts_at else within["step"]):  # its first batches again, untrained
                     if next(source, None) is None:
