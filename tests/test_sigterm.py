@@ -105,6 +105,21 @@ def test_fit_guards_a_callers_loader_only_when_its_handler_is_in_charge(tmp_path
     assert made[0].worker_init_fn is (None if own_handler else sigterm.worker_init)
 
 
+def test_a_timm_prefetch_loader_is_seen_through():
+    """timm's PrefetchLoader (create_loader's default) wraps the DataLoader as `.loader`: that one
+    is guarded, and the wrapper's batches come through unchanged."""
+    from timm.data.loader import PrefetchLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = torch.rand(6, 3, 4, 4), torch.arange(6)
+    inner = DataLoader(TensorDataset(images, labels), batch_size=3, num_workers=1)
+    wrapped = PrefetchLoader(inner, device=torch.device("cpu"))
+    batches = list(sigterm.iterate(wrapped))
+    assert inner.worker_init_fn is sigterm.worker_init
+    assert [y.tolist() for _, y in batches] == [[0, 1, 2], [3, 4, 5]]
+    torch.testing.assert_close(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in wrapped]))
+
+
 def test_a_request_pending_when_training_ends_stops_before_what_follows():
     """A signal during the last epoch's evaluation or checkpoint (past the last vote) still stops
     the command before the work after training starts."""
@@ -136,7 +151,7 @@ GROUP_SCRIPT = textwrap.dedent("""
     if loader in ("vitfast", "own"):
         tsc.DataLoader = functools.partial(torch.utils.data.DataLoader,
                                            worker_init_fn=sigterm.worker_init if loader == "vitfast" else mark)
-    if loader == "starting":  # a plain loader; the signal comes while epoch 2's workers start
+    if loader in ("starting", "wrapped"):  # a plain loader; the signal comes while epoch 2's workers start
         import multiprocessing.context as mpc
         import time
 
@@ -154,7 +169,22 @@ GROUP_SCRIPT = textwrap.dedent("""
         class Context(mpc.ForkContext):
             Process = SlowStart
 
-        tsc.DataLoader = functools.partial(torch.utils.data.DataLoader, multiprocessing_context=Context())
+        class Prefetch:  # a wrapper as timm's PrefetchLoader: the workers start at its first item
+            def __init__(self, loader):
+                self.loader = loader
+
+            def __len__(self):
+                return len(self.loader)
+
+            def __iter__(self):
+                for batch in self.loader:
+                    yield batch
+
+        def make(*args, **kwargs):
+            made = torch.utils.data.DataLoader(*args, multiprocessing_context=Context(), **kwargs)
+            return Prefetch(made) if loader == "wrapped" else made
+
+        tsc.DataLoader = make
 
     at, calls, original = int(sys.argv[2]), {"n": 0}, tsc.nn.functional.cross_entropy
 
@@ -175,18 +205,19 @@ GROUP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("loader", ["vitfast", "plain", "own", "starting"])
+@pytest.mark.parametrize("loader", ["vitfast", "plain", "own", "starting", "wrapped"])
 def test_sigterm_to_the_whole_process_group_with_data_loader_workers(tmp_path, loader):
     """The workers get the signal too and keep serving the main process, which saves and ends them
     (a worker killed by it would make PyTorch raise in the middle of a step): with vitfast's
     loaders, and with a user's, with or without a worker_init_fn of its own (which still runs).
     "starting": the signal comes while an epoch's new workers start, before their worker_init
-    could run (they start with SIGTERM blocked)."""
+    could run (they start with SIGTERM blocked); "wrapped": the same with the loader inside a
+    wrapper (as timm's PrefetchLoader), whose workers start at its first item."""
     here = os.path.dirname(__file__)
     whole, _, _ = _train(str(tmp_path / "whole"), workers=2)
     out = str(tmp_path / "stopped")
     run = [sys.executable, "-c", GROUP_SCRIPT, out]
-    at, saved = (0, 1) if loader == "starting" else (STEPS + 4, 4)
+    at, saved = (0, 1) if loader in ("starting", "wrapped") else (STEPS + 4, 4)
     first = subprocess.run(run + [str(at), here, loader], capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert first.returncode == 143, first.stderr[-3000:]

@@ -196,21 +196,53 @@ def _has_workers(loader) -> bool:
     return isinstance(loader, DataLoader) and loader.num_workers > 0
 
 
+def _inner_loader(obj, depth: int = 3):
+    """The DataLoader `obj` iterates: itself, or one it wraps as `.loader` (timm's PrefetchLoader
+    does), or None."""
+    from torch.utils.data import DataLoader
+
+    for _ in range(depth):
+        if obj is None or isinstance(obj, DataLoader):
+            return obj
+        obj = getattr(obj, "loader", None)
+    return obj if isinstance(obj, DataLoader) else None
+
+
+@contextlib.contextmanager
+def _blocked():
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _first_item_blocked(it):
+    with _blocked():  # a wrapper's generator starts the loader's workers at its first item
+        try:
+            first = next(it)
+        except StopIteration:
+            return
+    yield first
+    yield from it
+
+
 def iterate(loader):
     """iter(loader), with its workers leaving a scheduler's SIGTERM to the main process from their
     first instruction on: `guard_workers`, and SIGTERM blocked in this thread while they start (a
     child inherits the signal mask; worker_init then takes the signal over). Otherwise a signal
     that came while an epoch's new workers started killed one before its worker_init ran, and the
     main process raised instead of saving. A SIGTERM to this process meanwhile waits until the
-    workers are started."""
-    guard_workers(loader)
-    if not _has_workers(loader) or threading.current_thread() is not threading.main_thread():
+    workers are started. A wrapper of a DataLoader (`.loader`, as timm's PrefetchLoader) is
+    handled too: its loader is guarded, and its first item drawn with SIGTERM blocked."""
+    inner = _inner_loader(loader)
+    if not _has_workers(inner) or threading.current_thread() is not threading.main_thread():
         return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    guard_workers(inner)
+    if inner is loader:
+        with _blocked():
+            return iter(loader)
+    return _first_item_blocked(iter(loader))
 
 
 def guard_workers(loader) -> None:
