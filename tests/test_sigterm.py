@@ -107,14 +107,20 @@ def test_fit_guards_a_callers_loader_only_when_its_handler_is_in_charge(tmp_path
 
 def test_a_timm_prefetch_loader_is_seen_through():
     """timm's PrefetchLoader (create_loader's default) wraps the DataLoader as `.loader`: that one
-    is guarded, and the wrapper's batches come through unchanged."""
+    is guarded (while vitfast's handler is in charge), and the wrapper's batches come through
+    unchanged."""
     from timm.data.loader import PrefetchLoader
     from torch.utils.data import DataLoader, TensorDataset
 
     images, labels = torch.rand(6, 3, 4, 4), torch.arange(6)
     inner = DataLoader(TensorDataset(images, labels), batch_size=3, num_workers=1)
     wrapped = PrefetchLoader(inner, device=torch.device("cpu"))
-    batches = list(sigterm.iterate(wrapped))
+    assert list(sigterm.iterate(wrapped)) and inner.worker_init_fn is None  # vitfast's handler is not in charge
+    assert sigterm.install()
+    try:
+        batches = list(sigterm.iterate(wrapped))
+    finally:
+        sigterm.uninstall()
     assert inner.worker_init_fn is sigterm.worker_init
     assert [y.tolist() for _, y in batches] == [[0, 1, 2], [3, 4, 5]]
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in wrapped]))

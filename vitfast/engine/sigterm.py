@@ -234,9 +234,11 @@ def iterate(loader):
     that came while an epoch's new workers started killed one before its worker_init ran, and the
     main process raised instead of saving. A SIGTERM to this process meanwhile waits until the
     workers are started. A wrapper of a DataLoader (`.loader`, as timm's PrefetchLoader) is
-    handled too: its loader is guarded, and its first item drawn with SIGTERM blocked."""
+    handled too: its loader is guarded, and its first item drawn with SIGTERM blocked. Only while
+    this module's handler is in charge: a program with a SIGTERM handler of its own keeps its
+    loaders as they are."""
     inner = _inner_loader(loader)
-    if not _has_workers(inner) or threading.current_thread() is not threading.main_thread():
+    if not (_has_workers(inner) and installed()) or threading.current_thread() is not threading.main_thread():
         return iter(loader)
     guard_workers(inner)
     if inner is loader:

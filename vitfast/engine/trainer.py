@@ -268,9 +268,8 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
             count, steps, t0 = 0, 0, time.time()
             # resuming within this epoch: from its next batch on
             loader = batches(epoch, start=within["step"]) if within is not None and starts_at else batches(epoch)
-            # workers (of a loader of the caller's own too) keep serving until the save; a program
-            # with a SIGTERM handler of its own keeps its loaders as they are
-            source = sigterm.iterate(loader) if out_dir is not None and sigterm.installed() else iter(loader)
+            # workers (of a loader of the caller's own too) keep serving until the save
+            source = sigterm.iterate(loader) if out_dir is not None else iter(loader)
             if within is not None:
                 for _ in range(0 if starts_at else within["step"]):  # its first batches again, untrained
                     if next(source, None) is None:
