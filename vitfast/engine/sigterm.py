@@ -232,8 +232,8 @@ def iterate(loader):
     first instruction on: `guard_workers`, and SIGTERM blocked in this thread while they start (a
     child inherits the signal mask; worker_init then takes the signal over). Otherwise a signal
     that came while an epoch's new workers started killed one before its worker_init ran, and the
-    main process raised instead of saving. A SIGTERM to this process meanwhile waits until the
-    workers are started. A wrapper of a DataLoader (`.loader`, as timm's PrefetchLoader) is
+    main process raised instead of saving. A SIGTERM to this process meanwhile is still recorded
+    (by another thread, or once the mask is lifted). A wrapper of a DataLoader (`.loader`, as timm's PrefetchLoader) is
     handled too: its loader is guarded, and its first item drawn with SIGTERM blocked. Only while
     this module's handler is in charge: a program with a SIGTERM handler of its own keeps its
     loaders as they are."""

@@ -182,9 +182,9 @@ def fit(model: nn.Module, cfg: TrainConfig, *, batches: Callable[[int], Iterable
     first batches again without training on them (the data pipeline and its workers' random
     streams as they were), and restores every rank's random streams and running sums.
     SIGTERM (a scheduler's stop: engine.sigterm) with out_dir: the step in progress finishes, all
-    ranks save at the same step (under torchrun the next one: the vote is pipelined; the step file,
-    whatever checkpoint_every is) and fit raises
-    sigterm.Terminated, a KeyboardInterrupt; a later call resumes at that step. A DataLoader that
+    ranks save at the same step (under torchrun the next one: the vote is pipelined) in the step
+    file, whatever checkpoint_every is, and fit raises sigterm.Terminated, a KeyboardInterrupt; a
+    later call resumes at that step. A DataLoader that
     batches returns gets sigterm.worker_init before its own worker_init_fn, and its workers start
     with SIGTERM blocked (sigterm.iterate), so that they, which a scheduler signals too, keep
     serving until the save (unless the program has a SIGTERM handler of its own: then neither).
