@@ -6,6 +6,14 @@ import zlib
 import pytest
 import torch
 
+import vitfast
+
+# The scripts and commands the tests start as subprocesses import the vitfast this process tests:
+# without an install, `python -m pytest` finds it through the working directory, which a script's
+# own sys.path lacks (every such test failed under another interpreter with no install).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(vitfast.__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_DIR, os.environ.get("PYTHONPATH")) if p)
+
 HAS_CUDA = torch.cuda.is_available()
 # Fresh inputs every run unless pinned; the seed is printed so a failure can be replayed.
 SEED = int(os.environ.get("VITFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
