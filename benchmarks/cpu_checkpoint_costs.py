@@ -63,6 +63,26 @@ def _summary(seconds: list[float]) -> dict:
     return {"median_us": statistics.median(us), "p99_us": us[int(0.99 * len(us))], "mean_us": statistics.fmean(us)}
 
 
+def _result(out, procs, limit_s: float):
+    """Rank 0's timings; a worker that died (an import error, a refused port) ends the wait at once
+    with its exit code instead of leaving the others blocked in the vote until the limit."""
+    import queue
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return out.get(timeout=0.5)
+        except queue.Empty:
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            late = time.monotonic() > deadline
+            if dead or late:
+                for p in procs:
+                    p.kill()
+                why = (", ".join(f"rank {r} exited with {code}" for r, code in dead) if dead
+                       else f"no result within {limit_s:.0f} s")
+                raise SystemExit(f"cpu_checkpoint_costs: the vote workers failed: {why} (their errors are above)")
+
+
 def vote_costs(world: int, calls: int, step_ms: float) -> dict:
     import socket
 
@@ -76,7 +96,7 @@ def vote_costs(world: int, calls: int, step_ms: float) -> dict:
     procs = [ctx.Process(target=_vote_worker, args=(r, world, port, calls, step_ms, out)) for r in range(world)]
     for p in procs:
         p.start()
-    times, piped = out.get(timeout=600)
+    times, piped = _result(out, procs, limit_s=600)
     for p in procs:
         p.join(timeout=60)
     return {"world": world, "calls": calls, "step_ms": step_ms, "blocking": _summary(times),

@@ -181,6 +181,30 @@ def test_checkpoint_costs_benchmark_quick(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["c.md"]  # its store went with its temporary folder
 
 
+def test_checkpoint_costs_benchmark_stops_when_a_vote_worker_dies():
+    """A worker that dies at start (an import error) ends the wait with its exit code: before, the
+    other ranks sat in the vote and the benchmark hung for its 600 s limit."""
+    import multiprocessing as mp
+    import time
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from cpu_checkpoint_costs import _result
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    ctx = mp.get_context("spawn")
+    dead = ctx.Process(target=os._exit, args=(3,))
+    waiting = ctx.Process(target=time.sleep, args=(60,))  # a rank blocked in the vote
+    for p in (dead, waiting):
+        p.start()
+    t = time.monotonic()
+    with pytest.raises(SystemExit, match="rank 0 exited with 3"):
+        _result(ctx.Queue(), [dead, waiting], limit_s=60)
+    assert time.monotonic() - t < 30
+    waiting.join(timeout=10)
+    assert waiting.exitcode is not None  # the survivor was stopped, not left behind
+
+
 def test_gpu_check_script_parses_and_rejects_unknown_phases():
     assert subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=ROOT).returncode == 0
     text = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
